@@ -1,0 +1,166 @@
+"""Where the rows live: the FFN down-projection of every layer, for every supported architecture.
+
+A LoKI row ("knowledge vector") `j` of layer `l` is output coordinate `j` of that layer's down-projection:
+row `j` of an `nn.Linear` weight `[d_model, d_ff]`, column `j` of a GPT-2 `Conv1D` weight `[d_ff, d_model]`.
+Everything in loki that touches rows goes through this module.
+
+>>> import loki, transformers
+>>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+...                                num_hidden_layers=2, num_attention_heads=2)
+>>> projs = loki.find_down_projections(transformers.AutoModelForCausalLM.from_config(cfg))
+>>> projs.template, len(projs), projs.d_out, projs.d_in
+('model.layers.{i}.mlp.down_proj', 2, 16, 32)
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import UnknownArchitectureError
+
+# model_type -> module path template of the down-projection, `{i}` standing for the layer index.
+TEMPLATES: dict[str, str] = {
+    "llama": "model.layers.{i}.mlp.down_proj",
+    "mistral": "model.layers.{i}.mlp.down_proj",
+    "qwen2": "model.layers.{i}.mlp.down_proj",
+    "qwen3": "model.layers.{i}.mlp.down_proj",
+    "gemma": "model.layers.{i}.mlp.down_proj",
+    "gemma2": "model.layers.{i}.mlp.down_proj",
+    "gemma3_text": "model.layers.{i}.mlp.down_proj",
+    "gemma3": "model.language_model.layers.{i}.mlp.down_proj",
+    "phi3": "model.layers.{i}.mlp.down_proj",
+    "gpt2": "transformer.h.{i}.mlp.c_proj",
+    "gpt_neox": "gpt_neox.layers.{i}.mlp.dense_4h_to_h",
+    "opt": "model.decoder.layers.{i}.fc2",
+}
+
+
+def register(model_type: str, template: str) -> None:
+    """Teach loki where a model type keeps its down-projections.
+
+    >>> import loki
+    >>> loki.targets.register("my_llama_variant", "model.layers.{i}.mlp.down_proj")
+    """
+    _check_template(template)
+    TEMPLATES[model_type] = template
+
+
+@dataclass(frozen=True, eq=False)
+class DownProjections:
+    """The down-projection of every layer of one model, in layer order."""
+
+    template: str
+    modules: tuple[nn.Module, ...]
+    transposed: bool  # GPT-2 Conv1D: the weight is stored [d_in, d_out], so a row is a column
+    d_out: int
+    d_in: int
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def rows(self, layer: int) -> torch.Tensor:
+        """A `[d_out, d_in]` view of layer `layer`'s weight: indexing and writing it touches the model."""
+        w = self.modules[layer].weight
+        return w.t() if self.transposed else w
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Layer 0's weight, for the model's device and dtype."""
+        return self.modules[0].weight
+
+
+_cache: "weakref.WeakKeyDictionary[nn.Module, dict[str | None, DownProjections]]" = weakref.WeakKeyDictionary()
+
+
+def find_down_projections(model: nn.Module, template: str | None = None) -> DownProjections:
+    """The down-projections of `model`, found from its `config.model_type` or from `template`.
+
+    `template` is the module path with `{i}` for the layer index, e.g. `"model.layers.{i}.mlp.down_proj"`;
+    it may omit leading wrapper names (`"layers.{i}.mlp.down_proj"` also finds the modules of a CausalLM).
+    """
+    per_model = _cache.setdefault(model, {})
+    found = per_model.get(template)
+    if found is None:
+        found = per_model[template] = _find(model, template)
+    return found
+
+
+def _find(model: nn.Module, template: str | None) -> DownProjections:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if template is None:
+        template = TEMPLATES.get(model_type)
+        if template is None:
+            raise UnknownArchitectureError(
+                f"loki does not know where {type(model).__name__} (model_type {model_type!r}) keeps its FFN "
+                f"down-projections. Pass template='model.layers.{{i}}.mlp.down_proj' (the module path, with {{i}} "
+                f"for the layer index), or register it once: loki.targets.register({model_type!r}, '...'). "
+                f"Known model types: {', '.join(sorted(TEMPLATES))}."
+            )
+    _check_template(template)
+    names = dict(model.named_modules())
+    by_layer = _match(names, template)
+    if not by_layer:
+        raise UnknownArchitectureError(
+            f"No module of {type(model).__name__} matches the template {template!r}. "
+            f"Down-projection-like modules it has: {_hints(names)}. Pass the right template=."
+        )
+    layers = sorted(by_layer)
+    if layers != list(range(len(layers))):
+        raise UnknownArchitectureError(
+            f"Template {template!r} matched layers {layers} of {type(model).__name__}, not 0..N-1 without gaps."
+        )
+    modules = tuple(by_layer[i] for i in layers)
+    transposed = type(modules[0]).__name__ == "Conv1D"
+    for m in modules:
+        if not isinstance(getattr(m, "weight", None), torch.Tensor) or m.weight.dim() != 2:
+            raise UnknownArchitectureError(
+                f"{template!r} matched a {type(m).__name__} without a 2-D weight; loki needs nn.Linear or Conv1D."
+            )
+    d_out, d_in = (modules[0].weight.shape[::-1] if transposed else modules[0].weight.shape)
+    if any(m.weight.shape != modules[0].weight.shape for m in modules):
+        raise UnknownArchitectureError(f"The layers matched by {template!r} have different weight shapes.")
+    return DownProjections(template, modules, transposed, int(d_out), int(d_in))
+
+
+def _check_template(template: str) -> None:
+    if template.count("{i}") != 1:
+        raise UnknownArchitectureError(
+            f"A template names the layer index exactly once as {{i}}, e.g. 'model.layers.{{i}}.mlp.down_proj'; "
+            f"got {template!r}."
+        )
+
+
+def _match(names: dict[str, nn.Module], template: str) -> dict[int, nn.Module]:
+    # Try the full path, then drop leading components: the same template serves a CausalLM, its bare
+    # backbone and wrappers around it (PEFT, multimodal), as long as exactly one prefix matches.
+    parts = template.split(".")
+    while parts and "{i}" not in parts[0]:
+        found = _match_exact_suffix(names, ".".join(parts))
+        if found:
+            return found
+        parts = parts[1:]
+    return _match_exact_suffix(names, ".".join(parts)) if parts else {}
+
+
+def _match_exact_suffix(names: dict[str, nn.Module], suffix: str) -> dict[int, nn.Module]:
+    pattern = re.compile(r"^(.*?\.)?" + re.escape(suffix).replace(r"\{i\}", r"(\d+)") + "$")
+    by_prefix: dict[str, dict[int, nn.Module]] = {}
+    for name, module in names.items():
+        m = pattern.match(name)
+        if m:
+            by_prefix.setdefault(m.group(1) or "", {})[int(m.group(2))] = module
+    if len(by_prefix) > 1:
+        raise UnknownArchitectureError(
+            f"Template {suffix!r} is ambiguous: it matches under {sorted(by_prefix)}. Pass the full module path."
+        )
+    return next(iter(by_prefix.values()), {})
+
+
+def _hints(names: dict[str, nn.Module]) -> str:
+    hints = sorted({re.sub(r"\.\d+\.", ".{i}.", n) for n in names if re.search(r"(down|c_proj|4h_to_h|fc2|w2)$", n)})
+    return ", ".join(hints[:8]) or "none"

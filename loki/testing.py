@@ -1,0 +1,59 @@
+"""Tiny random-weight models of every supported family, for tests, examples and quick CI runs.
+
+>>> import loki.testing
+>>> model = loki.testing.tiny_model("gpt2")
+>>> type(model).__name__
+'GPT2LMHeadModel'
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox", "opt")
+
+
+def tiny_config(family: str, *, layers: int = 2, d_model: int = 32, d_ff: int = 64, vocab: int = 128):
+    """A config of `family` small enough to build and run in milliseconds."""
+    heads = 4
+    common = dict(
+        vocab_size=vocab, hidden_size=d_model, intermediate_size=d_ff, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    head_dim = dict(head_dim=d_model // heads)
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(**common),
+        "qwen2": lambda: transformers.Qwen2Config(**common),
+        "qwen3": lambda: transformers.Qwen3Config(**common, **head_dim),
+        "mistral": lambda: transformers.MistralConfig(**common),
+        "gemma": lambda: transformers.GemmaConfig(**common, **head_dim),
+        "gemma2": lambda: transformers.Gemma2Config(**common, **head_dim),
+        "gemma3_text": lambda: transformers.Gemma3TextConfig(**common, **head_dim),
+        "phi3": lambda: transformers.Phi3Config(**common),
+        "gpt2": lambda: transformers.GPT2Config(
+            vocab_size=vocab, n_embd=d_model, n_inner=d_ff, n_layer=layers, n_head=heads, n_positions=128,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        ),
+        "gpt_neox": lambda: transformers.GPTNeoXConfig(
+            vocab_size=vocab, hidden_size=d_model, intermediate_size=d_ff, num_hidden_layers=layers,
+            num_attention_heads=heads, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        ),
+        "opt": lambda: transformers.OPTConfig(
+            vocab_size=vocab, hidden_size=d_model, ffn_dim=d_ff, num_hidden_layers=layers, num_attention_heads=heads,
+            max_position_embeddings=128, word_embed_proj_dim=d_model, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        ),
+    }
+    if family not in configs:
+        raise ValueError(f"Unknown family {family!r}; choose from {FAMILIES}.")
+    return configs[family]()
+
+
+def tiny_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **sizes) -> transformers.PreTrainedModel:
+    """A random-weight causal LM of `family` in eval mode; the same `seed` gives the same weights."""
+    torch.manual_seed(seed)
+    config = tiny_config(family, **sizes)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.config.name_or_path = f"tiny-random/{family}-seed{seed}"
+    return model.eval()

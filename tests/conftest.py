@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random models of every family, and the real default model (loaded once)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import loki
+from loki.testing import FAMILIES, tiny_model
+
+# The tests own their model cache, so CI converts the default model once per checkout.
+os.environ.setdefault("LOKI_CACHE", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".loki-cache"))
+torch.set_num_threads(min(4, os.cpu_count() or 1))
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny(family):
+    """A tiny random model of each supported family."""
+    return tiny_model(family)
+
+
+@pytest.fixture(scope="session")
+def default_model_and_tokenizer():
+    """The real SmolLM2-135M-Instruct (converted once into the tests' cache). Tests must leave it unchanged."""
+    return loki.load_default()
+
+
+@pytest.fixture(scope="session")
+def default_model(default_model_and_tokenizer):
+    return default_model_and_tokenizer[0]
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(default_model_and_tokenizer):
+    return default_model_and_tokenizer[1]
+
+
+def state_dict_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_equal(model: torch.nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    """Bit-for-bit equality of a model's whole state dict with a saved copy."""
+    actual = model.state_dict()
+    assert actual.keys() == expected.keys()
+    for k, v in expected.items():
+        assert actual[k].dtype == v.dtype, k
+        assert torch.equal(actual[k], v), f"{k} differs"
