@@ -13,6 +13,7 @@ from . import targets
 from .api import load, save
 from .apply import Handle, active, apply, implanted, merge, revert
 from .delta import Delta, LayerDelta, make_delta
+from .selection import Selection
 from .errors import (
     BaseModelMismatchError,
     DeltaFormatError,
@@ -41,6 +42,7 @@ __all__ = [
     "LokiError",
     "OverlapError",
     "RevertError",
+    "Selection",
     "UnknownArchitectureError",
     "UnsupportedVersionError",
     "active",
