@@ -340,12 +340,12 @@ def _require(obj: dict, key: str, kind: type) -> Any:
 
 def _check_tensor(t: Any, shape: tuple, dtype: torch.dtype, what: str) -> None:
     if not isinstance(t, torch.Tensor):
-        raise DeltaFormatError(f"The {what} is missing.")
+        raise DeltaFormatError(f"Tensor '{what}' is missing.")
     if tuple(t.shape) != tuple(shape) or min(shape) < 0:
-        raise DeltaFormatError(f"The {what} has shape {tuple(t.shape)}, expected {tuple(shape)}.")
+        raise DeltaFormatError(f"Tensor '{what}' has shape {tuple(t.shape)}, expected {tuple(shape)}.")
     if t.dtype != dtype:
-        raise DeltaFormatError(f"The {what} is {t.dtype}, but the delta declares {dtype}.")
+        raise DeltaFormatError(f"Tensor '{what}' is {t.dtype}, but the delta declares {dtype}.")
     if t.device.type != "cpu":
-        raise DeltaFormatError(f"The {what} must be on the CPU in a Delta (apply moves it to the model).")
+        raise DeltaFormatError(f"Tensor '{what}' must be on the CPU in a Delta (apply moves it to the model).")
     if not bool(torch.isfinite(t).all()):
-        raise DeltaFormatError(f"The {what} contains NaN or infinite values.")
+        raise DeltaFormatError(f"Tensor '{what}' contains NaN or infinite values; the delta is corrupted.")

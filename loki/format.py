@@ -15,19 +15,20 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from .delta import FORMAT_NAME, FORMAT_VERSION, Delta, LayerDelta
 from .errors import DeltaFormatError, InvalidIndicesError, UnsupportedVersionError
 
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 _DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4}
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32"}
 _TENSOR_KINDS = ("indices", "fingerprint", "rows", "lora_A", "lora_B")
 
 
@@ -51,7 +52,25 @@ def to_bytes(delta: Delta) -> bytes:
                 tensors[f"layers.{i}.{kind}"] = t.contiguous()
     info = {**delta.info, "layers": delta.layer_indices}
     meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "loki": json.dumps(info, sort_keys=True)}
-    return st_save(tensors, metadata=meta)
+    return _safetensors_bytes(tensors, meta)
+
+
+def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file with sorted keys and tensors in name order, so equal deltas give equal bytes
+    (the safetensors writer orders metadata by hash)."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    if sys.byteorder != "little":  # safetensors is little-endian; so is every platform torch ships for
+        raise NotImplementedError("Writing .loki files needs a little-endian machine.")
+    return struct.pack("<Q", len(head)) + head + b"".join(chunks)
 
 
 def read(path: str | os.PathLike) -> Delta:
@@ -124,7 +143,10 @@ def from_bytes(data: bytes, source: str = "<bytes>") -> Delta:
         parts: dict[str, Any] = {k: tensors.get(f"layers.{i}.{k}") for k in _TENSOR_KINDS}
         parts["indices"] = parts["indices"].to(torch.int64)
         layer_deltas[i] = LayerDelta(**parts)
-    return Delta(layer_deltas, info)
+    try:
+        return Delta(layer_deltas, info)
+    except DeltaFormatError as e:  # same error class, with the file named
+        raise type(e)(f"{source}: {e}") from None
 
 
 def _parse_header(data: bytes, source: str) -> dict[str, Any]:
