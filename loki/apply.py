@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .delta import Delta, fingerprint_matches, fingerprint_positions
+from .delta import Delta, fingerprint_positions, fingerprint_tolerance
 from .errors import (
     BaseModelMismatchError,
     DtypeError,
@@ -146,58 +146,124 @@ def apply(
     return handle
 
 
+@dataclass(eq=False)
+class _Group:
+    """The layers of a delta that live on one device, with what applying them there needs besides their rows.
+    Built once per device and kept on the delta: the hot path then does one allocation, one gather per layer
+    and one fingerprint comparison for the whole group."""
+
+    layers: list[int]
+    idx: list[torch.Tensor]  # row indices on the device
+    idx_np: list[np.ndarray]
+    offsets: list[int]  # where each layer's [k, d_in] block of saved rows starts in the group's buffer
+    numel: int
+    samples: torch.Tensor  # flat positions of every layer's fingerprint samples in the group's buffer
+    expected: torch.Tensor  # the fingerprints, concatenated, float32
+    tolerance: torch.Tensor
+    sample_layer: np.ndarray  # the layer each sample belongs to
+
+
+def _groups(delta: Delta, projs: DownProjections) -> list[_Group]:
+    devices = tuple(projs.rows(layer).device for layer in delta.layer_indices)
+    groups = delta._staged.get(devices)
+    if groups is None:
+        groups = delta._staged[devices] = [
+            _group(delta, [l for l, d in zip(delta.layer_indices, devices) if d == device], device)
+            for device in dict.fromkeys(devices)
+        ]
+    return groups
+
+
+def _group(delta: Delta, layers: list[int], device: torch.device) -> _Group:
+    offsets, samples, sample_layer, numel = [], [], [], 0
+    for layer in layers:
+        ld = delta.layers[layer]
+        a, b = fingerprint_positions(ld.k, ld.d_in)
+        offsets.append(numel)
+        samples.append(numel + a * ld.d_in + b)
+        sample_layer.append(np.full(len(a), layer))
+        numel += ld.k * ld.d_in
+    expected = torch.cat([delta.layers[layer].fingerprint for layer in layers]).to(device)
+    return _Group(
+        layers, [delta.layers[l].indices.to(device) for l in layers], [delta.layers[l].indices.numpy() for l in layers],
+        offsets, numel, torch.cat(samples).to(device), expected, fingerprint_tolerance(expected), np.concatenate(sample_layer),
+    )
+
+
 def _plan(
     state: _State, projs: DownProjections, delta: Delta, on_overlap: str, check_base: bool
 ) -> dict[int, tuple[_LayerWrite, torch.Tensor]]:
     writes: dict[int, tuple[_LayerWrite, torch.Tensor]] = {}
-    mismatched: list[int] = []
-    for layer in delta.layer_indices:
-        ld = delta.layers[layer]
-        view = projs.rows(layer)
-        if not view.dtype.is_floating_point:
-            raise DtypeError(
-                f"Layer {layer}'s down-projection weight is {view.dtype}; loki writes rows into float weights. "
-                "Apply deltas to an unquantized model (float32, bfloat16 or float16)."
-            )
-        idx_np = ld.indices.numpy()
-        counts = state.counts.get(layer)
-        overlap = counts[idx_np] > 0 if counts is not None else np.zeros(len(idx_np), dtype=bool)
-        any_overlap = bool(overlap.any())
-        if any_overlap and on_overlap == "error":
-            raise OverlapError(
-                f"Layer {layer}: {int(overlap.sum())} of this delta's {len(idx_np)} rows are already changed by "
-                f"another active delta. Revert it first, or pass on_overlap='replace' (this delta wins) or "
-                f"on_overlap='add' (add this delta's change)."
-            )
-        idx = ld.indices.to(view.device)
-        current = view.index_select(0, idx)
-        base = _base_rows(state, layer, idx_np, current) if any_overlap else current
+    bad_samples: list[torch.Tensor] = []
+    for group in _groups(delta, projs):
+        dtype = projs.rows(group.layers[0]).dtype
+        saved = torch.empty(group.numel, dtype=dtype, device=group.expected.device)
+        bases: dict[int, torch.Tensor] = {}  # base rows of layers where other deltas overwrote some rows
+        in_block = True  # every layer's current rows sit in `saved` (false for a layer of another dtype)
+        for layer, idx, idx_np, offset in zip(group.layers, group.idx, group.idx_np, group.offsets):
+            ld = delta.layers[layer]
+            view = projs.rows(layer)
+            if not view.dtype.is_floating_point:
+                raise DtypeError(
+                    f"Layer {layer}'s down-projection weight is {view.dtype}; loki writes rows into float weights. "
+                    "Apply deltas to an unquantized model (float32, bfloat16 or float16)."
+                )
+            if view.dtype == dtype:
+                current = torch.index_select(view, 0, idx, out=saved[offset : offset + ld.k * ld.d_in].view(ld.k, ld.d_in))
+            else:
+                current, in_block = view.index_select(0, idx), False
+            counts = state.counts.get(layer)
+            overlap = counts[idx_np] > 0 if counts is not None else None
+            if overlap is None or not overlap.any():
+                writes[layer] = (_LayerWrite(idx, idx_np, ld.new_rows(current).to(view.device, view.dtype), current, None), None)
+                continue
+            if on_overlap == "error":
+                raise OverlapError(
+                    f"Layer {layer}: {int(overlap.sum())} of this delta's {ld.k} rows are already changed by "
+                    f"another active delta. Revert it first, or pass on_overlap='replace' (this delta wins) or "
+                    f"on_overlap='add' (add this delta's change)."
+                )
+            base = bases[layer] = _base_rows(state, layer, idx_np, current)
+            new = ld.new_rows(base).to(view.device, view.dtype)
+            change, values = None, new
+            if on_overlap == "add":
+                change = ld.change(base).to(view.device)
+                mask = torch.from_numpy(overlap).to(view.device)
+                values = torch.where(mask[:, None], (current.float() + change).to(view.dtype), new)
+            writes[layer] = (_LayerWrite(idx, idx_np, new, current, change), values)
         if check_base:
-            a, b = fingerprint_positions(*base.shape)
-            if not bool(fingerprint_matches(ld.fingerprint, base[a.to(base.device), b.to(base.device)]).all()):
-                mismatched.append(layer)
-        new = ld.new_rows(base).to(view.device, view.dtype)
-        values = new
-        change = None
-        if any_overlap and on_overlap == "add":
-            change = ld.change(base).to(view.device)
-            mask = torch.from_numpy(overlap).to(view.device)
-            values = torch.where(mask[:, None], (current.float() + change).to(view.dtype), new)
-        if view.dtype == torch.float16 and not bool(torch.isfinite(values).all()):
+            sampled = torch.take(saved, group.samples) if in_block and not bases else _samples(group, writes, bases)
+            bad_samples.append(((sampled.float() - group.expected).abs() > group.tolerance).nonzero().flatten())
+    if bad_samples:
+        bad = np.unique(np.concatenate([g.sample_layer[b.cpu().numpy()] for g, b in zip(_groups(delta, projs), bad_samples)]))
+        if len(bad):
+            revision = delta.info["base_model"].get("revision")
+            raise BaseModelMismatchError(
+                f"The model's rows in layer(s) {bad.tolist()} do not match the base model this delta was made from "
+                f"({delta.base_model or 'unnamed'}{', revision ' + revision if revision else ''}): another "
+                "checkpoint or fine-tune. Apply it to that base model (any dtype or device is fine), or pass "
+                "check_base=False if you know better."
+            )
+    for layer, (write, values) in writes.items():
+        if values is None:
+            values = write.new
+        if values.dtype == torch.float16 and not bool(torch.isfinite(values).all()):
             raise DtypeError(
                 f"Layer {layer}: the delta's rows overflow float16 (|value| > 65504). Load the model in "
                 "bfloat16 or float32 to apply this delta."
             )
-        writes[layer] = (_LayerWrite(idx, idx_np, new, current, change), values)
-    if mismatched:
-        raise BaseModelMismatchError(
-            f"The model's rows in layer(s) {mismatched} do not match the base model this delta was made from "
-            f"({delta.base_model or 'unnamed'}"
-            f"{', revision ' + delta.info['base_model']['revision'] if delta.info['base_model'].get('revision') else ''}"
-            "): another checkpoint or fine-tune. Apply it to that base model (any dtype or device is fine), or "
-            "pass check_base=False if you know better."
-        )
+        writes[layer] = (write, values)
     return writes
+
+
+def _samples(group: _Group, writes: dict, bases: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The fingerprint samples of a group, read from each layer's base rows (slow path: overlaps, mixed dtypes)."""
+    parts = []
+    for layer, offset in zip(group.layers, group.offsets):
+        base = bases.get(layer, writes[layer][0].saved)
+        mine = group.sample_layer == layer
+        parts.append(torch.take(base, group.samples[torch.from_numpy(mine).to(group.samples.device)] - offset))
+    return torch.cat([p.float() for p in parts])
 
 
 def compatible_projections(model: nn.Module, delta: Delta, template: str | None = None) -> DownProjections:

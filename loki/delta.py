@@ -13,6 +13,7 @@ A delta is built from a model that still holds its base rows, saved as a `.loki`
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,10 @@ class LayerDelta:
         return int(self.indices.numel())
 
     @property
+    def d_in(self) -> int:
+        return (self.rows if self.rows is not None else self.lora_B).shape[1]
+
+    @property
     def num_params(self) -> int:
         if self.rows is not None:
             return self.rows.numel()
@@ -80,6 +85,8 @@ class Delta:
 
     layers: dict[int, LayerDelta]
     info: dict[str, Any] = field(default_factory=dict)
+    # Per-device index tensors and fingerprint thresholds, built on first apply (see loki/apply.py).
+    _staged: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -126,6 +133,23 @@ class Delta:
 
         return save(self, path)
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        token: str | None = None,
+        **options: Any,
+    ) -> Any:
+        """Upload this delta and a generated model card to a Hugging Face Hub repo (created if needed); returns the
+        `huggingface_hub.CommitInfo`. More `options` (`endpoint=`, `filename=`, `license=`, `tags=`): `loki.hub.push_to_hub`."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, private=private, revision=revision, commit_message=commit_message,
+                           token=token, **options)
+
     def to(self, dtype: torch.dtype) -> "Delta":
         """The same delta with its rows (or factors) stored in `dtype` (float32, float16 or bfloat16)."""
         name = _dtype_name(dtype)
@@ -160,6 +184,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 # -- fingerprint ------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=256)
 def fingerprint_positions(k: int, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampled entries of a `[k, d_in]` block of base rows: `(row position, column)` for t = 0..S-1,
     S = min(256, k*d_in), row position = floor(t*k/S), column = (t*7919) mod d_in."""
@@ -171,14 +196,12 @@ def fingerprint_positions(k: int, d_in: int) -> tuple[torch.Tensor, torch.Tensor
 def fingerprint_of(base_rows: torch.Tensor) -> torch.Tensor:
     """The fingerprint of a `[k, d_in]` block of base rows (float32, on CPU)."""
     a, b = fingerprint_positions(*base_rows.shape)
-    return base_rows[a.to(base_rows.device), b.to(base_rows.device)].float().cpu()
+    return base_rows[a.to(base_rows.device), b.to(base_rows.device)].float().cpu()  # the same entries as apply's take()
 
 
-def fingerprint_matches(expected: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
-    """Elementwise test of the fingerprint tolerance; all entries must hold for the same base."""
-    actual = actual.float()
-    expected = expected.to(actual.device)
-    return (actual - expected).abs() <= FINGERPRINT_RTOL * expected.abs() + FINGERPRINT_ATOL
+def fingerprint_tolerance(expected: torch.Tensor) -> torch.Tensor:
+    """How far each sampled base value may be from `expected`: rtol * |expected| + atol."""
+    return FINGERPRINT_RTOL * expected.abs() + FINGERPRINT_ATOL
 
 
 # -- building a delta from a model ------------------------------------------------------------------
