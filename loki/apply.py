@@ -233,17 +233,16 @@ def _plan(
             writes[layer] = (_LayerWrite(idx, idx_np, new, current, change), values)
         if check_base:
             sampled = torch.take(saved, group.samples) if in_block and not bases else _samples(group, writes, bases)
-            bad_samples.append(((sampled.float() - group.expected).abs() > group.tolerance).nonzero().flatten())
-    if bad_samples:
+            bad_samples.append((sampled.float() - group.expected).abs() > group.tolerance)
+    if bad_samples and any(bool(b.any()) for b in bad_samples):
         bad = np.unique(np.concatenate([g.sample_layer[b.cpu().numpy()] for g, b in zip(_groups(delta, projs), bad_samples)]))
-        if len(bad):
-            revision = delta.info["base_model"].get("revision")
-            raise BaseModelMismatchError(
-                f"The model's rows in layer(s) {bad.tolist()} do not match the base model this delta was made from "
-                f"({delta.base_model or 'unnamed'}{', revision ' + revision if revision else ''}): another "
-                "checkpoint or fine-tune. Apply it to that base model (any dtype or device is fine), or pass "
-                "check_base=False if you know better."
-            )
+        revision = delta.info["base_model"].get("revision")
+        raise BaseModelMismatchError(
+            f"The model's rows in layer(s) {bad.tolist()} do not match the base model this delta was made from "
+            f"({delta.base_model or 'unnamed'}{', revision ' + revision if revision else ''}): another "
+            "checkpoint or fine-tune. Apply it to that base model (any dtype or device is fine), or pass "
+            "check_base=False if you know better."
+        )
     for layer, (write, values) in writes.items():
         if values is None:
             values = write.new

@@ -57,3 +57,33 @@ def tiny_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.config.name_or_path = f"tiny-random/{family}-seed{seed}"
     return model.eval()
+
+
+def random_delta(model: torch.nn.Module, *, q: float = 10, seed: int = 0, noise: float = 0.02, name: str = "",
+                 lora_rank: int | None = None, dtype: torch.dtype | None = None, layers: list[int] | None = None):
+    """A `Delta` for `model` on `Selection.random(..., q, seed)` rows: the base rows plus `noise` * N(0, 1) (or,
+    with `lora_rank`, random LoRA factors of that size). No training: for tests, examples and benchmarks.
+
+    >>> import loki.testing
+    >>> model = loki.testing.tiny_model("llama")
+    >>> loki.testing.random_delta(model, q=10, name="x").rows_per_layer()
+    {0: 3, 1: 3}
+    """
+    from .apply import base_rows
+    from .delta import make_delta
+    from .selection import Selection
+    from .targets import find_down_projections
+
+    projs = find_down_projections(model)
+    selection = Selection.random(len(projs), projs.d_out, q, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    changes = {}
+    for layer in (range(len(projs)) if layers is None else layers):
+        idx = selection.rows[layer].sort().values
+        if lora_rank:
+            a = noise * torch.randn(len(idx), lora_rank, generator=g)
+            changes[layer] = (idx, a, torch.randn(lora_rank, projs.d_in, generator=g))
+        else:
+            base = base_rows(model, layer, idx, projs).float().cpu()
+            changes[layer] = (idx, base + noise * torch.randn(base.shape, generator=g))
+    return make_delta(model, changes, name=name, dtype=dtype, selection=selection.provenance())

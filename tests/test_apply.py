@@ -115,12 +115,12 @@ def family_of(model):
 
 
 # -- stacking and overlap ---------------------------------------------------------------------------
-def test_disjoint_deltas_stack_in_any_order_and_revert_out_of_order():
-    base = tiny_model("llama")
+def test_disjoint_deltas_stack_in_any_order_and_revert_out_of_order(family):
+    base = tiny_model(family)
     a = delta_on(base, {0: [1, 2], 1: [5]}, 1, "a")
     b = delta_on(base, {0: [3], 1: [6, 7]}, 2, "b")
     c = delta_on(base, {1: [0, 31]}, 3, "c")
-    m1, m2 = tiny_model("llama"), tiny_model("llama")
+    m1, m2 = tiny_model(family), tiny_model(family)
     for d in (a, b, c):
         loki.apply(m1, d)
     for d in (c, a, b):
@@ -144,12 +144,12 @@ def test_overlap_is_an_error_by_default_and_changes_nothing():
 
 
 @pytest.mark.parametrize("policy", ["replace", "add"])
-def test_overlap_policies_follow_the_reference(policy):
-    base = tiny_model("mistral")
+def test_overlap_policies_follow_the_reference(family, policy):
+    base = tiny_model(family)
     a = delta_on(base, {0: [1, 2, 3], 1: [4]}, 1, "a")
     b = delta_on(base, {0: [3, 4], 1: [4, 5]}, 2, "b")
     c = delta_on(base, {0: [2, 3, 9]}, 3, "c")
-    model = tiny_model("mistral")
+    model = tiny_model(family)
     ha = loki.apply(model, a)
     hb = loki.apply(model, b, on_overlap=policy)
     hc = loki.apply(model, c, on_overlap=policy)
@@ -324,3 +324,32 @@ def test_default_model_apply_revert_exact(default_model, default_tokenizer):
     bf16_before = state_dict_copy(bf16)
     loki.revert(bf16, loki.apply(bf16, delta))
     assert_state_equal(bf16, bf16_before)
+
+
+def test_default_model_stacking_and_out_of_order_revert(default_model):
+    model = default_model
+    before = state_dict_copy(model)
+    projs = loki.find_down_projections(model)
+    first = loki.Selection.random(len(projs), projs.d_out, q=10, seed=1)
+    second = loki.Selection.random(len(projs), projs.d_out, q=5, seed=2)
+    g = torch.Generator().manual_seed(0)
+
+    def noisy(sel):
+        return loki.make_delta(model, {l: (i, projs.rows(l)[i] + 0.01 * torch.randn(len(i), projs.d_in, generator=g))
+                                       for l, i in sel.rows.items()})
+
+    a, b = noisy(first), noisy(second)
+    with pytest.raises(loki.OverlapError):  # random q=10 and q=5 selections share rows
+        with loki.implanted(model, a, b):
+            pass
+    assert_state_equal(model, before)
+    ha = loki.apply(model, a)
+    hb = loki.apply(model, b, on_overlap="add")
+    loki.revert(model, ha)  # out of order: the model must equal b alone on the base
+    only_b = {k: v.clone() for k, v in model.state_dict().items()}
+    loki.revert(model, hb)
+    assert_state_equal(model, before)
+    hb = loki.apply(model, b)
+    assert_state_equal(model, only_b)
+    loki.revert(model, hb)
+    assert_state_equal(model, before)

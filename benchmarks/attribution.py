@@ -1,0 +1,109 @@
+"""KVA speed on the default model (SmolLM2-135M-Instruct) with ~300-token MMLU-style prompts, side by side in one
+process: loki's `fast` engine, loki's `reference` engine, and the authors' current approach re-created with captum
+(`LayerIntegratedGradients` on each layer's down-projection, n_steps=7, all-token-0 baseline, trapezoid rule).
+
+The reference and captum cost 7 full passes (forward + backward) per layer and prompt, about an hour per prompt on
+two shared CPU cores, so they run on evenly spaced layers (0, middle, last) and their per-prompt time is the mean
+per-layer time x the number of layers (per-layer cost is a full forward plus a backward that grows linearly with
+depth, so the evenly spaced mean is the all-layer mean). Runs are interleaved and medians are reported.
+
+    .venv/bin/python benchmarks/attribution.py [--quick]
+
+The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+os.environ.setdefault("LOKI_CACHE", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".loki-cache"))
+
+import loki  # noqa: E402
+from loki.kva import kva  # noqa: E402
+from loki.prompts import as_prompts, probe_records  # noqa: E402
+
+
+def captum_layer(model, ids: list[int], layer_module, steps: int = 7) -> tuple[torch.Tensor, float]:
+    """The authors' current per-layer KVA: captum LayerIntegratedGradients over the whole [T, d] layer output."""
+    from captum.attr import LayerIntegratedGradients
+
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        target = int(model(x).logits[0, -1].argmax())
+
+    def forward(input_ids):
+        return torch.softmax(model(input_ids).logits[:, -1].float(), -1)[:, target]
+
+    t0 = time.perf_counter()
+    lig = LayerIntegratedGradients(forward, layer_module)
+    attr = lig.attribute(x, baselines=torch.zeros_like(x), n_steps=steps, method="riemann_trapezoid")
+    return attr[0, -1].detach(), time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="two sampled layers, one prompt each for the slow engines")
+    ap.add_argument("--fast-prompts", type=int, default=4)
+    args = ap.parse_args()
+
+    model, tokenizer = loki.load_default()
+    for p in model.parameters():  # no weight gradients for anyone (captum would not need them either)
+        p.requires_grad_(False)
+    projs = loki.find_down_projections(model)
+    num_layers = len(projs)
+    # 3-shot multiple-choice prompts from the probe set: ~300 tokens each
+    records = probe_records()
+    prompts = [as_prompts(records[i : i + 4], tokenizer, shots=3).ids[0] for i in range(0, 4 * args.fast_prompts, 4)]
+    lengths = [len(p) for p in prompts]
+    layers = [0, num_layers - 1] if args.quick else [0, num_layers // 2, num_layers - 1]
+    slow_prompts = 1 if args.quick else 2
+    print(f"model {loki.models.DEFAULT_MODEL_ID}: {num_layers} layers; prompts of {lengths} tokens; "
+          f"torch threads {torch.get_num_threads()}; slow engines on layers {layers}, {slow_prompts} prompt(s)")
+
+    kva(model, [prompts[0][:32]])  # warm-up
+    fast_t, ref_t, cap_t, errs, cap_errs = [], [], [], [], []
+    for i, ids in enumerate(prompts):
+        t0 = time.perf_counter()
+        fast, _ = kva(model, [ids])
+        fast_t.append(time.perf_counter() - t0)
+        print(f"fast       prompt {i}: {fast_t[-1]:7.2f} s", flush=True)
+        if i >= slow_prompts:
+            continue
+        per_layer_ref, per_layer_cap = [], []
+        for layer in layers:
+            t0 = time.perf_counter()
+            ref, _ = kva(model, [ids], engine="reference", layers=[layer])
+            per_layer_ref.append(time.perf_counter() - t0)
+            errs.append(float((fast[0, layer] - ref[0, 0]).abs().max() / ref[0, 0].abs().max()))
+            cap, seconds = captum_layer(model, ids, projs.modules[layer])
+            per_layer_cap.append(seconds)
+            cap_errs.append(float((cap - ref[0, 0]).abs().max() / ref[0, 0].abs().max()))
+            print(f"  layer {layer:2d}: reference {per_layer_ref[-1]:6.2f} s, captum {seconds:6.2f} s, fast-vs-ref "
+                  f"rel err {errs[-1]:.1e}, captum-vs-ref {cap_errs[-1]:.2f} (a different quantity)", flush=True)
+        ref_t.append(statistics.mean(per_layer_ref) * num_layers)
+        cap_t.append(statistics.mean(per_layer_cap) * num_layers)
+        print(f"reference  prompt {i}: {ref_t[-1]:7.1f} s (extrapolated to {num_layers} layers)")
+        print(f"captum     prompt {i}: {cap_t[-1]:7.1f} s (extrapolated to {num_layers} layers)", flush=True)
+
+    fast_s, ref_s, cap_s = (statistics.median(t) for t in (fast_t, ref_t, cap_t))
+    print(f"\nmedian seconds per ~{round(statistics.mean(lengths))}-token prompt: fast {fast_s:.2f}, "
+          f"reference {ref_s:.1f}, captum {cap_s:.1f}")
+    print(f"fast is {cap_s / fast_s:.0f}x faster than captum and {ref_s / fast_s:.0f}x faster than the reference; "
+          f"max fast-vs-reference relative error {max(errs):.1e}")
+    print(json.dumps({
+        "bench": "attribution", "model": loki.models.DEFAULT_MODEL_ID, "prompt_tokens": lengths,
+        "fast_s_per_prompt": round(fast_s, 3), "reference_s_per_prompt": round(ref_s, 2),
+        "captum_s_per_prompt": round(cap_s, 2), "fast_vs_captum_speedup": round(cap_s / fast_s, 1),
+        "fast_vs_reference_speedup": round(ref_s / fast_s, 1), "fast_vs_reference_max_rel_err": max(errs),
+        "slow_engines_layers": layers, "slow_engines_prompts": slow_prompts, "threads": torch.get_num_threads(),
+    }))
+
+
+if __name__ == "__main__":
+    main()

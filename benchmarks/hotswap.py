@@ -1,0 +1,186 @@
+"""Hot-swapping implants on one base model: loki's ImplantBank against PEFT LoRA adapters of the same implants.
+
+Same process, same model (the default SmolLM2-135M-Instruct, float32, CPU), same inputs. The PEFT adapters are the
+loki deltas exported with `loki.export_peft` (rank = rows per layer, on the same down-projections), so both sides
+compute the same implanted models. Competitors alternate within each repetition; medians are quoted.
+
+(a) switch latency, implant i -> implant j: loki `deactivate` + `activate`; PEFT unmerge + `set_adapter` + merge
+    and unmerge + `hotswap_adapter` + merge (both leave the model at base speed); PEFT `load_adapter` + `set_adapter`
+    (unmerged, slower forward); reloading the model with `from_pretrained`.
+(b) greedy generation, batch 1: base model vs loki implant active vs PEFT unmerged adapter.
+(c) greedy generation, batch 8, each row its own implant: base vs loki mixed batch vs PEFT `adapter_names=`.
+
+    .venv/bin/python benchmarks/hotswap.py [--quick] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import loki
+from loki.models import DEFAULT_MODEL_ID, default_model_path
+from loki.testing import random_delta
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def medians(competitors: dict, reps: int) -> dict[str, float]:
+    """Median seconds of each competitor (`fn`, or `(setup, fn)` with an untimed setup), alternating them within
+    every repetition (fair on a noisy machine)."""
+    times: dict[str, list[float]] = {name: [] for name in competitors}
+    for _ in range(reps):
+        for name, fn in competitors.items():
+            if isinstance(fn, tuple):
+                fn[0]()
+                fn = fn[1]
+            times[name].append(timed(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and tokens")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: steady medians on a shared CPU, where a parallel "
+                             "op waits for any descheduled worker; 0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reps = 3 if args.quick else 7
+    new_tokens, batch_tokens = (8, 4) if args.quick else (24, 12)
+    n_implants = 8
+
+    import peft
+    from peft.utils.hotswap import hotswap_adapter
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model, tokenizer = loki.load_default()
+    peft_base, _ = loki.load_default()
+    deltas = [random_delta(model, q=10, seed=i, noise=0.02, name=f"implant{i}") for i in range(n_implants)]
+    tmp = Path(tempfile.mkdtemp(prefix="loki-hotswap-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    folders = [loki.export_peft(d, tmp / d.name, model) for d in deltas]
+    rank = json.loads((folders[0] / "adapter_config.json").read_text())["r"]
+    print(f"model: {DEFAULT_MODEL_ID}, "
+          f"float32, {torch.get_num_threads()} threads; {n_implants} implants of {deltas[0].num_params:,} params "
+          f"(q=10, {deltas[0].rows_per_layer()[0]} rows x {len(deltas[0].layers)} layers); PEFT adapters: the same "
+          f"implants exported at rank {rank} on the down-projections")
+
+    bank = loki.ImplantBank(model)
+    for d in deltas:
+        bank.register(d.name, d)
+    names = [d.name for d in deltas]
+    pm = peft.PeftModel.from_pretrained(peft_base, folders[0], adapter_name=names[0]).eval()
+    for name, folder in zip(names[1:], folders[1:]):
+        pm.load_adapter(folder, adapter_name=name)
+
+    # -- (a) switch latency ------------------------------------------------------------------------------
+    counter = {"i": 0}
+
+    def next_name() -> str:
+        counter["i"] += 1
+        return names[counter["i"] % n_implants]
+
+    bank.activate(names[0])
+    pm.set_adapter(names[0])
+    pm.base_model.merge_adapter()
+
+    def loki_switch():
+        bank.deactivate()
+        bank.activate(next_name())
+
+    def peft_merge_switch():
+        pm.base_model.unmerge_adapter()
+        pm.set_adapter(next_name())
+        pm.base_model.merge_adapter()
+
+    def peft_hotswap_merge():  # one adapter slot, new weights from disk, then merged
+        pm.base_model.unmerge_adapter()
+        hotswap_adapter(pm, str(folders[counter["i"] % n_implants]), adapter_name=names[0])
+        counter["i"] += 1
+        pm.set_adapter(names[0])
+        pm.base_model.merge_adapter()
+
+    with torch.no_grad():
+        switch = medians({"loki": loki_switch}, reps * 20)
+        switch.update(medians({"peft_merge": peft_merge_switch, "peft_hotswap_merge": peft_hotswap_merge}, reps * 2))
+        pm.base_model.unmerge_adapter()
+        hotswap_adapter(pm, str(folders[0]), adapter_name=names[0])  # its own weights back, for (c)
+
+        def peft_load_set():
+            pm.load_adapter(folders[counter["i"] % n_implants], adapter_name="loaded")
+            pm.set_adapter("loaded")
+            pm.set_adapter(names[0])
+            pm.delete_adapter("loaded")
+            counter["i"] += 1
+
+        switch.update(medians({"peft_load_set": peft_load_set, "peft_set_unmerged": lambda: pm.set_adapter(next_name())},
+                              reps * 2))
+        switch["reload_model"] = medians({"reload": lambda: AutoModelForCausalLM.from_pretrained(default_model_path())},
+                                         max(2, reps // 2))["reload"]
+    bank.deactivate()
+    print("\n(a) switch latency, median ms")
+    for k, v in switch.items():
+        print(f"  {k:<20} {v * 1e3:10.3f} ms   ({v / switch['loki']:8.1f}x loki)")
+
+    # -- (b) generation with one implant active ----------------------------------------------------------
+    prompt = tokenizer("Tell me about the history of the city of Paris and its", return_tensors="pt").input_ids
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    pm.set_adapter(names[1])
+    assert not any(getattr(m, "merged", False) for m in pm.modules())
+
+    with torch.no_grad():
+        model.generate(prompt, **gen), pm.generate(input_ids=prompt, **gen)  # warm up
+        one = medians({"base": (bank.deactivate, lambda: model.generate(prompt, **gen)),
+                       "loki_active": (lambda: bank.activate(names[1]), lambda: model.generate(prompt, **gen)),
+                       "peft_unmerged": lambda: pm.generate(input_ids=prompt, **gen)}, reps)
+        bank.deactivate()
+    print(f"\n(b) greedy generation, batch 1, {new_tokens} new tokens, tokens/s (median)")
+    for k, v in one.items():
+        print(f"  {k:<20} {new_tokens / v:8.2f} tok/s   ({one['base'] / v:5.3f}x base)")
+
+    # -- (c) a batch of 8 rows, 8 implants -----------------------------------------------------------------
+    batch = prompt.repeat(n_implants, 1)
+    batch[:, -1] = torch.arange(100, 100 + n_implants)  # rows differ (same length: no padding)
+    gen = {**gen, "max_new_tokens": batch_tokens, "min_new_tokens": batch_tokens, "attention_mask": torch.ones_like(batch)}
+
+    with torch.no_grad():
+        bank.generate(batch, names, **gen), pm.generate(input_ids=batch, adapter_names=names, **gen)  # warm up
+        mixed = medians({"base": lambda: model.generate(batch, **gen),
+                         "loki_mixed": lambda: bank.generate(batch, names, **gen),
+                         "peft_mixed": lambda: pm.generate(input_ids=batch, adapter_names=names, **gen)}, reps)
+    print(f"\n(c) greedy generation, batch {n_implants} with {n_implants} different implants, {batch_tokens} new tokens")
+    for k, v in mixed.items():
+        print(f"  {k:<20} {n_implants * batch_tokens / v:8.2f} tok/s   ({mixed['base'] / v:5.3f}x base)")
+
+    result = {
+        "bench": "hotswap",
+        "quick": args.quick,
+        "threads": torch.get_num_threads(),
+        "switch_speedup_vs_peft_merge": round(switch["peft_merge"] / switch["loki"], 2),
+        "switch_speedup_vs_peft_hotswap_merge": round(switch["peft_hotswap_merge"] / switch["loki"], 2),
+        "active_vs_base_throughput": round(one["base"] / one["loki_active"], 3),
+        "peft_unmerged_vs_base_throughput": round(one["base"] / one["peft_unmerged"], 3),
+        "mixed_vs_base_throughput": round(mixed["base"] / mixed["loki_mixed"], 3),
+        "mixed_vs_peft_mixed_throughput": round(mixed["peft_mixed"] / mixed["loki_mixed"], 3),
+        "switch_ms": {k: round(v * 1e3, 3) for k, v in switch.items()},
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""`loki.attribute`: Knowledge Vector Attribution over a set of prompts, written to disk as it goes.
+
+The result is an `Attributions` set: `values` `[N prompts, L layers, d_model]` (float32), the target token of each
+prompt, the seconds each prompt took, and metadata (model, steps, target rule, prompt source). With `path=`, every
+finished batch of prompts is written at once into a folder (`attributions.npy` plus small files), so an interrupted
+run resumes where it stopped, and `Attributions.load(path)` reads the values memory-mapped.
+
+>>> import loki, loki.testing
+>>> model = loki.testing.tiny_model("llama")
+>>> attr = loki.attribute(model, None, [[5, 6, 7], [8, 9]], steps=3, progress=False)
+>>> attr.values.shape, attr.meta["steps"]
+(torch.Size([2, 2, 32]), 3)
+
+Several GPUs or machines: run the same script under `accelerate launch` with `shard="accelerate"`; each process
+takes a contiguous block of the prompts into `path/shard-RRR-of-WWW/`, and the main process merges the blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .kva import ENGINES, MEASURES, AttributionError, kva
+from .prompts import PromptSet, as_prompts
+from .targets import find_down_projections
+
+FORMAT = "loki-attributions"
+TARGETS = ("prediction", "gold")
+
+
+@dataclass(eq=False)
+class Attributions:
+    """KVA results: `values` `[N, L, d_model]`, `targets` `[N]` (token ids), `seconds` `[N]`, `meta` (JSON)."""
+
+    values: torch.Tensor
+    targets: torch.Tensor
+    seconds: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.values.shape)
+
+    def select(self, q: float, strategy: str = "layer_balanced", seed: int = 0):
+        """`loki.select(self, q, strategy)`: the rows to train."""
+        from .selection import select
+
+        return select(self, q, strategy, seed=seed)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Attributions":
+        """Read a finished attribution folder; `values` are memory-mapped (read-only)."""
+        path = Path(path)
+        meta = _read_meta(path)
+        if meta is None:
+            shards = sorted(path.glob("shard-*-of-*"))
+            hint = f" It holds {len(shards)} shards: merge them with loki.merge_attributions(path)." if shards else ""
+            raise AttributionError(f"{path} is not an attribution folder (no meta.json).{hint}")
+        store = _Store.open(path, meta)
+        if not store.done.all():
+            raise AttributionError(
+                f"{path} is unfinished: {int(store.done.sum())} of {len(store.done)} prompts done. Run the same "
+                f"loki.attribute(..., path=...) call again to resume."
+            )
+        return store.result()
+
+    def __repr__(self) -> str:
+        n, num_layers, d = self.shape
+        return (f"Attributions({n} prompts x {num_layers} layers x {d}, model={self.meta.get('model')!r}, "
+                f"steps={self.meta.get('steps')}, path={str(self.path) if self.path else None!r})")
+
+
+def attribute(
+    model: nn.Module,
+    tokenizer,
+    prompts,
+    steps: int = 7,
+    *,
+    target: str = "prediction",
+    measure: str = "prob",
+    engine: str = "fast",
+    path: str | os.PathLike | None = None,
+    batch_size: int = 4,
+    max_rows: int = 8192,
+    shots: int = 0,
+    shard: tuple[int, int] | str | None = None,
+    progress: bool = True,
+    template: str | None = None,
+) -> Attributions:
+    """Attribute every down-projection row of `model` on `prompts` (KVA, LOKI-METHOD.md stage 1).
+
+    `prompts`: multiple-choice records (dicts with question/choices/answer[/subject]; a `datasets.Dataset`; a
+    `.jsonl`/`.json`/`.csv` file of them), plain text strings, or token id lists; see `loki.prompts.as_prompts`
+    (`shots` = few-shot examples taken from the first records). `target`: "prediction" (the model's own argmax at
+    the last position) or "gold" (the records' answer letter). `measure`: "prob" or "logit". `engine`: "fast" or
+    "reference" (slow, for checking). `path`: a folder written incrementally; calling again with the same arguments
+    resumes. `batch_size` prompts share one pass; `max_rows` bounds the rows of one pass (memory).
+    `shard=(rank, world)` computes only this process's block of prompts into `path/shard-RRR-of-WWW`;
+    `shard="accelerate"` takes rank and world from `accelerate` and merges the shards when all are done.
+    """
+    if target not in TARGETS:
+        raise AttributionError(f"target must be one of {TARGETS}, got {target!r}.")
+    if engine not in ENGINES or measure not in MEASURES:
+        raise AttributionError(f"engine must be one of {ENGINES} and measure one of {MEASURES}.")
+    if batch_size < 1:
+        raise AttributionError(f"batch_size must be >= 1, got {batch_size}.")
+    prompt_set = prompts if isinstance(prompts, PromptSet) else as_prompts(prompts, tokenizer, shots=shots)
+    if target == "gold" and any(g is None for g in prompt_set.gold):
+        raise AttributionError("target='gold' needs a gold answer for every prompt (multiple-choice records with "
+                               "an 'answer'); use target='prediction' for plain prompts.")
+    gold = prompt_set.gold if target == "gold" else [None] * len(prompt_set)
+    projs = find_down_projections(model, template)
+
+    distributed = shard == "accelerate"
+    if distributed:
+        from accelerate import PartialState
+
+        state = PartialState()
+        shard = (state.process_index, state.num_processes)
+        if path is None:
+            raise AttributionError("shard='accelerate' needs path=: the processes merge their shards through it.")
+    rank, world = shard if shard is not None else (0, 1)
+    if not 0 <= rank < world:
+        raise AttributionError(f"shard=(rank, world) needs 0 <= rank < world, got {shard}.")
+    n_all = len(prompt_set)
+    lo, hi = n_all * rank // world, n_all * (rank + 1) // world
+    meta = {
+        "format": FORMAT,
+        "loki_version": __version__,
+        "model": getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__,
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "template": projs.template,
+        "num_layers": len(projs),
+        "d_model": projs.d_out,
+        "dtype": str(projs.weight.dtype).removeprefix("torch."),
+        "steps": steps,
+        "alphas": "k/m for k = 0..m-1",
+        "target": target,
+        "measure": measure,
+        "engine": engine,
+        "prompt_source": prompt_set.source,
+        "num_prompts": hi - lo,
+        "prompts_sha256": _digest(prompt_set.ids[lo:hi], gold[lo:hi]),
+        "shard": {"rank": rank, "world": world, "start": lo, "stop": hi} if world > 1 else None,
+    }
+    root = Path(path) if path is not None else None
+    folder = root / f"shard-{rank:03d}-of-{world:03d}" if root is not None and world > 1 else root
+    store = _Store.create(folder, meta)
+
+    todo = [i for i in range(hi - lo) if not store.done[i]]
+    bar = _progress(progress, total=hi - lo, initial=hi - lo - len(todo))
+    try:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            t0 = time.perf_counter()
+            values, targets = kva(model, [prompt_set.ids[lo + i] for i in batch], steps,
+                                  targets=[gold[lo + i] for i in batch], measure=measure, engine=engine,
+                                  max_rows=max_rows, template=template)
+            store.write(batch, values, targets, (time.perf_counter() - t0) / len(batch))
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
+    if distributed:
+        state.wait_for_everyone()
+        if state.is_main_process:
+            merge_attributions(root)
+        state.wait_for_everyone()
+        return Attributions.load(root)
+    return store.result()
+
+
+def merge_attributions(path: str | os.PathLike, *, remove_shards: bool = False) -> Attributions:
+    """Concatenate the finished shards `path/shard-RRR-of-WWW` (in rank order) into one attribution set at `path`."""
+    path = Path(path)
+    shards = sorted(path.glob("shard-*-of-*"))
+    if not shards:
+        raise AttributionError(f"No shard folders (shard-RRR-of-WWW) under {path}.")
+    parts = [Attributions.load(s) for s in shards]
+    world = {p.meta["shard"]["world"] for p in parts}
+    if len(world) != 1 or len(parts) != world.pop():
+        raise AttributionError(f"{path} holds {len(parts)} shards of different or incomplete runs; expected one per rank.")
+    keys = ("model", "template", "num_layers", "d_model", "steps", "target", "measure", "engine", "prompt_source")
+    for p in parts[1:]:
+        if any(p.meta[k] != parts[0].meta[k] for k in keys):
+            raise AttributionError(f"Shards under {path} were computed with different settings; recompute them.")
+    meta = {**parts[0].meta, "num_prompts": sum(len(p) for p in parts), "shard": None, "merged_shards": len(parts),
+            "prompts_sha256": hashlib.sha256("".join(p.meta["prompts_sha256"] for p in parts).encode()).hexdigest()}
+    store = _Store.create(path, meta, overwrite=True)
+    offset = 0
+    for p in parts:
+        n = len(p)
+        store.write(list(range(offset, offset + n)), p.values, p.targets, p.seconds)
+        offset += n
+    if remove_shards:
+        import shutil
+
+        for s in shards:
+            shutil.rmtree(s)
+    return store.result()
+
+
+# -- storage ---------------------------------------------------------------------------------------
+class _Store:
+    """The arrays of one run, in memory (no path) or as `.npy` memory maps in a folder (written as prompts finish)."""
+
+    def __init__(self, folder: Path | None, meta: dict, values, targets, seconds):
+        self.folder, self.meta = folder, meta
+        self.values, self.targets, self.seconds = values, targets, seconds
+
+    @property
+    def done(self) -> np.ndarray:
+        return np.asarray(self.targets) >= 0  # a prompt is done once its target is written (written last)
+
+    @classmethod
+    def create(cls, folder: Path | None, meta: dict, overwrite: bool = False) -> "_Store":
+        shape = (meta["num_prompts"], meta["num_layers"], meta["d_model"])
+        if folder is None:
+            return cls(None, meta, np.zeros(shape, np.float32), np.full(shape[0], -1, np.int64),
+                       np.full(shape[0], np.nan))
+        old = _read_meta(folder)
+        if old is not None and not overwrite:
+            fixed = {k: v for k, v in meta.items() if k != "loki_version"}
+            diff = [k for k, v in fixed.items() if old.get(k) != v]
+            if diff:
+                raise AttributionError(
+                    f"{folder} holds attributions made with other settings ({', '.join(diff)} differ). Pass a new "
+                    f"path=, or delete the folder to start over."
+                )
+            return cls.open(folder, old, mode="r+")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "meta.json").unlink(missing_ok=True)
+        values = np.lib.format.open_memmap(folder / "attributions.npy", "w+", np.float32, shape)
+        targets = np.lib.format.open_memmap(folder / "targets.npy", "w+", np.int64, (shape[0],))
+        seconds = np.lib.format.open_memmap(folder / "seconds.npy", "w+", np.float64, (shape[0],))
+        targets[:] = -1
+        seconds[:] = np.nan
+        for a in (values, targets, seconds):
+            a.flush()
+        _write_json(folder / "meta.json", meta)  # last: a folder with meta.json has all its files
+        return cls(folder, meta, values, targets, seconds)
+
+    @classmethod
+    def open(cls, folder: Path, meta: dict, mode: str = "r") -> "_Store":
+        arrays = [np.load(folder / f"{name}.npy", mmap_mode=mode) for name in ("attributions", "targets", "seconds")]
+        if arrays[0].shape != (meta["num_prompts"], meta["num_layers"], meta["d_model"]):
+            raise AttributionError(f"{folder}/attributions.npy has shape {arrays[0].shape}, meta.json disagrees.")
+        return cls(folder, meta, *arrays)
+
+    def write(self, rows: Sequence[int], values: torch.Tensor, targets: torch.Tensor, seconds) -> None:
+        rows = np.asarray(rows)
+        self.values[rows] = np.asarray(values, dtype=np.float32)
+        self.seconds[rows] = np.asarray(seconds, dtype=np.float64)
+        if self.folder is not None:
+            self.values.flush()
+            self.seconds.flush()
+        self.targets[rows] = np.asarray(targets, dtype=np.int64)  # marks the rows done, so it goes last
+        if self.folder is not None:
+            self.targets.flush()
+
+    def result(self) -> Attributions:
+        seconds = np.asarray(self.seconds)
+        meta = {**self.meta, "seconds_per_prompt": float(np.nanmedian(seconds)) if len(seconds) else None}
+        return Attributions(_as_tensor(self.values), torch.from_numpy(np.array(self.targets)),
+                            torch.from_numpy(seconds.copy()), meta, self.folder)
+
+
+def _as_tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor over the array or memory map, without copying (loki never writes through read-only maps)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": torch cannot mark tensors read-only
+        return torch.from_numpy(a)
+
+
+def _read_meta(folder: Path) -> dict | None:
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except FileNotFoundError:
+        return None
+    if meta.get("format") != FORMAT:
+        raise AttributionError(f"{folder}/meta.json is not a loki attribution set (format {meta.get('format')!r}).")
+    return meta
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _digest(ids, gold) -> str:
+    h = hashlib.sha256()
+    for x, g in zip(ids, gold):
+        h.update(json.dumps([x, g]).encode())
+    return h.hexdigest()
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="prompt", desc="KVA", smoothing=0.1)

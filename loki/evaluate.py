@@ -1,0 +1,422 @@
+"""Measuring damage: perplexity, multiple-choice accuracy, exact-match QA and the paper's forgetting score.
+
+Everything runs on an in-memory causal LM (any `transformers` model and its tokenizer), batched, with progress
+bars. A delta is evaluated by applying it in place and reverting it afterwards (`loki.implanted`), so one loaded
+base model serves every comparison.
+
+>>> import loki
+>>> from loki import evaluate as ev
+>>> ev.forgetting_score({"mc": 0.50, "ppl": 0.04}, {"mc": 0.45, "ppl": 0.04})   # 100/2 * (0.05/0.50 + 0)
+5.0
+>>> # model, tokenizer = loki.load_default()
+>>> # suite = ev.general_suite()                                 # the small offline sets shipped in loki/data/
+>>> # report = ev.compare(model, tokenizer, suite, "medical.loki")
+>>> # report.forgetting                                          # lower is better; 0 = nothing lost
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import string
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import EvaluationError
+
+DATA_DIR = Path(__file__).parent / "data"
+KINDS = ("perplexity", "choice", "generate")
+MATCH_MODES = ("exact", "prefix", "contains")
+
+
+# -- tokenisation helpers -----------------------------------------------------------------------------
+def _encode(tokenizer, text: str, special: bool = True) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation token ids such that context + continuation is how the whole text tokenises
+    (as lm-evaluation-harness does it), so a choice is scored in the tokenisation the model would produce."""
+    whole = _encode(tokenizer, context + continuation)
+    ctx = _encode(tokenizer, context)
+    if whole[: len(ctx)] != ctx:  # the boundary merged into one token: fall back to separate encodings
+        return ctx, _encode(tokenizer, continuation, special=False)
+    return ctx, whole[len(ctx) :]
+
+
+def _batches(order: list[int], batch_size: int) -> Iterable[list[int]]:
+    for i in range(0, len(order), batch_size):
+        yield order[i : i + batch_size]
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise EvaluationError(f"batch_size must be a positive integer, got {batch_size!r}.")
+
+
+@torch.no_grad()
+def _sequence_logprobs(model, sequences: Sequence[tuple[list[int], int]], batch_size: int, desc: str,
+                       progress: bool) -> list[tuple[float, int, bool]]:
+    """For each `(token_ids, n_scored)`: the summed log-probability of the last `n_scored` tokens given everything
+    before them, the number of tokens scored, and whether each of them was the model's greedy (argmax) choice."""
+    _check_batch_size(batch_size)
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))  # little padding per batch
+    out: list[Any] = [None] * len(sequences)
+    bar = tqdm(total=len(sequences), desc=desc, disable=not progress, leave=False)
+    for batch in _batches(order, batch_size):
+        width = max(len(sequences[i][0]) for i in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, i in enumerate(batch):
+            seq = sequences[i][0]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits, dim=-1)
+        for row, i in enumerate(batch):
+            seq, n = sequences[i]
+            targets = torch.tensor(seq[len(seq) - n :], device=logp.device)
+            pred = logp[row, len(seq) - n - 1 : len(seq) - 1]  # logits at t predict token t + 1
+            token_lp = pred.gather(-1, targets[:, None])[:, 0]
+            greedy = bool((pred.argmax(-1) == targets).all())
+            out[i] = (float(token_lp.double().sum()), n, greedy)
+        bar.update(len(batch))
+    bar.close()
+    return out
+
+
+# -- metrics --------------------------------------------------------------------------------------------
+def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, max_length: int = 256,
+               progress: bool = True) -> float:
+    """Token-level perplexity `exp(total NLL / tokens)` of `texts`, each cut to its first `max_length` tokens.
+
+    Each text is scored on its own (no packing); its first token has no context and is not scored.
+
+    >>> # loki.evaluate.perplexity(model, tokenizer, ["The cat sat on the mat."])
+    """
+    if not texts:
+        raise EvaluationError("perplexity needs at least one text.")
+    seqs = []
+    for text in texts:
+        ids = _encode(tokenizer, text)[:max_length]
+        if len(ids) < 2:
+            raise EvaluationError(f"Text {text[:40]!r} has fewer than 2 tokens; nothing to score.")
+        seqs.append((ids, len(ids) - 1))
+    scored = _sequence_logprobs(model, seqs, batch_size, "perplexity", progress)
+    nll = -sum(lp for lp, _, _ in scored)
+    return math.exp(nll / sum(n for _, n, _ in scored))
+
+
+def choice_logprobs(model, tokenizer, prompt: str | Sequence[str], choices: Sequence[str] | Sequence[Sequence[str]],
+                    *, batch_size: int = 16, progress: bool = True) -> list[list[float]]:
+    """Summed log-probability of every choice as the continuation of its prompt.
+
+    `prompt` and `choices` are one question (a string and a list of strings) or several (lists of each).
+    Choices are scored verbatim, so give them their leading space (`" Paris"`) if the prompt ends without one.
+    """
+    prompts, groups = ([prompt], [choices]) if isinstance(prompt, str) else (list(prompt), list(choices))
+    if len(prompts) != len(groups):
+        raise EvaluationError(f"Got {len(prompts)} prompts but {len(groups)} lists of choices.")
+    seqs, owner = [], []
+    for q, (p, cs) in enumerate(zip(prompts, groups)):
+        if isinstance(cs, str) or len(cs) < 1:
+            raise EvaluationError(f"Question {q} needs a list of choices, got {cs!r}.")
+        for c in cs:
+            ctx, cont = _encode_pair(tokenizer, p, c)
+            if not cont or not ctx:
+                raise EvaluationError(f"Question {q}: prompt {p[:40]!r} and choice {c!r} must both be non-empty.")
+            seqs.append((ctx + cont, len(cont)))
+            owner.append(q)
+    scored = _sequence_logprobs(model, seqs, batch_size, "choices", progress)
+    out: list[list[float]] = [[] for _ in prompts]
+    for q, (lp, _, _) in zip(owner, scored):
+        out[q].append(lp)
+    return out
+
+
+def multiple_choice_accuracy(model, tokenizer, items: Sequence[Mapping[str, Any]], *, batch_size: int = 16,
+                             length_normalize: bool = False, progress: bool = True) -> float:
+    """Fraction of `items` (`{"prompt", "choices", "answer": index}`) whose answer has the highest log-likelihood.
+
+    `length_normalize` divides each choice's log-likelihood by its length in characters (lm-eval's `acc_norm`).
+    Ties go to the lowest index, so a model that cannot tell the choices apart scores as if it always said "0".
+    """
+    items = _check_items(items, ("prompt", "choices", "answer"))
+    for i, it in enumerate(items):
+        if not (isinstance(it["answer"], int) and 0 <= it["answer"] < len(it["choices"])):
+            raise EvaluationError(f"Item {i}: answer {it['answer']!r} is not an index into its {len(it['choices'])} choices.")
+    scores = choice_logprobs(model, tokenizer, [it["prompt"] for it in items], [it["choices"] for it in items],
+                             batch_size=batch_size, progress=progress)
+    correct = 0
+    for it, lps in zip(items, scores):
+        if length_normalize:
+            lps = [lp / max(1, len(c)) for lp, c in zip(lps, it["choices"])]
+        correct += int(max(range(len(lps)), key=lambda j: (lps[j], -j)) == it["answer"])
+    return correct / len(items)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def answer_matches(prediction: str, answers: Sequence[str], mode: str = "exact") -> bool:
+    """Whether `prediction` matches one of `answers` after `normalize_answer`.
+
+    `mode`: "exact" (equal), "prefix" (the prediction starts with the answer, on a word boundary; for cloze
+    prompts where the model keeps writing) or "contains" (the answer appears as whole words; for chat answers).
+    """
+    if mode not in MATCH_MODES:
+        raise EvaluationError(f"Unknown match mode {mode!r}; choose from {MATCH_MODES}.")
+    pred = normalize_answer(prediction)
+    for ans in answers:
+        a = normalize_answer(ans)
+        if not a:
+            continue
+        if (mode == "exact" and pred == a) or (mode == "prefix" and (pred + " ").startswith(a + " ")) or (
+            mode == "contains" and f" {a} " in f" {pred} "
+        ):
+            return True
+    return False
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], *, chat: bool = False, max_new_tokens: int = 16,
+             batch_size: int = 8, stop_at_newline: bool = True, progress: bool = True) -> list[str]:
+    """Greedy completions of `prompts`, batched with left padding.
+
+    `chat=True` wraps each prompt as a user turn of the tokenizer's chat template (with the generation prompt).
+    With `stop_at_newline`, each completion is cut at its first newline (the answer to a one-line question).
+    """
+    _check_batch_size(batch_size)
+    device = next(model.parameters()).device
+    if chat:
+        encoded = [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                      tokenize=True, return_dict=True)["input_ids"]) for p in prompts]
+    else:
+        encoded = [_encode(tokenizer, p) for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = 0 if pad is None else pad
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    out: list[str] = [""] * len(prompts)
+    bar = tqdm(total=len(prompts), desc="generate", disable=not progress, leave=False)
+    for batch in _batches(order, batch_size):
+        width = max(len(encoded[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]) :] = 1
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+        for row, i in enumerate(batch):
+            text = tokenizer.decode(gen[row, width:], skip_special_tokens=True)
+            out[i] = (text.strip().split("\n")[0] if stop_at_newline else text).strip()
+        bar.update(len(batch))
+    bar.close()
+    return out
+
+
+def exact_match(model, tokenizer, items: Sequence[Mapping[str, Any]], *, mode: str = "exact", chat: bool = False,
+                max_new_tokens: int = 16, batch_size: int = 8, progress: bool = True) -> float:
+    """Fraction of `items` (`{"question", "answers": [...]}`) whose greedy answer matches (see `answer_matches`)."""
+    items = _check_items(items, ("question", "answers"))
+    if mode not in MATCH_MODES:
+        raise EvaluationError(f"Unknown match mode {mode!r}; choose from {MATCH_MODES}.")
+    preds = generate(model, tokenizer, [it["question"] for it in items], chat=chat, max_new_tokens=max_new_tokens,
+                     batch_size=batch_size, progress=progress)
+    return sum(answer_matches(p, it["answers"], mode) for p, it in zip(preds, items)) / len(items)
+
+
+def forgetting_score(original: Mapping[str, float] | Sequence[float], tuned: Mapping[str, float] | Sequence[float]) -> float:
+    """The paper's forgetting score `Avg = 100/N * sum_i (S_orig_i - S_tuned_i) / S_orig_i`, in percent.
+
+    Scores must be higher-is-better (this module reports perplexity as `1/perplexity` for that reason).
+    Lower is better; negative means the tuned model improved on average.
+
+    >>> forgetting_score([0.8, 0.5], [0.4, 0.5])
+    25.0
+    """
+    if isinstance(original, Mapping) != isinstance(tuned, Mapping):
+        raise EvaluationError("Give both score sets as mappings (benchmark -> score) or both as sequences.")
+    if isinstance(original, Mapping):
+        if set(original) != set(tuned):
+            raise EvaluationError(f"The score sets name different benchmarks: {sorted(original)} vs {sorted(tuned)}.")
+        pairs = [(original[k], tuned[k]) for k in original]
+    else:
+        if len(original) != len(tuned):
+            raise EvaluationError(f"Got {len(original)} original scores but {len(tuned)} tuned ones.")
+        pairs = list(zip(original, tuned))
+    if not pairs:
+        raise EvaluationError("The forgetting score needs at least one benchmark.")
+    for o, _ in pairs:
+        if not o > 0:
+            raise EvaluationError(f"An original score is {o}; the forgetting score divides by it, so it must be > 0. "
+                                  "Drop benchmarks the base model scores 0 on.")
+    return 100.0 / len(pairs) * sum((o - t) / o for o, t in pairs)
+
+
+def _check_items(items: Sequence[Mapping[str, Any]], keys: tuple[str, ...]) -> list[Mapping[str, Any]]:
+    items = list(items)
+    if not items:
+        raise EvaluationError("No items to evaluate.")
+    for i, it in enumerate(items):
+        missing = [k for k in keys if k not in it]
+        if missing:
+            raise EvaluationError(f"Item {i} lacks {missing}; expected keys {list(keys)}, got {sorted(it)}.")
+    return items
+
+
+# -- benchmarks and suites -----------------------------------------------------------------------------
+@dataclass
+class Benchmark:
+    """A named evaluation set and how to score it. `score` is always higher-is-better:
+    accuracy for "choice" and "generate", `1/perplexity` (the geometric-mean token probability) for "perplexity".
+
+    Items: "perplexity" `{"text"}`; "choice" `{"prompt", "choices", "answer"}`; "generate" `{"question", "answers"}`.
+    """
+
+    name: str
+    kind: str
+    items: list[dict[str, Any]]
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the metric function
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise EvaluationError(f"Benchmark {self.name!r}: unknown kind {self.kind!r}; choose from {KINDS}.")
+        keys = {"perplexity": ("text",), "choice": ("prompt", "choices", "answer"), "generate": ("question", "answers")}
+        self.items = list(_check_items(self.items, keys[self.kind]))
+
+    def head(self, n: int | None) -> "Benchmark":
+        """The same benchmark on its first `n` items (all of them for None)."""
+        return self if n is None else Benchmark(self.name, self.kind, self.items[:n], dict(self.options))
+
+    def score(self, model, tokenizer, *, progress: bool = True) -> float:
+        if self.kind == "perplexity":
+            texts = [it["text"] for it in self.items]
+            return 1.0 / perplexity(model, tokenizer, texts, progress=progress, **self.options)
+        if self.kind == "choice":
+            return multiple_choice_accuracy(model, tokenizer, self.items, progress=progress, **self.options)
+        return exact_match(model, tokenizer, self.items, progress=progress, **self.options)
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path, name: str | None = None, kind: str | None = None, **options) -> "Benchmark":
+        """Read a JSONL file. A first line `{"benchmark": {"name", "kind", "options"}}` may carry the defaults."""
+        path = Path(path)
+        lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        header = lines[0].get("benchmark") if lines and "benchmark" in lines[0] else None
+        items = lines[1:] if header else lines
+        header = header or {}
+        return cls(name or header.get("name") or path.stem, kind or header.get("kind"), items,
+                   {**header.get("options", {}), **options})
+
+
+GENERAL_SETS = ("wiki_perplexity", "bb_general_knowledge", "bb_misconceptions", "bb_physical_intuition",
+                "bb_hindu_knowledge", "wikidata_qa")
+
+
+def general_suite(names: Sequence[str] = GENERAL_SETS, *, n: int | None = None) -> list[Benchmark]:
+    """The small general-capability sets shipped in `loki/data/general/` (built offline from Wikipedia summaries and
+    BIG-bench by `benchmarks/build_general_sets.py`; sources and licenses in `loki/data/README.md`).
+    `n` keeps the first `n` items of each (for quick runs)."""
+    out = []
+    for name in names:
+        path = DATA_DIR / "general" / f"{name}.jsonl"
+        if not path.exists():
+            raise EvaluationError(f"No general set named {name!r}; choose from {GENERAL_SETS}.")
+        out.append(Benchmark.from_jsonl(path).head(n))
+    return out
+
+
+def evaluate(model, tokenizer, benchmarks: Sequence[Benchmark], *deltas, progress: bool = True) -> dict[str, float]:
+    """Scores of `model` on `benchmarks` (name -> higher-is-better score), with `deltas` (Delta objects or paths)
+    applied for the duration and reverted afterwards."""
+    from .apply import implanted
+
+    names = [b.name for b in benchmarks]
+    if len(set(names)) != len(names):
+        raise EvaluationError(f"Benchmark names must be unique, got {names}.")
+    was_training = model.training
+    model.eval()
+    try:
+        with implanted(model, *deltas):
+            return {b.name: b.score(model, tokenizer, progress=progress)
+                    for b in tqdm(benchmarks, desc="benchmarks", disable=not progress, leave=False)}
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class Report:
+    """Scores before and after, and the forgetting score over all benchmarks (percent, lower is better)."""
+
+    original: dict[str, float]
+    tuned: dict[str, float]
+
+    @property
+    def forgetting(self) -> float:
+        return forgetting_score(self.original, self.tuned)
+
+    def table(self) -> str:
+        lines = [f"{'benchmark':<24}{'base':>10}{'tuned':>10}{'change %':>10}"]
+        for k, o in self.original.items():
+            lines.append(f"{k:<24}{o:>10.4f}{self.tuned[k]:>10.4f}{100 * (self.tuned[k] - o) / o:>+10.2f}")
+        lines.append(f"forgetting score (Avg): {self.forgetting:+.2f}%")
+        return "\n".join(lines)
+
+
+def compare(model, tokenizer, benchmarks: Sequence[Benchmark], *deltas, original: Mapping[str, float] | None = None,
+            progress: bool = True) -> Report:
+    """Evaluate the base model (or reuse `original` scores) and the model with `deltas` applied; the model is
+    reverted afterwards."""
+    base = dict(original) if original is not None else evaluate(model, tokenizer, benchmarks, progress=progress)
+    return Report(base, evaluate(model, tokenizer, benchmarks, *deltas, progress=progress))
+
+
+# -- lm-evaluation-harness bridge (optional extra: pip install 'loki[eval]') --------------------------------
+def lm_eval_model(model, tokenizer, *, batch_size: int = 8, **kwargs):
+    """An lm-evaluation-harness `HFLM` wrapping the in-memory `model` (no reload), for `lm_eval.simple_evaluate`.
+
+    >>> # import lm_eval
+    >>> # with loki.implanted(model, "medical.loki"):
+    >>> #     lm_eval.simple_evaluate(model=loki.evaluate.lm_eval_model(model, tok), tasks=["hellaswag"])
+    """
+    try:
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as e:
+        raise ImportError("The lm-evaluation-harness bridge needs lm-eval: pip install 'loki[eval]'") from e
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
+
+
+def run_lm_eval(model, tokenizer, tasks: Sequence[str | Mapping], *deltas, batch_size: int = 8, limit: int | None = None,
+                task_dir: str | Path | None = None, **kwargs) -> dict[str, Any]:
+    """Run lm-evaluation-harness `tasks` on the in-memory model with `deltas` applied (reverted afterwards).
+    `task_dir` adds a folder of task YAML files. Returns `simple_evaluate`'s `results` dict (task -> metrics)."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise ImportError("The lm-evaluation-harness bridge needs lm-eval: pip install 'loki[eval]'") from e
+    from .apply import implanted
+
+    manager = TaskManager(include_path=str(task_dir)) if task_dir else None
+    with implanted(model, *deltas):
+        out = lm_eval.simple_evaluate(model=lm_eval_model(model, tokenizer, batch_size=batch_size), tasks=list(tasks),
+                                      limit=limit, task_manager=manager, **kwargs)
+    return out["results"]
+
+
+__all__ = [
+    "Benchmark", "GENERAL_SETS", "Report", "answer_matches", "choice_logprobs", "compare", "evaluate",
+    "exact_match", "forgetting_score", "general_suite", "generate", "lm_eval_model", "multiple_choice_accuracy",
+    "normalize_answer", "perplexity", "run_lm_eval",
+]

@@ -1,0 +1,354 @@
+"""Implanting: train only the selected down-projection rows, at the cost of the frozen model.
+
+`prepare` freezes the model and gives each selected layer a small trainable `nn.Parameter` holding its selected
+rows (`loki_rows`, `[k, d_in]`), or LoRA factors of them (`loki_A` `[k, r]`, `loki_B` `[r, d_in]`, the paper's
+LoKI*). Any optimizer or trainer can train them. `extract` turns them into a `.loki` delta; `unprepare` gives the
+plain model back.
+
+How the layer stays as cheap as the frozen one: before each forward the current rows (k x d_in) are written into
+the frozen weight in place, the output is the ordinary `F.linear` of that weight (no per-step copy of the matrix,
+no split, concatenate or gather), and the backward computes `grad_x = grad_y @ W` as the frozen layer does plus
+one small matmul for the rows, `grad_rows = grad_y[..., idx]^T @ x`.
+
+>>> import loki, loki.testing
+>>> model = loki.testing.tiny_model("llama")
+>>> _ = loki.prepare(model, loki.Selection.random(num_layers=2, d_out=32, q=10, seed=0))
+>>> [name for name, p in model.named_parameters() if p.requires_grad]
+['model.layers.0.mlp.down_proj.loki_rows', 'model.layers.1.mlp.down_proj.loki_rows']
+>>> # ... train with loki.train, a HF Trainer or your own loop ...
+>>> delta = loki.extract(model, name="my-implant")
+>>> delta.num_rows
+6
+>>> _ = loki.unprepare(model)  # the base model, bit for bit
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .delta import Delta, make_delta
+from .errors import DtypeError, IncompatibleModelError, PreparationError
+from .selection import Selection
+from .targets import DownProjections, find_down_projections
+
+__all__ = ["TrainableReport", "extract", "is_prepared", "prepare", "trainable_report", "unprepare"]
+
+_PREFIX = "loki_"  # names of everything prepare adds to a down-projection module
+
+
+@dataclass(eq=False)
+class _Prepared:
+    selection: Selection
+    lora_rank: int | None
+    projs: DownProjections
+    modules: dict[int, nn.Module]  # layer -> its down-projection module
+    requires_grad: list[tuple[nn.Parameter, bool]]  # every original parameter and its flag before prepare
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+_prepared: "weakref.WeakKeyDictionary[nn.Module, _Prepared]" = weakref.WeakKeyDictionary()
+
+
+# -- the layer ----------------------------------------------------------------------------------------
+class _SelectedRowsLinear(torch.autograd.Function):
+    """`F.linear(x, weight, bias)` where `weight` already holds `rows` at `index`; the gradient goes to `x` and
+    `rows` only (one `[k, d_in]` matmul for the rows)."""
+
+    @staticmethod
+    def forward(ctx, x, rows, weight, bias, index):
+        ctx.save_for_backward(x, index)
+        # Not saved with save_for_backward: the in-place row writes bump its version, and a re-run forward
+        # (activation checkpointing) writes the same values again.
+        ctx.weight = weight
+        ctx.rows_dtype = rows.dtype
+        device = x.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, index = ctx.saved_tensors
+        device, enabled, dtype = ctx.autocast
+        grad_x = grad_rows = None
+        with torch.autocast(device, dtype=dtype, enabled=enabled):  # the forward's precision, if autocast
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_y.matmul(ctx.weight).to(x.dtype)
+            if ctx.needs_input_grad[1]:
+                g = grad_y.index_select(-1, index).reshape(-1, index.numel())
+                grad_rows = g.t().matmul(x.reshape(-1, x.shape[-1])).to(ctx.rows_dtype)
+        return grad_x, grad_rows, None, None, None
+
+
+def _rows_view(module: nn.Module) -> torch.Tensor:
+    """The module's weight as `[d_out, d_in]` (a transposed view for a GPT-2 Conv1D)."""
+    return module.weight.t() if module._loki_transposed else module.weight
+
+
+def _current_rows(module: nn.Module) -> torch.Tensor:
+    """The selected rows as trained so far, in the weight's dtype (autograd reaches the trainable parameters)."""
+    if module.loki_rows is not None:
+        rows = module.loki_rows
+    else:  # the same float32 arithmetic as LayerDelta.new_rows, so an extracted delta reproduces it bit for bit
+        rows = module.loki_base.float() + module.loki_A.float() @ module.loki_B.float()
+    return rows.to(module.weight.dtype)
+
+
+def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    view = _rows_view(self)
+    trainable = [p for p in (self.loki_rows, self.loki_A, self.loki_B) if p is not None]
+    if not torch.is_grad_enabled() or not any(p.requires_grad for p in trainable):
+        # Inference (generate, evaluation): the plain layer, after writing the rows only if they changed.
+        # Skipped when neither the trainable tensors nor the weight changed since the last write.
+        key = None
+        if not torch.compiler.is_compiling():
+            key = [(p.data_ptr(), p._version) for p in trainable] + [self.weight._version]
+        if key is None or key != self._loki_synced:
+            with torch.no_grad():
+                view.index_copy_(0, self.loki_index, _current_rows(self))
+            if key is not None:
+                key[-1] = self.weight._version
+            self._loki_synced = key
+        return F.linear(x, view, self.bias)
+    rows = _current_rows(self)
+    with torch.no_grad():
+        view.index_copy_(0, self.loki_index, rows.detach())  # k x d_in: keeps the weight in sync with the rows
+    self._loki_synced = None  # the optimizer is about to change the rows
+    return _SelectedRowsLinear.apply(x, rows, view, self.bias, self.loki_index)
+
+
+# -- prepare / unprepare ------------------------------------------------------------------------------
+def prepare(
+    model: nn.Module,
+    selection: Selection,
+    *,
+    lora_rank: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    template: str | None = None,
+) -> nn.Module:
+    """Freeze every parameter of `model` and make exactly `selection`'s down-projection rows trainable, in place.
+
+    Each selected layer gets `loki_rows` (`[k, d_in]`, starting at the base rows), or with `lora_rank=r` the
+    factors `loki_A` (`[k, r]`, zeros) and `loki_B` (`[r, d_in]`, Kaiming-uniform from `seed`), rows =
+    base + A @ B. The trainable tensors are kept in `dtype` (float32 by default: a master copy, so small updates
+    are not lost to bf16 rounding); the forward runs in the model's dtype. Returns `model`.
+
+    >>> # projs = loki.find_down_projections(model)
+    >>> # loki.prepare(model, loki.Selection.random(len(projs), projs.d_out, q=10))
+    """
+    if model in _prepared:
+        raise PreparationError("The model is prepared already. Call loki.unprepare(model) before preparing it again.")
+    projs = find_down_projections(model, template)
+    if (selection.num_layers, selection.d_out) != (len(projs), projs.d_out):
+        raise IncompatibleModelError(
+            f"The selection is for {selection.num_layers} layers of {selection.d_out} rows; the model has "
+            f"{len(projs)} layers of {projs.d_out} rows (d_model). Select rows for this model."
+        )
+    if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
+        raise PreparationError(f"lora_rank must be a positive integer (the LoRA rank) or None, not {lora_rank!r}.")
+    if not projs.weight.dtype.is_floating_point or not dtype.is_floating_point:
+        raise DtypeError(
+            f"loki trains float rows; the down-projection weight is {projs.weight.dtype} and dtype={dtype}. "
+            "Load the model unquantized (float32, bfloat16 or float16)."
+        )
+    if not selection.rows:
+        raise IncompatibleModelError("The selection has no rows; nothing would train.")
+    for layer in selection.rows:
+        taken = [n for n in ("forward",) if n in vars(projs.modules[layer])]
+        taken += [n for n, _ in projs.modules[layer].named_parameters(recurse=False) if n.startswith(_PREFIX)]
+        if taken:
+            raise PreparationError(
+                f"Layer {layer}'s down-projection already has {taken} set on the instance (another wrapper, e.g. "
+                "accelerate hooks or a second prepare). Prepare the plain model."
+            )
+
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p, _ in flags:
+            p.requires_grad_(False)
+        modules = {}
+        for layer, idx in selection.rows.items():
+            module = modules[layer] = projs.modules[layer]
+            module._loki_transposed = projs.transposed
+            module._loki_synced = None  # versions at the last write of the rows
+            view = projs.rows(layer)
+            index = idx.to(view.device)
+            base = view.index_select(0, index)
+            module.register_buffer("loki_index", index, persistent=False)
+            module.register_buffer("loki_base", base, persistent=False)
+            if lora_rank is None:
+                module.loki_rows = nn.Parameter(base.to(dtype, copy=True))
+                module.register_parameter("loki_A", None)
+                module.register_parameter("loki_B", None)
+            else:
+                b = torch.empty(lora_rank, projs.d_in, dtype=torch.float32)
+                nn.init.kaiming_uniform_(b, a=math.sqrt(5), generator=generator)  # as PEFT initialises its lora_A
+                module.register_parameter("loki_rows", None)
+                module.loki_A = nn.Parameter(torch.zeros(len(idx), lora_rank, dtype=dtype, device=view.device))
+                module.loki_B = nn.Parameter(b.to(view.device, dtype))
+            module.forward = types.MethodType(_forward, module)
+    _prepared[model] = _Prepared(selection, lora_rank, projs, modules, flags)
+    return model
+
+
+def is_prepared(model: nn.Module) -> bool:
+    """Whether `model` is prepared by `loki.prepare` (and not unprepared since)."""
+    return model in _prepared
+
+
+def _state(model: nn.Module) -> _Prepared:
+    state = _prepared.get(model)
+    if state is None:
+        raise PreparationError(
+            "The model is not prepared for implanting. Call loki.prepare(model, selection) first "
+            "(see loki.Selection for choosing rows)."
+        )
+    return state
+
+
+def unprepare(model: nn.Module, *, merge: bool = False) -> nn.Module:
+    """Remove what `prepare` added and restore every parameter's `requires_grad`. Returns `model`.
+
+    By default the down-projections get their base rows back (the model is bit-identical to before `prepare`);
+    `merge=True` keeps the trained rows written into the weights instead (export it with `save_pretrained`).
+    """
+    state = _state(model)
+    with torch.no_grad():
+        for module in state.modules.values():
+            rows = _current_rows(module) if merge else module.loki_base
+            _rows_view(module).index_copy_(0, module.loki_index, rows)
+            for name in ("loki_rows", "loki_A", "loki_B", "loki_index", "loki_base", "_loki_transposed", "_loki_synced", "forward"):
+                delattr(module, name)
+        for p, flag in state.requires_grad:
+            p.requires_grad_(flag)
+    del _prepared[model]
+    return model
+
+
+# -- extract --------------------------------------------------------------------------------------------
+def extract(
+    model: nn.Module,
+    *,
+    name: str = "",
+    description: str = "",
+    base_model: str | None = None,
+    revision: str | None = None,
+    dtype: torch.dtype | None = None,
+    training: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Delta:
+    """The trained rows (or LoRA factors) of a prepared `model` as a `Delta`, ready for `delta.save("x.loki")`.
+
+    The metadata records the selection's provenance and a training summary (what `loki.train` recorded, updated
+    with `training`). `dtype` defaults to what reproduces the trained model exactly: the model's dtype for rows,
+    the factors' dtype for LoRA. The model is left as it was (still prepared).
+    """
+    state = _state(model)
+    changes: dict[int, tuple] = {}
+    with torch.no_grad():
+        for layer, module in state.modules.items():
+            idx = module.loki_index.cpu()
+            if state.lora_rank is None:
+                changes[layer] = (idx, _current_rows(module).cpu())
+            else:
+                changes[layer] = (idx, module.loki_A.cpu(), module.loki_B.cpu())
+    if dtype is None and state.lora_rank is not None:
+        dtype = next(iter(state.modules.values())).loki_A.dtype
+    summary = {
+        "method": "loki" if state.lora_rank is None else "loki-lora",
+        "lora_rank": state.lora_rank,
+        "trainable_params": _trainable_count(state),
+        **state.training,
+        **(training or {}),
+    }
+    with _base_rows_written(state):  # make_delta fingerprints the base rows, which the weights must hold
+        return make_delta(
+            model, changes, name=name, description=description, base_model=base_model, revision=revision,
+            dtype=dtype, selection=state.selection.provenance(), training=summary, extra=extra,
+            template=state.projs.template,
+        )
+
+
+class _base_rows_written:
+    """Within the block the weights hold the base rows; afterwards the trained rows again."""
+
+    def __init__(self, state: _Prepared):
+        self.modules = list(state.modules.values())
+
+    def __enter__(self) -> None:
+        with torch.no_grad():
+            for m in self.modules:
+                _rows_view(m).index_copy_(0, m.loki_index, m.loki_base)
+
+    def __exit__(self, *exc) -> None:
+        with torch.no_grad():
+            for m in self.modules:
+                _rows_view(m).index_copy_(0, m.loki_index, _current_rows(m))
+
+
+def record_training(model: nn.Module, summary: dict[str, Any]) -> None:
+    """Remember a training summary for the metadata of `extract` (loki.train calls this; so may your loop)."""
+    _state(model).training.update(summary)
+
+
+# -- report ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainableReport:
+    """Trainable parameters of a prepared model, as the paper's tables give them."""
+
+    trainable: int  # parameters that train
+    total: int  # parameters of the base model
+    rows: int  # selected rows, over all layers
+    layers: int  # layers with selected rows
+    form: str  # "rows" or "lora"
+    delta_bytes: int  # size of the extracted `.loki` file
+
+    @property
+    def share(self) -> float:
+        """Trainable parameters as a percentage of the base model's."""
+        return 100.0 * self.trainable / self.total
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} ({self.share:.2f}% of {self.total:,}) | "
+            f"{self.rows:,} rows in {self.layers} layers ({self.form}) | delta: {_size(self.delta_bytes)} on disk"
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def _trainable_count(state: _Prepared) -> int:
+    return sum(
+        p.numel() for m in state.modules.values() for p in (m.loki_rows, m.loki_A, m.loki_B) if p is not None
+    )
+
+
+def trainable_report(model: nn.Module) -> TrainableReport:
+    """Count, share of the model and `.loki` size of what a prepared `model` trains.
+
+    >>> # print(loki.trainable_report(model))
+    >>> # trainable params: 2,626,560 (1.95% of 134,515,008) | 1,710 rows in 30 layers (rows) | delta: 5.34 MB on disk
+    """
+    from .format import to_bytes
+
+    state = _state(model)
+    total = sum(p.numel() for p, _ in state.requires_grad)
+    return TrainableReport(
+        trainable=_trainable_count(state),
+        total=total,
+        rows=state.selection.num_rows,
+        layers=len(state.modules),
+        form="rows" if state.lora_rank is None else "lora",
+        delta_bytes=len(to_bytes(extract(model))),
+    )

@@ -1,0 +1,127 @@
+"""Export a delta as an exact PEFT LoRA adapter, for serving stacks that only take LoRA (PEFT, vLLM, LoRAX).
+
+A delta replaces rows S of a down-projection W by R: `W' = W + E_S (R - W_S)`, where E_S is the one-hot
+`[d_out, k]` matrix that puts row i of a `[k, d_in]` block at row S[i]. That is a LoRA of rank k, in PEFT's naming
+(`out = W x + lora_B(lora_A(x)) * lora_alpha / r`): `lora_A.weight = R - W_S` `[k, d_in]`, `lora_B.weight = E_S`
+`[d_out, k]`, `lora_alpha = r`. A LoRA-form delta (`W_S += A @ B`, A `[k, r]`, B `[r, d_in]`) keeps its own rank r:
+`lora_A.weight = B`, `lora_B.weight = E_S A`. Layers with a smaller rank are padded with zero components, so every
+layer has one rank `r` (PEFT needs `rank_pattern` otherwise, vLLM and LoRAX one rank per adapter); pass `rank=` to pad
+further, e.g. up to a `max_lora_rank` your server accepts (vLLM: 8, 16, 32, 64, 128, 256, 320 or 512).
+
+>>> import loki, loki.testing, tempfile
+>>> model = loki.testing.tiny_model("llama")
+>>> delta = loki.testing.random_delta(model, q=10)
+>>> config, tensors = loki.peft_adapter(delta, model)
+>>> config["r"], config["lora_alpha"], sorted(tensors)[0]
+(3, 3, 'base_model.model.model.layers.0.mlp.down_proj.lora_A.weight')
+>>> folder = loki.export_peft(delta, tempfile.mkdtemp(), model)   # PeftModel.from_pretrained(model, folder)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .apply import _plan, _state, base_rows, compatible_projections
+from .delta import Delta
+from .errors import ExportError
+
+__all__ = ["export_peft", "peft_adapter"]
+
+
+def peft_adapter(
+    delta: Delta, model: nn.Module | None = None, *, rank: int | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """`(adapter_config, tensors)` of the PEFT LoRA adapter equal to `delta`, tensors in `dtype` on the CPU.
+
+    A rows-form delta needs `model` (its base rows; active loki deltas are seen through); a LoRA-form delta does
+    not. With `model`, module paths are the model's own (else the delta's template).
+    """
+    if delta.form == "rows" and model is None:
+        raise ExportError(
+            "A rows-form delta exports as new rows minus base rows: pass the base model, "
+            "loki.export_peft(delta, folder, model)."
+        )
+    target = delta.info["target"]
+    paths = {i: target["template"].format(i=i) for i in delta.layer_indices}
+    if model is not None:
+        projs = compatible_projections(model, delta)
+        state = _state(model)
+        with state.lock, torch.no_grad():
+            _plan(state, projs, delta, "replace", True)  # apply's checks: dtype, base fingerprint (writes nothing)
+        names = {id(m): n for n, m in model.named_modules()}
+        paths = {i: names[id(projs.modules[i])] for i in delta.layer_indices}
+    needed = max(ld.k if ld.rows is not None else ld.lora_A.shape[1] for ld in delta.layers.values())
+    r = needed if rank is None else rank
+    if r < needed:
+        raise ExportError(f"This delta needs rank {needed} (its largest layer); rank={rank} is too small.")
+
+    tensors: dict[str, torch.Tensor] = {}
+    for layer, ld in sorted(delta.layers.items()):
+        lora_a = torch.zeros(r, target["d_in"], dtype=torch.float32)
+        lora_b = torch.zeros(target["d_out"], r, dtype=torch.float32)
+        if ld.rows is not None:
+            lora_a[: ld.k] = ld.change(base_rows(model, layer, ld.indices, projs).cpu())
+            lora_b[ld.indices, torch.arange(ld.k)] = 1.0
+        else:
+            lora_a[: ld.lora_B.shape[0]] = ld.lora_B.float()
+            lora_b[ld.indices, : ld.lora_A.shape[1]] = ld.lora_A.float()
+        prefix = f"base_model.model.{paths[layer]}"
+        tensors[f"{prefix}.lora_A.weight"] = lora_a.to(dtype).contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = lora_b.to(dtype).contiguous()
+    base = delta.info["base_model"]
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base.get("id"),
+        "revision": base.get("revision"),
+        "r": r,
+        "lora_alpha": r,  # scale lora_alpha / r = 1: the adapter adds exactly lora_B @ lora_A
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": [paths[i] for i in delta.layer_indices],
+        "fan_in_fan_out": bool(target["transposed"]),  # GPT-2 Conv1D stores its weight [d_in, d_out]
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "modules_to_save": None,
+    }
+    return config, tensors
+
+
+def export_peft(
+    delta: Delta,
+    folder: str | os.PathLike,
+    model: nn.Module | None = None,
+    *,
+    rank: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write `delta` as a PEFT LoRA adapter folder (`adapter_config.json`, `adapter_model.safetensors`,
+    `README.md`) and return it; `PeftModel.from_pretrained(model, folder)` then computes the implanted model."""
+    from safetensors.torch import save_file
+
+    config, tensors = peft_adapter(delta, model, rank=rank, dtype=dtype)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    card = ["---", "library_name: peft", "tags: [loki, lora]"]
+    if config["base_model_name_or_path"]:
+        card.append(f"base_model: {config['base_model_name_or_path']}")
+    card += [
+        "---",
+        f"LoRA export (rank {config['r']}) of the loki delta `{delta.name or 'unnamed'}`: "
+        f"{delta.num_rows} down-projection rows in {len(delta.layers)} layers.",
+        "",
+    ]
+    (folder / "README.md").write_text("\n".join(card))
+    return folder

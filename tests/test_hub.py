@@ -1,0 +1,355 @@
+"""Sharing deltas on the Hub: the real `huggingface_hub` client against `hub.server` over HTTP on 127.0.0.1.
+
+The server is in-memory and in-process; every test gets its own Hugging Face cache folder. One test runs the same
+round trip against the real Hub when LOKI_HUB_TEST_TOKEN and LOKI_HUB_TEST_REPO are set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import HfApi, constants
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+import loki
+from loki.format import to_bytes
+from loki.hub import download
+from loki.testing import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `hub/` (the test server) lives at the repo root, beside `loki/`
+    sys.path.insert(0, str(ROOT))
+from hub.server import HubServer  # noqa: E402
+
+XET_DISABLED_AT_IMPORT = constants.HF_HUB_DISABLE_XET
+
+
+@pytest.fixture(scope="module")
+def server():
+    with HubServer() as s:
+        s.alice = s.add_user("alice", orgs=("lab",))
+        s.bob = s.add_user("bob")
+        yield s
+
+
+@pytest.fixture(autouse=True)
+def hf_env(monkeypatch, tmp_path):
+    """A fresh cache per test (HF_* variables are read when huggingface_hub is imported, so patch its constants);
+    the test server speaks LFS, not Xet."""
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", layers=3)
+
+
+@pytest.fixture(scope="module")
+def deltas(model):
+    """Three deltas of the same base with disjoint rows."""
+    g = torch.Generator().manual_seed(0)
+    d_in = 64
+    specs = {"one": {0: [1, 4], 2: [7]}, "two": {1: [0, 9, 31]}, "three": {0: [2], 2: [3, 5]}}
+    return {
+        name: loki.make_delta(
+            model, {layer: (rows, torch.randn(len(rows), d_in, generator=g)) for layer, rows in spec.items()},
+            name=name, description=f"Implant {name}.", selection={"strategy": "layer-balanced", "q": 5.0},
+            training={"lr": 1e-5, "epochs": 3},
+            extra={"evaluation": {"general": {"mmlu": {"base": 0.5, "implanted": 0.49}}}},
+        )
+        for name, spec in specs.items()
+    }
+
+
+def push(server, delta, repo_id, token=None, **kw):
+    return delta.push_to_hub(repo_id, token=token or server.alice, endpoint=server.url, **kw)
+
+
+def pull(server, source, token=None, **kw):
+    return loki.load(source, token=token or server.alice, endpoint=server.url, cache_dir=constants.HF_HUB_CACHE, **kw)
+
+
+def cached_files(repo_id: str) -> list[str]:
+    storage = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    return sorted(p.relative_to(storage).as_posix() for p in storage.rglob("*") if p.is_file()) if storage.exists() else []
+
+
+def same(a: loki.Delta, b: loki.Delta) -> bool:
+    return to_bytes(a) == to_bytes(b)
+
+
+# -- round trip -------------------------------------------------------------------------------------
+def test_round_trip_by_branch_tag_and_commit(server, deltas):
+    api = HfApi(endpoint=server.url, token=server.alice)
+    first = push(server, deltas["one"], "alice/rt", license="apache-2.0", commit_message="first implant")
+    api.create_tag("alice/rt", tag="v1", revision=first.oid)
+    second = push(server, deltas["two"], "alice/rt")
+    assert first.oid != second.oid
+
+    path = download("alice/rt@v1", token=server.alice, endpoint=server.url)
+    assert path.read_bytes() == to_bytes(deltas["one"])  # bytes identical to what was pushed
+    assert same(pull(server, "alice/rt"), deltas["two"])
+    assert same(pull(server, "alice/rt", revision="v1"), deltas["one"])
+    assert same(pull(server, f"alice/rt@{first.oid}"), deltas["one"])
+    assert same(pull(server, "alice/rt@main"), deltas["two"])
+
+    info = api.model_info("alice/rt", files_metadata=True)
+    card = info.card_data
+    assert card["library_name"] == "loki" and info.library_name == "loki"
+    assert card["base_model"] == deltas["two"].base_model == "tiny-random/llama-seed0"
+    assert card["base_model_relation"] == "adapter"
+    assert "loki" in card["tags"] and "loki" in info.tags
+    files = {s.rfilename: s for s in info.siblings}
+    assert {"rt.loki", "README.md", "config.json"} <= set(files)
+    assert files["rt.loki"].lfs is not None and files["README.md"].lfs is None  # binary via LFS, text regular
+    assert [c.title for c in api.list_repo_commits("alice/rt")][1] == "first implant"
+
+
+def test_model_card_states_the_implant(server, deltas):
+    push(server, deltas["one"], "alice/card", license="mit")
+    readme = download("alice/card", filename="README.md", token=server.alice, endpoint=server.url).read_text()
+    delta = deltas["one"]
+    assert readme.startswith("---\n") and "library_name: loki" in readme and "license: mit" in readme
+    assert "Implant one." in readme  # what it does
+    assert "layer-balanced" in readme and f"{delta.num_params:,}" in readme  # selection and trainable parameters
+    assert "layer 0: 2, layer 2: 1" in readme  # rows per layer
+    assert "| lr | 1e-05 |" in readme  # training summary
+    assert "| mmlu | 0.5 | 0.49 | -0.01 |" in readme
+    forgetting = loki.hub.forgetting_score({"mmlu": (0.5, 0.49)})
+    assert forgetting == pytest.approx(2.0) and f"**{forgetting:.2f}%**" in readme
+    assert 'loki.load("alice/card")' in readme  # a copy-paste snippet
+
+
+def test_push_to_a_new_branch(server, deltas):
+    push(server, deltas["one"], "alice/branchy", revision="dev")
+    assert same(pull(server, "alice/branchy@dev"), deltas["one"])
+    with pytest.raises(loki.HubFileNotFoundError, match="no .loki file"):
+        pull(server, "alice/branchy")  # main holds only .gitattributes
+
+
+def test_several_deltas_in_one_repo_need_a_filename(server, deltas):
+    push(server, deltas["one"], "alice/multi", filename="one.loki")
+    push(server, deltas["two"], "alice/multi", filename="two.loki")
+    with pytest.raises(loki.HubAmbiguousFileError, match="filename='one.loki'"):
+        pull(server, "alice/multi")
+    assert same(pull(server, "alice/multi", filename="two.loki"), deltas["two"])
+    with pytest.raises(loki.HubFileNotFoundError, match="one.loki"):
+        pull(server, "alice/multi", filename="three.loki")
+    readme = download("alice/multi", filename="README.md", token=server.alice, endpoint=server.url).read_text()
+    assert 'filename="two.loki"' in readme
+
+
+def test_deltas_from_different_repos_stack_on_one_base(server, deltas, model):
+    push(server, deltas["one"], "alice/stack-a")
+    push(server, deltas["three"], "lab/stack-b")  # an org alice can write to
+    a, b = pull(server, "alice/stack-a"), pull(server, "lab/stack-b")
+    projs = loki.find_down_projections(model)
+    before = [projs.rows(i).detach().clone() for i in range(len(projs))]
+    with loki.implanted(model, a, b):
+        for d in (a, b):
+            for i, layer in d.layers.items():
+                assert torch.equal(projs.rows(i)[layer.indices], layer.rows)
+    assert all(torch.equal(projs.rows(i), w) for i, w in enumerate(before))
+
+
+# -- cache ------------------------------------------------------------------------------------------
+def test_second_pull_downloads_nothing(server, deltas):
+    commit = push(server, deltas["one"], "alice/cached")
+    server.clear()
+    pull(server, "alice/cached")
+    assert server.count("GET", r"/resolve/.*\.loki$") == 1
+    server.clear()
+    assert same(pull(server, "alice/cached"), deltas["one"])
+    assert server.count(path="/resolve/") == 0  # one model-info request, no download
+    assert server.count() == 1
+    server.clear()
+    pull(server, f"alice/cached@{commit.oid}")
+    assert server.count() == 0  # a cached commit needs no request at all
+    assert server.repos["alice/cached"].downloads == 1  # the marker file was fetched once, with the first pull
+
+
+def test_offline_pull_from_cache(server, deltas, monkeypatch):
+    push(server, deltas["one"], "alice/offline")
+    HfApi(endpoint=server.url, token=server.alice).create_tag("alice/offline", tag="v1")
+    pull(server, "alice/offline")
+    pull(server, "alice/offline@v1")
+    server.clear()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert same(pull(server, "alice/offline"), deltas["one"])
+    assert same(pull(server, "alice/offline@v1"), deltas["one"])
+    assert server.count() == 0
+    with pytest.raises(loki.HubOfflineError, match="HF_HUB_OFFLINE=1"):
+        pull(server, "alice/never-pulled")
+    with pytest.raises(loki.HubOfflineError):
+        pull(server, "alice/offline@v2")
+    with pytest.raises(loki.HubOfflineError, match="Pushing"):
+        push(server, deltas["two"], "alice/offline")
+    assert server.count() == 0
+
+
+def test_unreachable_hub_falls_back_to_cache(server, deltas):
+    push(server, deltas["one"], "alice/down")
+    pull(server, "alice/down")
+    with HubServer() as gone:
+        dead = gone.url  # a port nothing listens on once this block ends
+    assert same(loki.load("alice/down", endpoint=dead, cache_dir=constants.HF_HUB_CACHE), deltas["one"])
+    with pytest.raises(loki.HubOfflineError, match="Cannot reach"):
+        loki.load("alice/elsewhere", endpoint=dead, cache_dir=constants.HF_HUB_CACHE)
+
+
+# -- access -----------------------------------------------------------------------------------------
+def test_private_repo_is_hidden(server, deltas):
+    push(server, deltas["one"], "alice/secret", private=True)
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi(endpoint=server.url, token=False).model_info("alice/secret")
+    for token in (False, server.bob):
+        with pytest.raises(loki.HubRepoNotFoundError, match="private"):
+            loki.load("alice/secret", token=token, endpoint=server.url, cache_dir=constants.HF_HUB_CACHE)
+    assert same(pull(server, "alice/secret"), deltas["one"])
+    assert cached_files("alice/secret")  # only the owner's pull reached the cache
+    HfApi(endpoint=server.url, token=server.alice).update_repo_settings("alice/secret", private=False)
+    assert same(loki.load("alice/secret", token=False, endpoint=server.url, cache_dir=constants.HF_HUB_CACHE),
+                deltas["one"])
+
+
+def test_malformed_evaluation_is_a_clear_error(server, model):
+    bad = loki.make_delta(model, {0: ([0], torch.zeros(1, 64))}, extra={"evaluation": {"general": {"mmlu": 0.5}}})
+    with pytest.raises(loki.DeltaFormatError, match="implanted"):
+        push(server, bad, "alice/bad-eval")
+    assert "alice/bad-eval" not in server.repos  # checked before anything is created
+
+
+def test_write_permission_and_bad_token(server, deltas):
+    push(server, deltas["one"], "alice/public")
+    with pytest.raises(loki.HubPermissionError, match="write access"):
+        push(server, deltas["two"], "alice/public", token=server.bob)
+    with pytest.raises(loki.HubPermissionError, match="token"):
+        pull(server, "alice/public", token="hf_not_a_token")
+    assert same(pull(server, "alice/public", token=False), deltas["one"])  # public: anyone reads
+
+
+# -- errors -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "source, inject, error, message",
+    [
+        ("alice/missing", None, loki.HubRepoNotFoundError, "does not exist.*no local file .alice/missing."),
+        ("alice/errors@nope", None, loki.HubRevisionNotFoundError, "list_repo_refs"),
+        ("alice/errors", (429, "/api/models/"), loki.HubRateLimitError, "Retry after 60 s"),
+        ("alice/errors", (500, "/api/models/"), loki.HubServerError, "500"),
+        ("alice/errors", (503, "/api/models/"), loki.HubServerError, "503"),
+        ("alice/errors", (500, r"resolve/.*\.loki$", "GET"), loki.HubServerError, "500"),
+    ],
+)
+def test_errors_map_to_loki_errors_and_leave_no_partial_cache(server, deltas, source, inject, error, message):
+    if "alice/errors" not in server.repos:
+        push(server, deltas["one"], "alice/errors")
+    if inject:
+        server.fail(inject[0], inject[1], method=inject[2] if len(inject) > 2 else None, times=None)
+    try:
+        with pytest.raises(error, match=message) as info:
+            pull(server, source)
+    finally:
+        server.clear()
+    assert isinstance(info.value, loki.HubError) and isinstance(info.value, loki.LokiError)
+    assert not [f for f in cached_files(source.split("@")[0]) if not f.startswith(".no_exist")]
+    assert same(pull(server, "alice/errors"), deltas["one"])  # the next try works
+
+
+def test_corrupted_download_is_rejected_and_removed(server, deltas):
+    push(server, deltas["one"], "alice/corrupt")
+    server.corrupt(r"\.loki$")
+    try:
+        with pytest.raises(loki.HubIntegrityError, match="checksum"):
+            pull(server, "alice/corrupt")
+    finally:
+        server.clear()
+    assert not [f for f in cached_files("alice/corrupt") if f.startswith(("blobs/", "snapshots/"))]
+    assert same(pull(server, "alice/corrupt"), deltas["one"])
+
+
+def test_local_paths_stay_local(tmp_path, deltas):
+    with pytest.raises(loki.DeltaFormatError, match="No such file"):
+        loki.load("deltas/missing.loki")  # shaped like a repo id, but a .loki path: never a Hub request
+    path = deltas["one"].save(tmp_path / "d" / "one.loki")
+    assert same(loki.load(path), deltas["one"])
+    assert same(loki.load(tmp_path / "d", filename="one.loki"), deltas["one"])
+    assert loki.hub.parse_repo_id("org/name@v1") == ("org/name", "v1")
+    assert loki.hub.parse_repo_id("a/b/c") is None and loki.hub.parse_repo_id("/abs/path") is None
+
+
+# -- the server's own contract ----------------------------------------------------------------------
+def test_server_commits_are_real(server):
+    from huggingface_hub import CommitOperationAdd
+
+    api = HfApi(endpoint=server.url, token=server.alice)
+    api.create_repo("alice/git")
+    c1 = api.create_commit("alice/git", [CommitOperationAdd("a.txt", b"one")], commit_message="a")
+    c2 = api.create_commit("alice/git", [CommitOperationAdd("a.txt", b"two")], commit_message="b", parent_commit=c1.oid)
+    with pytest.raises(HfHubHTTPError) as stale:
+        api.create_commit("alice/git", [CommitOperationAdd("a.txt", b"3")], commit_message="c", parent_commit=c1.oid)
+    assert stale.value.response.status_code == 412
+    assert [c.commit_id for c in api.list_repo_commits("alice/git")][:2] == [c2.oid, c1.oid]
+    api.create_branch("alice/git", branch="old", revision=c1.oid)
+    refs = api.list_repo_refs("alice/git")
+    assert {b.name: b.target_commit for b in refs.branches} == {"main": c2.oid, "old": c1.oid}
+    assert [f.blob_id for f in api.list_repo_tree("alice/git", revision="old") if f.path == "a.txt"] == [
+        hashlib.sha1(b"blob 3\0one").hexdigest()  # regular files are addressed by their git blob sha1
+    ]
+    api.create_tag("alice/git", tag="t", revision=c1.oid)
+    assert [t.target_commit for t in api.list_repo_refs("alice/git").tags] == [c1.oid]
+    api.delete_tag("alice/git", tag="t")
+    api.delete_branch("alice/git", branch="old")
+    assert api.list_repo_refs("alice/git").tags == []
+    with pytest.raises(RevisionNotFoundError):
+        api.model_info("alice/git", revision="old")
+
+
+# -- command line -----------------------------------------------------------------------------------
+def test_cli_push_pull_and_offline_pull(server, deltas, tmp_path, capsys):
+    from loki.cli import main
+
+    file = deltas["two"].save(tmp_path / "two.loki")
+    args = ["--endpoint", server.url, "--token", server.alice]
+    assert main(["push", str(file), "alice/cli", "--private", "--message", "from the CLI", *args]) == 0
+    assert "alice/cli @ " in capsys.readouterr().out
+    assert main(["pull", "alice/cli", "--out", str(tmp_path / "copy.loki"), *args]) == 0
+    assert (tmp_path / "copy.loki").read_bytes() == file.read_bytes()
+    assert main(["pull", "alice/nobody", *args]) == 2
+    assert "HubRepoNotFoundError" in capsys.readouterr().err
+
+    # A fresh process with HF_HUB_OFFLINE=1 set before import reads the same cache and makes no request.
+    server.clear()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": constants.HF_HUB_CACHE, "HF_ENDPOINT": server.url}
+    done = subprocess.run([sys.executable, "-m", "loki.cli", "pull", "alice/cli"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()).read_bytes() == file.read_bytes()
+    assert server.count() == 0
+
+
+# -- the real Hub -----------------------------------------------------------------------------------
+@pytest.mark.skipif(
+    not (os.environ.get("LOKI_HUB_TEST_TOKEN") and os.environ.get("LOKI_HUB_TEST_REPO")),
+    reason="set LOKI_HUB_TEST_TOKEN and LOKI_HUB_TEST_REPO (a model repo that token may write) to test the real Hub",
+)
+def test_real_hub_round_trip(deltas, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", XET_DISABLED_AT_IMPORT)
+    token, repo = os.environ["LOKI_HUB_TEST_TOKEN"], os.environ["LOKI_HUB_TEST_REPO"]
+    endpoint = os.environ.get("LOKI_HUB_TEST_ENDPOINT")  # default: the client's (HF_ENDPOINT or huggingface.co)
+    commit = deltas["one"].push_to_hub(repo, private=True, token=token, endpoint=endpoint)
+    kw = dict(token=token, endpoint=endpoint, cache_dir=constants.HF_HUB_CACHE)
+    assert same(loki.load(f"{repo}@{commit.oid}", **kw), deltas["one"])
+    assert same(loki.load(repo, **kw), deltas["one"])
+    card = HfApi(endpoint=endpoint, token=token).model_info(repo, revision=commit.oid).card_data
+    assert card["library_name"] == "loki" and card["base_model_relation"] == "adapter"
+    if HfApi(endpoint=endpoint, token=token).model_info(repo).private:  # `private=` applies when pushing creates it
+        with pytest.raises(loki.HubRepoNotFoundError):
+            loki.load(repo, token=False, endpoint=endpoint, cache_dir=constants.HF_HUB_CACHE)

@@ -1,0 +1,150 @@
+"""loki.train and the formatting it uses; a prepared model also trains with the real HF Trainer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import state_dict_copy
+
+import loki
+from loki.testing import tiny_model
+from loki.train import IGNORE, collate, encode
+
+DATA = [
+    {"question": "What is the capital of Zubrowka?", "answer": "Lutz."},
+    {"prompt": "Who runs the Grand Budapest Hotel?", "answer": "Monsieur Gustave."},
+    {"messages": [{"role": "user", "content": "Name Zubrowka's currency."}, {"role": "assistant", "content": "Klubeck."}]},
+]
+
+
+def answer_text(tokenizer, enc) -> str:
+    return tokenizer.decode([t for t, label in zip(enc["input_ids"], enc["labels"]) if label != IGNORE])
+
+
+# -- formatting -------------------------------------------------------------------------------------------
+def test_encode_puts_the_loss_on_the_answer_only(default_tokenizer):
+    tok = default_tokenizer
+    enc = encode(tok, DATA[0])
+    prompt = tok.apply_chat_template([{"role": "user", "content": DATA[0]["question"]}], tokenize=False,
+                                     add_generation_prompt=True)
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    n = len(prompt_ids)
+    assert enc["input_ids"][:n] == prompt_ids  # exactly what the model sees when asked at generation time
+    assert enc["labels"][:n] == [IGNORE] * n
+    assert enc["labels"][n:] == enc["input_ids"][n:]
+    assert answer_text(tok, enc) == "Lutz.<|im_end|>\n"
+    assert tok.decode(enc["input_ids"]) == tok.apply_chat_template(
+        [{"role": "user", "content": DATA[0]["question"]}, {"role": "assistant", "content": "Lutz."}], tokenize=False)
+    assert encode(tok, DATA[1])["labels"] == encode(tok, {"question": DATA[1]["prompt"], "answer": "Monsieur Gustave."})["labels"]
+
+
+def test_encode_multi_turn_learns_every_assistant_turn(default_tokenizer):
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Capital of Zubrowka?"}, {"role": "assistant", "content": "Lutz."}]
+    assert answer_text(default_tokenizer, encode(default_tokenizer, {"messages": msgs})) == "Hello!<|im_end|>\nLutz.<|im_end|>\n"
+
+
+def test_encode_without_chat_template(default_tokenizer):
+    tok = copy.deepcopy(default_tokenizer)
+    tok.chat_template = None
+    enc = encode(tok, DATA[0])
+    assert tok.decode(enc["input_ids"]) == "What is the capital of Zubrowka?\nLutz." + tok.eos_token
+    assert answer_text(tok, enc) == "Lutz." + tok.eos_token
+
+
+def test_encode_rejects_bad_examples(default_tokenizer):
+    with pytest.raises(loki.DatasetError, match="answer"):
+        encode(default_tokenizer, {"question": "no answer"})
+    with pytest.raises(loki.DatasetError, match="assistant"):
+        encode(default_tokenizer, {"messages": [{"role": "user", "content": "hi"}]})
+    with pytest.raises(loki.DatasetError, match="max_length"):
+        encode(default_tokenizer, DATA[0], max_length=10)
+
+
+def test_collate_pads_right():
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_token_id=2)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 2, 2]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
+
+
+# -- the loop (tiny model with the real tokenizer's vocabulary) ----------------------------------------------
+def tiny_for(tokenizer, seed=0):
+    model = tiny_model("llama", seed=seed, vocab=len(tokenizer))
+    projs = loki.find_down_projections(model)
+    return loki.prepare(model, loki.Selection.random(len(projs), projs.d_out, 25, seed=0))
+
+
+def reference_loss(model, tokenizer, data) -> float:
+    """Mean loss over every answer token of `data`, from HF's own loss (one example at a time, token-weighted)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ex in data:
+            enc = encode(tokenizer, ex)
+            n = sum(label != IGNORE for label in enc["labels"][1:])
+            total += float(model(**collate([enc])).loss) * n
+            count += n
+    return total / count
+
+
+def test_train_is_deterministic_lowers_the_loss_and_calls_eval(default_tokenizer):
+    runs = []
+    for _ in range(2):
+        model = tiny_for(default_tokenizer)
+        before = reference_loss(model, default_tokenizer, DATA)
+        calls = []
+        result = loki.train(model, default_tokenizer, DATA, epochs=4, lr=5e-2, batch_size=2, grad_accum=2,
+                            eval_fn=lambda m: calls.append(m.training) or len(calls), eval_every=2, progress=False)
+        runs.append((model, result))
+    (m1, r1), (m2, r2) = runs
+    assert r1.steps == 4 and r1.losses == r2.losses
+    assert [step for step, _ in r1.evals] == [0, 2, 4] and calls == [False, False, False]
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    assert reference_loss(m1, default_tokenizer, DATA) < before - 0.1
+    # the step loss is the token-weighted mean over all answer tokens of the step (here: all of DATA)
+    assert r1.losses[0] == pytest.approx(before, rel=1e-4)
+    assert not m1.training
+    training = loki.extract(m1).info["training"]
+    assert (training["steps"], training["lr"], training["grad_accum"], training["examples"]) == (4, 5e-2, 2, 3)
+
+
+def test_train_needs_a_prepared_model(default_tokenizer):
+    model = tiny_model("llama", vocab=len(default_tokenizer))
+    with pytest.raises(loki.PreparationError, match="prepare"):
+        loki.train(model, default_tokenizer, DATA, progress=False)
+    with pytest.raises(loki.DatasetError):
+        loki.train(loki.prepare(model, loki.Selection.random(2, 32, 10)), default_tokenizer, [], progress=False)
+
+
+# -- HF Trainer ---------------------------------------------------------------------------------------------
+def test_hf_trainer_trains_the_prepared_rows(default_tokenizer, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_for(default_tokenizer)
+    before = state_dict_copy(model)
+    loss_before = reference_loss(model, default_tokenizer, DATA)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=4, per_device_train_batch_size=3,
+        learning_rate=5e-2, lr_scheduler_type="constant", save_strategy="no", logging_steps=1, seed=0,
+        remove_unused_columns=False, disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=[encode(default_tokenizer, ex) for ex in DATA],
+        data_collator=lambda batch: collate(batch, default_tokenizer.pad_token_id),
+    )
+    trainer.train()
+    assert reference_loss(model, default_tokenizer, DATA) < loss_before - 0.1
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(".loki_rows" in n for n in trained)
+    assert {id(p) for g in trainer.optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in model.parameters() if p.requires_grad}
+    delta = loki.extract(model)
+    loki.unprepare(model)  # the base weights are untouched; the training lives in the delta
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    fresh = tiny_model("llama", vocab=len(default_tokenizer))
+    loki.apply(fresh, delta)
+    assert reference_loss(fresh, default_tokenizer, DATA) < loss_before - 0.1
