@@ -50,7 +50,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="two sampled layers, one prompt each for the slow engines")
     ap.add_argument("--fast-prompts", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for every engine (default 1: on a shared machine more threads mostly wait)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
     model, tokenizer = loki.load_default()
     for p in model.parameters():  # no weight gradients for anyone (captum would not need them either)

@@ -17,6 +17,7 @@ import time
 import torch
 
 import loki
+import loki.testing
 
 
 def main() -> None:
@@ -26,20 +27,15 @@ def main() -> None:
     parser.add_argument("--q", type=float, default=10)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (row copies gain nothing from more)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     model, _ = loki.load_default(dtype=getattr(torch, args.dtype), device=args.device)
     projs = loki.find_down_projections(model)
-    selection = loki.Selection.random(len(projs), projs.d_out, q=args.q, seed=0)
-    g = torch.Generator().manual_seed(0)
-    changes = {}
-    for layer, idx in selection.rows.items():
-        base = projs.rows(layer)[idx.to(projs.weight.device)].float().cpu()
-        changes[layer] = (idx, base + 0.01 * torch.randn(base.shape, generator=g))
-    delta = loki.make_delta(model, changes, name="bench")
+    delta = loki.testing.random_delta(model, q=args.q, seed=0, noise=0.01, name="bench")
+    selection = loki.Selection({l: ld.indices for l, ld in delta.layers.items()}, len(projs), projs.d_out)
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     # The floor, prepared in advance.

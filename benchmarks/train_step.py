@@ -10,11 +10,13 @@ Competitors, each on its own copy of SmolLM2-135M-Instruct, same token batch, ca
   full           full fine-tuning, AdamW
 A step is forward + loss + backward (+ optimizer step + zero_grad). The competitors are interleaved, in a new random
 order every round; the figures are medians over rounds, and the ratios are medians of the per-round ratios.
+Then the down-projection alone (layer 0 of each competitor but full): forward + backward of a [16 * batch * tokens,
+d_ff] input that requires grad, which isolates the layer design from the rest of the network ("layer" in the JSON).
 Clock: on CPU the process's CPU time (`time.process_time`) by default: with one thread it is the step's work, and
 unlike wall time it does not count the time the neighbours' processes hold the core (`--clock wall` for wall time).
 On CUDA, wall time with synchronisation.
 
-Memory: on CUDA, torch.cuda.max_memory_allocated during one step. On CPU (no allocator statistics), bytes counted
+Memory: on CUDA, torch.cuda.max_memory_allocated during the first step (gradients and optimizer state included). On CPU (no allocator statistics), bytes counted
 from tensors: parameters + gradients + optimizer state, and the activations saved for backward (tensors packed by
 autograd, parameters excluded, each storage once).
 

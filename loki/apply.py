@@ -212,7 +212,7 @@ def _plan(
                 current = torch.index_select(view, 0, idx, out=saved[offset : offset + ld.k * ld.d_in].view(ld.k, ld.d_in))
             else:
                 current, in_block = view.index_select(0, idx), False
-            counts = state.counts.get(layer)
+            counts = state.counts.get(layer) if state.handles else None  # no active delta: nothing to overlap
             overlap = counts[idx_np] > 0 if counts is not None else None
             if overlap is None or not overlap.any():
                 writes[layer] = (_LayerWrite(idx, idx_np, ld.new_rows(current).to(view.device, view.dtype), current, None), None)
@@ -338,11 +338,12 @@ def revert(model: nn.Module, handle: Handle) -> None:
             why = "was already reverted or merged" if not handle.active else "belongs to another model"
             raise RevertError(f"This handle {why}; nothing to revert.")
         projs = handle._projs
+        alone = len(state.handles) == 1  # no other delta can share its rows
         for layer, w in handle._layers.items():
             counts = state.counts[layer]
             counts[w.idx_np] -= 1
             view = projs.rows(layer)
-            if counts[w.idx_np].any():
+            if not alone and counts[w.idx_np].any():
                 _replay(state, view, layer, handle, w)
             else:
                 view.index_copy_(0, w.idx, w.saved)

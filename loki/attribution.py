@@ -177,7 +177,7 @@ def attribute(
     finally:
         if bar is not None:
             bar.close()
-    if distributed:
+    if distributed and world > 1:
         state.wait_for_everyone()
         if state.is_main_process:
             merge_attributions(root)

@@ -72,13 +72,14 @@ def describe(delta, file_size: int | None = None) -> str:
 # -- demo -------------------------------------------------------------------------------------------
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="loki-demo", help="folder for the files the demo writes")
+    p.add_argument("--quick", action="store_true", help="a reduced run (1 probe prompt, 2 facts, 2 steps): a smoke test")
 
 
 @command("demo", "run the workflow end to end on the embedded default model", _demo_args)
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(args.out)
+    return run_demo(args.out, quick=args.quick)
 
 
 # -- push / pull (Hugging Face Hub) -----------------------------------------------------------------
@@ -148,7 +149,8 @@ def _attribute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rows", type=int, default=8192, help="single-token rows per pass (memory bound)")
     p.add_argument("--shard", default=None, help="RANK/WORLD (e.g. 0/4) to compute one block, or 'accelerate'")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads")
+    p.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads (with --shard "
+                   "accelerate: this process's device)")
 
 
 @command("attribute", "attribute every down-projection row on a prompt set (KVA), written to a folder", _attribute_args)
@@ -159,6 +161,10 @@ def _attribute(args: argparse.Namespace) -> int:
     from .errors import AttributionError
 
     dtype = getattr(torch, args.dtype)
+    if args.shard == "accelerate" and args.device is None:  # one GPU per process under `accelerate launch`
+        from accelerate import PartialState
+
+        args.device = PartialState().device
     if args.model == "default":
         from .models import load_default
 

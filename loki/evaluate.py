@@ -363,13 +363,24 @@ class Report:
     tuned: dict[str, float]
 
     @property
+    def skipped(self) -> list[str]:
+        """Benchmarks left out of the forgetting score because the base model scores 0 on them."""
+        return [k for k, v in self.original.items() if not v > 0]
+
+    @property
     def forgetting(self) -> float:
-        return forgetting_score(self.original, self.tuned)
+        """`forgetting_score` over the benchmarks the base model scores above 0 on (see `skipped`)."""
+        keep = [k for k in self.original if k not in self.skipped]
+        return forgetting_score({k: self.original[k] for k in keep}, {k: self.tuned[k] for k in keep})
 
     def table(self) -> str:
         lines = [f"{'benchmark':<24}{'base':>10}{'tuned':>10}{'change %':>10}"]
         for k, o in self.original.items():
+            if k in self.skipped:
+                continue
             lines.append(f"{k:<24}{o:>10.4f}{self.tuned[k]:>10.4f}{100 * (self.tuned[k] - o) / o:>+10.2f}")
+        for k in self.skipped:
+            lines.append(f"{k:<24}{self.original[k]:>10.4f}{self.tuned[k]:>10.4f}{'(skipped)':>10}")
         lines.append(f"forgetting score (Avg): {self.forgetting:+.2f}%")
         return "\n".join(lines)
 

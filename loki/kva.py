@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import AttributionError
@@ -197,13 +198,17 @@ def _attention(module, query, key, value, attention_mask=None, dropout=0.0, scal
     neg = torch.finfo(acc).min
     if st.mode == "prefix":
         st.keys[id(module)], st.values[id(module)] = key.detach(), value.detach()
-        qg = query.view(B, kvh, g, q, hd)
-        s = torch.einsum("bkgqd,bktd->bkgqt", qg, key).to(acc) * scaling
-        s = _softcap(s, softcap)
         i = torch.arange(q, device=query.device)
-        allowed = (i[None, :] <= i[:, None])[None] & st.valid[:, None, :]  # [B, q, t]
+        allowed = (i[None, :] <= i[:, None])[None] & st.valid[:, None, :]  # [B, q, t]: causal, no padding keys
         if sliding_window:
             allowed = allowed & (i[None, :] > i[:, None] - sliding_window)[None]
+        allowed = allowed | torch.eye(q, dtype=torch.bool, device=query.device)  # padding queries see themselves
+        if not softcap:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[:, None], scale=scaling,
+                                                 enable_gqa=g > 1)
+            return out.transpose(1, 2), None
+        qg = query.view(B, kvh, g, q, hd)
+        s = _softcap(torch.einsum("bkgqd,bktd->bkgqt", qg, key).to(acc) * scaling, softcap)
         s = s.masked_fill(~allowed[:, None, None], neg)
         w = torch.softmax(s, dim=-1).to(value.dtype)
         out = torch.einsum("bkgqt,bktd->bkgqd", w, value).reshape(B, H, q, hd)
@@ -316,7 +321,6 @@ def _rows_pass(model, projs, last, pos_last, a, group: list[int], gold, measure,
     first = {layer: i for i, layer in enumerate(group)}
     leaves: dict[int, torch.Tensor] = {}
     zs: dict[int, torch.Tensor] = {}
-    dtype = projs.weight.dtype
 
     def grow(layer):
         def pre_hook(module, args, kwargs):

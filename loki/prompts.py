@@ -6,7 +6,7 @@ user turn of the tokenizer's chat template with the generation prompt (as the pa
 records before it as answered turns. Tokenizers without a chat template get plain text.
 
 >>> from loki.prompts import mc_text
->>> print(mc_text({"question": "2+2?", "choices": ["3", "4", "5", "6"], "subject": "elementary_math"}))
+>>> print(mc_text({"question": "2+2?", "choices": ["3", "4", "5", "6"], "subject": "elementary_math"}).rstrip())
 There is a single choice question about elementary math. Answer the question by replying A, B, C or D.
 Question: 2+2?
 Choices:
@@ -14,7 +14,7 @@ A. 3
 B. 4
 C. 5
 D. 6
-Answer: <BLANKLINE>
+Answer:
 """
 
 from __future__ import annotations
@@ -190,22 +190,22 @@ def probe_records() -> list[dict]:
     return read_records(PROBE)
 
 
-def build_probe(bigbench_archive: str | os.PathLike, out: str | os.PathLike = PROBE, limit: int = 40,
-                seed: int = 0) -> Path:
+def build_probe(bigbench_archive: str | os.PathLike, out: str | os.PathLike = PROBE, limit: int = 24,
+                seed: int = 0, task: str = "general_knowledge") -> Path:
     """Rebuild `loki/data/probe.jsonl` from the BIG-bench sdist (`pip download --no-deps bigbench==1.0.0`).
 
-    Each `general_knowledge` example becomes a 4-choice record: its correct answer and its first three wrong answers,
+    Each example of the BIG-bench `task` becomes a 4-choice record: its correct answer and its first three wrong answers,
     shuffled with `seed`; the first `limit` examples with at least 4 answers are kept.
     """
     import random
     import tarfile
 
     with tarfile.open(bigbench_archive) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith("benchmark_tasks/general_knowledge/task.json"))
-        task = json.load(tar.extractfile(member))
+        member = next(m for m in tar.getmembers() if m.name.endswith(f"benchmark_tasks/{task}/task.json"))
+        examples = json.load(tar.extractfile(member))["examples"]
     rng = random.Random(seed)
     records = []
-    for ex in task["examples"]:
+    for ex in examples:
         scores = ex["target_scores"]
         right = [a for a, s in scores.items() if s == 1]
         wrong = [a for a, s in scores.items() if s != 1]
@@ -215,7 +215,7 @@ def build_probe(bigbench_archive: str | os.PathLike, out: str | os.PathLike = PR
         rng.shuffle(choices)
         question = ex["input"].removeprefix("Q: ").removesuffix("\nA:").strip()
         records.append({"question": question, "choices": choices, "answer": choices.index(right[0]),
-                        "subject": "general knowledge"})
+                        "subject": task.replace("_", " ")})
         if len(records) == limit:
             break
     out = Path(out)

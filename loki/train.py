@@ -56,14 +56,18 @@ def _segments(tokenizer, messages: list[dict[str, str]]) -> list[tuple[str, bool
             answer = m["role"] == "assistant"
             pieces.append((m["content"] + (tokenizer.eos_token or "") if answer else m["content"] + "\n", answer))
         return pieces
-    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    def render(msgs, generation_prompt):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+
     full = render(messages, False)
     pieces, done = [], 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start, end = len(render(messages[:i], True)), len(render(messages[: i + 1], False))
-        if not (full.startswith(render(messages[: i + 1], False)) and done <= start <= end):
+        prompt, turn = render(messages[:i], True), render(messages[: i + 1], False)
+        start, end = len(prompt), len(turn)
+        if not (full.startswith(turn) and turn.startswith(prompt) and done <= start):
             raise DatasetError(
                 "The chat template renders earlier turns differently once later turns follow (e.g. it strips "
                 "reasoning), so answer tokens cannot be located. Give single-turn {'prompt', 'answer'} examples."

@@ -10,21 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import loki
-from loki.testing import tiny_model
-
-
-def random_delta(model, layers, k, seed, *, lora_rank=None, dtype=None, name="d"):
-    """A delta on `k` random rows of each of `layers`, with random new rows (or LoRA factors)."""
-    projs = loki.find_down_projections(model)
-    g = torch.Generator().manual_seed(seed)
-    changes = {}
-    for layer in layers:
-        idx = torch.randperm(projs.d_out, generator=g)[:k].sort().values
-        if lora_rank:
-            changes[layer] = (idx, torch.randn(k, lora_rank, generator=g), torch.randn(lora_rank, projs.d_in, generator=g))
-        else:
-            changes[layer] = (idx, torch.randn(k, projs.d_in, generator=g))
-    return loki.make_delta(model, changes, name=name, dtype=dtype)
+from loki.testing import random_delta, tiny_model
 
 
 def delta_on(model, rows_by_layer, seed, name="d"):
@@ -68,7 +54,7 @@ def assert_rows_equal(model, expected):
 # -- every family ----------------------------------------------------------------------------------
 def test_apply_revert_bit_exact(tiny):
     before = state_dict_copy(tiny)
-    delta = random_delta(tiny, [0, 1], k=5, seed=1)
+    delta = random_delta(tiny, layers=[0, 1], q=16, seed=1)
     handle = loki.apply(tiny, delta)
     projs = loki.find_down_projections(tiny)
     for layer, ld in delta.layers.items():
@@ -93,7 +79,7 @@ def test_outputs_change_and_restore(tiny):
     ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         base_logits = tiny(ids).logits
-        with loki.implanted(tiny, random_delta(tiny, [0, 1], k=8, seed=2)):
+        with loki.implanted(tiny, random_delta(tiny, layers=[0, 1], q=25, seed=2)):
             implanted_logits = tiny(ids).logits
         after = tiny(ids).logits
     assert not torch.allclose(base_logits, implanted_logits)
@@ -102,7 +88,7 @@ def test_outputs_change_and_restore(tiny):
 
 def test_lora_form_writes_base_plus_product(tiny):
     before = state_dict_copy(tiny)
-    delta = random_delta(tiny, [1], k=4, seed=3, lora_rank=2)
+    delta = random_delta(tiny, layers=[1], q=12.5, seed=3, lora_rank=2)
     assert delta.form == "lora" and delta.num_params == 4 * 2 + 2 * 64
     handle = loki.apply(tiny, delta)
     assert_rows_equal(tiny, reference_weights(tiny_model(family_of(tiny)), [(delta, "error")]))
@@ -191,7 +177,7 @@ def test_random_stacks_and_revert_orders_match_the_reference(data, n, policies):
 
 def test_revert_twice_or_on_another_model_is_an_error():
     model, other = tiny_model("llama"), tiny_model("llama")
-    handle = loki.apply(model, random_delta(model, [0], k=3, seed=0))
+    handle = loki.apply(model, random_delta(model, layers=[0], q=10, seed=0))
     with pytest.raises(loki.RevertError):
         loki.revert(other, handle)
     handle.revert()
@@ -202,7 +188,7 @@ def test_revert_twice_or_on_another_model_is_an_error():
 def test_thousand_cycles_do_not_drift():
     model = tiny_model("gpt2")
     before = state_dict_copy(model)
-    a, b = random_delta(model, [0, 1], 6, seed=1), random_delta(model, [1], 9, seed=2)
+    a, b = random_delta(model, layers=[0, 1], q=20, seed=1), random_delta(model, layers=[1], q=30, seed=2)
     for _ in range(1000):
         ha = loki.apply(model, a)
         hb = loki.apply(model, b, on_overlap="add")
@@ -215,7 +201,7 @@ def test_thousand_cycles_do_not_drift():
 @pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("delta_dtype", [torch.float32, torch.bfloat16])
 def test_dtype_round_trip(model_dtype, delta_dtype):
-    delta = random_delta(tiny_model("llama"), [0, 1], 5, seed=4, dtype=delta_dtype)
+    delta = random_delta(tiny_model("llama"), layers=[0, 1], q=16, seed=4, dtype=delta_dtype)
     model = tiny_model("llama", dtype=model_dtype)  # the same base weights, in another dtype
     before = state_dict_copy(model)
     handle = loki.apply(model, delta)
@@ -227,7 +213,7 @@ def test_dtype_round_trip(model_dtype, delta_dtype):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_round_trip():
-    delta = random_delta(tiny_model("llama"), [0, 1], 5, seed=4)
+    delta = random_delta(tiny_model("llama"), layers=[0, 1], q=16, seed=4)
     model = tiny_model("llama", dtype=torch.bfloat16).cuda()
     before = state_dict_copy(model)
     handle = loki.apply(model, delta)
@@ -241,7 +227,7 @@ def projs_device(model):
 
 
 def test_delta_for_another_base_is_rejected_and_changes_nothing(family):
-    delta = random_delta(tiny_model(family, seed=0), [0, 1], 5, seed=1)
+    delta = random_delta(tiny_model(family, seed=0), layers=[0, 1], q=16, seed=1)
     other = tiny_model(family, seed=1)  # same architecture, other weights
     before = state_dict_copy(other)
     with pytest.raises(loki.BaseModelMismatchError, match="base model"):
@@ -250,7 +236,7 @@ def test_delta_for_another_base_is_rejected_and_changes_nothing(family):
 
 
 def test_fine_tune_of_the_base_is_rejected():
-    delta = random_delta(tiny_model("llama"), [0, 1], 5, seed=1)
+    delta = random_delta(tiny_model("llama"), layers=[0, 1], q=16, seed=1)
     tuned = tiny_model("llama")
     with torch.no_grad():  # a light fine-tune: every down-projection weight moved by ~1% of its size
         for m in loki.find_down_projections(tuned).modules:
@@ -261,7 +247,7 @@ def test_fine_tune_of_the_base_is_rejected():
 
 
 def test_other_architecture_or_shapes_are_rejected():
-    delta = random_delta(tiny_model("llama"), [0], 3, seed=0)
+    delta = random_delta(tiny_model("llama"), layers=[0], q=10, seed=0)
     for model in (tiny_model("gpt2"), tiny_model("llama", layers=3), tiny_model("llama", d_ff=48)):
         before = state_dict_copy(model)
         with pytest.raises(loki.IncompatibleModelError):
@@ -293,7 +279,7 @@ def test_unknown_architecture_names_the_class_and_the_fix():
 
 def test_merge_then_save_pretrained_is_a_plain_checkpoint(tmp_path):
     model = tiny_model("phi3")
-    delta = random_delta(model, [0, 1], 4, seed=5)
+    delta = random_delta(model, layers=[0, 1], q=12.5, seed=5)
     loki.apply(model, delta)
     expected = state_dict_copy(model)
     loki.merge(model)
@@ -329,16 +315,8 @@ def test_default_model_apply_revert_exact(default_model, default_tokenizer):
 def test_default_model_stacking_and_out_of_order_revert(default_model):
     model = default_model
     before = state_dict_copy(model)
-    projs = loki.find_down_projections(model)
-    first = loki.Selection.random(len(projs), projs.d_out, q=10, seed=1)
-    second = loki.Selection.random(len(projs), projs.d_out, q=5, seed=2)
-    g = torch.Generator().manual_seed(0)
-
-    def noisy(sel):
-        return loki.make_delta(model, {l: (i, projs.rows(l)[i] + 0.01 * torch.randn(len(i), projs.d_in, generator=g))
-                                       for l, i in sel.rows.items()})
-
-    a, b = noisy(first), noisy(second)
+    a = random_delta(model, q=10, seed=1, noise=0.01)
+    b = random_delta(model, q=5, seed=2, noise=0.01)
     with pytest.raises(loki.OverlapError):  # random q=10 and q=5 selections share rows
         with loki.implanted(model, a, b):
             pass

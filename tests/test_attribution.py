@@ -251,3 +251,9 @@ def test_probe_set():
     assert 20 <= len(records) <= 50
     assert all(len(r["choices"]) == 4 and 0 <= r["answer"] < 4 for r in records)
     assert len({r["question"] for r in records}) == len(records)
+
+
+def test_datasets_dataset_as_source(default_tokenizer):
+    datasets = pytest.importorskip("datasets")
+    mmlu_like = datasets.Dataset.from_list([{**RECORD, "choices": RECORD["choices"]}])
+    assert as_prompts(mmlu_like, default_tokenizer).ids == as_prompts([RECORD], default_tokenizer).ids

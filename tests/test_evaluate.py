@@ -265,3 +265,9 @@ def test_lm_eval_bridge_on_a_local_task(tmp_path, tok, table):
         pytest.skip(f"lm-eval could not run the local task offline: {type(e).__name__}: {e}")
     items = [{"prompt": r["q"], "choices": [" " + c for c in r["choices"]], "answer": r["label"]} for r in rows]
     assert results["loki_toy"]["acc,none"] == pytest.approx(ev.multiple_choice_accuracy(model, tok, items, progress=False))
+
+
+def test_report_leaves_out_benchmarks_the_base_scores_zero_on():
+    report = ev.Report({"a": 0.5, "b": 0.0}, {"a": 0.25, "b": 0.5})
+    assert report.skipped == ["b"] and report.forgetting == pytest.approx(50.0)
+    assert "(skipped)" in report.table()

@@ -224,6 +224,9 @@ def test_unprepare_merge_keeps_exactly_the_trained_rows(lora_rank):
         for layer, idx in sel.rows.items():  # a foreign write into the selected rows: the next forward repairs it
             projs.rows(layer)[idx] = 0
         assert torch.equal(model(ids).logits, trained)
+        versions = [m.weight._version for m in projs.modules]
+        model(ids)  # nothing changed since: inference writes no rows (generate stays at the frozen model's cost)
+        assert [m.weight._version for m in projs.modules] == versions
     loki.unprepare(model, merge=True)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, trained)

@@ -61,6 +61,11 @@ def test_encode_rejects_bad_examples(default_tokenizer):
         encode(default_tokenizer, {"messages": [{"role": "user", "content": "hi"}]})
     with pytest.raises(loki.DatasetError, match="max_length"):
         encode(default_tokenizer, DATA[0], max_length=10)
+    tok = copy.deepcopy(default_tokenizer)  # a template that renders each turn with the conversation's length
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }} of {{ messages|length }}: {{ m['content'] }}\n"
+                         "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(loki.DatasetError, match="chat template"):
+        encode(tok, DATA[0])
 
 
 def test_collate_pads_right():

@@ -1,0 +1,36 @@
+"""`loki demo` end to end on the real default model, in its reduced size."""
+
+from __future__ import annotations
+
+import re
+
+import loki
+from loki import demo
+
+
+def test_fact_task_is_well_formed():
+    facts = demo.implant_facts()
+    assert 40 <= len(facts) <= 80
+    assert len({f["subject"] for f in facts}) == len(facts)
+    for f in facts:
+        assert len(f["train"]) == 2 and f["test"] not in f["train"] and f["match"] in f["answer"]
+    train = demo.fact_training_set(facts[:3])
+    assert len(train) == 6 and all(ex["answer"].endswith(".") for ex in train)
+    bench = demo.fact_benchmark(facts[:3])
+    assert bench.kind == "generate" and [it["question"] for it in bench.items] == [f["test"] for f in facts[:3]]
+
+
+def test_quick_demo_prints_before_after_and_reverts_exactly(tmp_path, capsys):
+    code = demo.run_demo(tmp_path, quick=True, progress=False)
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "Model bit-identical to before: True" in out
+    befores = re.findall(r"^\s+before: (.*)$", out, flags=re.M)
+    afters = re.findall(r"^\s+after: (.*)$", out, flags=re.M)
+    assert len(befores) == len(afters) == 3  # two facts + the general question
+    assert re.search(r"Held-out fact accuracy: \d+% before, \d+% after", out)
+    assert re.search(r"forgetting score \(Avg\): [+-]\d+\.\d+%", out)
+    delta = loki.load(tmp_path / "demo.loki")
+    assert delta.info["selection"]["strategy"] == "layer_balanced" and delta.num_rows > 0
+    assert (tmp_path / "selection-q10.json").exists() and (tmp_path / "attributions").is_dir()
+    assert str(tmp_path.resolve()) in out
