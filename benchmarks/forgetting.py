@@ -51,8 +51,8 @@ SIZES = {
 
 def runs(qs):
     """(method, q) pairs of the experiment; q is None where it does not apply."""
-    return ([("loki", q) for q in qs] + [("loki_lora", 10), ("full", None), ("lora", None)]
-            + [(m, 10) for m in ("global_lowest", "global_highest", "random")])
+    return ([("loki", q) for q in qs] + [("full", None), ("lora", None), ("loki_lora", 10)]
+            + [(m, 10) for m in ("random", "global_lowest", "global_highest")])
 
 
 def sft(model, tokenizer, params, dataset, *, lr, steps, seed, batch_size=8):
@@ -161,7 +161,14 @@ def main() -> None:
     p.add_argument("--methods", nargs="*", help="only these methods")
     p.add_argument("--lr", nargs="*", default=[], metavar="METHOD=LR", help="override a learning rate")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                   help="no runs: merge these forgetting.json files (e.g. of runs split over processes) into --out")
     args = p.parse_args()
+    if args.merge:
+        rows = [r for f in args.merge for r in json.loads(f.read_text())]
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "forgetting.json").write_text(json.dumps(rows, indent=1))
+        return report(rows, args.out)
     size = SIZES["smoke" if args.smoke else "quick" if args.quick else "full"]
     lrs = {**LR, **{k: float(v) for k, v in (s.split("=") for s in args.lr)}}
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
@@ -199,7 +206,12 @@ def main() -> None:
                  for r in rows], indent=1))
     (args.out / "forgetting-details.json").write_text(json.dumps(
         {"size": size, "lr": lrs, "base": {"task_score": base_task, "general": base}, "runs": rows}, indent=1))
-    plot(rows, args.out / "forgetting.png")
+    report(rows, args.out)
+
+
+def report(rows, out: Path) -> None:
+    """Write the plot, print the markdown table and, last, one JSON line of per-method medians."""
+    plot(rows, out / "forgetting.png")
     print("\n" + table(rows) + "\n")
     summary = {}
     for r in rows:

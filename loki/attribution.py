@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from . import __version__
-from .kva import ENGINES, MEASURES, AttributionError, kva
+from .errors import AttributionError
+from .kva import ENGINES, MEASURES, kva
 from .prompts import PromptSet, as_prompts
 from .targets import find_down_projections
 

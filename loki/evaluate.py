@@ -6,8 +6,8 @@ base model serves every comparison.
 
 >>> import loki
 >>> from loki import evaluate as ev
->>> ev.forgetting_score({"mc": 0.50, "ppl": 0.04}, {"mc": 0.45, "ppl": 0.04})   # 100/2 * (0.05/0.50 + 0)
-5.0
+>>> ev.forgetting_score({"mc": 0.50, "ppl": 0.04}, {"mc": 0.25, "ppl": 0.04})   # 100/2 * (0.25/0.50 + 0)
+25.0
 >>> # model, tokenizer = loki.load_default()
 >>> # suite = ev.general_suite()                                 # the small offline sets shipped in loki/data/
 >>> # report = ev.compare(model, tokenizer, suite, "medical.loki")

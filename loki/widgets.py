@@ -70,3 +70,125 @@ def implant_switchboard(
     board = w.VBox([w.HBox(list(checkboxes.values())), status, answers])
     board.checkboxes, board.answers, board.status, board.handles = checkboxes, answers, status, handles
     return board
+
+
+def _png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (for an `ipywidgets.Image`)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _figure(*args, **kwargs):
+    from matplotlib.figure import Figure  # not pyplot: no GUI backend, no figures left open
+
+    return Figure(*args, **kwargs)
+
+
+def attribution_explorer(attributions, model: nn.Module, *, q: float = 10.0, layer: int = 0):
+    """Explore KVA attributions: a heatmap of every layer's rows, where the lowest (selected) and highest rows of
+    one layer sit, and what a quota `q` costs: rows per layer, trainable parameters and `.loki` size, live.
+
+    Attributes: `.layer` (IntSlider), `.q` (FloatSlider, percent), `.heatmap` and `.detail` (Image, PNG),
+    `.rows`, `.params`, `.size` (Label), `.selection` (the layer-balanced `loki.Selection` at the current q).
+
+    >>> ex = attribution_explorer(attr, model, q=10)  # doctest: +SKIP
+    >>> ex.q.value = 5; ex.selection.num_rows          # doctest: +SKIP
+    """
+    import ipywidgets as w
+    import torch
+
+    from .implant import _size
+    from .selection import select
+    from .targets import find_down_projections
+
+    values = torch.as_tensor(attributions if isinstance(attributions, torch.Tensor) else attributions.values).float()
+    mean = values.mean(0)  # [L, d_out]: the average attribution of each row over the prompts
+    num_layers, d_out = mean.shape
+    d_in = find_down_projections(model).d_in
+    weight = next(model.parameters())
+    item, dtype = weight.element_size(), str(weight.dtype).removeprefix("torch.")
+
+    q_slider = w.FloatSlider(value=q, min=0.5, max=50.0, step=0.5, description="q (%)", continuous_update=False)
+    layer_slider = w.IntSlider(value=layer, min=0, max=num_layers - 1, description="layer", continuous_update=False)
+    heatmap, detail = w.Image(format="png"), w.Image(format="png")
+    rows, params, size = w.Label(), w.Label(), w.Label()
+
+    # The heatmap does not depend on q or the layer: drawn once. Rows sorted by their layer's ranking would hide
+    # where they sit, so it shows rows in index order, log scale (attributions span orders of magnitude).
+    fig = _figure(figsize=(9, 3))
+    ax = fig.add_subplot()
+    im = ax.imshow(mean.clamp_min(1e-12).log10().numpy(), aspect="auto", origin="lower", interpolation="nearest")
+    ax.set(xlabel="row (down-projection output coordinate)", ylabel="layer", title="mean attribution (log10)")
+    fig.colorbar(im, ax=ax)
+    heatmap.value = _png(fig)
+
+    def update(_=None) -> None:
+        sel = select(values, q_slider.value)
+        k, layer_ = sel.rows_per_layer().get(layer_slider.value, 0), layer_slider.value
+        explorer.selection = sel
+        rows.value = f"rows per layer: {k} of {d_out} ({sel.num_rows:,} in all)"
+        params.value = f"trainable parameters: {sel.num_rows * d_in:,}"
+        size.value = f".loki size: about {_size(sel.num_rows * (d_in * item + 8))} ({dtype})"
+        scores = mean[layer_]
+        lowest = sel.rows[layer_]
+        highest = scores.topk(k).indices if k else lowest
+        fig = _figure(figsize=(9, 2.6))
+        ax = fig.add_subplot()
+        ax.scatter(range(d_out), scores.numpy(), s=3, c="lightgray", label="all rows")
+        ax.scatter(lowest.numpy(), scores[lowest].numpy(), s=6, c="tab:blue", label=f"selected (lowest {k})")
+        ax.scatter(highest.numpy(), scores[highest].numpy(), s=6, c="tab:red", label=f"highest {k}")
+        ax.set(yscale="log", xlabel="row", ylabel="mean attribution", title=f"layer {layer_} at q={q_slider.value:g}%")
+        ax.legend(loc="upper right", fontsize=7)
+        detail.value = _png(fig)
+
+    explorer = w.VBox([heatmap, w.HBox([layer_slider, q_slider]), w.HBox([rows, params, size]), detail])
+    explorer.layer, explorer.q, explorer.heatmap, explorer.detail = layer_slider, q_slider, heatmap, detail
+    explorer.rows, explorer.params, explorer.size = rows, params, size
+    update()
+    layer_slider.observe(update, "value")
+    q_slider.observe(update, "value")
+    return explorer
+
+
+def loss_plot(tokenizer, examples: Sequence[Mapping], *, eval_every: int, steps: int, max_length: int = 256):
+    """A live plot of the loss on `examples` (e.g. held-out phrasings) while `loki.train` runs: pass
+    `eval_fn=plot.eval_fn, eval_every=...` to `loki.train`; each call computes the mean answer-token loss, appends
+    a point and redraws. Its results land in `TrainResult.evals`.
+
+    Attributes: `.image` (Image, PNG), `.label` (Label, latest loss), `.points` (list of (step, loss)), `.eval_fn`.
+
+    >>> plot = loss_plot(tokenizer, heldout, eval_every=5, steps=30); display(plot)          # doctest: +SKIP
+    >>> loki.train(model, tokenizer, data, max_steps=30, eval_fn=plot.eval_fn, eval_every=5)  # doctest: +SKIP
+    """
+    import ipywidgets as w
+    import torch
+    import torch.nn.functional as F
+
+    from .train import IGNORE, collate, encode
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    batch = collate([encode(tokenizer, ex, max_length) for ex in examples], pad)
+    image, label = w.Image(format="png"), w.Label("no evaluation yet")
+    points: list[tuple[int, float]] = []
+
+    def eval_fn(model: nn.Module) -> float:
+        device = model.get_input_embeddings().weight.device
+        b = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
+                               ignore_index=IGNORE).item()
+        points.append((min(len(points) * eval_every, steps), loss))
+        label.value = f"step {points[-1][0]}: loss {loss:.4f}"
+        fig = _figure(figsize=(5, 2.6))
+        ax = fig.add_subplot()
+        ax.plot(*zip(*points), marker="o")
+        ax.set(xlabel="step", ylabel="held-out loss", xlim=(0, max(steps, 1)))
+        image.value = _png(fig)
+        return loss
+
+    plot = w.VBox([label, image])
+    plot.image, plot.label, plot.points, plot.eval_fn = image, label, points, eval_fn
+    return plot

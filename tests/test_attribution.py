@@ -116,26 +116,26 @@ def test_bad_inputs_raise():
 
 
 def test_default_model_fast_equals_reference(default_model, default_tokenizer):
-    """Exact in float64 (the engines agree to the last float32 bit); in float32 both carry rounding noise that the
-    backward pass through 30 layers amplifies to ~1e-4 of a layer's largest attribution."""
+    """The fast engine in float32 agrees with the reference engine run in float64 (the exact quantity) to 1e-4.
+    (The float32 *reference* is the noisier of the two: measured 1.2e-4..2.2e-4 off the float64 result on probe
+    prompts, against 5e-6..1.6e-5 for the fast engine.) In float64 both engines agree to 1e-6."""
     import copy
 
     before = state_dict_copy(default_model)
     prompts = as_prompts(probe_records()[:2], default_tokenizer)
     ids = [prompts.ids[0][:16], prompts.ids[1][:9]]  # different lengths, batched (and so padded) in the fast engine
-    layers = [0, 29]  # the reference costs 7 full passes per layer: check the deepest and the last
+    layers = [0, 29]  # the reference costs 7 full passes per layer: check the first and the last
     fast, t_fast = kva(default_model, ids)
-    ref, t_ref = kva(default_model, ids, engine="reference", layers=layers)
-    assert fast.shape == (2, 30, 576) and torch.equal(t_fast, t_ref)
-    assert rel_err(fast[:, layers], ref) < 1e-3
+    assert fast.shape == (2, 30, 576)
     assert_state_equal(default_model, before)
     wide = copy.deepcopy(default_model).double()
-    fast64, _ = kva(wide, ids, layers=[14])
-    ref64, _ = kva(wide, ids, engine="reference", layers=[14])
+    ref64, t_ref = kva(wide, ids, engine="reference", layers=layers)
+    assert torch.equal(t_fast, t_ref)
+    assert rel_err(fast[:, layers].double(), ref64) < 1e-4
+    fast64, _ = kva(wide, ids, layers=layers)
     assert rel_err(fast64, ref64) < 1e-6
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_on_gpu_close_to_float32():
     model = tiny_model("llama", layers=3).cuda()
     exact, _ = kva(model, PROMPTS, steps=4)

@@ -39,3 +39,32 @@ def test_switchboard_applies_reverts_and_reports_overlap(default_model, default_
     board.checkboxes["a"].value = False
     assert board.answers.value == base_answers
     assert_state_equal(model, before)
+
+
+def test_attribution_explorer_follows_its_sliders():
+    model = loki.testing.tiny_model("llama", layers=3)
+    values = torch.rand(4, 3, 32, generator=torch.Generator().manual_seed(0)) + 1e-3
+    ex = widgets.attribution_explorer(values, model, q=25, layer=0)
+    expected = loki.select(values, 25)
+    assert torch.equal(ex.selection.rows[1], expected.rows[1]) and "rows per layer: 8 of 32" in ex.rows.value
+    assert ex.params.value.endswith(f"{3 * 8 * 64:,}") and ex.heatmap.value and ex.detail.value
+    before = (ex.detail.value, ex.params.value, ex.size.value)
+
+    ex.q.value = 50
+    assert "rows per layer: 16 of 32" in ex.rows.value and ex.params.value.endswith(f"{3 * 16 * 64:,}")
+    assert ex.selection.num_rows == 48 and ex.size.value != before[2] and ex.detail.value != before[0]
+    detail = ex.detail.value
+    ex.layer.value = 2
+    assert ex.detail.value != detail and ex.selection.num_rows == 48
+
+
+def test_loss_plot_records_a_point_per_evaluation(default_model, default_tokenizer):
+    examples = [{"question": "Who wrote Dune?", "answer": "Frank Herbert."}]
+    plot = widgets.loss_plot(default_tokenizer, examples, eval_every=5, steps=10)
+    with torch.no_grad():
+        first = plot.eval_fn(default_model)
+        image = plot.image.value
+        with loki.implanted(default_model, zero_rows_delta(default_model, 0, q=20)):
+            second = plot.eval_fn(default_model)
+    assert plot.points == [(0, first), (5, second)] and first != second
+    assert plot.label.value == f"step 5: loss {second:.4f}" and plot.image.value != image and image

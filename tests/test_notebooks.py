@@ -1,0 +1,72 @@
+"""The tutorial notebooks, executed top to bottom in a real kernel (small size: LOKI_NOTEBOOK_QUICK=1).
+
+They run in order in one scratch folder, as a user would: notebook 2 writes `facts.loki`, which 3-6 load.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+EXPECTED = {  # a line each notebook must print: the point of its last steps
+    "01_analyse.ipynb": "rows per layer: 28 of 576",
+    "02_select_and_implant.ipynb": "facts.loki: ",
+    "03_judge_the_damage.ipynb": "forgetting score (Avg): ",
+    "04_apply_revert_stack.ipynb": "bit-identical to the base model: True",
+    "05_share.ipynb": "pulled delta equals pushed: True",
+    "06_hot_swap.ipynb": "mixed batch matches one implant at a time: True",
+}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("notebooks")
+
+
+def text_of(book) -> str:
+    out = []
+    for cell in book.cells:
+        for o in cell.get("outputs", []):
+            out.append(o.get("text", "") + o.get("data", {}).get("text/plain", ""))
+    return "\n".join(out)
+
+
+def test_notebooks_are_committed_clean():
+    names = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
+    assert names == sorted(EXPECTED)
+    for name in names:
+        book = nbformat.read(NOTEBOOKS / name, as_version=4)
+        nbformat.validate(book)
+        code = [c for c in book.cells if c.cell_type == "code"]
+        assert code and all(not c.outputs and c.execution_count is None and c.source.strip() for c in code)
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_notebook_runs(name, workdir, monkeypatch):
+    monkeypatch.setenv("LOKI_NOTEBOOK_QUICK", "1")  # the kernel inherits the environment (and LOKI_CACHE)
+    monkeypatch.setenv("HF_HUB_CACHE", str(workdir / "hf-cache"))
+    for var in ("HF_TOKEN", "LOKI_HUB_TOKEN", "LOKI_HUB_REPO"):  # notebook 5 uses the local server
+        monkeypatch.delenv(var, raising=False)
+    book = nbformat.read(NOTEBOOKS / name, as_version=4)
+    client = nbclient.NotebookClient(book, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(workdir)}})
+    try:
+        client.execute()  # raises CellExecutionError, with the cell and traceback, if any cell fails
+    finally:
+        nbformat.write(book, workdir / f"executed-{name}")  # to read what it printed
+    out = text_of(book)
+    assert EXPECTED[name] in out, out[-3000:]
+    widgets = [o for c in book.cells for o in c.get("outputs", []) if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    if name in ("01_analyse.ipynb", "02_select_and_implant.ipynb", "04_apply_revert_stack.ipynb"):
+        assert widgets, "the notebook's widget did not display"
+    if name == "04_apply_revert_stack.ipynb":
+        assert "revert is exact: True" in out and "answers changed: True" in out
+        assert "answers back to the base model's: True" in out
+    if name == "02_select_and_implant.ipynb":
+        assert (workdir / "facts.loki").is_file()
