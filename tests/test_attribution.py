@@ -136,6 +136,7 @@ def test_default_model_fast_equals_reference(default_model, default_tokenizer):
     assert rel_err(fast64, ref64) < 1e-6
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_on_gpu_close_to_float32():
     model = tiny_model("llama", layers=3).cuda()
     exact, _ = kva(model, PROMPTS, steps=4)
