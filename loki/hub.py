@@ -205,13 +205,10 @@ def _evaluation(info: dict[str, Any]) -> tuple[dict, dict[str, tuple[float, floa
     if forgetting is None and general:
         if any(b == 0 for b, _ in general.values()):
             raise DeltaFormatError("A general benchmark has base score 0; the forgetting score divides by it.")
-        forgetting = forgetting_score(general)
+        from .evaluate import forgetting_score
+
+        forgetting = forgetting_score({k: b for k, (b, _) in general.items()}, {k: t for k, (_, t) in general.items()})
     return task, general, forgetting
-
-
-def forgetting_score(scores: dict[str, tuple[float, float]]) -> float:
-    """LoKI's forgetting score: `100/N * sum((base - implanted) / base)` over N benchmarks (lower is better)."""
-    return 100.0 / len(scores) * sum((b - t) / b for b, t in scores.values())
 
 
 def _table_rows(d: dict[str, Any]) -> list[tuple[str, str]]:
