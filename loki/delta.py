@@ -25,7 +25,7 @@ from torch import nn
 
 from . import __version__
 from .errors import DeltaFormatError, DtypeError, InvalidIndicesError
-from .targets import DownProjections, find_down_projections
+from .targets import find_down_projections
 
 FORMAT_NAME = "loki"
 FORMAT_VERSION = 1

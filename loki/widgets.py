@@ -164,7 +164,6 @@ def loss_plot(tokenizer, examples: Sequence[Mapping], *, eval_every: int, steps:
     >>> loki.train(model, tokenizer, data, max_steps=30, eval_fn=plot.eval_fn, eval_every=5)  # doctest: +SKIP
     """
     import ipywidgets as w
-    import torch
     import torch.nn.functional as F
 
     from .train import IGNORE, collate, encode

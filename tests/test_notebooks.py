@@ -5,7 +5,6 @@ They run in order in one scratch folder, as a user would: notebook 2 writes `fac
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
