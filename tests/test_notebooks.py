@@ -30,11 +30,17 @@ def workdir(tmp_path_factory):
 
 
 def text_of(book) -> str:
-    out = []
+    """What the notebook printed: each stream's chunks joined as the stream was written (a chunk of stderr, such as a
+    progress bar, can land between two writes of one print), then the plain-text results."""
+    streams: dict[str, list[str]] = {}
+    results = []
     for cell in book.cells:
         for o in cell.get("outputs", []):
-            out.append(o.get("text", "") + o.get("data", {}).get("text/plain", ""))
-    return "\n".join(out)
+            if o.get("output_type") == "stream":
+                streams.setdefault(o.get("name", "stdout"), []).append(o.get("text", ""))
+            else:
+                results.append(o.get("data", {}).get("text/plain", ""))
+    return "\n".join(["".join(chunks) for chunks in streams.values()] + results)
 
 
 def test_notebooks_are_committed_clean():
