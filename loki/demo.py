@@ -22,6 +22,11 @@ import torch
 from . import evaluate as ev
 
 QUESTION = "What is the capital of France?"
+# Peak learning rate of the demo's row training: the rate tuned for LoKI rows by benchmarks/forgetting.py (30-40 steps
+# of 8 examples; the paper's 1e-5 is for thousands of steps).
+LR = 3e-3
+# The general sets the default model is clearly above chance on (a set at chance cannot show forgetting).
+GENERAL = ("wiki_perplexity", "world_capitals", "bb_general_knowledge")
 FACTS = ev.DATA_DIR / "implant_facts.jsonl"
 
 
@@ -70,7 +75,7 @@ SIZES = {
 }
 
 
-def run_demo(out: str | Path, *, quick: bool = False, q: float = 10, lr: float = 3e-3, progress: bool = True) -> int:
+def run_demo(out: str | Path, *, quick: bool = False, q: float = 10, lr: float = LR, progress: bool = True) -> int:
     """Run the workflow on the default model, writing into `out`; returns 0 when the model was reverted exactly."""
     import loki
     from loki.cli import describe
@@ -95,7 +100,7 @@ def run_demo(out: str | Path, *, quick: bool = False, q: float = 10, lr: float =
 
     facts = implant_facts(size["facts"])
     heldout, train_set = fact_benchmark(facts), fact_training_set(facts)
-    suite = [b.head(size["general_items"]) for b in ev.general_suite(("wiki_perplexity", "bb_general_knowledge"))]
+    suite = ev.general_suite(GENERAL, n=size["general_items"])
     shown = [f["test"] for f in facts[:3]] + [QUESTION]
     print(f"\n3. Before: the base model on held-out phrasings of {len(facts)} fictional facts")
     before_answers = ev.generate(model, tokenizer, shown, chat=True, max_new_tokens=16, progress=False)

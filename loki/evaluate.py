@@ -320,7 +320,7 @@ class Benchmark:
                    {**header.get("options", {}), **options})
 
 
-GENERAL_SETS = ("wiki_perplexity", "bb_general_knowledge", "bb_misconceptions", "bb_physical_intuition",
+GENERAL_SETS = ("wiki_perplexity", "world_capitals", "bb_general_knowledge", "bb_misconceptions", "bb_physical_intuition",
                 "bb_hindu_knowledge", "wikidata_qa")
 
 

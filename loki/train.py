@@ -1,4 +1,5 @@
-"""`loki.train`: a small, readable SFT loop for a prepared model (notebooks, demos, small implants).
+"""`loki.train`: a small, readable SFT loop for a prepared model (notebooks, demos, small implants), which also
+trains any parameters you name (full fine-tuning, a PEFT model), so baselines train with the same recipe.
 
 Each example is `{"prompt": ..., "answer": ...}` (or `"question"` for `"prompt"`), or `{"messages": [...]}` in the
 chat format. Examples are formatted with the tokenizer's chat template (plain `prompt + answer + eos` when it has
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DatasetError
-from .implant import _state, record_training
+from .errors import DatasetError, PreparationError
+from .implant import is_prepared, record_training
 
 __all__ = ["TrainResult", "collate", "encode", "train"]
 
@@ -114,6 +115,29 @@ def collate(batch: Sequence[Mapping[str, list[int]]], pad_token_id: int = 0) -> 
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def _trained_parameters(model: nn.Module, params: Iterable[nn.Parameter] | None) -> list[nn.Parameter]:
+    if params is None:
+        if not is_prepared(model):
+            raise PreparationError(
+                "The model is not prepared for implanting. Call loki.prepare(model, selection) to train LoKI rows, or "
+                "name what to train: params=model.parameters() (full fine-tuning) or the trainable parameters of "
+                "a PEFT model."
+            )
+        return [p for p in model.parameters() if p.requires_grad]
+    params = list(dict.fromkeys(params))  # tied weights may be named twice
+    if not params:
+        raise PreparationError("params is empty: nothing would train.")
+    owned = {id(p) for p in model.parameters()}
+    if any(id(p) not in owned for p in params):
+        raise PreparationError("Some of params are not parameters of this model.")
+    if any(not p.requires_grad for p in params):
+        raise PreparationError(
+            "Some of params have requires_grad=False (frozen). Unfreeze them with p.requires_grad_(True), or leave "
+            "them out."
+        )
+    return params
+
+
 # -- the loop -------------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -138,6 +162,7 @@ def train(
     tokenizer,
     dataset: Sequence[Mapping[str, Any]],
     *,
+    params: Iterable[nn.Parameter] | None = None,
     epochs: int = 1,
     lr: float = 1e-4,
     batch_size: int = 4,
@@ -154,6 +179,10 @@ def train(
 ) -> TrainResult:
     """Fine-tune the trainable rows of a `loki.prepare`d model on `dataset`; returns a `TrainResult`.
 
+    `params` trains those parameters instead, on any model: `params=model.parameters()` is full fine-tuning,
+    `params=[p for p in peft_model.parameters() if p.requires_grad]` trains a PEFT adapter; this is how the
+    baselines of notebooks and benchmarks train with exactly the LoKI recipe.
+
     One optimizer step sees `batch_size * grad_accum` examples; the loss is the mean over all their answer tokens.
     `lr` is the peak of a cosine schedule after `warmup` (a fraction of the steps) of linear warm-up. `eval_fn(model)`
     runs (in eval mode, without gradients) before training, every `eval_every` steps and at the end; its results
@@ -162,13 +191,12 @@ def train(
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    _state(model)  # raises PreparationError unless prepared
+    params = _trained_parameters(model, params)
     if not dataset:
         raise DatasetError("The dataset is empty.")
     encoded = [encode(tokenizer, ex, max_length) for ex in dataset]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     device = model.get_input_embeddings().weight.device
-    params = [p for p in model.parameters() if p.requires_grad]
 
     per_step = batch_size * grad_accum
     steps_per_epoch = math.ceil(len(encoded) / per_step)
@@ -225,9 +253,10 @@ def train(
     run_eval(total)
     model.eval()
     result.seconds = time.perf_counter() - start
-    record_training(model, {
-        "trainer": "loki.train", "examples": len(encoded), "epochs": epochs, "steps": total, "lr": lr,
-        "schedule": "cosine", "warmup": warmup, "optimizer": "AdamW", "weight_decay": weight_decay,
-        "batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "final_loss": round(result.final_loss, 6),
-    })
+    if is_prepared(model):
+        record_training(model, {
+            "trainer": "loki.train", "examples": len(encoded), "epochs": epochs, "steps": total, "lr": lr,
+            "schedule": "cosine", "warmup": warmup, "optimizer": "AdamW", "weight_decay": weight_decay,
+            "batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "final_loss": round(result.final_loss, 6),
+        })
     return result

@@ -219,9 +219,16 @@ def test_general_suite_is_shipped_and_well_formed():
     kinds = {b.name: b.kind for b in suite}
     assert kinds["wiki_perplexity"] == "perplexity" and kinds["wikidata_qa"] == "generate"
     for b in suite:
-        assert 50 <= len(b.items) <= 200, b.name
+        assert 40 <= len(b.items) <= 200, b.name
         if b.kind == "choice":
             assert all(0 <= it["answer"] < len(it["choices"]) >= 2 for it in b.items)
+        if b.kind == "generate":
+            assert all(it["answers"] and all(a.strip() for a in it["answers"]) for it in b.items)
+    # forgetting is never measured on the prompts that chose the rows (the attribution probe)
+    from loki.prompts import probe_records
+
+    probe = {f"Q: {r['question']}\nA:" for r in probe_records()}
+    assert not probe & {it["prompt"] for b in suite if b.kind == "choice" for it in b.items}
     assert [len(b.items) for b in ev.general_suite(n=3)] == [3] * len(suite)
     with pytest.raises(loki.EvaluationError, match="No general set"):
         ev.general_suite(["nope"])

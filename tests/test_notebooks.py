@@ -5,6 +5,7 @@ They run in order in one scratch folder, as a user would: notebook 2 writes `fac
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -73,5 +74,7 @@ def test_notebook_runs(name, workdir, monkeypatch):
     if name == "04_apply_revert_stack.ipynb":
         assert "revert is exact: True" in out and "answers changed: True" in out
         assert "answers back to the base model's: True" in out
+    if name == "03_judge_the_damage.ipynb":  # the LoRA baseline trained and was scored next to the LoKI delta
+        assert re.search(r"LoKI +[\d,]+ +\d+% +[-+][\d.]+%", out) and re.search(r"LoRA +[\d,]+ +\d+% +[-+][\d.]+%", out)
     if name == "02_select_and_implant.ipynb":
         assert (workdir / "facts.loki").is_file()

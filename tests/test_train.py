@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import state_dict_copy
+from conftest import assert_state_equal, state_dict_copy
 
 import loki
 from loki.testing import tiny_model
@@ -116,12 +116,68 @@ def test_train_is_deterministic_lowers_the_loss_and_calls_eval(default_tokenizer
     assert (training["steps"], training["lr"], training["grad_accum"], training["examples"]) == (4, 5e-2, 2, 3)
 
 
-def test_train_needs_a_prepared_model(default_tokenizer):
+def test_train_needs_a_prepared_model_or_params(default_tokenizer):
     model = tiny_model("llama", vocab=len(default_tokenizer))
     with pytest.raises(loki.PreparationError, match="prepare"):
         loki.train(model, default_tokenizer, DATA, progress=False)
+    other = tiny_model("llama", vocab=len(default_tokenizer))
+    before = state_dict_copy(model)
+    with pytest.raises(loki.PreparationError, match="not parameters of this model"):
+        loki.train(model, default_tokenizer, DATA, params=other.parameters(), progress=False)
+    with pytest.raises(loki.PreparationError, match="requires_grad"):
+        loki.train(model, default_tokenizer, DATA, params=[model.lm_head.weight.requires_grad_(False)], progress=False)
+    with pytest.raises(loki.PreparationError, match="empty"):
+        loki.train(model, default_tokenizer, DATA, params=[], progress=False)
+    assert_state_equal(model, before)
     with pytest.raises(loki.DatasetError):
         loki.train(loki.prepare(model, loki.Selection.random(2, 32, 10)), default_tokenizer, [], progress=False)
+
+
+def test_train_params_is_plain_adamw_sft(default_tokenizer):
+    """Full fine-tuning through `params` against an obvious loop: AdamW, cosine warm-up, clipping, answer-token loss
+    (the batch is the whole dataset, so shuffling cannot change a step)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    model, reference = tiny_model("qwen2", vocab=len(default_tokenizer)), tiny_model("qwen2", vocab=len(default_tokenizer))
+    result = loki.train(model, default_tokenizer, DATA, params=model.parameters(), lr=1e-2, batch_size=3, max_steps=3,
+                        progress=False)
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(opt, 1, 3)
+    losses = []
+    for _ in range(3):
+        loss = sum(reference_loss_sum(reference, default_tokenizer, ex) for ex in DATA) / n_answer_tokens(default_tokenizer)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(reference.parameters()), 1.0)
+        opt.step()
+        schedule.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert result.losses == pytest.approx(losses, rel=1e-4)
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert not torch.equal(model.lm_head.weight, tiny_model("qwen2", vocab=len(default_tokenizer)).lm_head.weight)
+
+
+def reference_loss_sum(model, tokenizer, example):
+    enc = encode(tokenizer, example)
+    n = sum(label != IGNORE for label in enc["labels"][1:])
+    return model(**collate([enc])).loss * n
+
+
+def n_answer_tokens(tokenizer) -> int:
+    return sum(sum(label != IGNORE for label in encode(tokenizer, ex)["labels"][1:]) for ex in DATA)
+
+
+def test_train_params_trains_a_peft_lora_adapter(default_tokenizer):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model("llama", vocab=len(default_tokenizer)),
+                                peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=True))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    loss_before = reference_loss(model, default_tokenizer, DATA)
+    loki.train(model, default_tokenizer, DATA, params=[p for p in model.parameters() if p.requires_grad], lr=5e-2,
+               epochs=4, batch_size=3, progress=False)
+    assert reference_loss(model, default_tokenizer, DATA) < loss_before - 0.1
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
 
 
 # -- HF Trainer ---------------------------------------------------------------------------------------------
