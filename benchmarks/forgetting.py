@@ -4,8 +4,9 @@ The paper's Tables 4-5 at small scale: the default model (SmolLM2-135M-Instruct)
 loki/data/implant_facts.jsonl (2 training phrasings each, scored on a third, held-out phrasing) with the same
 data, the same number of steps and the same recipe (`loki.train`), over several seeds. Methods: LoKI (layer-balanced
 rows at q = 5, 10, 20, 30), LoKI* (q = 10 rows trained as LoRA factors), full fine-tuning, PEFT LoRA on all linear
-layers, and the selection ablations global-lowest, global-highest and random rows at q = 10. Damage is the paper's
-forgetting score over the general sets of loki/data/general/ (lower is better).
+layers, and the selection ablations global-lowest, global-highest and random rows at q = 10; plus `loki_abs`, not
+one of the paper's: layer-balanced rows of smallest |attribution| at q = 10 (benchmarks/suppression.py shows why).
+Damage is the paper's forgetting score over the general sets of loki/data/general/ (lower is better).
 
 Learning rates are tuned first, per parameterisation (rows, rows as LoRA, LoRA, full): every rate of its grid trains
 on other facts (the tuning facts, disjoint from the scored ones, same relations) with seed 0, and the rate with the
@@ -46,7 +47,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 GRID = {"loki": (3e-4, 1e-3, 3e-3), "loki_lora": (1e-3, 3e-3, 1e-2), "full": (1e-5, 3e-5, 1e-4),
         "lora": (3e-4, 1e-3, 3e-3)}
 TUNED_AS = {"loki": ("loki", 10), "global_lowest": ("loki", 10), "global_highest": ("loki", 10),
-            "random": ("loki", 10), "loki_lora": ("loki_lora", 10), "full": ("full", None), "lora": ("lora", None)}
+            "random": ("loki", 10), "loki_abs": ("loki", 10), "loki_lora": ("loki_lora", 10), "full": ("full", None), "lora": ("lora", None)}
 SIZES = {  # general_items None = every item of each set; tune = facts for tuning (after the scored ones), 0 = none
     "full": dict(facts=12, tune=12, steps=40, batch=8, seeds=(0, 1, 2), prompts=24, general_items=None,
                  qs=(5, 10, 20, 30)),
@@ -58,7 +59,7 @@ SIZES = {  # general_items None = every item of each set; tune = facts for tunin
 def runs(qs):
     """(method, q) pairs of the experiment; q is None where it does not apply."""
     return ([("loki", q) for q in qs] + [("full", None), ("lora", None), ("loki_lora", 10)]
-            + [(m, 10) for m in ("random", "global_lowest", "global_highest")])
+            + [(m, 10) for m in ("random", "global_lowest", "global_highest", "loki_abs")])
 
 
 def train_one(method, q, seed, model, tokenizer, attr, train_set, lr, steps, batch):
@@ -77,9 +78,12 @@ def train_one(method, q, seed, model, tokenizer, attr, train_set, lr, steps, bat
         loki.train(work, tokenizer, train_set, params=params, lr=lr, batch_size=batch, max_steps=steps, seed=seed,
                    progress=False)
         return work, None, sum(p.numel() for p in params)
-    strategy = "layer_balanced" if method in ("loki", "loki_lora") else method
-    selection = (loki.Selection.random(len(projs), projs.d_out, q, seed) if method == "random"
-                 else loki.select(attr, q, strategy))
+    if method == "random":
+        selection = loki.Selection.random(len(projs), projs.d_out, q, seed)
+    elif method == "loki_abs":  # not the paper's: layer-balanced by smallest |attribution| (see suppression.py)
+        selection = loki.select(attr.values.abs(), q)
+    else:
+        selection = loki.select(attr, q, "layer_balanced" if method in ("loki", "loki_lora") else method)
     loki.prepare(model, selection, lora_rank=16 if method == "loki_lora" else None, seed=seed)
     trainable = loki.trainable_report(model).trainable
     loki.train(model, tokenizer, train_set, lr=lr, batch_size=batch, max_steps=steps, seed=seed, progress=False)
@@ -119,13 +123,18 @@ def spread(values) -> str:
     return f"{mid:+.2f}" if len(values) == 1 else f"{mid:+.2f} [{values[0]:+.2f}, {values[-1]:+.2f}]"
 
 
-def table(rows) -> str:
-    lines = ["| method | q | trainable params | lr | held-out task score | forgetting Avg (%) | seeds |",
-             "|---|---|---:|---:|---|---|---:|"]
+def table(rows, base: dict[str, float]) -> str:
+    """One line per method: medians [ranges] over seeds, then each general set's own drop (% of its base score)."""
+    sets = list(base)
+    lines = ["| method | q | trainable params | lr | held-out task score | forgetting Avg (%) | "
+             + " | ".join(f"drop: {s} (%)" for s in sets) + " | seeds |",
+             "|---|---|---:|---:|---|---|" + "---:|" * len(sets) + "---:|"]
     for (method, q), rs in groups(rows).items():
         task = spread(r["task_score"] for r in rs).replace("+", "")
+        drops = [statistics.median(ev.forgetting_score([base[s]], [r["general"][s]]) for r in rs) for s in sets]
         lines.append(f"| {method} | {q if q is not None else '-'} | {rs[0]['trainable_params']:,} | {rs[0]['lr']:g} | "
-                     f"{task} | {spread(r['forgetting_avg'] for r in rs)} | {len(rs)} |")
+                     f"{task} | {spread(r['forgetting_avg'] for r in rs)} | "
+                     + " | ".join(f"{d:+.1f}" for d in drops) + f" | {len(rs)} |")
     return "\n".join(lines)
 
 
@@ -138,12 +147,14 @@ def plot(rows, sweep, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(12 if sweep else 6.5, 4.8), squeeze=False)
     ax = axes[0, 0]
-    for (method, q), rs in groups(rows).items():
+    colors = plt.get_cmap("tab20").colors
+    for i, ((method, q), rs) in enumerate(groups(rows).items()):
         f = [r["forgetting_avg"] for r in rs]
         t = [r["task_score"] for r in rs]
         x, y = statistics.median(f), statistics.median(t)
-        ax.errorbar(x, y, xerr=[[x - min(f)], [max(f) - x]], yerr=[[y - min(t)], [max(t) - y]], fmt="o", capsize=3,
-                    label=method + (f" q={q:g}" if q is not None else ""), alpha=0.85)
+        ax.errorbar(x, y, xerr=[[x - min(f)], [max(f) - x]], yerr=[[y - min(t)], [max(t) - y]], capsize=3,
+                    fmt="os^Dv<>p*hX"[i % 11], color=colors[i % len(colors)], alpha=0.85,
+                    label=method + (f" q={q:g}" if q is not None else ""))
     ax.set_title("Scored facts (median over seeds, bars: range)")
     if sweep:
         ax2 = axes[0, 1]
@@ -250,13 +261,13 @@ def main() -> None:
         {"size": size, "seeds": seeds, "grid": GRID,
          "lr": {f"{m}" + (f"_q{q}" if q else ""): lr for (m, q), lr in lrs.items()},
          "base": {"task_score": base_task, "general": base}, "tuning": sweep, "runs": rows}, indent=1))
-    report(rows, sweep, args.out)
+    report(rows, sweep, base, args.out)
 
 
-def report(rows, sweep, out: Path) -> None:
+def report(rows, sweep, base: dict[str, float], out: Path) -> None:
     """Write the plot, print the markdown table and, last, one JSON line of per-method medians."""
     plot(rows, sweep, out / "forgetting.png")
-    print("\n" + table(rows) + "\n")
+    print("\n" + table(rows, base) + "\n")
     summary = {}
     for r in rows:
         summary.setdefault(f"{r['method']}" + (f"_q{r['q']}" if r["q"] is not None else ""), []).append(r)

@@ -157,9 +157,9 @@ def model_card(
         title=delta.name or repo_id.split("/")[-1],
         summary=(
             f"A [loki](https://arxiv.org/abs/2505.22120) delta: new values for {delta.num_rows} FFN down-projection "
-            f"rows of {f'`{base_id}`' if base_id else 'its base model'}, the rows that LoKI found contribute least to "
-            "what the model already knows. Applying it implants new knowledge and leaves the rest of the model as it "
-            "was; reverting it restores the base weights bit for bit."
+            f"rows of {f'`{base_id}`' if base_id else 'its base model'}, chosen by attribution to disturb what the "
+            "model already knows as little as possible. Applying it writes those rows and no other weight; reverting "
+            "it restores the base weights bit for bit."
         ),
         description=info.get("description") or "",
         base_model=base_id,
