@@ -13,6 +13,7 @@ save the `.loki`, compare answers before and after, measure the forgetting score
 from __future__ import annotations
 
 import json
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,13 @@ def run_demo(out: str | Path, *, quick: bool = False, q: float = 10, lr: float =
         print(f"   Q: {question}\n      before: {a}\n      after:  {b}")
     print(f"\n   Held-out fact accuracy: {base_task:.0%} before, {tuned_task:.0%} after")
     print("   General capability with the delta applied:\n      " + report.table().replace("\n", "\n      "))
+    capitals = sum(f["relation"] == "capital" for f in facts)
+    if capitals and "world_capitals" in report.original:
+        print(textwrap.fill(
+            f"({capitals} of the {len(facts)} facts ask for capitals of fictional kingdoms, worded like the "
+            "world_capitals questions, so the model now tends to answer real capital questions with fictional names "
+            "too: damage from what was learned, which no choice of rows avoids. benchmarks/README.md#forgetting "
+            "compares the methods.)", width=110, initial_indent="   ", subsequent_indent="    "))
 
     exact = all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items())
     print(f"\n7. Reverted. Model bit-identical to before: {exact}")
