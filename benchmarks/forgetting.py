@@ -42,10 +42,11 @@ from loki.demo import GENERAL, fact_benchmark, fact_training_set, implant_facts,
 RESULTS = ROOT / "benchmarks" / "results"
 # Peak learning rates (cosine, 10% warm-up) tried per parameterisation. Row training needs a much larger rate than
 # full fine-tuning: it moves few parameters over few steps. The selection ablations and the other quotas train rows
-# exactly like LoKI at q=10 and use its tuned rate, so they differ only in which rows train. --quick uses the
-# middle of each grid without tuning.
-GRID = {"loki": (3e-4, 1e-3, 3e-3), "loki_lora": (1e-3, 3e-3, 1e-2), "full": (1e-5, 3e-5, 1e-4),
-        "lora": (3e-4, 1e-3, 3e-3)}
+# exactly like LoKI at q=10 and use its tuned rate, so they differ only in which rows train. A grid goes one step
+# past its first 3 rates wherever the largest of those had not yet learned every tuning fact. --quick uses the
+# second rate of each grid without tuning.
+GRID = {"loki": (3e-4, 1e-3, 3e-3), "loki_lora": (1e-3, 3e-3, 1e-2, 3e-2), "full": (1e-5, 3e-5, 1e-4, 3e-4),
+        "lora": (3e-4, 1e-3, 3e-3, 1e-2)}
 TUNED_AS = {"loki": ("loki", 10), "global_lowest": ("loki", 10), "global_highest": ("loki", 10),
             "random": ("loki", 10), "loki_abs": ("loki", 10), "loki_lora": ("loki_lora", 10), "full": ("full", None), "lora": ("lora", None)}
 SIZES = {  # general_items None = every item of each set; tune = facts for tuning (after the scored ones), 0 = none
@@ -109,10 +110,10 @@ def run_one(method, q, seed, model, tokenizer, attr, train_set, heldout, suite, 
             "forgetting_avg": forgetting, "general": scores, "lr": lr}
 
 
-def groups(rows) -> dict[tuple, list]:
+def groups(rows, by=("method", "q")) -> dict[tuple, list]:
     out: dict[tuple, list] = {}
     for r in rows:
-        out.setdefault((r["method"], r["q"]), []).append(r)
+        out.setdefault(tuple(r[k] for k in by), []).append(r)
     return out
 
 
@@ -123,16 +124,19 @@ def spread(values) -> str:
     return f"{mid:+.2f}" if len(values) == 1 else f"{mid:+.2f} [{values[0]:+.2f}, {values[-1]:+.2f}]"
 
 
-def table(rows, base: dict[str, float]) -> str:
-    """One line per method: medians [ranges] over seeds, then each general set's own drop (% of its base score)."""
+def table(rows, base: dict[str, float], other_rates=()) -> str:
+    """One line per method: medians [ranges] over seeds, then each general set's own drop (% of its base score).
+    `other_rates`: scored runs of the same methods at rates other than the tuned one, one line each (rate marked)."""
     sets = list(base)
     lines = ["| method | q | trainable params | lr | held-out task score | forgetting Avg (%) | "
              + " | ".join(f"drop: {s} (%)" for s in sets) + " | seeds |",
              "|---|---|---:|---:|---|---|" + "---:|" * len(sets) + "---:|"]
-    for (method, q), rs in groups(rows).items():
+    tuned = {(r["method"], r["q"]): r["lr"] for r in rows}
+    for (method, q, lr), rs in groups([*rows, *other_rates], by=("method", "q", "lr")).items():
+        rate = f"{lr:g}" if tuned.get((method, q)) == lr else f"{lr:g} (not the tuned rate)"
         task = spread(r["task_score"] for r in rs).replace("+", "")
         drops = [statistics.median(ev.forgetting_score([base[s]], [r["general"][s]]) for r in rs) for s in sets]
-        lines.append(f"| {method} | {q if q is not None else '-'} | {rs[0]['trainable_params']:,} | {rs[0]['lr']:g} | "
+        lines.append(f"| {method} | {q if q is not None else '-'} | {rs[0]['trainable_params']:,} | {rate} | "
                      f"{task} | {spread(r['forgetting_avg'] for r in rs)} | "
                      + " | ".join(f"{d:+.1f}" for d in drops) + f" | {len(rs)} |")
     return "\n".join(lines)
@@ -253,6 +257,9 @@ def main() -> None:
     lrs = {(m, q): fixed.get(m, lrs[TUNED_AS[m][0]]) for m, q in plan}
     seeds = args.seeds if args.seeds is not None else size["seeds"]
     rows = [run("test", method, q, seed, lrs[(method, q)], scored) for seed in seeds for method, q in plan]
+    # Scored runs at other rates, left in the journal by earlier grids or --lr: shown, never used for the medians.
+    other_rates = [r for r in journal.done.values() if r["phase"] == "test" and (r["method"], r["q"]) in lrs
+                   and r["seed"] in seeds and r["lr"] != lrs[(r["method"], r["q"])]]
 
     (args.out / "forgetting.json").write_text(json.dumps(
         [{k: r[k] for k in ("method", "q", "seed", "trainable_params", "task_score", "forgetting_avg", "lr")}
@@ -260,14 +267,15 @@ def main() -> None:
     (args.out / "forgetting-details.json").write_text(json.dumps(
         {"size": size, "seeds": seeds, "grid": GRID,
          "lr": {f"{m}" + (f"_q{q}" if q else ""): lr for (m, q), lr in lrs.items()},
-         "base": {"task_score": base_task, "general": base}, "tuning": sweep, "runs": rows}, indent=1))
-    report(rows, sweep, base, args.out)
+         "base": {"task_score": base_task, "general": base}, "tuning": sweep, "runs": rows,
+         "runs_at_other_rates": other_rates}, indent=1))
+    report(rows, sweep, base, other_rates, args.out)
 
 
-def report(rows, sweep, base: dict[str, float], out: Path) -> None:
+def report(rows, sweep, base: dict[str, float], other_rates, out: Path) -> None:
     """Write the plot, print the markdown table and, last, one JSON line of per-method medians."""
     plot(rows, sweep, out / "forgetting.png")
-    print("\n" + table(rows, base) + "\n")
+    print("\n" + table(rows, base, other_rates) + "\n")
     summary = {}
     for r in rows:
         summary.setdefault(f"{r['method']}" + (f"_q{r['q']}" if r["q"] is not None else ""), []).append(r)
