@@ -13,7 +13,7 @@ on other facts (the tuning facts, disjoint from the scored ones, same relations)
 best held-out accuracy there wins (ties: the smaller rate). Tuning scores the task only (the general sets are the
 expensive part); the sweep is plotted next to the results.
 
-    .venv/bin/python benchmarks/forgetting.py            # the full run (about an hour on an idle 2-core CPU)
+    .venv/bin/python benchmarks/forgetting.py            # the full run (about 80 min on an idle 2-core CPU)
     .venv/bin/python benchmarks/forgetting.py --quick    # fewer facts, steps and items, one seed, no tuning
 
 Writes benchmarks/results/forgetting.json (one object per run), forgetting.png (task score vs forgetting) and
@@ -48,7 +48,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 GRID = {"loki": (3e-4, 1e-3, 3e-3), "loki_lora": (1e-3, 3e-3, 1e-2, 3e-2), "full": (1e-5, 3e-5, 1e-4, 3e-4),
         "lora": (3e-4, 1e-3, 3e-3, 1e-2)}
 TUNED_AS = {"loki": ("loki", 10), "global_lowest": ("loki", 10), "global_highest": ("loki", 10),
-            "random": ("loki", 10), "loki_abs": ("loki", 10), "loki_lora": ("loki_lora", 10), "full": ("full", None), "lora": ("lora", None)}
+            "random": ("loki", 10), "loki_abs": ("loki", 10), "loki_lora": ("loki_lora", 10), "full": ("full", None),
+            "lora": ("lora", None)}
 SIZES = {  # general_items None = every item of each set; tune = facts for tuning (after the scored ones), 0 = none
     "full": dict(facts=12, tune=12, steps=40, batch=8, seeds=(0, 1, 2), prompts=24, general_items=None,
                  qs=(5, 10, 20, 30)),

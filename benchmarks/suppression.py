@@ -52,17 +52,16 @@ def main() -> None:
 
     model, tokenizer = loki.load_default()
     attr = probe_attributions(model, tokenizer, prompts, 7, args.out / "attributions")
-    values = attr.values if hasattr(attr, "values") else torch.as_tensor(attr)
     suite = ev.general_suite(GENERAL, n=items)
     base = ev.evaluate(model, tokenizer, suite)
     rows = []
     # The extra row: LoKI's layer-balanced choice by smallest |attribution| instead of smallest signed attribution.
     selections = [(s, loki.select(attr, q=args.q, strategy=s)) for s in STRATEGIES]
-    selections.append(("layer_balanced_abs", loki.select(values.abs(), q=args.q)))
+    selections.append(("layer_balanced_abs", loki.select(attr.values.abs(), q=args.q)))
     for strategy, sel in selections:
         report = ev.compare(model, tokenizer, suite, sel.suppression_delta(model), original=base)
         rows.append({"strategy": strategy, "q": args.q, "rows": sel.num_rows, "forgetting_avg": report.forgetting,
-                     "scores": report.tuned, "relative_magnitude": magnitude(values, sel)})
+                     "scores": report.tuned, "relative_magnitude": magnitude(attr.values, sel)})
         print(f"{strategy:>15}: forgetting {report.forgetting:+.2f}%  "
               f"|attribution| x{rows[-1]['relative_magnitude']:.1f} of the median row", flush=True)
 
