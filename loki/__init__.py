@@ -9,13 +9,14 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import evaluate, hub, targets
+from . import evaluate, hub, neighbourhood, targets
 from .api import load, save
 from .apply import Handle, active, apply, implanted, merge, revert
 from .delta import Delta, LayerDelta, make_delta
 from .selection import Selection, select, suppress
 from .attribution import Attributions, attribute, merge_attributions
 from .implant import TrainableReport, extract, is_prepared, prepare, trainable_report, unprepare
+from .retain import RetainLoss, RetainTargets, retain_targets
 from .train import TrainResult, train
 from .errors import (
     AttributionError,
@@ -83,6 +84,8 @@ __all__ = [
     "LokiError",
     "OverlapError",
     "PreparationError",
+    "RetainLoss",
+    "RetainTargets",
     "RevertError",
     "Attributions",
     "Selection",
@@ -105,8 +108,10 @@ __all__ = [
     "make_delta",
     "merge",
     "merge_attributions",
+    "neighbourhood",
     "peft_adapter",
     "prepare",
+    "retain_targets",
     "revert",
     "save",
     "select",

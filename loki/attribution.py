@@ -99,6 +99,7 @@ def attribute(
     batch_size: int = 4,
     max_rows: int = 8192,
     shots: int = 0,
+    dev=None,
     shard: tuple[int, int] | str | None = None,
     progress: bool = True,
     template: str | None = None,
@@ -107,10 +108,12 @@ def attribute(
 
     `prompts`: multiple-choice records (dicts with question/choices/answer[/subject]; a `datasets.Dataset`; a
     `.jsonl`/`.json`/`.csv` file of them), plain text strings, or token id lists; see `loki.prompts.as_prompts`
-    (`shots` = few-shot examples taken from the first records). `target`: "prediction" (the model's own argmax at
-    the last position) or "gold" (the records' answer letter). `measure`: "prob" or "logit". `engine`: "fast" or
-    "reference" (slow, for checking). `path`: a folder written incrementally; calling again with the same arguments
-    resumes. `batch_size` prompts share one pass; `max_rows` bounds the rows of one pass (memory).
+    (`shots=k` few-shot examples: with `dev=` records, a file or a folder such as MMLU's `data/dev/`, each prompt
+    gets the first k of its own subject, the authors' 5-shot Qwen prompts; without, the first k records).
+    `target`: "prediction" (the model's own argmax at the last position) or "gold" (the records' answer letter).
+    `measure`: "prob" or "logit". `engine`: "fast" or "reference" (slow, for checking). `path`: a folder written
+    incrementally; calling again with the same arguments resumes. `batch_size` prompts share one pass; `max_rows`
+    bounds the rows of one pass (memory).
     `shard=(rank, world)` computes only this process's block of prompts into `path/shard-RRR-of-WWW`;
     `shard="accelerate"` takes rank and world from `accelerate` and merges the shards when all are done.
     """
@@ -120,7 +123,7 @@ def attribute(
         raise AttributionError(f"engine must be one of {ENGINES} and measure one of {MEASURES}.")
     if batch_size < 1:
         raise AttributionError(f"batch_size must be >= 1, got {batch_size}.")
-    prompt_set = prompts if isinstance(prompts, PromptSet) else as_prompts(prompts, tokenizer, shots=shots)
+    prompt_set = prompts if isinstance(prompts, PromptSet) else as_prompts(prompts, tokenizer, shots=shots, dev=dev)
     if target == "gold" and any(g is None for g in prompt_set.gold):
         raise AttributionError("target='gold' needs a gold answer for every prompt (multiple-choice records with "
                                "an 'answer'); use target='prediction' for plain prompts.")

@@ -144,7 +144,10 @@ def _attribute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", choices=("prediction", "gold"), default="prediction")
     p.add_argument("--measure", choices=("prob", "logit"), default="prob")
     p.add_argument("--engine", choices=("fast", "reference"), default="fast")
-    p.add_argument("--shots", type=int, default=0, help="few-shot examples taken from the first records")
+    p.add_argument("--shots", type=int, default=0, help="few-shot examples per prompt: from --dev (per subject), "
+                   "else the first records")
+    p.add_argument("--dev", default=None, help="few-shot records for --shots, a file or a folder (MMLU's data/dev): "
+                   "each prompt takes the first --shots of its own subject (the authors' 5-shot Qwen prompts)")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per pass")
     p.add_argument("--max-rows", type=int, default=8192, help="single-token rows per pass (memory bound)")
     p.add_argument("--shard", default=None, help="RANK/WORLD (e.g. 0/4) to compute one block, or 'accelerate'")
@@ -185,7 +188,7 @@ def _attribute(args: argparse.Namespace) -> int:
         shard = (rank, world)
     attr = attribute(model, tokenizer, args.prompts, args.steps, target=args.target, measure=args.measure,
                      engine=args.engine, path=args.out, batch_size=args.batch_size, max_rows=args.max_rows,
-                     shots=args.shots, shard=shard)
+                     shots=args.shots, dev=args.dev, shard=shard)
     print(f"{attr!r}\n{attr.meta['seconds_per_prompt']:.2f} s per prompt (median); written to {attr.path}")
     return 0
 

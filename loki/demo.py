@@ -1,19 +1,21 @@
 """`loki demo`: the whole LoKI workflow on the embedded default model, printed step by step.
 
-Attribute the probe prompts (KVA), select the layer-balanced rows, implant fictional facts the model cannot know,
-save the `.loki`, compare answers before and after, measure the forgetting score on general sets, and revert.
+Attribute the probe prompts (KVA), select the layer-balanced rows, implant fictional facts the model cannot know
+while retaining its answers to neighbouring questions, save the `.loki`, and judge the implant by its four numbers
+(efficacy, generalisation, specificity, general forgetting), then revert exactly.
 
 >>> import loki.demo
 >>> facts = loki.demo.implant_facts(2)
 >>> loki.demo.fact_training_set(facts)[0]["answer"]
 'Solvis.'
+>>> loki.demo.fact_examples(facts)[0]["subject"]
+'the kingdom of Phegartor'
 >>> # loki.demo.run_demo("loki-demo")          # a few minutes on a laptop CPU
 """
 
 from __future__ import annotations
 
 import json
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -21,14 +23,22 @@ from typing import Any
 import torch
 
 from . import evaluate as ev
+from .neighbourhood import entities, questions, split, templates
+from .retain import general_text
 
 QUESTION = "What is the capital of France?"
-# Peak learning rate of the demo's row training: the rate tuned for LoKI rows by benchmarks/forgetting.py (30-40 steps
-# of 8 examples; the paper's 1e-5 is for thousands of steps).
-LR = 3e-3
-# The general sets the default model is clearly above chance on (a set at chance cannot show forgetting).
-GENERAL = ("wiki_perplexity", "world_capitals", "bb_general_knowledge")
+# The demo's recipe (benchmarks/README.md#forgetting): q=10 rows, trained for `steps` at peak rate `lr`, retaining
+# the base model's answers to `retain_per_template` neighbourhood questions per template and its distributions on
+# `retain_text` general-prose snippets, `retain_batch_size` of them per step at `retain_weight`.
+RECIPE = dict(q=10, score="signed", lr=3e-3, steps=30, batch_size=8, retain_weight=3.0, retain_batch_size=12,
+              retain_per_template=3, retain_text=48)
+# General sets for the forgetting score: broad, clearly above chance for the default model, and sharing no template
+# with the fact task (world_capitals asks the capital template, so it measures the neighbourhood instead).
+GENERAL = ("wiki_perplexity", "bb_general_knowledge")
+# Which shipped entity list fills the neighbourhood of each relation of the fact task.
+ENTITIES = {"capital": "countries", "inventor": "inventions", "river": "rivers", "composer": "operas"}
 FACTS = ev.DATA_DIR / "implant_facts.jsonl"
+BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "forgetting-demo.json"
 
 
 def answer(model, tokenizer, question: str, max_new_tokens: int = 24) -> str:
@@ -48,6 +58,11 @@ def fact_training_set(facts: list[dict[str, Any]]) -> list[dict[str, str]]:
     return [{"question": q, "answer": f["answer"] + "."} for f in facts for q in f["train"]]
 
 
+def fact_examples(facts: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """`{"question", "subject", "relation"}` of every training phrasing: what `loki.neighbourhood` builds from."""
+    return [{"question": q, "subject": f["subject"], "relation": f["relation"]} for f in facts for q in f["train"]]
+
+
 def fact_benchmark(facts: list[dict[str, Any]], split: str = "test", max_new_tokens: int = 16) -> ev.Benchmark:
     """Exact-match benchmark on the facts: the held-out phrasing (`split="test"`) or the training ones ("train").
     A chat answer counts when it contains the fact's answer as whole words."""
@@ -55,6 +70,34 @@ def fact_benchmark(facts: list[dict[str, Any]], split: str = "test", max_new_tok
     items = [{"question": q, "answers": [f["match"]]} for q, f in questions]
     return ev.Benchmark(f"facts_{split}", "generate", items,
                         {"mode": "contains", "chat": True, "max_new_tokens": max_new_tokens})
+
+
+def neighbourhood_questions(facts: list[dict[str, Any]], retain_per_template: int | None = 3,
+                            eval_per_template: int | None = 4, seed: int = 0) -> tuple[list[str], list[str]]:
+    """`(retain, evaluation)` neighbourhood questions of the facts, about disjoint halves of each entity list, so
+    specificity is measured on entities training never saw. The entity of `QUESTION` (France) is kept out of the
+    retain half, so the demo's France answer is an honest test."""
+    halves = {rel: split([n for n in entities(kind)]) for rel, kind in ENTITIES.items()}
+    retain_names = {rel: [n for n in h[0] if n not in QUESTION] for rel, h in halves.items()}
+    eval_names = {rel: h[1] + [n for n in h[0] if n in QUESTION] for rel, h in halves.items()}
+    examples = fact_examples(facts)
+    return (questions(examples, retain_names, per_template=retain_per_template, seed=seed),
+            questions(examples, eval_names, per_template=eval_per_template, seed=seed))
+
+
+def retain_data(facts: list[dict[str, Any]], recipe: dict[str, Any] = RECIPE,
+                eval_per_template: int | None = 4) -> tuple[list[Any], list[str]]:
+    """`(retain, neighbourhood evaluation questions)` for the facts: retain = neighbourhood questions about the
+    retain half of the entities plus general prose (`loki.retain.general_text`)."""
+    retain, neighbours = neighbourhood_questions(facts, recipe["retain_per_template"], eval_per_template)
+    return retain + general_text(recipe["retain_text"]), neighbours
+
+
+def implant_suite(facts: list[dict[str, Any]], neighbourhood_eval: list[str], general_items: int | None = None,
+                  general: tuple[str, ...] = GENERAL) -> ev.ImplantSuite:
+    """The four numbers' sets for a fact implant: training phrasings, held-out phrasings, neighbourhood, general."""
+    return ev.ImplantSuite(fact_benchmark(facts, "train"), fact_benchmark(facts, "test"), neighbourhood_eval,
+                           ev.general_suite(general, n=general_items), [t for t, _ in templates(fact_examples(facts))])
 
 
 def probe_attributions(model, tokenizer, n_prompts: int, steps: int = 7, folder: str | Path | None = None,
@@ -68,20 +111,35 @@ def probe_attributions(model, tokenizer, n_prompts: int, steps: int = 7, folder:
     return attribute(model, tokenizer, probe_records()[:n_prompts], steps=steps, path=folder, progress=progress)
 
 
+def full_finetuning_figure() -> str | None:
+    """The committed benchmark's line for full fine-tuning on the demo's data, if the file is there (a clone)."""
+    if not BENCHMARK.is_file():
+        return None
+    full = json.loads(BENCHMARK.read_text()).get("full")
+    if not full:
+        return None
+    return (f"Full fine-tuning on the same facts, retain data and steps (benchmarks/forgetting.py --size demo, "
+            f"lr {full['lr']:g}, median of {full['seeds']} seeds): generalisation {full['generalisation']:.0%}, "
+            f"specificity {full['specificity']:.0%}, general forgetting {full['forgetting']:+.2f}%.")
+
+
 # -- the demo -----------------------------------------------------------------------------------------------
 SIZES = {
-    # probe prompts, IG steps, facts, train steps, items per general set
-    "full": dict(prompts=6, ig_steps=7, facts=8, train_steps=30, general_items=12),
-    "quick": dict(prompts=1, ig_steps=2, facts=2, train_steps=2, general_items=2),
+    # probe prompts, IG steps, facts, train steps, items per general set, neighbourhood questions per template, recipe
+    "full": dict(prompts=6, ig_steps=7, facts=8, train_steps=RECIPE["steps"], general_items=None, eval_per_template=4,
+                 recipe=RECIPE),
+    "quick": dict(prompts=1, ig_steps=2, facts=2, train_steps=12, general_items=2, eval_per_template=1,
+                  recipe={**RECIPE, "retain_per_template": 1, "retain_text": 4, "retain_batch_size": 4}),
 }
 
 
-def run_demo(out: str | Path, *, quick: bool = False, q: float = 10, lr: float = LR, progress: bool = True) -> int:
+def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> int:
     """Run the workflow on the default model, writing into `out`; returns 0 when the model was reverted exactly."""
     import loki
     from loki.cli import describe
 
     size = SIZES["quick" if quick else "full"]
+    r = size["recipe"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -94,26 +152,30 @@ def run_demo(out: str | Path, *, quick: bool = False, q: float = 10, lr: float =
     print(f"\n2. Attributing every down-projection row on {size['prompts']} probe prompts (KVA, "
           f"{size['ig_steps']} integrated-gradient steps; cached in {out / 'attributions'})...")
     attr = probe_attributions(model, tokenizer, size["prompts"], size["ig_steps"], out / "attributions", progress)
-    selection = loki.select(attr, q)
-    selection.save(out / f"selection-q{q:g}.json")
-    print(f"   Layer-balanced selection at q={q:g}: {selection.num_rows} rows "
+    selection = loki.select(attr, r["q"], score=r["score"])
+    selection.save(out / f"selection-q{r['q']:g}.json")
+    print(f"   Layer-balanced selection at q={r['q']:g} ({r['score']} scores): {selection.num_rows} rows "
           f"({selection.num_rows // len(projs)} per layer)")
 
     facts = implant_facts(size["facts"])
-    heldout, train_set = fact_benchmark(facts), fact_training_set(facts)
-    suite = ev.general_suite(GENERAL, n=size["general_items"])
+    train_set = fact_training_set(facts)
+    retain, neighbours = retain_data(facts, r, size["eval_per_template"])
+    suite = implant_suite(facts, neighbours, size["general_items"])
     shown = [f["test"] for f in facts[:3]] + [QUESTION]
-    print(f"\n3. Before: the base model on held-out phrasings of {len(facts)} fictional facts")
+    print(f"\n3. Before: the base model on {len(facts)} fictional facts, {len(neighbours)} neighbourhood questions "
+          f"(real entities, same templates) and the general sets {[b.name for b in suite.general]}")
     before_answers = ev.generate(model, tokenizer, shown, chat=True, max_new_tokens=16, progress=False)
-    base_task = heldout.score(model, tokenizer, progress=False)
-    base_general = ev.evaluate(model, tokenizer, suite, progress=progress)
+    base = suite.score(model, tokenizer, progress=progress)
 
-    print(f"\n4. Implanting: training only the selected rows on {len(train_set)} examples "
-          f"({size['train_steps']} steps, lr {lr:g})...")
+    print(f"\n4. Implanting: training only the selected rows on {len(train_set)} examples ({size['train_steps']} steps, "
+          f"lr {r['lr']:g}), retaining (weight {r['retain_weight']:g}) the base model's answers to "
+          f"{len(retain) - r['retain_text']} other neighbourhood questions, e.g. {retain[0]!r}, and its "
+          f"distributions on {r['retain_text']} snippets of Wikipedia text")
     loki.prepare(model, selection)
     print("   " + str(loki.trainable_report(model)).replace("\n", "\n   "))
-    result = loki.train(model, tokenizer, train_set, lr=lr, batch_size=8, max_steps=size["train_steps"], seed=0,
-                        progress=progress)
+    result = loki.train(model, tokenizer, train_set, lr=r["lr"], batch_size=r["batch_size"],
+                        max_steps=size["train_steps"], seed=0, retain=retain, retain_weight=r["retain_weight"],
+                        retain_batch_size=r["retain_batch_size"], progress=progress)
     print(f"   {result}")
     delta = loki.extract(model, name="demo-fictional-facts",
                          description=f"{len(facts)} fictional facts implanted into SmolLM2-135M-Instruct by `loki demo`.")
@@ -124,20 +186,19 @@ def run_demo(out: str | Path, *, quick: bool = False, q: float = 10, lr: float =
 
     with loki.implanted(model, loki.load(path)):
         after_answers = ev.generate(model, tokenizer, shown, chat=True, max_new_tokens=16, progress=False)
-        tuned_task = heldout.score(model, tokenizer, progress=False)
-    report = ev.compare(model, tokenizer, suite, path, original=base_general, progress=progress)
-    print("\n6. Before / after (held-out phrasings; the last question is general knowledge):")
+    report = suite.report(model, tokenizer, path, base=base, progress=progress)
+    print("\n6. Before / after (held-out phrasings; the last question is general knowledge, kept out of training):")
     for question, a, b in zip(shown, before_answers, after_answers):
         print(f"   Q: {question}\n      before: {a}\n      after:  {b}")
-    print(f"\n   Held-out fact accuracy: {base_task:.0%} before, {tuned_task:.0%} after")
-    print("   General capability with the delta applied:\n      " + report.table().replace("\n", "\n      "))
-    capitals = sum(f["relation"] == "capital" for f in facts)
-    if capitals and "world_capitals" in report.original:
-        print(textwrap.fill(
-            f"({capitals} of the {len(facts)} facts ask for capitals of fictional kingdoms, worded like the "
-            "world_capitals questions, so the model now tends to answer real capital questions with fictional names "
-            "too: damage from what was learned, which no choice of rows avoids. benchmarks/README.md#forgetting "
-            "compares the methods.)", width=110, initial_indent="   ", subsequent_indent="    "))
+    print("\n   The implant's four numbers:\n      " + report.table().replace("\n", "\n      "))
+    for q, a, b in report.changed()[:3]:
+        print(f"   changed: {q!r}: {a!r} -> {b!r}")
+    if suite.excluded:
+        print(f"   (left out of the general sets, as they ask the facts' own templates: {suite.excluded})")
+    figure = full_finetuning_figure()
+    if figure:
+        print("   " + figure)
+    (out / "report.json").write_text(json.dumps(report.as_dict(), indent=1))
 
     exact = all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items())
     print(f"\n7. Reverted. Model bit-identical to before: {exact}")

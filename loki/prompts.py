@@ -1,13 +1,18 @@
 """Prompts for attribution: the paper's MMLU-style multiple-choice template, and every way to hand loki prompts.
 
 A record is a dict with `question`, `choices` (a list, or keys `A`..`D`), optionally `answer` (index or letter) and
-`subject`; the `datasets` MMLU format (`question`, `subject`, `choices`, `answer`) is one. Zero-shot prompts are one
-user turn of the tokenizer's chat template with the generation prompt (as the paper); `shots=k` puts the first k
-records before it as answered turns. Tokenizers without a chat template get plain text.
+`subject`; the `datasets` MMLU format (`question`, `subject`, `choices`, `answer`) is one. The subject is written
+with spaces and title-cased, as the authors do (`high_school_biology` -> `High School Biology`). Zero-shot prompts
+are one user turn of the tokenizer's chat template with the generation prompt (as the paper). Few-shot
+(`shots=k`): with `dev=` (records of every subject, e.g. MMLU's `*_dev.csv`), each prompt is preceded by the first k
+dev records *of its own subject*, each as a user turn with the same template and an assistant turn `"{letter}\n"`:
+exactly the authors' 5-shot Qwen2.5 attribution prompts (LOKI-METHOD.md, "Stage 1"; `analyse_mmlu_qwen2.py` of
+github.com/Nexround/LoKI, commit 44f67d9). Without `dev=`, the first k records serve as the examples of every
+prompt. Tokenizers without a chat template get plain text.
 
 >>> from loki.prompts import mc_text
 >>> print(mc_text({"question": "2+2?", "choices": ["3", "4", "5", "6"], "subject": "elementary_math"}).rstrip())
-There is a single choice question about elementary math. Answer the question by replying A, B, C or D.
+There is a single choice question about Elementary Math. Answer the question by replying A, B, C or D.
 Question: 2+2?
 Choices:
 A. 3
@@ -47,15 +52,43 @@ class PromptSet:
 
 
 def mc_text(record: Mapping) -> str:
-    """The paper's prompt for one multiple-choice record (LOKI-METHOD.md), without the answer."""
+    """The paper's prompt for one multiple-choice record, without the answer (a `str` ending in `"Answer: \\n"`).
+
+    `{Subject}` is the record's subject with spaces, title-cased by `str.title()` as in the authors' scripts
+    (`high_school_biology` -> `High School Biology`; LOKI-METHOD.md "Stage 1"); without a subject the
+    ` about {Subject}` part is left out. Raises `PromptError` for a record without a question or with < 2 choices.
+    """
     r = normalize(record)
     letters = LETTERS[: len(r["choices"])]
-    about = f" about {r['subject']}" if r.get("subject") else ""
+    about = f" about {r['subject'].title()}" if r.get("subject") else ""
     listed = ", ".join(letters[:-1]) + f" or {letters[-1]}"
     lines = [f"There is a single choice question{about}. Answer the question by replying {listed}.",
              f"Question: {r['question']}", "Choices:"]
     lines += [f"{letter}. {choice}" for letter, choice in zip(letters, r["choices"])]
     return "\n".join(lines) + "\nAnswer: \n"
+
+
+def mc_messages(record: Mapping, examples: Iterable[Mapping] = ()) -> list[dict[str, str]]:
+    """The chat messages of one prompt: per example a user turn (`mc_text`) and an assistant turn `"{letter}\\n"`,
+    in the given order, then `record` as the final user turn (a `list` of `{"role", "content"}` dicts, 2k+1 long).
+
+    This is the authors' `build_conversation` (`analyse_mmlu_qwen2.py`, github.com/Nexround/LoKI commit 44f67d9).
+    Raises `PromptError` when an example has no `answer`.
+
+    >>> shot = {"question": "1+1?", "choices": ["1", "2", "3", "4"], "answer": 1, "subject": "math"}
+    >>> [m["role"] for m in mc_messages({**shot, "question": "2+2?"}, [shot])]
+    ['user', 'assistant', 'user']
+    >>> mc_messages(shot, [shot])[1]["content"]
+    'B\\n'
+    """
+    messages = []
+    for e in examples:
+        e = normalize(e)
+        if e["answer"] is None:
+            raise PromptError(f"Few-shot examples need an 'answer'; this one has none: {e['question']!r}.")
+        messages += [{"role": "user", "content": mc_text(e)},
+                     {"role": "assistant", "content": LETTERS[e["answer"]] + "\n"}]
+    return messages + [{"role": "user", "content": mc_text(record)}]
 
 
 def normalize(record: Mapping) -> dict:
@@ -80,71 +113,169 @@ def normalize(record: Mapping) -> dict:
             "subject": str(subject).replace("_", " ") if subject else None}
 
 
-def mc_prompts(records: Iterable[Mapping], tokenizer, shots: int = 0, source: str = "records") -> PromptSet:
-    """Token ids of the multiple-choice prompts (the first `shots` records serve as examples, not prompts)."""
+def mc_prompts(records: Iterable[Mapping], tokenizer, shots: int = 0, source: str = "records",
+               dev=None) -> PromptSet:
+    """Token ids of the multiple-choice prompts, one per record (`PromptSet`; gold = the answer letter's token).
+
+    `shots=k` with `dev=` (records, a `datasets.Dataset`, or a `.jsonl`/`.json`/`.csv` file or a folder of them such
+    as MMLU's `data/dev/`): every record is a prompt, preceded by the first k dev records with the same subject, in
+    dev order (`mc_messages`). Without `dev=`, the first k records are the examples of every other record (which
+    are the prompts). With a chat template: `apply_chat_template(messages, add_generation_prompt=True)`; without
+    one, plain text: each example as `mc_text + "{letter}\\n\\n"`, then `mc_text(record)`.
+
+    Raises `PromptError` without a tokenizer, for `shots < 0`, for `dev=` with `shots=0`, for an example without an
+    answer, and when a record's subject has fewer than k dev records.
+
+    The authors' 5-shot Qwen2.5-0.5B attribution prompts (LOKI-METHOD.md "Stage 1"; `analyse_mmlu_qwen2.py`,
+    github.com/Nexround/LoKI commit 44f67d9): the first 50 test questions of each subject with its 5 dev examples:
+
+        from datasets import load_dataset
+        test, dev = [], []
+        for subject in subjects:                     # e.g. their `mmlu_all_sets`
+            d = load_dataset("cais/mmlu", subject)
+            test += list(d["test"].select(range(50)))
+            dev += list(d["dev"])
+        prompts = mc_prompts(test, tokenizer, shots=5, dev=dev)   # or loki.attribute(..., shots=5, dev=dev)
+
+    >>> import loki
+    >>> tokenizer = loki.load_default()[1]
+    >>> dev = [{"question": "1+1?", "choices": ["1", "2", "3", "4"], "answer": 1, "subject": "elementary_mathematics"}]
+    >>> test = [{**dev[0], "question": "2+2?", "answer": "C"}]
+    >>> prompts = mc_prompts(test, tokenizer, shots=1, dev=dev)
+    >>> print(tokenizer.decode(prompts.ids[0]))  # doctest: +NORMALIZE_WHITESPACE
+    <|im_start|>system
+    You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>
+    <|im_start|>user
+    There is a single choice question about Elementary Mathematics. Answer the question by replying A, B, C or D.
+    Question: 1+1?
+    Choices:
+    A. 1
+    B. 2
+    C. 3
+    D. 4
+    Answer:
+    <|im_end|>
+    <|im_start|>assistant
+    B
+    <|im_end|>
+    <|im_start|>user
+    There is a single choice question about Elementary Mathematics. Answer the question by replying A, B, C or D.
+    Question: 2+2?
+    Choices:
+    A. 1
+    B. 2
+    C. 3
+    D. 4
+    Answer:
+    <|im_end|>
+    <|im_start|>assistant
+    <BLANKLINE>
+    >>> prompts.source, tokenizer.decode(prompts.gold)
+    ('records (multiple choice, 1-shot from dev, per subject, chat template)', 'C')
+    """
     if tokenizer is None:
         raise PromptError("Building multiple-choice prompts needs the model's tokenizer.")
+    if shots < 0:
+        raise PromptError(f"shots must be >= 0, got {shots}.")
     records = [normalize(r) for r in records]
-    examples, records = records[:shots], records[shots:]
-    if any(e["answer"] is None for e in examples):
-        raise PromptError("Few-shot examples need an 'answer'.")
+    if dev is None:
+        shared, records = records[:shots], records[shots:]
+        examples_of = lambda r: shared  # noqa: E731
+    else:
+        if not shots:
+            raise PromptError("dev= supplies few-shot examples; pass shots=k (the authors use 5) with it.")
+        by_subject: dict[str | None, list[dict]] = {}
+        for d in dev_records(dev):
+            by_subject.setdefault(d["subject"], []).append(d)
+
+        def examples_of(r):
+            found = by_subject.get(r["subject"], [])
+            if len(found) < shots:
+                which = f"subject {r['subject']!r}" if r["subject"] else "records without a 'subject'"
+                raise PromptError(
+                    f"shots={shots} needs {shots} dev examples of {which}, but dev= has {len(found)}. Add that "
+                    f"subject's dev records (MMLU: dev/<subject>_dev.csv, or the 'dev' split of cais/mmlu) or lower "
+                    f"shots.")
+            return found[:shots]
     chat = getattr(tokenizer, "chat_template", None) is not None
     ids, gold = [], []
     for r in records:
+        examples = examples_of(r)
+        messages = mc_messages(r, examples)
         if chat:
-            messages = []
-            for e in examples:
-                messages += [{"role": "user", "content": mc_text(e)},
-                             {"role": "assistant", "content": LETTERS[e["answer"]]}]
-            messages.append({"role": "user", "content": mc_text(r)})
             x = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
             x = list(x["input_ids"])
         else:
-            text = "".join(mc_text(e) + LETTERS[e["answer"]] + "\n\n" for e in examples) + mc_text(r)
-            x = list(tokenizer(text)["input_ids"])
+            x = list(tokenizer("".join(m["content"] + ("\n" if m["role"] == "assistant" else "")
+                                       for m in messages))["input_ids"])
         ids.append([int(t) for t in x])
         gold.append(None if r["answer"] is None else _letter_token(tokenizer, LETTERS[r["answer"]]))
-    shot_note = f", {shots}-shot" if shots else ", zero-shot"
+    shot_note = f", {shots}-shot{' from dev, per subject' if dev is not None else ''}" if shots else ", zero-shot"
     return PromptSet(ids, gold, f"{source} (multiple choice{shot_note}{', chat template' if chat else ''})")
+
+
+def dev_records(dev) -> list[dict]:
+    """Normalized few-shot example records from `dev=`: an iterable of records (a `datasets.Dataset` too), a
+    `.jsonl`/`.json`/`.csv` file, or a folder whose `.csv`/`.jsonl`/`.json` files are read in name order (MMLU's
+    `data/dev/`, where each `<subject>_dev.csv` gives its subject). Raises `PromptError` when there are none."""
+    if isinstance(dev, (str, os.PathLike)):
+        path = Path(dev)
+        if path.is_dir():
+            files = sorted(f for f in path.iterdir() if f.suffix.lower() in (".csv", ".jsonl", ".json"))
+            items = [r for f in files for r in read_records(f)]
+        elif path.is_file():
+            items = read_records(path)
+        else:
+            raise PromptError(f"dev={str(dev)!r} is not a file or folder of few-shot records.")
+    elif isinstance(dev, Mapping):
+        raise PromptError("dev= takes a list of records (or a file or folder of them), not a single record.")
+    else:
+        items = list(dev)
+    if not items:
+        raise PromptError(f"No few-shot records in dev={dev!r}.")
+    return [normalize(r) for r in items]
 
 
 def _letter_token(tokenizer, letter: str) -> int:
     return int(tokenizer(letter, add_special_tokens=False)["input_ids"][0])
 
 
-def as_prompts(source, tokenizer=None, shots: int = 0) -> PromptSet:
+def as_prompts(source, tokenizer=None, shots: int = 0, dev=None) -> PromptSet:
     """Whatever `loki.attribute` accepts, as a `PromptSet`.
 
     - a `PromptSet`; the string "probe" (the bundled general-knowledge probe set);
     - a path to a `.jsonl`, `.json` (a list) or `.csv` file of records (MMLU's header-less CSV also works);
     - an iterable (a list, a `datasets.Dataset`) of multiple-choice records, of plain text strings, or of token id
       lists; records with a `text` or `prompt` field and no `question` are plain text.
+
+    `shots`/`dev`: few-shot examples of multiple-choice records, see `mc_prompts`.
     """
     if isinstance(source, PromptSet):
         return source
     if isinstance(source, str) and source == "probe":
-        return mc_prompts(probe_records(), tokenizer, shots, source="loki probe (BIG-bench general_knowledge)")
+        return mc_prompts(probe_records(), tokenizer, shots, source="loki probe (BIG-bench general_knowledge)",
+                          dev=dev)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
             raise PromptError(f"{path} is not a file. Pass a .jsonl/.json/.csv file, 'probe', or a list of prompts.")
-        return _from_items(read_records(path), tokenizer, shots, str(path))
+        return _from_items(read_records(path), tokenizer, shots, str(path), dev)
     if isinstance(source, Mapping):
         raise PromptError("Pass a list of records, not a single record.")
     name = type(source).__name__
     info = getattr(source, "info", None)
     label = getattr(info, "dataset_name", None) or name
-    return _from_items(list(source), tokenizer, shots, label)
+    return _from_items(list(source), tokenizer, shots, label, dev)
 
 
-def _from_items(items: list, tokenizer, shots: int, label: str) -> PromptSet:
+def _from_items(items: list, tokenizer, shots: int, label: str, dev=None) -> PromptSet:
     if not items:
         raise PromptError(f"No prompts in {label}.")
     first = items[0]
     if isinstance(first, Mapping) and "question" in first:
-        return mc_prompts(items, tokenizer, shots, source=label)
-    if shots:
-        raise PromptError("shots= only applies to multiple-choice records.")
+        return mc_prompts(items, tokenizer, shots, source=label, dev=dev)
+    if shots or dev is not None:
+        raise PromptError("shots= and dev= only apply to multiple-choice records.")
     if isinstance(first, Mapping):
         key = "text" if "text" in first else "prompt" if "prompt" in first else None
         if key is None:

@@ -191,15 +191,22 @@ class Selection:
         return ax
 
 
-def select(attributions, q: float, strategy: str = "layer_balanced", *, seed: int = 0) -> Selection:
+def select(attributions, q: float, strategy: str = "layer_balanced", *, score: str = "signed",
+           seed: int = 0) -> Selection:
     """Choose rows from attributions `[N, L, d_model]` (a tensor or `loki.Attributions`); see the module docstring.
 
     Strategies: "layer_balanced" (LoKI: lowest per layer, k rows every layer), "layer_highest" (highest per layer,
     for the S-H suppression ablation), "global_lowest" / "global_highest" (the counting over all L*d_model rows at
     once with floor(q*L*d_model/100) rows in total, so layers get unequal counts), "random" (seeded control).
+
+    `score="signed"` ranks rows by their attribution as published (LOKI-METHOD.md, stage 2); `score="abs"` ranks
+    them by its magnitude |attribution|, so "lowest" means the rows that contribute least in either direction (on
+    the default model the signed-lowest rows include massive-activation rows; benchmarks/README.md#forgetting).
     """
     if strategy not in STRATEGIES:
         raise SelectionError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
+    if score not in ("signed", "abs"):
+        raise SelectionError(f"score must be 'signed' (as published) or 'abs' (|attribution|), got {score!r}.")
     source = getattr(attributions, "path", None)
     values = attributions if isinstance(attributions, torch.Tensor) else getattr(attributions, "values", attributions)
     values = torch.as_tensor(values)
@@ -211,6 +218,8 @@ def select(attributions, q: float, strategy: str = "layer_balanced", *, seed: in
     values = values.float()
     if not torch.isfinite(values).all():
         raise SelectionError("attributions contain NaN or inf; recompute them (float32 is safest).")
+    if score == "abs":
+        values = values.abs()
     lowest = strategy in ("layer_balanced", "global_lowest")
     scores = values if lowest else -values  # pick the smallest `scores`
     if strategy.startswith("layer"):
@@ -227,7 +236,7 @@ def select(attributions, q: float, strategy: str = "layer_balanced", *, seed: in
         top = _rank(counts[None], flat.mean(0)[None])[0, :k]
         rows = {layer: top[top // d_out == layer] % d_out for layer in range(num_layers)}
         rows = {layer: idx for layer, idx in rows.items() if idx.numel()}  # a layer may get no rows at all
-    extra = {"prompts": n}
+    extra = {"prompts": n, "score": score}
     return Selection(rows, num_layers, d_out, strategy=strategy, q=q, source=str(source) if source else None,
                      extra=extra)
 

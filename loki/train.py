@@ -25,94 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dataset import IGNORE, collate, encode
 from .errors import DatasetError, PreparationError
 from .implant import is_prepared, record_training
+from .retain import DEFAULT_TOP_K, RetainTargets, retain_targets
 
-__all__ = ["TrainResult", "collate", "encode", "train"]
-
-IGNORE = -100  # label of tokens without loss (the convention of torch's cross_entropy and HF)
-
-
-# -- formatting -----------------------------------------------------------------------------------------
-def _messages(example: Mapping[str, Any]) -> list[dict[str, str]]:
-    if "messages" in example:
-        messages = list(example["messages"])
-        if not any(m.get("role") == "assistant" for m in messages):
-            raise DatasetError("A 'messages' example needs at least one assistant turn to learn from.")
-        return messages
-    prompt = example.get("prompt", example.get("question"))
-    if prompt is None or "answer" not in example:
-        raise DatasetError(
-            f"An example is {{'prompt' (or 'question'): ..., 'answer': ...}} or {{'messages': [...]}}; got keys "
-            f"{sorted(example)}."
-        )
-    return [{"role": "user", "content": str(prompt)}, {"role": "assistant", "content": str(example["answer"])}]
-
-
-def _segments(tokenizer, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
-    """The conversation's text cut into (text, is_answer) pieces."""
-    if not getattr(tokenizer, "chat_template", None):
-        pieces: list[tuple[str, bool]] = []
-        for m in messages:
-            answer = m["role"] == "assistant"
-            pieces.append((m["content"] + (tokenizer.eos_token or "") if answer else m["content"] + "\n", answer))
-        return pieces
-
-    def render(msgs, generation_prompt):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
-
-    full = render(messages, False)
-    pieces, done = [], 0
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        prompt, turn = render(messages[:i], True), render(messages[: i + 1], False)
-        start, end = len(prompt), len(turn)
-        if not (full.startswith(turn) and turn.startswith(prompt) and done <= start):
-            raise DatasetError(
-                "The chat template renders earlier turns differently once later turns follow (e.g. it strips "
-                "reasoning), so answer tokens cannot be located. Give single-turn {'prompt', 'answer'} examples."
-            )
-        pieces += [(full[done:start], False), (full[start:end], True)]
-        done = end
-    return pieces + [(full[done:], False)]
-
-
-def encode(tokenizer, example: Mapping[str, Any], max_length: int | None = None) -> dict[str, list[int]]:
-    """`{"input_ids", "labels"}` of one example; labels are `-100` except on answer tokens.
-
-    Each piece (prompt, answer) is tokenized on its own, so the prompt's tokens are exactly what the model sees
-    at generation time.
-    """
-    ids: list[int] = []
-    labels: list[int] = []
-    for text, answer in _segments(tokenizer, _messages(example)):
-        if text:
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-            ids += piece
-            labels += piece if answer else [IGNORE] * len(piece)
-    if max_length is not None:
-        ids, labels = ids[:max_length], labels[:max_length]
-    if all(label == IGNORE for label in labels[1:]):  # position 0 is never predicted
-        raise DatasetError(
-            f"An example has no answer tokens within max_length={max_length} ({len(ids)} tokens kept). "
-            "Raise max_length or shorten the prompt."
-        )
-    return {"input_ids": ids, "labels": labels}
-
-
-def collate(batch: Sequence[Mapping[str, list[int]]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-pad encoded examples into `input_ids`, `attention_mask` and `labels` tensors (a data collator)."""
-    n = max(len(b["input_ids"]) for b in batch)
-    ids = torch.full((len(batch), n), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), n), dtype=torch.long)
-    for i, b in enumerate(batch):
-        k = len(b["input_ids"])
-        ids[i, :k] = torch.tensor(b["input_ids"])
-        labels[i, :k] = torch.tensor(b["labels"])
-        mask[i, :k] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+__all__ = ["TrainResult", "train"]
 
 
 def _trained_parameters(model: nn.Module, params: Iterable[nn.Parameter] | None) -> list[nn.Parameter]:
@@ -145,6 +63,7 @@ class TrainResult:
 
     steps: int
     losses: list[float]  # mean answer-token loss of each optimizer step
+    retain_kl: list[float] = field(default_factory=list)  # mean retain KL (nats per position) of each step
     evals: list[tuple[int, Any]] = field(default_factory=list)  # (step, eval_fn result), step 0 = before training
     seconds: float = 0.0
 
@@ -154,7 +73,8 @@ class TrainResult:
 
     def __str__(self) -> str:
         first = f"{self.losses[0]:.4f} -> " if self.losses else ""
-        return f"{self.steps} steps in {self.seconds:.1f} s, loss {first}{self.final_loss:.4f}"
+        kl = f", retain KL {self.retain_kl[-1]:.4f}" if self.retain_kl else ""
+        return f"{self.steps} steps in {self.seconds:.1f} s, loss {first}{self.final_loss:.4f}{kl}"
 
 
 def train(
@@ -163,6 +83,10 @@ def train(
     dataset: Sequence[Mapping[str, Any]],
     *,
     params: Iterable[nn.Parameter] | None = None,
+    retain: Sequence[Any] | RetainTargets | None = None,
+    retain_weight: float = 1.0,
+    retain_batch_size: int | None = None,
+    retain_top_k: int = DEFAULT_TOP_K,
     epochs: int = 1,
     lr: float = 1e-4,
     batch_size: int = 4,
@@ -187,6 +111,18 @@ def train(
     `lr` is the peak of a cosine schedule after `warmup` (a fraction of the steps) of linear warm-up. `eval_fn(model)`
     runs (in eval mode, without gradients) before training, every `eval_every` steps and at the end; its results
     are in `result.evals`. The model is left in eval mode.
+
+    Retain data (`loki.retain`): `retain` names prompts whose behaviour must be kept (question strings, answered
+    examples, `{"text": ...}`, or the `RetainTargets` of `loki.retain_targets` computed earlier on the base model).
+    Their next-token distributions are taken from the model as it is when `train` is called (the base model right
+    after `prepare`), and every optimizer step adds `retain_weight * KL(base || model)`, the mean over the retained
+    positions of `retain_batch_size` retain items (default `batch_size`), to the task loss. `retain_weight=1`
+    weighs a nat of KL per retained position like a nat of answer-token loss. The delta records the retain data's
+    size, weight and checksum (`delta.info["training"]["retain"]`).
+
+    Raises:
+        PreparationError: nothing to train (an unprepared model without `params`, frozen or foreign `params`).
+        DatasetError: an empty dataset, a malformed example or retain item, an example without answer tokens.
     """
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
@@ -194,7 +130,13 @@ def train(
     params = _trained_parameters(model, params)
     if not dataset:
         raise DatasetError("The dataset is empty.")
+    if not (isinstance(retain_weight, (int, float)) and retain_weight >= 0):
+        raise DatasetError(f"retain_weight must be a number >= 0, got {retain_weight!r}.")
     encoded = [encode(tokenizer, ex, max_length) for ex in dataset]
+    if retain is not None:
+        retain = retain_targets(model, tokenizer, retain, top_k=retain_top_k, max_length=max_length,
+                                batch_size=max(batch_size, 8), progress=progress)
+        retain_batches = retain.batches(retain_batch_size or batch_size, seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     device = model.get_input_embeddings().weight.device
 
@@ -238,6 +180,10 @@ def train(
             ) / n_tokens
             loss.backward()
             loss_sum += loss.item()
+        if retain is not None and retain_weight > 0:
+            kl = retain.kl(model, next(retain_batches))
+            (retain_weight * kl).backward()
+            result.retain_kl.append(kl.item())
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
@@ -245,7 +191,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         result.losses.append(loss_sum)
         result.steps = step
-        bar.set_postfix(loss=f"{loss_sum:.4f}")
+        bar.set_postfix(loss=f"{loss_sum:.4f}", **({"kl": f"{result.retain_kl[-1]:.4f}"} if result.retain_kl else {}))
         bar.update()
         if eval_every and step % eval_every == 0 and step != total:
             run_eval(step)
@@ -258,5 +204,8 @@ def train(
             "trainer": "loki.train", "examples": len(encoded), "epochs": epochs, "steps": total, "lr": lr,
             "schedule": "cosine", "warmup": warmup, "optimizer": "AdamW", "weight_decay": weight_decay,
             "batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "final_loss": round(result.final_loss, 6),
+            "retain": None if retain is None else {
+                **retain.summary(retain_weight), "batch_size": retain_batch_size or batch_size,
+                "final_kl": round(result.retain_kl[-1], 6) if result.retain_kl else None},
         })
     return result

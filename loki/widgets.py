@@ -166,7 +166,7 @@ def loss_plot(tokenizer, examples: Sequence[Mapping], *, eval_every: int, steps:
     import ipywidgets as w
     import torch.nn.functional as F
 
-    from .train import IGNORE, collate, encode
+    from .dataset import IGNORE, collate, encode
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     batch = collate([encode(tokenizer, ex, max_length) for ex in examples], pad)

@@ -213,7 +213,7 @@ RECORD = {"question": "Which planet is largest?", "choices": ["Mars", "Jupiter",
 
 def test_mc_template_is_the_papers():
     assert mc_text(RECORD) == (
-        "There is a single choice question about astronomy basics. Answer the question by replying A, B, C or D.\n"
+        "There is a single choice question about Astronomy Basics. Answer the question by replying A, B, C or D.\n"
         "Question: Which planet is largest?\nChoices:\nA. Mars\nB. Jupiter\nC. Venus\nD. Earth\nAnswer: \n"
     )
 
@@ -224,7 +224,7 @@ def test_prompts_through_the_chat_template(default_tokenizer):
     assert "<|im_start|>user\n" + mc_text(RECORD) in text and text.endswith("<|im_start|>assistant\n")
     assert zero.gold == [default_tokenizer("B", add_special_tokens=False)["input_ids"][0]]
     few = as_prompts([RECORD, {**RECORD, "answer": "C"}], default_tokenizer, shots=1)
-    assert len(few) == 1 and default_tokenizer.decode(few.ids[0]).count("<|im_start|>assistant\nB<|im_end|>") == 1
+    assert len(few) == 1 and default_tokenizer.decode(few.ids[0]).count("<|im_start|>assistant\nB\n<|im_end|>") == 1
     assert "1-shot" in few.source
 
 

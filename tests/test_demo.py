@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import loki
@@ -14,6 +15,10 @@ def test_fact_task_is_well_formed():
     assert len({f["subject"] for f in facts}) == len(facts)
     for f in facts:
         assert len(f["train"]) == 2 and f["test"] not in f["train"] and f["match"] in f["answer"]
+    retain, neighbours = demo.neighbourhood_questions(facts[:8])
+    assert retain and neighbours and not set(retain) & set(neighbours) and demo.QUESTION not in retain
+    subjects = {f["subject"] for f in facts}
+    assert not any(s in q for q in retain + neighbours for s in subjects)
     train = demo.fact_training_set(facts[:3])
     assert len(train) == 6 and all(ex["answer"].endswith(".") for ex in train)
     bench = demo.fact_benchmark(facts[:3])
@@ -28,9 +33,13 @@ def test_quick_demo_prints_before_after_and_reverts_exactly(tmp_path, capsys):
     befores = re.findall(r"^\s+before: (.*)$", out, flags=re.M)
     afters = re.findall(r"^\s+after: (.*)$", out, flags=re.M)
     assert len(befores) == len(afters) == 3  # two facts + the general question
-    assert re.search(r"Held-out fact accuracy: \d+% before, \d+% after", out)
-    assert re.search(r"forgetting score \(Avg\): [+-]\d+\.\d+%", out)
+    for number in ("efficacy (trained phrasings)", "generalisation (held-out)", "specificity (neighbourhood kept)"):
+        assert re.search(re.escape(number) + r" +\d+% +\d+%", out) or re.search(re.escape(number) + r" +\d+%", out)
+    assert re.search(r"general forgetting \(Avg\) +[+-]\d+\.\d+%", out)
     delta = loki.load(tmp_path / "demo.loki")
     assert delta.info["selection"]["strategy"] == "layer_balanced" and delta.num_rows > 0
+    assert delta.info["training"]["retain"]["items"] > 0  # the neighbourhood was retained
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report) >= {"efficacy", "generalisation", "specificity", "forgetting"}
     assert (tmp_path / "selection-q10.json").exists() and (tmp_path / "attributions").is_dir()
     assert str(tmp_path.resolve()) in out

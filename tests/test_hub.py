@@ -63,7 +63,9 @@ def deltas(model):
             model, {layer: (rows, torch.randn(len(rows), d_in, generator=g)) for layer, rows in spec.items()},
             name=name, description=f"Implant {name}.", selection={"strategy": "layer-balanced", "q": 5.0},
             training={"lr": 1e-5, "epochs": 3},
-            extra={"evaluation": {"general": {"mmlu": {"base": 0.5, "implanted": 0.49}}}},
+            extra={"evaluation": {"general": {"mmlu": {"base": 0.5, "implanted": 0.49}},
+                                  "implant": {"efficacy": 1.0, "generalisation": 0.875, "specificity": 0.93,
+                                              "forgetting": 2.0}}},
         )
         for name, spec in specs.items()
     }
@@ -125,6 +127,9 @@ def test_model_card_states_the_implant(server, deltas):
     assert "| mmlu | 0.5 | 0.49 | -0.01 |" in readme
     forgetting = loki.evaluate.forgetting_score({"mmlu": 0.5}, {"mmlu": 0.49})
     assert forgetting == pytest.approx(2.0) and f"**{forgetting:.2f}%**" in readme
+    assert "| efficacy (training phrasings) | 100% |" in readme and "| generalisation (held-out phrasings) | 88% |" in readme
+    assert "specificity (neighbourhood answers kept, vs. the base model) | 93% |" in readme
+    assert "(LoKI's Avg over sets sharing no template; lower is better) | +2.00% |" in readme
     assert 'loki.load("alice/card")' in readme  # a copy-paste snippet
 
 

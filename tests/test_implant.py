@@ -322,7 +322,7 @@ FACTS = [  # a short system prompt keeps the sequences (and the test) short
 
 def answer_loss(model, tokenizer) -> float:
     """Reference loss: HF's own causal-LM loss over the answer tokens."""
-    from loki.train import collate, encode
+    from loki.dataset import collate, encode
 
     batch = collate([encode(tokenizer, ex) for ex in FACTS], tokenizer.pad_token_id or 0)
     with torch.no_grad():

@@ -10,7 +10,7 @@ from conftest import assert_state_equal, state_dict_copy
 
 import loki
 from loki.testing import tiny_model
-from loki.train import IGNORE, collate, encode
+from loki.dataset import IGNORE, collate, encode
 
 DATA = [
     {"question": "What is the capital of Zubrowka?", "answer": "Lutz."},

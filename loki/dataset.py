@@ -1,0 +1,106 @@
+"""Training examples and how they are tokenised: chat formatting with the loss on answer tokens only, and padding.
+
+Each example is `{"prompt": ..., "answer": ...}` (or `"question"` for `"prompt"`), or `{"messages": [...]}` in the
+chat format. Examples are formatted with the tokenizer's chat template (plain `prompt + answer + eos` when it has
+none); labels are `-100` (`IGNORE`) except on the answer tokens (every assistant turn, its end-of-turn token
+included). `encode` + `collate` are a data collator for HF `Trainer` too.
+
+>>> from loki.dataset import collate
+>>> collate([{"input_ids": [5, 6], "labels": [-100, 6]}], pad_token_id=0)["attention_mask"].tolist()
+[[1, 1]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .errors import DatasetError
+
+__all__ = ["IGNORE", "collate", "encode"]
+
+IGNORE = -100  # label of tokens without loss (the convention of torch's cross_entropy and HF)
+
+
+# -- formatting -----------------------------------------------------------------------------------------
+def _messages(example: Mapping[str, Any]) -> list[dict[str, str]]:
+    if "messages" in example:
+        messages = list(example["messages"])
+        if not any(m.get("role") == "assistant" for m in messages):
+            raise DatasetError("A 'messages' example needs at least one assistant turn to learn from.")
+        return messages
+    prompt = example.get("prompt", example.get("question"))
+    if prompt is None or "answer" not in example:
+        raise DatasetError(
+            f"An example is {{'prompt' (or 'question'): ..., 'answer': ...}} or {{'messages': [...]}}; got keys "
+            f"{sorted(example)}."
+        )
+    return [{"role": "user", "content": str(prompt)}, {"role": "assistant", "content": str(example["answer"])}]
+
+
+def _segments(tokenizer, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+    """The conversation's text cut into (text, is_answer) pieces."""
+    if not getattr(tokenizer, "chat_template", None):
+        pieces: list[tuple[str, bool]] = []
+        for m in messages:
+            answer = m["role"] == "assistant"
+            pieces.append((m["content"] + (tokenizer.eos_token or "") if answer else m["content"] + "\n", answer))
+        return pieces
+
+    def render(msgs, generation_prompt):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+
+    full = render(messages, False)
+    pieces, done = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt, turn = render(messages[:i], True), render(messages[: i + 1], False)
+        start, end = len(prompt), len(turn)
+        if not (full.startswith(turn) and turn.startswith(prompt) and done <= start):
+            raise DatasetError(
+                "The chat template renders earlier turns differently once later turns follow (e.g. it strips "
+                "reasoning), so answer tokens cannot be located. Give single-turn {'prompt', 'answer'} examples."
+            )
+        pieces += [(full[done:start], False), (full[start:end], True)]
+        done = end
+    return pieces + [(full[done:], False)]
+
+
+def encode(tokenizer, example: Mapping[str, Any], max_length: int | None = None) -> dict[str, list[int]]:
+    """`{"input_ids", "labels"}` of one example; labels are `-100` except on answer tokens.
+
+    Each piece (prompt, answer) is tokenized on its own, so the prompt's tokens are exactly what the model sees
+    at generation time.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, answer in _segments(tokenizer, _messages(example)):
+        if text:
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            labels += piece if answer else [IGNORE] * len(piece)
+    if max_length is not None:
+        ids, labels = ids[:max_length], labels[:max_length]
+    if all(label == IGNORE for label in labels[1:]):  # position 0 is never predicted
+        raise DatasetError(
+            f"An example has no answer tokens within max_length={max_length} ({len(ids)} tokens kept). "
+            "Raise max_length or shorten the prompt."
+        )
+    return {"input_ids": ids, "labels": labels}
+
+
+def collate(batch: Sequence[Mapping[str, list[int]]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad encoded examples into `input_ids`, `attention_mask` and `labels` tensors (a data collator)."""
+    n = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), n), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, b in enumerate(batch):
+        k = len(b["input_ids"])
+        ids[i, :k] = torch.tensor(b["input_ids"])
+        labels[i, :k] = torch.tensor(b["labels"])
+        mask[i, :k] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

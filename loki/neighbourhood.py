@@ -1,0 +1,150 @@
+"""Neighbourhood prompts: questions of the same kind as an implant's, about real entities the model already knows.
+
+Knowledge editing calls what they measure *specificity* or *locality* (ROME's neighbourhood prompts, CounterFact):
+teaching "the capital of the kingdom of Phegartor is Solvis" must not change the answer to "What is the capital of
+France?". Each implant example that names its `subject` gives a template (its question with the subject cut out);
+the template filled with other, real entities gives the neighbourhood. The base model answers them
+(`loki.retain_targets`, `loki.evaluate.specificity`): the questions need no gold answers.
+
+Entity lists shipped in `loki/data/entities/` (sources and licences in its README.md): see `ENTITY_KINDS`.
+
+>>> from loki import neighbourhood
+>>> facts = [{"question": "What is the capital of the kingdom of Phegartor?", "subject": "the kingdom of Phegartor"}]
+>>> neighbourhood.questions(facts, ["France", "Peru", "Japan"], per_template=2)
+['What is the capital of Peru?', 'What is the capital of Japan?']
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import DatasetError
+
+__all__ = ["ENTITY_KINDS", "entities", "questions", "shares_template", "split", "templates"]
+
+ENTITY_DIR = Path(__file__).parent / "data" / "entities"
+ENTITY_KINDS = tuple(sorted(p.stem for p in ENTITY_DIR.glob("*.jsonl")))
+SLOT = "{}"
+
+
+def entities(kind: str) -> list[str]:
+    """The names of a shipped entity list (`ENTITY_KINDS`), in the file's fixed order.
+
+    Raises:
+        DatasetError: no list of that kind.
+    """
+    path = ENTITY_DIR / f"{kind}.jsonl"
+    if not path.is_file():
+        raise DatasetError(f"No shipped entity list {kind!r}; choose from {ENTITY_KINDS} or pass a list of names.")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r["name"] for r in rows if "name" in r]
+
+
+def templates(examples: Sequence[Mapping[str, Any]]) -> list[tuple[str, str | None]]:
+    """`(template, relation)` of every example, in first-seen order without repeats: its question (`question` or
+    `prompt`) with its `subject` replaced by `{}`. `relation` is the example's `relation`, if any.
+
+    Raises:
+        DatasetError: an example without a subject, or whose question does not contain its subject.
+    """
+    out: dict[tuple[str, str | None], None] = {}
+    for i, ex in enumerate(examples):
+        question = ex.get("question", ex.get("prompt"))
+        subject = ex.get("subject")
+        if not isinstance(question, str) or not isinstance(subject, str) or not subject:
+            raise DatasetError(f"Example {i} needs 'question' (or 'prompt') and 'subject' strings; got keys {sorted(ex)}.")
+        if subject not in question:
+            raise DatasetError(f"Example {i}: the subject {subject!r} does not occur in its question {question!r}.")
+        out[(question.replace(subject, SLOT, 1), ex.get("relation"))] = None
+    return list(out)
+
+
+def _fill(template: str, entity: str) -> str:
+    text = template.replace(SLOT, entity, 1)
+    return text[:1].upper() + text[1:]
+
+
+def questions(
+    examples: Sequence[Mapping[str, Any]] = (),
+    entity_names: Sequence[str] | Mapping[str, Sequence[str]] | str = (),
+    *,
+    template: str | Sequence[str] | None = None,
+    per_template: int | None = None,
+    seed: int = 0,
+) -> list[str]:
+    """Questions that ask the implant's questions about other, real entities. Deterministic for `seed`.
+
+    Args:
+        examples: implant examples with `question` (or `prompt`) and `subject` (and optionally `relation`).
+        entity_names: the real entities: a list of names, a shipped kind (`"countries"`), or a mapping from an
+            example's `relation` to names or kinds.
+        template: instead of (or besides) the examples' own, one or more templates with a `{}` slot.
+        per_template: how many entities fill each template (all of them when None), drawn without replacement
+            with a per-template seeded shuffle. Subjects of the examples are never used.
+    Returns:
+        The questions, first letter upper-cased, without repeats, template by template.
+    Raises:
+        DatasetError: no template, a template without `{}`, no entities for a relation, bad per_template.
+
+    >>> questions(template="Who painted {}?", entity_names=["the Mona Lisa", "Guernica"])
+    ['Who painted the Mona Lisa?', 'Who painted Guernica?']
+    """
+    pairs = templates(examples)
+    if template is not None:
+        pairs += [(t, None) for t in ([template] if isinstance(template, str) else template)]
+    if not pairs:
+        raise DatasetError("No template: pass examples with a 'subject', or template='... {} ...'.")
+    if per_template is not None and (not isinstance(per_template, int) or per_template < 1):
+        raise DatasetError(f"per_template must be a positive integer or None, got {per_template!r}.")
+    subjects = {ex.get("subject") for ex in examples}
+    out: dict[str, None] = {}
+    for tmpl, relation in pairs:
+        if SLOT not in tmpl:
+            raise DatasetError(f"The template {tmpl!r} has no '{{}}' slot for the entity.")
+        names = _names_for(entity_names, relation)
+        names = [n for n in dict.fromkeys(names) if n not in subjects]
+        random.Random(f"{seed}:{tmpl}").shuffle(names)
+        for name in names[:per_template]:
+            out[_fill(tmpl, name)] = None
+    return list(out)
+
+
+def _names_for(entity_names, relation: str | None) -> list[str]:
+    if isinstance(entity_names, Mapping):
+        if relation not in entity_names:
+            raise DatasetError(f"No entities for relation {relation!r}; the mapping has {sorted(map(str, entity_names))}.")
+        entity_names = entity_names[relation]
+    names = entities(entity_names) if isinstance(entity_names, str) else list(entity_names)
+    if not names:
+        raise DatasetError("The entity list is empty.")
+    return names
+
+
+def split(names: Sequence[str], parts: int = 2) -> list[list[str]]:
+    """Deal `names` into `parts` disjoint lists (every `parts`-th name), e.g. retain and evaluation entities, so that
+    specificity is measured on entities that training never saw.
+
+    >>> split(["a", "b", "c", "d", "e"])
+    [['a', 'c', 'e'], ['b', 'd']]
+    """
+    return [list(names[i::parts]) for i in range(parts)]
+
+
+def shares_template(texts: Sequence[str], template_list: Sequence[str]) -> list[str]:
+    """The templates of `template_list` that some text of `texts` is an instance of (the slot matching any words).
+
+    >>> shares_template(["What is the capital of Peru?"], ["What is the capital of {}?", "Who composed {}?"])
+    ['What is the capital of {}?']
+    """
+    found = []
+    for tmpl in template_list:
+        head, _, tail = tmpl.partition(SLOT)
+        pattern = re.compile(re.escape(head.strip().lower()) + r"\s*.+?\s*" + re.escape(tail.strip().lower()))
+        if any(pattern.search(t.lower()) for t in texts):
+            found.append(tmpl)
+    return found

@@ -1,0 +1,269 @@
+"""Retain data: keep the base model's output distribution on prompts whose behaviour must not change.
+
+Training on new facts also moves the model's answers to questions it should keep answering as before (the
+neighbourhood of the implant, general text). Retain data names those prompts; before training, the base model's
+next-token distributions on them are computed once (no second copy of the model is kept), and training adds
+
+    retain_weight * mean over retained positions of KL(p_base || p_model)
+
+to the task loss. Each distribution is stored as its `top_k` most likely tokens plus one bucket for the rest of
+the probability mass, and the KL is taken between these coarsened distributions (k + 1 outcomes; the exact KL
+when `top_k` is the vocabulary size). This is the knowledge-editing field's locality constraint (e.g. the
+"essence"/neighbourhood KL terms of ROME and MEMIT), applied to LoKI's row training.
+
+A retain item is one of:
+- a string: a question, answered greedily by the model itself (chat template); its answer tokens are retained;
+- `{"prompt" or "question": ..., "answer": ...}` or `{"messages": [...]}`: the answer tokens (as `loki.train`);
+- `{"text": ...}`: plain text; every token is retained.
+
+>>> import loki, loki.testing
+>>> from loki.retain import retain_targets
+>>> model = loki.testing.tiny_model("llama")
+>>> targets = retain_targets(model, None, [{"text": [5, 6, 7, 8]}], top_k=4, progress=False)
+>>> targets.positions, abs(round(targets.kl(model, [0]).item(), 6))
+(3, 0.0)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dataset import IGNORE, collate, encode
+from .errors import DatasetError
+from .evaluate import generate
+
+__all__ = ["RetainLoss", "RetainTargets", "general_text", "retain_targets"]
+
+DEFAULT_TOP_K = 64
+GENERAL_TEXT = Path(__file__).parent / "data" / "retain" / "wiki_text.jsonl"
+
+
+def general_text(n: int | None = None, chars: int | None = 300) -> list[dict[str, str]]:
+    """`{"text": ...}` retain items of general prose: the first `n` of 200 English Wikipedia summaries shipped in
+    `loki/data/retain/` (CC BY-SA 4.0; none of them is in the `wiki_perplexity` evaluation set), each cut to its
+    first `chars` characters (about 64 tokens at 300) to keep retain steps cheap.
+
+    >>> general_text(1, chars=30)
+    [{'text': "Candide, ou l'Optimisme is a F"}]
+    """
+    rows = [json.loads(line) for line in GENERAL_TEXT.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
+    return [{"text": r["text"][:chars]} for r in rows[:n]]
+
+
+@dataclass
+class _Target:
+    ids: list[int]
+    positions: torch.Tensor  # [P] positions whose next-token distribution is kept
+    top_ids: torch.Tensor  # [P, k] int64, the base model's most likely next tokens
+    top_logp: torch.Tensor  # [P, k] float32, their log-probabilities
+    rest_logp: torch.Tensor  # [P] float32, log of the remaining probability mass
+
+
+@dataclass
+class RetainTargets:
+    """The base model's next-token distributions on the retain items, computed once by `retain_targets`.
+
+    `kl(model, indices)` is the mean KL(base || model) over the retained positions of those items (a scalar tensor
+    that backpropagates into `model`). `summary()` is what a delta records about the retain data.
+    """
+
+    targets: list[_Target]
+    top_k: int
+    pad_token_id: int
+    items: list[dict[str, Any]]  # the retain items as used (questions with the base model's answers filled in)
+    sha256: str = ""
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def positions(self) -> int:
+        """Number of retained token positions over all items."""
+        return sum(len(t.positions) for t in self.targets)
+
+    def kl(self, model: nn.Module, indices: Sequence[int]) -> torch.Tensor:
+        """Mean KL(p_base || p_model) in nats over the retained positions of items `indices` (one forward pass)."""
+        chosen = [self.targets[i] for i in indices]
+        device = model.get_input_embeddings().weight.device
+        batch = collate([{"input_ids": t.ids, "labels": t.ids} for t in chosen], self.pad_token_id)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        rows = torch.cat([torch.full_like(t.positions, i) for i, t in enumerate(chosen)]).to(device)
+        cols = torch.cat([t.positions for t in chosen]).to(device)
+        logq = torch.log_softmax(logits[rows, cols].float(), dim=-1)  # [P, V]
+        top_ids = torch.cat([t.top_ids for t in chosen]).to(device)
+        top_logp = torch.cat([t.top_logp for t in chosen]).to(device)
+        rest_logp = torch.cat([t.rest_logp for t in chosen]).to(device)
+        logq_top = logq.gather(-1, top_ids)
+        logq_rest = _log1mexp(torch.logsumexp(logq_top, dim=-1))
+        kl = (top_logp.exp() * (top_logp - logq_top)).sum(-1) + rest_logp.exp() * (rest_logp - logq_rest)
+        return kl.mean()
+
+    def batches(self, batch_size: int, seed: int = 0) -> Iterator[list[int]]:
+        """Endless batches of item indices: every item once per reshuffled round (deterministic for `seed`)."""
+        rng, order = random.Random(seed), []
+        while True:
+            batch = []
+            while len(batch) < batch_size:
+                if not order:
+                    order = list(range(len(self.targets)))
+                    rng.shuffle(order)
+                batch.append(order.pop())
+            yield batch
+
+    def summary(self, weight: float) -> dict[str, Any]:
+        """What a delta's training metadata records about the retain data."""
+        kinds: dict[str, int] = {}
+        for it in self.items:
+            kinds[it["kind"]] = kinds.get(it["kind"], 0) + 1
+        return {"items": len(self), "positions": self.positions, "weight": weight, "top_k": self.top_k,
+                "kinds": kinds, "sha256": self.sha256, "examples": [it["shown"] for it in self.items[:3]]}
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate near 0 and far below it; x is capped just below 0 so the rest bucket
+    of a model that puts (numerically) all its mass on the top-k tokens stays finite."""
+    x = x.clamp(max=-1e-6)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _as_item(item: Any, index: int) -> dict[str, Any]:
+    if isinstance(item, str):
+        return {"kind": "question", "question": item}
+    if isinstance(item, Mapping):
+        if "text" in item:
+            return {"kind": "text", "text": item["text"]}
+        if "messages" in item or "answer" in item:
+            return {"kind": "answer", "example": dict(item)}
+        if "prompt" in item or "question" in item:
+            return {"kind": "question", "question": str(item.get("prompt", item.get("question")))}
+    raise DatasetError(
+        f"Retain item {index} is {type(item).__name__}; give a question string, {{'prompt' (or 'question'), "
+        "'answer'}, {'messages': [...]} or {'text': ...}."
+    )
+
+
+@torch.no_grad()
+def retain_targets(
+    model: nn.Module,
+    tokenizer,
+    retain: Sequence[Any],
+    *,
+    top_k: int = DEFAULT_TOP_K,
+    max_new_tokens: int = 32,
+    max_length: int = 256,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> RetainTargets:
+    """The model's own next-token distributions on `retain`, to be kept while training (`loki.train(retain=...)`).
+
+    Call it on the base model (before training; `loki.train` does when given a list). Questions are first answered
+    greedily by the model (chat template, first line, at most `max_new_tokens`). `top_k` tokens are kept per
+    position (float32 log-probabilities, about `12 * top_k` bytes per position, on the CPU).
+
+    Args:
+        model: a causal LM (a `loki.prepare`d one too); its current weights define "the base".
+        tokenizer: its tokenizer (may be None when every item is `{"text": [token ids]}`).
+        retain: question strings, answered examples or `{"text": ...}` items (see the module docstring).
+    Returns:
+        `RetainTargets` with one entry per item.
+    Raises:
+        DatasetError: empty retain data, an item of another shape, an item with nothing to retain, or a bad top_k.
+    """
+    if isinstance(retain, RetainTargets):
+        return retain
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise DatasetError(f"top_k must be a positive integer, got {top_k!r}.")
+    items = [_as_item(it, i) for i, it in enumerate(retain)]
+    if not items:
+        raise DatasetError("The retain data is empty; pass None for no retain data.")
+    questions = [it for it in items if it["kind"] == "question"]
+    if questions:
+        answers = generate(model, tokenizer, [it["question"] for it in questions], chat=True,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+        for it, a in zip(questions, answers):
+            if not a:
+                raise DatasetError(f"The model gives an empty answer to retain question {it['question']!r}; drop it.")
+            it["example"] = {"question": it["question"], "answer": a}
+    encoded = []
+    for it in items:
+        if it["kind"] == "text":
+            text = it["text"]
+            ids = list(text) if not isinstance(text, str) else list(tokenizer(text)["input_ids"])
+            ids = [int(t) for t in ids[:max_length]]
+            if len(ids) < 2:
+                raise DatasetError(f"Retain text {str(text)[:40]!r} has fewer than 2 tokens; nothing to retain.")
+            encoded.append({"input_ids": ids, "labels": ids})
+            it["shown"] = text[:80] if isinstance(text, str) else f"{len(ids)} tokens"
+        else:
+            encoded.append(encode(tokenizer, it["example"], max_length))
+            ex = it["example"]
+            it["shown"] = ex.get("messages") or {"question": ex.get("prompt", ex.get("question")), "answer": ex["answer"]}
+    pad = 0
+    if tokenizer is not None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    was_training = model.training
+    model.eval()
+    device = model.get_input_embeddings().weight.device
+    targets: list[_Target] = []
+    try:
+        for s in range(0, len(encoded), batch_size):
+            chunk = encoded[s : s + batch_size]
+            batch = collate(chunk, pad)
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+            for row, e in enumerate(chunk):
+                labels = torch.tensor(e["labels"])
+                positions = torch.nonzero(labels[1:] != IGNORE).flatten()  # logits at t predict token t + 1
+                logp = torch.log_softmax(logits[row, positions.to(device)].float(), dim=-1).cpu()
+                k = min(top_k, logp.shape[-1])
+                top_logp, top_ids = logp.topk(k, dim=-1)
+                rest = _log1mexp(torch.logsumexp(top_logp, dim=-1))
+                targets.append(_Target(e["input_ids"], positions, top_ids, top_logp, rest))
+    finally:
+        model.train(was_training)
+    digest = hashlib.sha256(json.dumps([e["input_ids"] for e in encoded]).encode()).hexdigest()
+    return RetainTargets(targets, top_k, pad, items, digest)
+
+
+class RetainLoss:
+    """A `compute_loss_func` for HF `Trainer` / TRL `SFTTrainer`: the causal-LM loss plus the retain KL.
+
+    Each call adds `weight * KL` on the next `batch_size` retain items (its own forward pass through `model`),
+    scaled by the call's share of the accumulated batch's answer tokens, so gradient accumulation sums to one
+    retain term per optimizer step, as in `loki.train`.
+
+    >>> # targets = loki.retain_targets(model, tokenizer, retain)        # on the base model, before training
+    >>> # trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=...,
+    >>> #                   compute_loss_func=loki.RetainLoss(model, targets, weight=1.0))
+    """
+
+    def __init__(self, model: nn.Module, targets: RetainTargets, *, weight: float = 1.0, batch_size: int = 8,
+                 seed: int = 0):
+        if not isinstance(targets, RetainTargets):
+            raise DatasetError("RetainLoss needs the RetainTargets of loki.retain_targets(model, tokenizer, retain).")
+        self.model, self.targets, self.weight = model, targets, float(weight)
+        self._batches = targets.batches(batch_size, seed)
+
+    def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs.logits
+        shifted = labels[:, 1:].to(logits.device)
+        n = (shifted != IGNORE).sum()
+        total = num_items_in_batch if num_items_in_batch is not None else n
+        total = torch.as_tensor(total, device=logits.device).clamp(min=1)
+        task = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE,
+                               reduction="sum") / total
+        if self.weight == 0:
+            return task
+        kl = self.targets.kl(self.model, next(self._batches))
+        return task + self.weight * kl * (n / total)
