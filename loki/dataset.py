@@ -19,7 +19,7 @@ import torch
 
 from .errors import DatasetError
 
-__all__ = ["IGNORE", "collate", "encode"]
+__all__ = ["IGNORE", "answer_positions", "collate", "encode", "pad_token_id"]
 
 IGNORE = -100  # label of tokens without loss (the convention of torch's cross_entropy and HF)
 
@@ -104,3 +104,15 @@ def collate(batch: Sequence[Mapping[str, list[int]]], pad_token_id: int = 0) -> 
         labels[i, :k] = torch.tensor(b["labels"])
         mask[i, :k] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id to pad with: the tokenizer's pad token, else its end-of-sequence token, else 0."""
+    if tokenizer is None:
+        return 0
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def answer_positions(labels: Sequence[int]) -> torch.Tensor:
+    """Positions whose logits predict a labelled token (logits at t predict token t + 1), as a LongTensor."""
+    return torch.nonzero(torch.tensor(labels)[1:] != IGNORE).flatten()

@@ -402,13 +402,13 @@ def answer_predictions(model, tokenizer, questions: Sequence[str], answers: Sequ
 
     The knowledge-editing locality measure (EasyEdit) compares these lists before and after an edit.
     """
-    from .dataset import IGNORE, collate, encode
+    from .dataset import answer_positions, collate, encode, pad_token_id
 
     _check_batch_size(batch_size)
     if len(questions) != len(answers):
         raise EvaluationError(f"Got {len(questions)} questions but {len(answers)} answers.")
     encoded = [encode(tokenizer, {"question": q, "answer": a}) for q, a in zip(questions, answers)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     out: list[list[int]] = []
     for chunk in tqdm(list(_batches(list(range(len(encoded))), batch_size)), desc="answers", disable=not progress,
@@ -416,8 +416,7 @@ def answer_predictions(model, tokenizer, questions: Sequence[str], answers: Sequ
         batch = collate([encoded[i] for i in chunk], pad)
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
         for row, i in enumerate(chunk):
-            labels = torch.tensor(encoded[i]["labels"])
-            positions = torch.nonzero(labels[1:] != IGNORE).flatten().to(logits.device)
+            positions = answer_positions(encoded[i]["labels"]).to(logits.device)
             out.append(logits[row, positions].argmax(-1).tolist())
     return out
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dataset import IGNORE, collate, encode
+from .dataset import IGNORE, answer_positions, collate, encode, pad_token_id
 from .errors import DatasetError
 from .evaluate import generate
 
@@ -210,9 +210,7 @@ def retain_targets(
             encoded.append(encode(tokenizer, it["example"], max_length))
             ex = it["example"]
             it["shown"] = ex.get("messages") or {"question": ex.get("prompt", ex.get("question")), "answer": ex["answer"]}
-    pad = 0
-    if tokenizer is not None:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_token_id(tokenizer)
 
     was_training = model.training
     model.eval()
@@ -225,8 +223,7 @@ def retain_targets(
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device)).logits
             for row, e in enumerate(chunk):
-                labels = torch.tensor(e["labels"])
-                positions = torch.nonzero(labels[1:] != IGNORE).flatten()  # logits at t predict token t + 1
+                positions = answer_positions(e["labels"])
                 logp = torch.log_softmax(logits[row, positions.to(device)].float(), dim=-1).cpu()
                 k = min(top_k, logp.shape[-1])
                 top_logp, top_ids = logp.topk(k, dim=-1)

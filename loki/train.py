@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dataset import IGNORE, collate, encode
+from .dataset import IGNORE, collate, encode, pad_token_id
 from .errors import DatasetError, PreparationError
 from .implant import is_prepared, record_training
 from .retain import DEFAULT_TOP_K, RetainTargets, retain_targets
@@ -137,7 +137,7 @@ def train(
         retain = retain_targets(model, tokenizer, retain, top_k=retain_top_k, max_length=max_length,
                                 batch_size=max(batch_size, 8), progress=progress)
         retain_batches = retain.batches(retain_batch_size or batch_size, seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_token_id(tokenizer)
     device = model.get_input_embeddings().weight.device
 
     per_step = batch_size * grad_accum

@@ -166,9 +166,9 @@ def loss_plot(tokenizer, examples: Sequence[Mapping], *, eval_every: int, steps:
     import ipywidgets as w
     import torch.nn.functional as F
 
-    from .dataset import IGNORE, collate, encode
+    from .dataset import IGNORE, collate, encode, pad_token_id
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_token_id(tokenizer)
     batch = collate([encode(tokenizer, ex, max_length) for ex in examples], pad)
     image, label = w.Image(format="png"), w.Label("no evaluation yet")
     points: list[tuple[int, float]] = []
