@@ -131,7 +131,7 @@ def run_one(method, lr, steps, seed, ctx) -> dict:
                       answers_kept=rep.answers_kept, forgetting=rep.forgetting, general=rep.tuned.general)
     else:
         with loki.implanted(model, *deltas) if deltas else _nothing():
-            general = ev.evaluate(target, tok, ctx["general"], progress=False)
+            general = ev.score(target, tok, ctx["general"], progress=False)
             task = ctx["task_score"](target, tok)
         scores = dict(task_score=task, efficacy=None, specificity=None, answers_kept=None,
                       forgetting=ev.forgetting_score(ctx["base"], general), general=general)
@@ -306,7 +306,7 @@ def main() -> None:
                 ctx["base"] = ctx["suite"].score(model, tok, progress=False)
                 base_general = ctx["base"].general
             else:
-                ctx["base"] = base_general = ev.evaluate(model, tok, ctx["general"], progress=False)
+                ctx["base"] = base_general = ev.score(model, tok, ctx["general"], progress=False)
             steps = size["steps"] if regime == "knowledge" else size["task_steps"]
             block = {"model": args.model, "regime": regime, "size": args.size, "retain": retain_on}
             rows = []

@@ -3,7 +3,7 @@
 The paper's S-L / S-H ablation (LOKI-METHOD.md): if KVA finds the rows that matter least, zeroing the
 lowest-attributed rows (the LoKI selection, `layer_balanced`) should cost far less than zeroing the highest
 (`layer_highest`); the paper reports 11.35% vs 36.73% forgetting on Qwen2.5-0.5B. Random rows and the global
-strategies are the controls. Every strategy zeroes its rows through a delta (`Selection.suppression_delta`), scored
+strategies are the controls. Every strategy zeroes its rows through a delta (`loki.suppression`), scored
 on the default model's general sets and reverted exactly. It also reports how large the chosen rows' attributions
 are (mean |attribution| relative to the median row), which explains a result that differs from the paper's, and
 adds the layer-balanced choice by smallest |attribution| (`layer_balanced_abs`, not one of the paper's strategies).
@@ -53,13 +53,13 @@ def main() -> None:
     model, tokenizer = loki.load_default()
     attr = probe_attributions(model, tokenizer, prompts, 7, args.out / "attributions")
     suite = ev.general_suite(GENERAL, n=items)
-    base = ev.evaluate(model, tokenizer, suite)
+    base = ev.score(model, tokenizer, suite)
     rows = []
     # The extra row: LoKI's layer-balanced choice by smallest |attribution| instead of smallest signed attribution.
     selections = [(s, loki.select(attr, q=args.q, strategy=s)) for s in STRATEGIES]
     selections.append(("layer_balanced_abs", loki.select(attr.values.abs(), q=args.q)))
     for strategy, sel in selections:
-        report = ev.compare(model, tokenizer, suite, sel.suppression_delta(model), original=base)
+        report = ev.compare(model, tokenizer, suite, loki.suppression(model, sel), original=base)
         rows.append({"strategy": strategy, "q": args.q, "rows": sel.num_rows, "forgetting_avg": report.forgetting,
                      "scores": report.tuned, "relative_magnitude": magnitude(attr.values, sel)})
         print(f"{strategy:>15}: forgetting {report.forgetting:+.2f}%  "

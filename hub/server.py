@@ -15,8 +15,8 @@ Run it by hand (then `export HF_ENDPOINT=http://127.0.0.1:8080 HF_HUB_DISABLE_XE
     python -m hub.server --port 8080 --user alice:hf_alice_token
 
 Switches for tests: `server.fail(status, path=regex, method=..., times=n)` answers the next n matching requests
-with an error (404/429/5xx...); `server.corrupt(path_regex)` serves altered file bytes; `server.requests` logs
-every request as `(method, path, status)`.
+with an error (404/429/5xx...); `server.corrupt(path_regex)` serves altered file bytes; `server.gate(repo, *users)`
+makes a repo gated; `server.requests` logs every request as `(method, path, status)`.
 """
 
 from __future__ import annotations
@@ -93,6 +93,8 @@ class Repo:
     branches: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     downloads: int = 0
+    gated: bool = False  # files served only to writers and `granted` users (the listing and model info stay public)
+    granted: set[str] = field(default_factory=set)
 
     def resolve(self, revision: str) -> Commit | None:
         sha = self.branches.get(revision) or self.tags.get(revision)
@@ -188,6 +190,14 @@ class HubServer:
             headers = {"RateLimit": '"api";r=0;t=60', "RateLimit-Policy": '"fixed window";"api";q=500;w=300'}
         with self.lock:
             self.failures.append(Failure(status, re.compile(path), method, times, headers or {}, message))
+
+    def gate(self, repo_id: str, *granted: str) -> None:
+        """Make a repo gated: its files are served to its writers and the `granted` users only; anyone else gets
+        401/403 with `X-Error-Code: GatedRepo`, as on the Hub. Calling it again grants more users."""
+        with self.lock:
+            repo = self.repos[repo_id]
+            repo.gated = True
+            repo.granted.update(granted)
 
     def corrupt(self, path: str) -> None:
         """Serve the bytes of matching files with their first byte flipped (same size, same headers)."""
@@ -423,7 +433,8 @@ class _Handler(BaseHTTPRequestHandler):
         return self._send(200, {
             "_id": hashlib.md5(repo.encode()).hexdigest()[:24], "id": repo, "modelId": repo,
             "author": repo.split("/")[0], "sha": c.sha, "lastModified": c.date, "createdAt": r.created,
-            "private": r.private, "disabled": False, "gated": False, "downloads": r.downloads, "likes": 0,
+            "private": r.private, "disabled": False, "gated": "manual" if r.gated else False,
+            "downloads": r.downloads, "likes": 0,
             "library_name": card.get("library_name"), "tags": tags, "cardData": card or None, "siblings": siblings,
         })
 
@@ -520,6 +531,9 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.server_state
         with hub.lock:
             r = hub.readable(repo, self.user)
+            if r.gated and not (hub.can_write(self.user, repo) or self.user in r.granted):
+                raise HubError(401 if self.user is None else 403, f"Access to model {repo} is restricted. You must have "
+                               "access to it and be authenticated to access it.", "GatedRepo")
             c = hub.revision(r, rev)
             blob = c.files.get(path)
             if blob is None:

@@ -1,4 +1,16 @@
-"""loki: low-damage knowledge implanting (LoKI) for LLMs.
+"""loki: low-damage knowledge implanting (LoKI, arXiv 2505.22120) for LLMs.
+
+The verbs, in workflow order:
+
+- attribute, select: KVA scores of every down-projection row (`Attributions`), and the rows to train (`Selection`).
+- prepare, train, extract, unprepare: train only those rows; `extract` gives the `Delta`.
+- save, load, push: `.loki` files and Hugging Face Hub repos.
+- plan, apply, revert, implanted, disabled, applied, merge: write deltas into a loaded model and take them out,
+  exactly (one ledger per weight; `ImplantBank` for serving many).
+- export_peft: the same delta as a PEFT LoRA adapter.
+
+Modules for the rest: `loki.evaluate` (the four numbers, forgetting), `loki.retain`, `loki.neighbourhood`,
+`loki.hub`, `loki.targets`, `loki.errors` (every error class; the common ones are here too), `loki.testing`.
 
 >>> import loki
 >>> # model, tokenizer = loki.load_default()
@@ -9,115 +21,35 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import evaluate, hub, neighbourhood, targets
-from .api import load, save
-from .apply import Handle, active, apply, implanted, merge, revert
-from .delta import Delta, LayerDelta, make_delta
-from .selection import Selection, select, suppress
-from .attribution import Attributions, attribute, merge_attributions
-from .implant import TrainableReport, extract, is_prepared, prepare, trainable_report, unprepare
-from .retain import RetainLoss, RetainTargets, retain_targets
-from .train import TrainResult, train
-from .errors import (
-    AttributionError,
-    PromptError,
-    SelectionError,
-    BaseModelMismatchError,
-    DatasetError,
-    DeltaFormatError,
-    DtypeError,
-    EvaluationError,
-    ExportError,
-    HubAmbiguousFileError,
-    HubError,
-    HubFileNotFoundError,
-    HubIntegrityError,
-    HubOfflineError,
-    HubPermissionError,
-    HubRateLimitError,
-    HubRepoNotFoundError,
-    HubRevisionNotFoundError,
-    HubServerError,
-    ImplantBankError,
-    IncompatibleModelError,
-    InvalidIndicesError,
-    LokiError,
-    OverlapError,
-    PreparationError,
-    RevertError,
-    UnknownArchitectureError,
-    UnsupportedVersionError,
-)
-from .models import load_default
-from .peft_export import export_peft, peft_adapter
+from . import errors, evaluate, hub, neighbourhood, retain, targets
+from .apply import Handle, Plan, applied, disabled, merge, plan, revert
+from .api import apply, implanted, load, push, save
+from .delta import Delta
+from .selection import Selection, select
+from .attribution import Attributions, attribute
+from .implant import extract, is_prepared, make_delta, prepare, suppression, trainable_report, unprepare
+from .retain import RetainLoss, retain_targets
+from .train import train
+from .errors import BaseModelMismatchError, HubError, LokiError, OverlapError
+from .models import load_base, load_default
+from .peft_export import export_peft
 from .serve import ImplantBank
-from .targets import DownProjections, find_down_projections
+from .targets import find_down_projections
 
 __all__ = [
-    "AttributionError",
-    "PromptError",
-    "SelectionError",
-    "BaseModelMismatchError",
-    "DatasetError",
-    "Delta",
-    "DeltaFormatError",
-    "DownProjections",
-    "DtypeError",
-    "EvaluationError",
-    "ExportError",
-    "Handle",
-    "HubAmbiguousFileError",
-    "HubError",
-    "HubFileNotFoundError",
-    "HubIntegrityError",
-    "HubOfflineError",
-    "HubPermissionError",
-    "HubRateLimitError",
-    "HubRepoNotFoundError",
-    "HubRevisionNotFoundError",
-    "HubServerError",
-    "ImplantBank",
-    "ImplantBankError",
-    "IncompatibleModelError",
-    "InvalidIndicesError",
-    "LayerDelta",
-    "LokiError",
-    "OverlapError",
-    "PreparationError",
-    "RetainLoss",
-    "RetainTargets",
-    "RevertError",
-    "Attributions",
-    "Selection",
-    "TrainResult",
-    "TrainableReport",
-    "UnknownArchitectureError",
-    "UnsupportedVersionError",
-    "active",
-    "apply",
-    "attribute",
-    "evaluate",
-    "extract",
-    "export_peft",
-    "find_down_projections",
-    "hub",
-    "implanted",
-    "is_prepared",
-    "load",
-    "load_default",
-    "make_delta",
-    "merge",
-    "merge_attributions",
-    "neighbourhood",
-    "peft_adapter",
-    "prepare",
-    "retain_targets",
-    "revert",
-    "save",
-    "select",
-    "suppress",
-    "targets",
-    "train",
-    "trainable_report",
-    "unprepare",
+    # workflow
+    "attribute", "select", "prepare", "train", "extract", "unprepare", "is_prepared", "trainable_report",
+    "make_delta", "suppression", "retain_targets",
+    # files and the Hub
+    "load", "save", "push",
+    # the ledger
+    "plan", "apply", "revert", "implanted", "disabled", "applied", "merge", "export_peft",
+    # models
+    "load_default", "load_base", "find_down_projections",
+    # classes
+    "Attributions", "Selection", "Delta", "Plan", "Handle", "ImplantBank", "RetainLoss",
+    # the errors people catch (all of them: loki.errors)
+    "LokiError", "BaseModelMismatchError", "OverlapError", "HubError",
+    # modules
+    "errors", "evaluate", "hub", "neighbourhood", "retain", "targets",
 ]

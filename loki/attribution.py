@@ -1,4 +1,4 @@
-"""`loki.attribute`: Knowledge Vector Attribution over a set of prompts, written to disk as it goes.
+"""`loki.attribute`: Knowledge Vector Attribution (LoKI paper §3.1) over a set of prompts, written to disk as it goes.
 
 The result is an `Attributions` set: `values` `[N prompts, L layers, d_model]` (float32), the target token of each
 prompt, the seconds each prompt took, and metadata (model, steps, target rule, prompt source). With `path=`, every
@@ -11,8 +11,8 @@ run resumes where it stopped, and `Attributions.load(path)` reads the values mem
 >>> attr.values.shape, attr.meta["steps"]
 (torch.Size([2, 2, 32]), 3)
 
-Several GPUs or machines: run the same script under `accelerate launch` with `shard="accelerate"`; each process
-takes a contiguous block of the prompts into `path/shard-RRR-of-WWW/`, and the main process merges the blocks.
+Several GPUs or machines: run the same script under `torchrun` or `accelerate launch` with `shard="auto"`; each
+process takes a contiguous block of the prompts into `path/shard-RRR-of-WWW/`, and rank 0 joins the blocks.
 """
 
 from __future__ import annotations
@@ -42,7 +42,24 @@ TARGETS = ("prediction", "gold")
 
 @dataclass(eq=False)
 class Attributions:
-    """KVA results: `values` `[N, L, d_model]`, `targets` `[N]` (token ids), `seconds` `[N]`, `meta` (JSON)."""
+    """KVA results over N prompts (LoKI paper §3.1), as `attribute` returns them and `Attributions.load` reads them.
+
+    Attributes:
+        values: float32 `[N prompts, L layers, d_model]`: the attribution of every down-projection row per prompt
+            (memory-mapped and read-only when read from a folder).
+        targets: int64 `[N]`: the token id whose probability (or logit) was attributed, per prompt.
+        seconds: float64 `[N]`: wall-clock seconds per prompt (its batch's time divided by the batch size).
+        meta: JSON-ready settings: model, template, steps, target, measure, engine, prompt source and checksum,
+            shard, `seconds_per_prompt` (the median).
+        path: the folder the values live in, or None when they are only in memory.
+
+    >>> import loki.testing
+    >>> attr = attribute(loki.testing.tiny_model("llama"), None, [[5, 6, 7], [8, 9]], steps=3, progress=False)
+    >>> attr
+    Attributions(2 prompts x 2 layers x 32, model='tiny-random/llama-seed0', steps=3, path=None)
+    >>> attr.targets
+    tensor([65, 47])
+    """
 
     values: torch.Tensor
     targets: torch.Tensor
@@ -55,22 +72,35 @@ class Attributions:
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        """`(N prompts, L layers, d_model)`."""
         return tuple(self.values.shape)
-
-    def select(self, q: float, strategy: str = "layer_balanced", seed: int = 0):
-        """`loki.select(self, q, strategy)`: the rows to train."""
-        from .selection import select
-
-        return select(self, q, strategy, seed=seed)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Attributions":
-        """Read a finished attribution folder; `values` are memory-mapped (read-only)."""
+        """Read a finished attribution folder written by `attribute(..., path=)`; `values` are memory-mapped
+        (read-only: copy them before writing).
+
+        Args:
+            path: the folder (holding `meta.json`, `attributions.npy`, `targets.npy`, `seconds.npy`).
+
+        Returns:
+            Attributions: with `path` set.
+
+        Raises:
+            AttributionError: no `meta.json` there (the message says so when the folder holds shards to join), a
+                `meta.json` of another format, arrays of other shapes than it says, or an unfinished run.
+
+        >>> import loki.testing, tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = attribute(loki.testing.tiny_model("llama"), None, [[5, 6, 7]], steps=2, path=folder, progress=False)
+        >>> Attributions.load(folder).values.shape
+        torch.Size([1, 2, 32])
+        """
         path = Path(path)
         meta = _read_meta(path)
         if meta is None:
             shards = sorted(path.glob("shard-*-of-*"))
-            hint = f" It holds {len(shards)} shards: merge them with loki.merge_attributions(path)." if shards else ""
+            hint = f" It holds {len(shards)} shards: join them with loki.Attributions.from_shards(path)." if shards else ""
             raise AttributionError(f"{path} is not an attribution folder (no meta.json).{hint}")
         store = _Store.open(path, meta)
         if not store.done.all():
@@ -79,6 +109,33 @@ class Attributions:
                 f"loki.attribute(..., path=...) call again to resume."
             )
         return store.result()
+
+    @classmethod
+    def from_shards(cls, path: str | os.PathLike, *, remove_shards: bool = False) -> "Attributions":
+        """Join the finished shards `path/shard-RRR-of-WWW` (in rank order) into one attribution set at `path`.
+
+        `attribute(..., shard="accelerate")` does this itself; call it after runs with explicit `shard=(rank, world)`.
+
+        Args:
+            path: the folder that holds the shard folders; the joined set is written into it (replacing any there).
+            remove_shards: delete the shard folders once joined.
+
+        Returns:
+            Attributions: all prompts in their original order, `meta["merged_shards"]` the number of shards.
+
+        Raises:
+            AttributionError: no shard folders, a missing or unfinished shard, or shards computed with different
+                settings (model, steps, target, ...).
+
+        >>> import loki.testing, os, tempfile
+        >>> model, folder = loki.testing.tiny_model("llama"), tempfile.mkdtemp()
+        >>> for rank in (0, 1):  # e.g. two machines, each with its half of the 3 prompts
+        ...     _ = attribute(model, None, [[5, 6], [7, 8], [9, 10]], steps=2, path=folder, shard=(rank, 2),
+        ...                   progress=False)
+        >>> Attributions.from_shards(folder, remove_shards=True).values.shape, sorted(os.listdir(folder))
+        (torch.Size([3, 2, 32]), ['attributions.npy', 'meta.json', 'seconds.npy', 'targets.npy'])
+        """
+        return _from_shards(path, remove_shards=remove_shards)
 
     def __repr__(self) -> str:
         n, num_layers, d = self.shape
@@ -101,21 +158,59 @@ def attribute(
     shots: int = 0,
     dev=None,
     shard: tuple[int, int] | str | None = None,
+    poll: float = 0.5,
     progress: bool = True,
     template: str | None = None,
 ) -> Attributions:
-    """Attribute every down-projection row of `model` on `prompts` (KVA, LOKI-METHOD.md stage 1).
+    """Attribute every down-projection row of `model` on `prompts`: Knowledge Vector Attribution (KVA, LoKI paper
+    §3.1; LOKI-METHOD.md stage 1), integrated gradients of the target token's probability with respect to each
+    layer's down-projection output at the last prompt position (numerics: `loki.kva.kva`).
 
-    `prompts`: multiple-choice records (dicts with question/choices/answer[/subject]; a `datasets.Dataset`; a
-    `.jsonl`/`.json`/`.csv` file of them), plain text strings, or token id lists; see `loki.prompts.as_prompts`
-    (`shots=k` few-shot examples: with `dev=` records, a file or a folder such as MMLU's `data/dev/`, each prompt
-    gets the first k of its own subject, the authors' 5-shot Qwen prompts; without, the first k records).
-    `target`: "prediction" (the model's own argmax at the last position) or "gold" (the records' answer letter).
-    `measure`: "prob" or "logit". `engine`: "fast" or "reference" (slow, for checking). `path`: a folder written
-    incrementally; calling again with the same arguments resumes. `batch_size` prompts share one pass; `max_rows`
-    bounds the rows of one pass (memory).
-    `shard=(rank, world)` computes only this process's block of prompts into `path/shard-RRR-of-WWW`;
-    `shard="accelerate"` takes rank and world from `accelerate` and merges the shards when all are done.
+    Args:
+        model: a causal LM of a supported family (`loki.targets`); its parameters' `requires_grad` and train/eval
+            mode are restored afterwards.
+        tokenizer: its tokenizer; may be None when the prompts are token id lists.
+        prompts: multiple-choice records (dicts with question/choices/answer[/subject]; a `datasets.Dataset`; a
+            `.jsonl`/`.json`/`.csv` file of them), plain text strings, token id lists, "probe" (the bundled probe
+            set) or a `PromptSet`; see `loki.prompts.as_prompts`.
+        steps: integration steps `m` (alphas `k/m`, k = 0..m-1; the authors use 7).
+        target: "prediction" (the model's own argmax at the last position) or "gold" (the records' answer letter).
+        measure: the attributed function of the target token: "prob" (softmax probability, as published) or
+            "logit".
+        engine: "fast" (one shared-prefix pass per batch) or "reference" (full passes per prompt and layer; slow,
+            for checking). Both give the same values up to rounding.
+        path: a folder written as batches finish; calling again with the same arguments resumes, other arguments
+            are refused. None keeps everything in memory.
+        batch_size: prompts that share one pass.
+        max_rows: bounds the single-token rows of one fast pass (memory); more are split over passes.
+        shots: few-shot examples per multiple-choice prompt: with `dev=` (records, a file, or a folder such as
+            MMLU's `data/dev/`) the first `shots` of the prompt's own subject (the authors' 5-shot Qwen prompts);
+            without, the first `shots` records serve every other record.
+        dev: few-shot example records (see `shots`).
+        shard: `(rank, world)` computes only this process's contiguous block of prompts into
+            `path/shard-RRR-of-WWW` (join with `Attributions.from_shards`); "auto" (also "accelerate",
+            "torchrun") takes rank and world from the launcher (`launched_rank_world`), and rank 0 joins the
+            shards when all are done (every rank returns the joined set). Without `shard`, running under a
+            launcher with more than one process is an error, not a duplicate run.
+        poll: seconds between checks while ranks wait for each other (`shard="auto"`).
+        progress: show a tqdm progress bar.
+        template: the down-projection module path (`loki.targets.find_down_projections`); None for known families.
+
+    Returns:
+        Attributions: `values` float32 `[N, L, d_model]` (this shard's N), `targets` int64 `[N]`.
+
+    Raises:
+        AttributionError: a bad target, measure, engine, batch_size, steps or shard; `target="gold"` for prompts
+            without answers; an empty prompt; `path` holding attributions made with other settings.
+        PromptError: the prompts cannot be read or built (e.g. text without a tokenizer).
+        UnknownArchitectureError: loki cannot find the model's down-projections.
+
+    >>> import loki.testing
+    >>> attr = attribute(loki.testing.tiny_model("llama"), None, [[5, 6, 7], [8, 9]], steps=3, progress=False)
+    >>> attr.values.shape, attr.values.dtype
+    (torch.Size([2, 2, 32]), torch.float32)
+    >>> # model, tokenizer = loki.load_default()
+    >>> # attr = loki.attribute(model, tokenizer, "probe", path="attr/probe")     # resumable
     """
     if target not in TARGETS:
         raise AttributionError(f"target must be one of {TARGETS}, got {target!r}.")
@@ -130,14 +225,17 @@ def attribute(
     gold = prompt_set.gold if target == "gold" else [None] * len(prompt_set)
     projs = find_down_projections(model, template)
 
-    distributed = shard == "accelerate"
+    distributed = shard in LAUNCHED
     if distributed:
-        from accelerate import PartialState
-
-        state = PartialState()
-        shard = (state.process_index, state.num_processes)
+        shard = launched_rank_world()
         if path is None:
-            raise AttributionError("shard='accelerate' needs path=: the processes merge their shards through it.")
+            raise AttributionError(f"shard={shard!r} needs path=: the processes join their shards through it.")
+    elif shard is None and launched_rank_world()[1] > 1:
+        raise AttributionError(
+            f"{launched_rank_world()[1]} processes run this (torchrun / accelerate launch) but shard= is not set: every "
+            "process would attribute every prompt" + (" into the same folder" if path is not None else "") +
+            ". Pass shard='auto' (command line: --shard auto) to split the prompts between them, or run one process."
+        )
     rank, world = shard if shard is not None else (0, 1)
     if not 0 <= rank < world:
         raise AttributionError(f"shard=(rank, world) needs 0 <= rank < world, got {shard}.")
@@ -182,15 +280,47 @@ def attribute(
         if bar is not None:
             bar.close()
     if distributed and world > 1:
-        state.wait_for_everyone()
-        if state.is_main_process:
-            merge_attributions(root)
-        state.wait_for_everyone()
+        # Join through the file system (no process group needed, CPU or GPU, one machine or a shared disk): every
+        # rank marks its finished shard; rank 0 waits for all, joins them and marks the join of this prompt set.
+        run = _digest(prompt_set.ids, gold)[:16]
+        mine = folder / f"finished-{run}"
+        mine.touch()
+        joined = root / f"joined-{run}"
+        if rank == 0:
+            shards = [root / f"shard-{r:03d}-of-{world:03d}" / f"finished-{run}" for r in range(world)]
+            _wait_for(lambda: all(f.exists() for f in shards), poll)
+            _from_shards(root)
+            joined.touch()
+        else:  # a join marker older than this rank's own finish is a previous run's
+            since = mine.stat().st_mtime_ns
+            _wait_for(lambda: joined.exists() and joined.stat().st_mtime_ns >= since, poll)
         return Attributions.load(root)
     return store.result()
 
 
-def merge_attributions(path: str | os.PathLike, *, remove_shards: bool = False) -> Attributions:
+LAUNCHED = ("auto", "accelerate", "torchrun")  # shard= values that take rank and world from the launcher
+
+
+def launched_rank_world() -> tuple[int, int]:
+    """`(rank, world)` of this process as `torchrun`, `accelerate launch` or `torch.distributed` set them (the
+    `RANK` / `WORLD_SIZE` environment variables, or an initialised process group); `(0, 1)` in a plain run.
+
+    >>> launched_rank_world()
+    (0, 1)
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _wait_for(ready, poll: float) -> None:
+    while not ready():
+        time.sleep(poll)
+
+
+def _from_shards(path: str | os.PathLike, *, remove_shards: bool = False) -> Attributions:
     """Concatenate the finished shards `path/shard-RRR-of-WWW` (in rank order) into one attribution set at `path`."""
     path = Path(path)
     shards = sorted(path.glob("shard-*-of-*"))

@@ -1,16 +1,28 @@
 """The `loki` command line: the library's verbs, one subcommand each.
 
+    loki --version
     loki inspect delta.loki
+    loki merge HuggingFaceTB/SmolLM2-135M-Instruct zubrowka.loki --out smollm2-zubrowka
+    loki export-peft zubrowka.loki --out zubrowka-lora
     loki demo
+
+Every verb exits 0 on success; an error loki can name (a `LokiError`, a model or file that cannot be found) prints
+one line `loki VERB: ErrorClass: message` on stderr and exits 2, as argparse does for a bad command line.
+
+>>> from loki.cli import main
+>>> main(["inspect", "no-such-file.loki"])   # stderr: loki inspect: DeltaFormatError: ...
+2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 
+from . import __version__
 from .errors import LokiError
 
 # verb -> (help, add_arguments, run). Each verb adds its arguments and returns an exit code.
@@ -33,40 +45,100 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 
 @command("inspect", "print a .loki file's metadata, per-layer row counts, size and base model", _inspect_args)
 def _inspect(args: argparse.Namespace) -> int:
-    import os
-
     from .api import load
 
     delta = load(args.file)
     if args.json:
         print(json.dumps({**delta.info, "rows_per_layer": delta.rows_per_layer()}, indent=2, sort_keys=True))
         return 0
-    print(describe(delta, file_size=os.path.getsize(args.file)))
+    print(delta.summary(file_size=os.path.getsize(args.file)))
     return 0
 
 
-def describe(delta, file_size: int | None = None) -> str:
-    """A human summary of a delta, as `loki inspect` prints it."""
-    info = delta.info
-    base, target = info["base_model"], info["target"]
-    lines = [
-        f"name:         {delta.name or '(unnamed)'}",
-        f"base model:   {base.get('id') or '(unnamed)'}" + (f" @ {base['revision']}" if base.get("revision") else ""),
-        f"architecture: {base.get('architecture')} ({base.get('model_type')}), {target['num_layers']} layers, "
-        f"down-projection {target['d_out']}x{target['d_in']} at {target['template']}",
-        f"form:         {info['form']}, stored as {info['dtype']}",
-        f"rows:         {delta.num_rows} in {len(delta.layers)} layers, {delta.num_params:,} parameters",
-    ]
-    if file_size is not None:
-        lines.append(f"size:         {file_size / 1e6:.2f} MB on disk")
-    if info.get("description"):
-        lines.append(f"description:  {info['description']}")
-    for key in ("selection", "training"):
-        if info.get(key):
-            lines.append(f"{key + ':':<14}{json.dumps(info[key], sort_keys=True)}")
-    counts = delta.rows_per_layer()
-    lines.append("rows per layer: " + " ".join(f"{i}:{k}" for i, k in counts.items()))
-    return "\n".join(lines)
+# -- merge / export-peft (the PEFT verbs) -----------------------------------------------------------
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _load_model(name: str, dtype: str | None, revision: str | None = None, require_tokenizer: bool = True):
+    """`(model, tokenizer)` of `name`: 'default' (the embedded default model), a Hub id or a local folder.
+
+    `dtype=None` keeps the checkpoint's own dtype (the default model's is float32). Without `require_tokenizer`,
+    the tokenizer is `None` when `name` has none.
+    """
+    import torch
+
+    from .models import DEFAULT_MODEL_ID, load_pretrained
+
+    kwargs = {"dtype": getattr(torch, dtype) if dtype else "auto"}
+    if revision:
+        kwargs["revision"] = revision
+    return load_pretrained(DEFAULT_MODEL_ID if name == "default" else name, require_tokenizer=require_tokenizer, **kwargs)
+
+
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base", help="the base model: a local Hugging Face folder, a Hub id, or 'default' (SmolLM2)")
+    p.add_argument("deltas", nargs="+", metavar="DELTA", help=".loki files or Hub repos (org/name[@rev]), applied "
+                   "in order")
+    p.add_argument("--out", required=True, help="folder for the merged checkpoint (model and tokenizer)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="load, merge and save in this dtype (default: the base checkpoint's own)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub base model")
+    p.add_argument("--on-overlap", choices=("error", "replace", "add"), default="error",
+                   help="when two deltas change the same rows: refuse (default), the later one wins, or add changes")
+
+
+@command("merge", "bake deltas into a base model and save a plain Hugging Face checkpoint", _merge_args)
+def _merge(args: argparse.Namespace) -> int:
+    from .api import load
+    from .apply import apply, merge
+
+    deltas = [load(d) for d in args.deltas]  # every delta is read and validated before the model loads
+    model, tokenizer = _load_model(args.base, args.dtype, args.revision, require_tokenizer=False)
+    for delta in deltas:
+        apply(model, delta, on_overlap=args.on_overlap)
+    merge(model)
+    model.save_pretrained(args.out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.out)
+    rows = sum(d.num_rows for d in deltas)
+    print(f"merged {len(deltas)} delta{'s' * (len(deltas) != 1)} ({rows} rows) into {args.base} -> {args.out}")
+    if tokenizer is None:
+        print(f"note: {args.base} has no tokenizer; {args.out} holds the model only", file=sys.stderr)
+    return 0
+
+
+def _export_peft_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("delta", help="a .loki file or Hub repo (org/name[@rev])")
+    p.add_argument("--out", required=True, help="folder for the adapter (adapter_config.json, "
+                   "adapter_model.safetensors, README.md)")
+    p.add_argument("--base", default=None, help="the base model, for a rows-form delta: a local folder, a Hub id or "
+                   "'default' (default: the base model the delta names)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a --base Hub model")
+    p.add_argument("--rank", type=int, default=None, help="pad the adapter to this LoRA rank (default: the "
+                   "smallest that holds the delta)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the adapter's tensors")
+
+
+@command("export-peft", "write a delta as an exact PEFT LoRA adapter folder", _export_peft_args)
+def _export_peft(args: argparse.Namespace) -> int:
+    import torch
+
+    from .api import load
+    from .models import load_base
+    from .peft_export import export_peft
+
+    delta = load(args.delta)
+    model = None
+    if delta.form == "rows":  # the adapter is new rows minus base rows: it needs the base model
+        if args.base:
+            model, _ = _load_model(args.base, delta.info["base_model"].get("dtype") or "float32", args.revision,
+                                   require_tokenizer=False)
+        else:
+            model, _ = load_base(delta)
+    folder = export_peft(delta, args.out, model, rank=args.rank, dtype=getattr(torch, args.dtype))
+    print(f"exported {args.delta} ({delta.num_rows} rows in {len(delta.layers)} layers) as a PEFT LoRA adapter "
+          f"-> {folder}")
+    return 0
 
 
 # -- demo -------------------------------------------------------------------------------------------
@@ -101,10 +173,10 @@ def _push_args(p: argparse.ArgumentParser) -> None:
 
 @command("push", "upload a .loki file with a generated model card to a Hugging Face Hub repo", _push_args)
 def _push(args: argparse.Namespace) -> int:
-    from .api import load
+    from .api import load, push
 
-    commit = load(args.file).push_to_hub(
-        args.repo_id, private=args.private or None, revision=args.revision, commit_message=args.message,
+    commit = push(
+        load(args.file), args.repo_id, private=args.private or None, revision=args.revision, commit_message=args.message,
         token=args.token, endpoint=args.endpoint, filename=args.filename, license=args.license,
     )
     print(f"pushed {args.file} to {args.repo_id} @ {commit.oid}\n{commit.commit_url}")
@@ -130,7 +202,7 @@ def _pull(args: argparse.Namespace) -> int:
     if args.out:
         path = shutil.copy(path, args.out)
     print(path)
-    print(describe(delta), file=sys.stderr)
+    print(delta.summary(), file=sys.stderr)
     return 0
 
 
@@ -150,7 +222,7 @@ def _attribute_args(p: argparse.ArgumentParser) -> None:
                    "each prompt takes the first --shots of its own subject (the authors' 5-shot Qwen prompts)")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per pass")
     p.add_argument("--max-rows", type=int, default=8192, help="single-token rows per pass (memory bound)")
-    p.add_argument("--shard", default=None, help="RANK/WORLD (e.g. 0/4) to compute one block, or 'accelerate'")
+    p.add_argument("--shard", default=None, help="RANK/WORLD (e.g. 0/4) to compute one block, or 'auto' under torchrun / accelerate launch")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads (with --shard "
                    "accelerate: this process's device)")
@@ -160,14 +232,12 @@ def _attribute_args(p: argparse.ArgumentParser) -> None:
 def _attribute(args: argparse.Namespace) -> int:
     import torch
 
-    from .attribution import attribute
+    from .attribution import LAUNCHED, attribute
     from .errors import AttributionError
 
     dtype = getattr(torch, args.dtype)
-    if args.shard == "accelerate" and args.device is None:  # one GPU per process under `accelerate launch`
-        from accelerate import PartialState
-
-        args.device = PartialState().device
+    if args.shard in LAUNCHED and args.device is None and torch.cuda.is_available():  # one GPU per process
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     if args.model == "default":
         from .models import load_default
 
@@ -180,11 +250,11 @@ def _attribute(args: argparse.Namespace) -> int:
         if args.device:
             model.to(args.device)
     shard = args.shard
-    if shard and shard != "accelerate":
+    if shard and shard not in LAUNCHED:
         try:
             rank, world = (int(x) for x in shard.split("/"))
         except ValueError:
-            raise AttributionError(f"--shard takes RANK/WORLD (e.g. 0/4) or 'accelerate', got {shard!r}.") from None
+            raise AttributionError(f"--shard takes RANK/WORLD (e.g. 0/4) or 'auto', got {shard!r}.") from None
         shard = (rank, world)
     attr = attribute(model, tokenizer, args.prompts, args.steps, target=args.target, measure=args.measure,
                      engine=args.engine, path=args.out, batch_size=args.batch_size, max_rows=args.max_rows,
@@ -206,12 +276,12 @@ def _select_args(p: argparse.ArgumentParser) -> None:
 def _select(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .attribution import Attributions, merge_attributions
+    from .attribution import Attributions
     from .selection import select
 
     folder = Path(args.attributions)
     if not (folder / "meta.json").exists() and any(folder.glob("shard-*-of-*")):
-        merge_attributions(folder)
+        Attributions.from_shards(folder)
     sel = select(Attributions.load(folder), args.quota, args.strategy, seed=args.seed)
     sel.save(args.out)
     counts = sel.rows_per_layer()
@@ -222,7 +292,17 @@ def _select(args: argparse.Namespace) -> int:
 
 # -- entry point ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    """The `loki` command's `argparse` parser: `--version` and one subcommand per verb registered in `COMMANDS`.
+
+    Returns:
+        argparse.ArgumentParser: `parse_args` gives a namespace whose `verb` names the subcommand.
+
+    >>> args = build_parser().parse_args(["merge", "default", "a.loki", "--out", "merged"])
+    >>> args.verb, args.deltas, args.on_overlap, args.dtype
+    ('merge', ['a.loki'], 'error', None)
+    """
     parser = argparse.ArgumentParser(prog="loki", description="Low-damage knowledge implanting for LLMs.")
+    parser.add_argument("--version", action="version", version=f"loki {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name, (help, add_arguments, _) in COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help, description=help))
@@ -230,11 +310,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the `loki` command line on `argv` (default: `sys.argv[1:]`) and return its exit code.
+
+    Args:
+        argv: the arguments after `loki`, e.g. `["inspect", "delta.loki"]`.
+
+    Returns:
+        0 on success; 2 after printing one line on stderr for a `LokiError`, or for a model, folder or file that
+        cannot be found or read (`OSError`, which includes `FileNotFoundError`).
+
+    Raises:
+        SystemExit: from argparse: code 2 on a bad command line, 0 after `--help` or `--version`.
+
+    >>> main(["inspect", "no-such-file.loki"])   # stderr: loki inspect: DeltaFormatError: ...
+    2
+    """
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.verb][2](args)
-    except LokiError as e:
-        print(f"loki {args.verb}: {type(e).__name__}: {e}", file=sys.stderr)
+    except (LokiError, OSError) as e:
+        message = " ".join(str(e).split())  # one line, whatever the library's message looks like
+        print(f"loki {args.verb}: {type(e).__name__}: {message}", file=sys.stderr)
         return 2
 
 

@@ -70,10 +70,29 @@ def _segments(tokenizer, messages: list[dict[str, str]]) -> list[tuple[str, bool
 
 
 def encode(tokenizer, example: Mapping[str, Any], max_length: int | None = None) -> dict[str, list[int]]:
-    """`{"input_ids", "labels"}` of one example; labels are `-100` except on answer tokens.
+    """`{"input_ids", "labels"}` of one example; labels are `-100` (`IGNORE`) except on answer tokens.
 
     Each piece (prompt, answer) is tokenized on its own, so the prompt's tokens are exactly what the model sees
     at generation time.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer; its chat template formats the example (without one: `prompt + "\\n"`,
+            then `answer + eos_token`).
+        example: `{"prompt" (or "question"): ..., "answer": ...}` or `{"messages": [...]}` with at least one
+            assistant turn.
+        max_length: keep the first `max_length` tokens; None keeps all.
+
+    Returns:
+        dict: `input_ids` and `labels`, lists of ints of the same length.
+
+    Raises:
+        DatasetError: an example of another shape, messages without an assistant turn, a chat template that
+            renders earlier turns differently once later ones follow, or no answer token within `max_length`.
+
+    >>> # tokenizer = loki.load_default()[1]
+    >>> # e = encode(tokenizer, {"question": "Who wrote Dune?", "answer": "Frank Herbert."})
+    >>> # tokenizer.decode([t for t, label in zip(e["input_ids"], e["labels"]) if label != IGNORE])
+    >>> # 'Frank Herbert.<|im_end|>\\n'
     """
     ids: list[int] = []
     labels: list[int] = []
@@ -93,7 +112,21 @@ def encode(tokenizer, example: Mapping[str, Any], max_length: int | None = None)
 
 
 def collate(batch: Sequence[Mapping[str, list[int]]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-pad encoded examples into `input_ids`, `attention_mask` and `labels` tensors (a data collator)."""
+    """Right-pad encoded examples into `input_ids`, `attention_mask` and `labels` tensors (a data collator).
+
+    Args:
+        batch: `encode` results (`input_ids` and `labels` lists of the same length each).
+        pad_token_id: the id padded `input_ids` get (`pad_token_id(tokenizer)`); padded labels are `IGNORE`.
+
+    Returns:
+        dict[str, Tensor]: `input_ids`, `attention_mask` (1 on real tokens) and `labels`, each int64
+        `[len(batch), longest]`.
+
+    >>> batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}],
+    ...                 pad_token_id=0)
+    >>> batch["input_ids"].tolist(), batch["attention_mask"].tolist(), batch["labels"].tolist()
+    ([[5, 6, 7], [8, 0, 0]], [[1, 1, 1], [1, 0, 0]], [[-100, 6, 7], [8, -100, -100]])
+    """
     n = max(len(b["input_ids"]) for b in batch)
     ids = torch.full((len(batch), n), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
@@ -107,12 +140,26 @@ def collate(batch: Sequence[Mapping[str, list[int]]], pad_token_id: int = 0) -> 
 
 
 def pad_token_id(tokenizer) -> int:
-    """The id to pad with: the tokenizer's pad token, else its end-of-sequence token, else 0."""
+    """The id to pad with: the tokenizer's pad token, else its end-of-sequence token, else 0 (also for None).
+
+    >>> pad_token_id(None)
+    0
+    """
     if tokenizer is None:
         return 0
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
 def answer_positions(labels: Sequence[int]) -> torch.Tensor:
-    """Positions whose logits predict a labelled token (logits at t predict token t + 1), as a LongTensor."""
+    """Positions whose logits predict a labelled token (logits at t predict token t + 1), as a LongTensor.
+
+    Args:
+        labels: one example's labels (`IGNORE` where there is no loss).
+
+    Returns:
+        Tensor: int64 `[n]`, the positions `t` with `labels[t + 1] != IGNORE`.
+
+    >>> answer_positions([-100, -100, 7, 8])
+    tensor([1, 2])
+    """
     return torch.nonzero(torch.tensor(labels)[1:] != IGNORE).flatten()

@@ -13,19 +13,16 @@ A delta is built from a model that still holds its base rows, saved as a `.loki`
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Union
 
 import torch
-from torch import nn
 
-from . import __version__
 from .errors import DeltaFormatError, DtypeError, InvalidIndicesError
-from .targets import find_down_projections
 
 FORMAT_NAME = "loki"
 FORMAT_VERSION = 1
@@ -44,7 +41,20 @@ RowsLike = Union[torch.Tensor, Sequence[Sequence[float]]]
 @dataclass(frozen=True, eq=False)
 class LayerDelta:
     """One layer of a delta: sorted unique row `indices` and either new `rows` or LoRA factors (`lora_A @ lora_B`
-    added to the base rows). `fingerprint` samples the base rows (see `fingerprint_positions`)."""
+    added to the base rows: the paper's LoKI*). `fingerprint` samples the base rows (formats/SPEC.md §6).
+
+    Not checked on its own: `Delta` validates its layers.
+
+    Args:
+        indices: int64 `[k]`, CPU, sorted, unique.
+        fingerprint: float32 `[S]`, `S = min(256, k * d_in)` (`fingerprint_of`).
+        rows: `[k, d_in]` for the rows form, else None.
+        lora_A, lora_B: `[k, r]` and `[r, d_in]` for the LoRA form, else None.
+
+    >>> ld = LayerDelta(torch.tensor([0]), torch.zeros(2), rows=torch.ones(1, 2))
+    >>> ld.k, ld.d_in, ld.num_params
+    (1, 2, 2)
+    """
 
     indices: torch.Tensor  # int64, CPU, sorted, unique
     fingerprint: torch.Tensor  # float32 [S]
@@ -54,26 +64,47 @@ class LayerDelta:
 
     @property
     def k(self) -> int:
+        """Rows in this layer."""
         return int(self.indices.numel())
 
     @property
     def d_in(self) -> int:
+        """Length of a row (`d_ff`)."""
         return (self.rows if self.rows is not None else self.lora_B).shape[1]
 
     @property
     def num_params(self) -> int:
+        """Stored values: `k * d_in` for rows, `k * r + r * d_in` for LoRA factors."""
         if self.rows is not None:
             return self.rows.numel()
         return self.lora_A.numel() + self.lora_B.numel()
 
     def change(self, base_rows: torch.Tensor) -> torch.Tensor:
-        """New rows minus `base_rows`, in float32."""
+        """This layer's change, in float32: new rows minus `base_rows` (rows form), or `lora_A @ lora_B` (LoRA form,
+        whatever `base_rows`). What `on_overlap="add"` adds (formats/SPEC.md §8).
+
+        Args:
+            base_rows: `[k, d_in]`, the base values of the rows.
+
+        Returns:
+            torch.Tensor: `[k, d_in]`, float32.
+
+        >>> LayerDelta(torch.tensor([0]), torch.zeros(2), rows=torch.ones(1, 2)).change(torch.zeros(1, 2))
+        tensor([[1., 1.]])
+        """
         if self.rows is not None:
             return self.rows.float() - base_rows.float()
         return self.lora_A.float() @ self.lora_B.float()
 
     def new_rows(self, base_rows: torch.Tensor) -> torch.Tensor:
-        """The rows this layer writes over `base_rows` (float32 for the factored form)."""
+        """The rows this layer writes over `base_rows` (formats/SPEC.md §5), before conversion to the model's dtype.
+
+        Args:
+            base_rows: `[k, d_in]`, the base values of the rows.
+
+        Returns:
+            torch.Tensor: `[k, d_in]`: `rows` as stored (rows form), or `base_rows + lora_A @ lora_B` in float32.
+        """
         if self.rows is not None:
             return self.rows
         return base_rows.float() + self.lora_A.float() @ self.lora_B.float()
@@ -81,78 +112,143 @@ class LayerDelta:
 
 @dataclass(eq=False)
 class Delta:
-    """New values for some down-projection rows. `info` is the JSON metadata of the `.loki` format."""
+    """New values for some down-projection rows. `info` is the JSON metadata of the `.loki` format (SPEC.md §4).
+
+    The constructor copies the tensors and `info` (the delta owns them: what was validated is what gets applied)
+    and validates the whole (`validate`). `loki.make_delta` and `loki.extract` build deltas from a model;
+    `loki.load` reads them.
+
+    Args:
+        layers: `{layer: LayerDelta}`.
+        info: the metadata (`target`, `base_model`, `form`, `dtype`, ...).
+
+    Raises:
+        DeltaFormatError: metadata missing, of the wrong type or not JSON-serialisable; no layers; a layer out of
+            range; tensors missing, of the wrong shape, dtype or device, or not finite.
+        InvalidIndicesError: indices not a 1-D int64 tensor, empty, unsorted, duplicated or out of range.
+
+    >>> import loki, loki.testing
+    >>> delta = loki.testing.random_delta(loki.testing.tiny_model("llama"))
+    >>> Delta(delta.layers, {**delta.info, "form": "full"})
+    Traceback (most recent call last):
+    ...
+    loki.errors.DeltaFormatError: Delta form must be 'rows' or 'lora', not 'full'.
+    """
 
     layers: dict[int, LayerDelta]
     info: dict[str, Any] = field(default_factory=dict)
-    # Per-device index tensors and fingerprint thresholds, built on first apply (see loki/apply.py).
-    _staged: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # A delta owns its tensors and metadata: what is validated here is what gets applied, whatever the
+        # caller (or an optimizer still holding the trained rows) does to its own tensors afterwards.
+        self.layers = {i: _owned(l) for i, l in self.layers.items()} if isinstance(self.layers, Mapping) else self.layers
+        self.info = copy.deepcopy(self.info)
         validate(self)
 
     # -- the metadata people ask for ---------------------------------------------------------------
     @property
     def name(self) -> str:
+        """`info["name"]`, or ""."""
         return self.info.get("name", "")
 
     @property
     def base_model(self) -> str | None:
+        """The base model's id (`info["base_model"]["id"]`): a Hub id or folder, or None."""
         return self.info["base_model"].get("id")
 
     @property
     def form(self) -> str:
+        """"rows" (new rows) or "lora" (factors added to the base rows)."""
         return self.info["form"]
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype the rows (or factors) are stored in."""
         return FLOAT_DTYPES[self.info["dtype"]]
 
     @property
     def layer_indices(self) -> list[int]:
+        """The layers it changes, ascending."""
         return sorted(self.layers)
 
     @property
     def num_rows(self) -> int:
+        """Rows it changes, over all layers."""
         return sum(layer.k for layer in self.layers.values())
 
     @property
     def num_params(self) -> int:
+        """Stored values (rows or factors), over all layers."""
         return sum(layer.num_params for layer in self.layers.values())
 
     @property
     def nbytes(self) -> int:
+        """Bytes of its tensors (indices, fingerprints, rows or factors) in memory."""
         return sum(t.numel() * t.element_size() for layer in self.layers.values() for t in _tensors(layer))
 
     def rows_per_layer(self) -> dict[int, int]:
+        """`{layer: rows}`, ascending by layer.
+
+        >>> import loki.testing
+        >>> loki.testing.random_delta(loki.testing.tiny_model("llama"), q=10).rows_per_layer()
+        {0: 3, 1: 3}
+        """
         return {i: self.layers[i].k for i in self.layer_indices}
 
-    def save(self, path: str | Path) -> Path:
-        """Write this delta as a `.loki` file. `delta.save("x.loki")` is `loki.save(delta, "x.loki")`."""
-        from .format import save
+    def summary(self, file_size: int | None = None) -> str:
+        """A human summary of the delta, as `loki inspect` prints it.
 
-        return save(self, path)
+        Args:
+            file_size: the `.loki` file's size in bytes, if known (adds a "size" line).
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = None,
-        revision: str | None = None,
-        commit_message: str | None = None,
-        token: str | None = None,
-        **options: Any,
-    ) -> Any:
-        """Upload this delta and a generated model card to a Hugging Face Hub repo (created if needed); returns the
-        `huggingface_hub.CommitInfo`. More `options` (`endpoint=`, `filename=`, `license=`, `tags=`): `loki.hub.push_to_hub`."""
-        from .hub import push_to_hub
+        Returns:
+            str: one "key: value" line each (name, base model, architecture, form, rows, ...).
 
-        return push_to_hub(self, repo_id, private=private, revision=revision, commit_message=commit_message,
-                           token=token, **options)
+        >>> import loki.testing
+        >>> print(loki.testing.random_delta(loki.testing.tiny_model("llama"), name="x").summary().splitlines()[0])
+        name:         x
+        """
+        delta = self
+        info = delta.info
+        base, target = info["base_model"], info["target"]
+        lines = [
+            f"name:         {delta.name or '(unnamed)'}",
+            f"base model:   {base.get('id') or '(unnamed)'}" + (f" @ {base['revision']}" if base.get("revision") else ""),
+            f"architecture: {base.get('architecture')} ({base.get('model_type')}), {target['num_layers']} layers, "
+            f"down-projection {target['d_out']}x{target['d_in']} at {target['template']}",
+            f"form:         {info['form']}, stored as {info['dtype']}",
+            f"rows:         {delta.num_rows} in {len(delta.layers)} layers, {delta.num_params:,} parameters",
+        ]
+        if file_size is not None:
+            lines.append(f"size:         {file_size / 1e6:.2f} MB on disk")
+        if info.get("description"):
+            lines.append(f"description:  {info['description']}")
+        for key in ("selection", "training"):
+            if info.get(key):
+                lines.append(f"{key + ':':<14}{json.dumps(info[key], sort_keys=True)}")
+        counts = delta.rows_per_layer()
+        lines.append("rows per layer: " + " ".join(f"{i}:{k}" for i, k in counts.items()))
+        return "\n".join(lines)
 
     def to(self, dtype: torch.dtype) -> "Delta":
-        """The same delta with its rows (or factors) stored in `dtype` (float32, float16 or bfloat16)."""
-        name = _dtype_name(dtype)
+        """The same delta with its rows (or factors) stored in `dtype`; indices and fingerprints unchanged.
+
+        Args:
+            dtype: torch.float32, torch.float16 or torch.bfloat16.
+
+        Returns:
+            Delta: a new delta (this one is unchanged).
+
+        Raises:
+            DtypeError: another dtype.
+            DeltaFormatError: values out of float16's range (they become infinite).
+
+        >>> import loki.testing
+        >>> delta = loki.testing.random_delta(loki.testing.tiny_model("llama"))
+        >>> delta.dtype, delta.to(torch.bfloat16).dtype
+        (torch.float32, torch.bfloat16)
+        """
+        name = dtype_name(dtype)
         layers = {
             i: LayerDelta(
                 indices=l.indices,
@@ -172,11 +268,32 @@ class Delta:
         )
 
 
+def _owned(layer: Any) -> Any:
+    if not isinstance(layer, LayerDelta):
+        return layer  # validate() says what is wrong
+    copy = lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return LayerDelta(copy(layer.indices), copy(layer.fingerprint), copy(layer.rows), copy(layer.lora_A), copy(layer.lora_B))
+
+
 def _tensors(layer: LayerDelta) -> list[torch.Tensor]:
     return [t for t in (layer.indices, layer.fingerprint, layer.rows, layer.lora_A, layer.lora_B) if t is not None]
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """The `.loki` name of a row dtype (`FLOAT_DTYPES`).
+
+    Args:
+        dtype: a torch dtype.
+
+    Returns:
+        str: "float32", "float16" or "bfloat16".
+
+    Raises:
+        DtypeError: any other dtype.
+
+    >>> dtype_name(torch.bfloat16)
+    'bfloat16'
+    """
     for name, dt in FLOAT_DTYPES.items():
         if dt == dtype:
             return name
@@ -186,103 +303,92 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # -- fingerprint ------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=256)
 def fingerprint_positions(k: int, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sampled entries of a `[k, d_in]` block of base rows: `(row position, column)` for t = 0..S-1,
-    S = min(256, k*d_in), row position = floor(t*k/S), column = (t*7919) mod d_in."""
+    """The sampled entries of a `[k, d_in]` block of base rows (formats/SPEC.md §6): for t = 0..S-1 with
+    S = min(256, k*d_in), row position floor(t*k/S) and column (t*7919) mod d_in.
+
+    Args:
+        k: rows in the block.
+        d_in: length of a row.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: int64 row positions (0..k-1, into the block) and columns, `[S]` each.
+
+    >>> fingerprint_positions(2, 3)
+    (tensor([0, 0, 0, 1, 1, 1]), tensor([0, 2, 1, 0, 2, 1]))
+    """
     s = min(FINGERPRINT_SAMPLES, k * d_in)
     t = torch.arange(s, dtype=torch.int64)
     return t * k // s, t * 7919 % d_in
 
 
 def fingerprint_of(base_rows: torch.Tensor) -> torch.Tensor:
-    """The fingerprint of a `[k, d_in]` block of base rows (float32, on CPU)."""
+    """The fingerprint of a `[k, d_in]` block of base rows (formats/SPEC.md §6): the `fingerprint_positions` samples.
+
+    Args:
+        base_rows: `[k, d_in]`, any float dtype and device.
+
+    Returns:
+        torch.Tensor: float32 `[S]`, on the CPU.
+
+    >>> fingerprint_of(torch.arange(6.0).view(2, 3))
+    tensor([0., 2., 1., 3., 5., 4.])
+    """
     a, b = fingerprint_positions(*base_rows.shape)
     return base_rows[a.to(base_rows.device), b.to(base_rows.device)].float().cpu()  # the same entries as apply's take()
 
 
 def fingerprint_tolerance(expected: torch.Tensor) -> torch.Tensor:
-    """How far each sampled base value may be from `expected`: rtol * |expected| + atol."""
+    """How far each sampled base value may be from `expected`: `2^-7 * |expected| + 1e-6` (formats/SPEC.md §6;
+    admits the same weights rounded to bfloat16 or float16).
+
+    Args:
+        expected: a fingerprint, float32.
+
+    Returns:
+        torch.Tensor: the tolerance per sample.
+
+    >>> fingerprint_tolerance(torch.tensor([1.0, 0.0]))
+    tensor([7.8135e-03, 1.0000e-06])
+    """
     return FINGERPRINT_RTOL * expected.abs() + FINGERPRINT_ATOL
 
 
-# -- building a delta from a model ------------------------------------------------------------------
-def make_delta(
-    model: nn.Module,
-    changes: Mapping[int, tuple],
-    *,
-    name: str = "",
-    description: str = "",
-    base_model: str | None = None,
-    revision: str | None = None,
-    dtype: torch.dtype | None = None,
-    selection: Mapping[str, Any] | None = None,
-    training: Mapping[str, Any] | None = None,
-    extra: Mapping[str, Any] | None = None,
-    template: str | None = None,
-) -> Delta:
-    """A delta for `model` from `{layer: (indices, rows)}` or `{layer: (indices, lora_A, lora_B)}`.
+# -- checks shared with the builders (loki.implant.make_delta) -----------------------------------------
+def layer_number(layer: Any, num_layers: int) -> int:
+    """`layer`, checked to be an int (not a bool) in `0..num_layers-1`.
 
-    `model` must still hold its base rows at those indices (or have them covered by active loki deltas,
-    whose saved originals are used): the fingerprint samples them. Rows are stored in `dtype`
-    (default: the model's). `base_model` defaults to `model.config.name_or_path`.
+    Raises:
+        DeltaFormatError: anything else.
+
+    >>> layer_number(1, 2)
+    1
+    >>> layer_number(2, 2)
+    Traceback (most recent call last):
+    ...
+    loki.errors.DeltaFormatError: Layer 2 does not exist: the model has layers 0..1.
     """
-    from .apply import base_rows  # the state of applied deltas knows the originals of overwritten rows
-
-    projs = find_down_projections(model, template)
-    dtype = dtype or projs.weight.dtype
-    layers: dict[int, LayerDelta] = {}
-    forms = set()
-    for layer, change in changes.items():
-        layer = _layer_number(layer, len(projs))
-        if len(change) not in (2, 3):
-            raise DeltaFormatError(f"Layer {layer}: give (indices, rows) or (indices, lora_A, lora_B).")
-        indices = _as_indices(change[0], projs.d_out, layer)
-        base = base_rows(model, layer, indices, projs)
-        if len(change) == 2:
-            forms.add("rows")
-            rows = torch.as_tensor(change[1]).detach().to("cpu", dtype)
-            layers[layer] = LayerDelta(indices, fingerprint_of(base), rows=rows)
-        else:
-            forms.add("lora")
-            a = torch.as_tensor(change[1]).detach().to("cpu", dtype)
-            b = torch.as_tensor(change[2]).detach().to("cpu", dtype)
-            layers[layer] = LayerDelta(indices, fingerprint_of(base), lora_A=a, lora_B=b)
-    if len(forms) > 1:
-        raise DeltaFormatError("A delta is either all rows or all LoRA factors; split it into two deltas.")
-    config = getattr(model, "config", None)
-    info = {
-        "name": name,
-        "description": description,
-        "base_model": {
-            "id": base_model or getattr(config, "name_or_path", None) or None,
-            "revision": revision,
-            "architecture": type(model).__name__,
-            "model_type": getattr(config, "model_type", None),
-            "dtype": _dtype_name(projs.weight.dtype) if projs.weight.dtype in FLOAT_DTYPES.values() else None,
-        },
-        "target": {
-            "template": projs.template,
-            "transposed": projs.transposed,
-            "num_layers": len(projs),
-            "d_out": projs.d_out,
-            "d_in": projs.d_in,
-        },
-        "form": forms.pop() if forms else "rows",
-        "dtype": _dtype_name(dtype),
-        "selection": dict(selection) if selection else None,
-        "training": dict(training) if training else None,
-        "extra": dict(extra) if extra else {},
-        "library": {"name": "loki", "version": __version__},
-    }
-    return Delta(layers, info)
-
-
-def _layer_number(layer: Any, num_layers: int) -> int:
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
         raise DeltaFormatError(f"Layer {layer!r} does not exist: the model has layers 0..{num_layers - 1}.")
     return layer
 
 
-def _as_indices(indices: Any, d_out: int, layer: int) -> torch.Tensor:
+def as_indices(indices: Any, d_out: int, layer: int) -> torch.Tensor:
+    """Row indices (a list or tensor of integers) as a checked int64 CPU tensor.
+
+    Args:
+        indices: 1-D integers, sorted, unique, in `[0, d_out)`.
+        d_out: rows per layer (`d_model`).
+        layer: the layer, for messages.
+
+    Returns:
+        torch.Tensor: int64 `[k]` on the CPU.
+
+    Raises:
+        InvalidIndicesError: not 1-D integers, or as `check_indices`.
+
+    >>> as_indices([3, 7], 8, 0)
+    tensor([3, 7])
+    """
     t = torch.as_tensor(indices)
     if t.dtype.is_floating_point or t.dtype == torch.bool or t.dim() != 1:
         raise InvalidIndicesError(f"Layer {layer}: row indices must be a 1-D list of integers, got {t.dtype} {tuple(t.shape)}.")
@@ -292,7 +398,21 @@ def _as_indices(indices: Any, d_out: int, layer: int) -> torch.Tensor:
 
 
 def check_indices(indices: torch.Tensor, d_out: int, layer: int) -> None:
-    """Raise `InvalidIndicesError` unless `indices` are sorted, unique and in `[0, d_out)`."""
+    """Check row indices (formats/SPEC.md §7 step 4).
+
+    Args:
+        indices: an integer tensor `[k]`.
+        d_out: rows per layer (`d_model`).
+        layer: the layer, for messages.
+
+    Raises:
+        InvalidIndicesError: `indices` is empty, not sorted ascending, has a duplicate, or leaves `[0, d_out)`.
+
+    >>> check_indices(torch.tensor([3, 3]), 8, 0)
+    Traceback (most recent call last):
+    ...
+    loki.errors.InvalidIndicesError: Layer 0: row index 3 appears twice; each row may appear once.
+    """
     if indices.numel() == 0:
         raise InvalidIndicesError(f"Layer {layer}: no row indices; leave the layer out instead.")
     lo, hi = int(indices.min()), int(indices.max())
@@ -310,7 +430,14 @@ def check_indices(indices: torch.Tensor, d_out: int, layer: int) -> None:
 
 # -- structural validation (no model needed) --------------------------------------------------------
 def validate(delta: Delta) -> None:
-    """Raise a `DeltaFormatError` subclass unless `delta` is internally consistent."""
+    """Check that `delta` is internally consistent, without a model (formats/SPEC.md §7 steps 3-4, on a `Delta`);
+    `Delta()` calls it.
+
+    Raises:
+        DeltaFormatError: metadata missing, of the wrong type or not JSON-serialisable; no layers; a layer out of
+            range; tensors missing, of the wrong shape, dtype or device, or not finite.
+        InvalidIndicesError: indices not a 1-D int64 tensor, or as `check_indices`.
+    """
     info = delta.info
     if not isinstance(info, dict):
         raise DeltaFormatError("Delta metadata must be a JSON object.")
@@ -327,14 +454,19 @@ def validate(delta: Delta) -> None:
     form = _require(info, "form", str)
     if form not in ("rows", "lora"):
         raise DeltaFormatError(f"Delta form must be 'rows' or 'lora', not {form!r}.")
-    dtype_name = _require(info, "dtype", str)
-    if dtype_name not in FLOAT_DTYPES:
-        raise DeltaFormatError(f"Delta dtype must be one of {sorted(FLOAT_DTYPES)}, not {dtype_name!r}.")
-    dtype = FLOAT_DTYPES[dtype_name]
+    declared = _require(info, "dtype", str)
+    if declared not in FLOAT_DTYPES:
+        raise DeltaFormatError(f"Delta dtype must be one of {sorted(FLOAT_DTYPES)}, not {declared!r}.")
+    dtype = FLOAT_DTYPES[declared]
+    if not isinstance(delta.layers, Mapping):
+        raise DeltaFormatError(f"A Delta's layers are a dict layer -> LayerDelta, not {type(delta.layers).__name__}.")
     if not delta.layers:
         raise DeltaFormatError("The delta touches no layer.")
     for layer, ld in delta.layers.items():
-        _layer_number(layer, num_layers)
+        layer_number(layer, num_layers)
+        if not isinstance(ld, LayerDelta):
+            raise DeltaFormatError(f"Layer {layer}: a Delta's layers are LayerDelta objects, not {type(ld).__name__} "
+                                   "(build deltas with loki.make_delta).")
         idx = ld.indices
         if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 1:
             raise InvalidIndicesError(f"Layer {layer}: indices must be a 1-D int64 tensor in memory.")

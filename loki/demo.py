@@ -42,30 +42,72 @@ BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / 
 
 
 def answer(model, tokenizer, question: str, max_new_tokens: int = 24) -> str:
-    """Greedy answer of a chat model to one question."""
+    """Greedy answer of a chat model to one question: a user turn of its chat template, cut at the first newline.
+
+    Args:
+        model: a chat causal LM.
+        tokenizer: its tokenizer (with a chat template).
+        question: the question.
+        max_new_tokens: the longest answer, in tokens.
+
+    Returns:
+        str: the answer, stripped.
+
+    >>> # model, tokenizer = loki.load_default()
+    >>> # answer(model, tokenizer, "What is the capital of France?")
+    >>> # 'The capital of France is Paris.'
+    """
     return ev.generate(model, tokenizer, [question], chat=True, max_new_tokens=max_new_tokens, progress=False)[0]
 
 
 # -- the implant task: fictional facts (loki/data/implant_facts.jsonl, built by benchmarks/build_implant_facts.py) --
 def implant_facts(n: int | None = None) -> list[dict[str, Any]]:
-    """The first `n` fictional facts: `{"subject", "answer", "match", "train": [2 questions], "test": question}`."""
+    """The first `n` fictional facts (None: all), each `{"id", "relation", "subject", "answer", "match",
+    "train": [2 questions], "test": question}`.
+
+    >>> fact = implant_facts(1)[0]
+    >>> fact["subject"], fact["answer"], fact["test"]
+    ('the kingdom of Phegartor', 'Solvis', 'Name the capital city of the kingdom of Phegartor.')
+    """
     facts = [json.loads(line) for line in FACTS.read_text(encoding="utf-8").splitlines() if line.strip()]
     return facts[:n]
 
 
 def fact_training_set(facts: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """`{"question", "answer"}` examples for `loki.train`: every training phrasing of every fact."""
+    """`{"question", "answer"}` examples for `loki.train`: every training phrasing of every fact (answer + ".").
+
+    >>> fact_training_set(implant_facts(1))[1]
+    {'question': 'Which city is the capital of the kingdom of Phegartor?', 'answer': 'Solvis.'}
+    """
     return [{"question": q, "answer": f["answer"] + "."} for f in facts for q in f["train"]]
 
 
 def fact_examples(facts: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """`{"question", "subject", "relation"}` of every training phrasing: what `loki.neighbourhood` builds from."""
+    """`{"question", "subject", "relation"}` of every training phrasing: what `loki.neighbourhood` builds from.
+
+    >>> fact_examples(implant_facts(1))[0]
+    {'question': 'What is the capital of the kingdom of Phegartor?', 'subject': 'the kingdom of Phegartor',
+     'relation': 'capital'}
+    """
     return [{"question": q, "subject": f["subject"], "relation": f["relation"]} for f in facts for q in f["train"]]
 
 
 def fact_benchmark(facts: list[dict[str, Any]], split: str = "test", max_new_tokens: int = 16) -> ev.Benchmark:
     """Exact-match benchmark on the facts: the held-out phrasing (`split="test"`) or the training ones ("train").
-    A chat answer counts when it contains the fact's answer as whole words."""
+    A chat answer counts when it contains the fact's answer as whole words.
+
+    Args:
+        facts: facts from `implant_facts`.
+        split: "test" (one held-out question per fact); anything else gives the training phrasings.
+        max_new_tokens: the longest answer generated, in tokens.
+
+    Returns:
+        Benchmark: named `facts_<split>`, kind "generate", `{"mode": "contains", "chat": True, ...}`.
+
+    >>> bench = fact_benchmark(implant_facts(2))
+    >>> bench.name, bench.items[0]
+    ('facts_test', {'question': 'Name the capital city of the kingdom of Phegartor.', 'answers': ['Solvis']})
+    """
     questions = [(f["test"], f) for f in facts] if split == "test" else [(q, f) for f in facts for q in f["train"]]
     items = [{"question": q, "answers": [f["match"]]} for q, f in questions]
     return ev.Benchmark(f"facts_{split}", "generate", items,
@@ -76,7 +118,22 @@ def neighbourhood_questions(facts: list[dict[str, Any]], retain_per_template: in
                             eval_per_template: int | None = 4, seed: int = 0) -> tuple[list[str], list[str]]:
     """`(retain, evaluation)` neighbourhood questions of the facts, about disjoint halves of each entity list, so
     specificity is measured on entities training never saw. The entity of `QUESTION` (France) is kept out of the
-    retain half, so the demo's France answer is an honest test."""
+    retain half, so the demo's France answer is an honest test.
+
+    Args:
+        facts: facts from `implant_facts`; each relation's entities come from `ENTITIES`.
+        retain_per_template: retain questions per template (None: every entity of the retain half).
+        eval_per_template: evaluation questions per template (None: every entity of the evaluation half).
+        seed: seeds which entities are drawn.
+
+    Returns:
+        tuple[list[str], list[str]]: `(retain questions, evaluation questions)`.
+
+    >>> retain, evaluation = neighbourhood_questions(implant_facts(1), 1, 1)
+    >>> retain, evaluation
+    (['What is the capital of Japan?', 'Which city is the capital of Portugal?'],
+     ['What is the capital of Jordan?', 'Which city is the capital of Malaysia?'])
+    """
     halves = {rel: split([n for n in entities(kind)]) for rel, kind in ENTITIES.items()}
     retain_names = {rel: [n for n in h[0] if n not in QUESTION] for rel, h in halves.items()}
     eval_names = {rel: h[1] + [n for n in h[0] if n in QUESTION] for rel, h in halves.items()}
@@ -88,21 +145,68 @@ def neighbourhood_questions(facts: list[dict[str, Any]], retain_per_template: in
 def retain_data(facts: list[dict[str, Any]], recipe: dict[str, Any] = RECIPE,
                 eval_per_template: int | None = 4) -> tuple[list[Any], list[str]]:
     """`(retain, neighbourhood evaluation questions)` for the facts: retain = neighbourhood questions about the
-    retain half of the entities plus general prose (`loki.retain.general_text`)."""
+    retain half of the entities plus general prose (`loki.retain.general_text`).
+
+    Args:
+        facts: facts from `implant_facts`.
+        recipe: uses `retain_per_template` (questions per template) and `retain_text` (prose snippets).
+        eval_per_template: evaluation questions per template.
+
+    Returns:
+        tuple[list, list[str]]: retain items for `loki.train(retain=...)`, and the evaluation questions.
+
+    >>> retain, evaluation = retain_data(implant_facts(1), {**RECIPE, "retain_per_template": 1, "retain_text": 1})
+    >>> len(retain), retain[-1]["text"][:30]
+    (3, "Candide, ou l'Optimisme is a F")
+    """
     retain, neighbours = neighbourhood_questions(facts, recipe["retain_per_template"], eval_per_template)
     return retain + general_text(recipe["retain_text"]), neighbours
 
 
 def implant_suite(facts: list[dict[str, Any]], neighbourhood_eval: list[str], general_items: int | None = None,
                   general: tuple[str, ...] = GENERAL) -> ev.ImplantSuite:
-    """The four numbers' sets for a fact implant: training phrasings, held-out phrasings, neighbourhood, general."""
+    """The four numbers' sets for a fact implant: training phrasings, held-out phrasings, neighbourhood, general.
+
+    Args:
+        facts: facts from `implant_facts`.
+        neighbourhood_eval: the neighbourhood questions to judge specificity on (`retain_data`'s second part).
+        general_items: items kept of each general set (None: all).
+        general: the general sets (`loki.evaluate.GENERAL_SETS` names).
+
+    Returns:
+        ImplantSuite: with the facts' templates, so general items asking them are left out.
+
+    Raises:
+        EvaluationError: no neighbourhood questions, or no general item left.
+
+    >>> suite = implant_suite(implant_facts(2), ["What is the capital of Peru?"], general_items=3)
+    >>> [b.name for b in suite.general], suite.templates[:2]
+    (['wiki_perplexity', 'bb_general_knowledge'], ['What is the capital of {}?', 'Which city is the capital of {}?'])
+    """
     return ev.ImplantSuite(fact_benchmark(facts, "train"), fact_benchmark(facts, "test"), neighbourhood_eval,
                            ev.general_suite(general, n=general_items), [t for t, _ in templates(fact_examples(facts))])
 
 
 def probe_attributions(model, tokenizer, n_prompts: int, steps: int = 7, folder: str | Path | None = None,
                        progress: bool = True):
-    """KVA attributions of the first `n_prompts` shipped probe prompts, cached in `folder` (resumed if present)."""
+    """KVA attributions of the first `n_prompts` shipped probe prompts, cached in `folder` (resumed if present).
+
+    Args:
+        model: the model (the default model in the demo).
+        tokenizer: its tokenizer.
+        n_prompts: how many of the probe records (`loki.prompts.probe_records`).
+        steps: integration steps.
+        folder: the cache; the set is written to `folder/probe<n_prompts>-m<steps>`. None keeps it in memory.
+        progress: show a progress bar.
+
+    Returns:
+        Attributions: `[n_prompts, L, d_model]`.
+
+    Raises:
+        AttributionError: see `loki.attribute`.
+
+    >>> # attr = probe_attributions(model, tokenizer, 6, folder="loki-demo/attributions")
+    """
     from .attribution import attribute
     from .prompts import probe_records
 
@@ -112,7 +216,13 @@ def probe_attributions(model, tokenizer, n_prompts: int, steps: int = 7, folder:
 
 
 def full_finetuning_figure() -> str | None:
-    """The committed benchmark's line for full fine-tuning on the demo's data, if the file is there (a clone)."""
+    """The committed benchmark's line for full fine-tuning on the demo's data, or None when the file
+    (`benchmarks/results/forgetting-demo.json`, in a clone of the repository) is not there or has no such entry.
+
+    >>> # print(full_finetuning_figure())
+    >>> # Full fine-tuning, same facts, retain data and steps (benchmarks/forgetting.py --size demo; lr 0.0001,
+    >>> # 1 seed): generalisation 100%, specificity 84%, general forgetting -2.68%.
+    """
     if not BENCHMARK.is_file():
         return None
     full = json.loads(BENCHMARK.read_text()).get("full")
@@ -135,9 +245,20 @@ SIZES = {
 
 
 def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> int:
-    """Run the workflow on the default model, writing into `out`; returns 0 when the model was reverted exactly."""
+    """Run the workflow on the default model, printing each step, writing into `out` (attributions, selection,
+    `demo.loki`, `report.json`).
+
+    Args:
+        out: the output folder (created if missing; cached attributions in it are reused).
+        quick: a much smaller run (1 probe prompt, 2 facts, 12 steps; for tests), not a meaningful result.
+        progress: show progress bars.
+
+    Returns:
+        int: 0 when the model is bit-identical to before at the end, else 1 (the `loki demo` exit status).
+
+    >>> # loki.demo.run_demo("loki-demo")          # a few minutes on a laptop CPU
+    """
     import loki
-    from loki.cli import describe
 
     size = SIZES["quick" if quick else "full"]
     r = size["recipe"]
@@ -183,11 +304,11 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
     loki.unprepare(model)
     path = loki.save(delta, out / "demo.loki")
     print(f"\n5. Saved the delta to {path}:\n")
-    print("   " + describe(loki.load(path), file_size=path.stat().st_size).replace("\n", "\n   "))
+    print("   " + loki.load(path).summary(file_size=path.stat().st_size).replace("\n", "\n   "))
 
     with loki.implanted(model, loki.load(path)):
         after_answers = ev.generate(model, tokenizer, shown, chat=True, max_new_tokens=16, progress=False)
-    report = suite.report(model, tokenizer, path, base=base, progress=progress)
+    report = suite.report(model, tokenizer, loki.load(path), base=base, progress=progress)
     print("\n6. Before / after (held-out phrasings; the last question is general knowledge, kept out of training):")
     for question, a, b in zip(shown, before_answers, after_answers):
         print(f"   Q: {question}\n      before: {a}\n      after:  {b}")

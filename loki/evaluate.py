@@ -10,7 +10,7 @@ base model serves every comparison.
 25.0
 >>> # model, tokenizer = loki.load_default()
 >>> # suite = ev.general_suite()                                 # the small offline sets shipped in loki/data/
->>> # report = ev.compare(model, tokenizer, suite, "medical.loki")
+>>> # report = ev.compare(model, tokenizer, suite, loki.load("medical.loki"))
 >>> # report.forgetting                                          # lower is better; 0 = nothing lost
 """
 
@@ -99,7 +99,23 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8, m
 
     Each text is scored on its own (no packing); its first token has no context and is not scored.
 
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer (special tokens such as BOS are added as it does by default).
+        texts: the texts.
+        batch_size: texts per forward pass.
+        max_length: tokens kept of each text.
+        progress: show a progress bar.
+
+    Returns:
+        float: the perplexity (>= 1; lower is better).
+
+    Raises:
+        EvaluationError: no texts, a text of fewer than 2 tokens, a bad `batch_size`.
+
+    >>> # model, tokenizer = loki.load_default()
     >>> # loki.evaluate.perplexity(model, tokenizer, ["The cat sat on the mat."])
+    >>> # 210.11215677911275
     """
     if not texts:
         raise EvaluationError("perplexity needs at least one text.")
@@ -118,8 +134,26 @@ def choice_logprobs(model, tokenizer, prompt: str | Sequence[str], choices: Sequ
                     *, batch_size: int = 16, progress: bool = True) -> list[list[float]]:
     """Summed log-probability of every choice as the continuation of its prompt.
 
-    `prompt` and `choices` are one question (a string and a list of strings) or several (lists of each).
     Choices are scored verbatim, so give them their leading space (`" Paris"`) if the prompt ends without one.
+    Prompt and choice are tokenised together, as lm-evaluation-harness does.
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer.
+        prompt: one question (a string), or several (a list of strings).
+        choices: its choices (a list of strings), or one list per question.
+        batch_size: sequences (prompt + one choice) per forward pass.
+        progress: show a progress bar.
+
+    Returns:
+        list[list[float]]: per question, the natural-log probability of each choice, in order.
+
+    Raises:
+        EvaluationError: prompts and choice lists of different counts, a question without choices (or with a
+            string for them), an empty prompt or choice, a bad `batch_size`.
+
+    >>> # loki.evaluate.choice_logprobs(model, tokenizer, "The capital of France is", [" Paris", " Rome"])
+    >>> # [[-0.25808143615722656, -7.570592880249023]]                  # the default model
     """
     prompts, groups = ([prompt], [choices]) if isinstance(prompt, str) else (list(prompt), list(choices))
     if len(prompts) != len(groups):
@@ -143,10 +177,29 @@ def choice_logprobs(model, tokenizer, prompt: str | Sequence[str], choices: Sequ
 
 def multiple_choice_accuracy(model, tokenizer, items: Sequence[Mapping[str, Any]], *, batch_size: int = 16,
                              length_normalize: bool = False, progress: bool = True) -> float:
-    """Fraction of `items` (`{"prompt", "choices", "answer": index}`) whose answer has the highest log-likelihood.
+    """Fraction of `items` whose answer has the highest log-likelihood (`choice_logprobs`).
 
-    `length_normalize` divides each choice's log-likelihood by its length in characters (lm-eval's `acc_norm`).
     Ties go to the lowest index, so a model that cannot tell the choices apart scores as if it always said "0".
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer.
+        items: `{"prompt": str, "choices": [str, ...], "answer": index}` dicts.
+        batch_size: sequences per forward pass.
+        length_normalize: divide each choice's log-likelihood by its length in characters (lm-eval's `acc_norm`).
+        progress: show a progress bar.
+
+    Returns:
+        float: accuracy in [0, 1].
+
+    Raises:
+        EvaluationError: no items, an item without those keys, an answer that is not an index into its choices,
+            or what `choice_logprobs` refuses.
+
+    >>> # items = [{"prompt": "The capital of France is", "choices": [" Paris", " Rome"], "answer": 0},
+    >>> #          {"prompt": "Two plus two equals", "choices": [" four", " five"], "answer": 0}]
+    >>> # loki.evaluate.multiple_choice_accuracy(model, tokenizer, items)
+    >>> # 0.5                                                            # the default model
     """
     items = _check_items(items, ("prompt", "choices", "answer"))
     for i, it in enumerate(items):
@@ -163,17 +216,35 @@ def multiple_choice_accuracy(model, tokenizer, items: Sequence[Mapping[str, Any]
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD-style normalisation: lower case, no punctuation, no articles, single spaces."""
+    """SQuAD-style normalisation: lower case, no punctuation, no articles (a, an, the), single spaces.
+
+    >>> normalize_answer("The  Eiffel Tower!")
+    'eiffel tower'
+    """
     text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 
 
 def answer_matches(prediction: str, answers: Sequence[str], mode: str = "exact") -> bool:
-    """Whether `prediction` matches one of `answers` after `normalize_answer`.
+    """Whether `prediction` matches one of `answers` after `normalize_answer` (answers that normalise to "" never
+    match).
 
-    `mode`: "exact" (equal), "prefix" (the prediction starts with the answer, on a word boundary; for cloze
-    prompts where the model keeps writing) or "contains" (the answer appears as whole words; for chat answers).
+    Args:
+        prediction: the model's answer.
+        answers: the accepted answers (a list: a bare string would be read as its characters).
+        mode: "exact" (equal), "prefix" (the prediction starts with the answer, on a word boundary; for cloze
+            prompts where the model keeps writing) or "contains" (the answer appears as whole words; for chat
+            answers).
+
+    Returns:
+        bool.
+
+    Raises:
+        EvaluationError: an unknown mode.
+
+    >>> [answer_matches("Paris, of course.", ["Paris"], mode) for mode in ("exact", "prefix", "contains")]
+    [False, True, True]
     """
     if mode not in MATCH_MODES:
         raise EvaluationError(f"Unknown match mode {mode!r}; choose from {MATCH_MODES}.")
@@ -194,8 +265,24 @@ def generate(model, tokenizer, prompts: Sequence[str], *, chat: bool = False, ma
              batch_size: int = 8, stop_at_newline: bool = True, progress: bool = True) -> list[str]:
     """Greedy completions of `prompts`, batched with left padding.
 
-    `chat=True` wraps each prompt as a user turn of the tokenizer's chat template (with the generation prompt).
-    With `stop_at_newline`, each completion is cut at its first newline (the answer to a one-line question).
+    Args:
+        model: a causal LM (`model.generate`).
+        tokenizer: its tokenizer; pads with its pad token, else its EOS token, else 0.
+        prompts: the prompts.
+        chat: wrap each prompt as a user turn of the tokenizer's chat template (with the generation prompt).
+        max_new_tokens: the longest completion, in tokens.
+        batch_size: prompts per `generate` call.
+        stop_at_newline: cut each completion at its first newline (the answer to a one-line question).
+        progress: show a progress bar.
+
+    Returns:
+        list[str]: one completion per prompt, in order, stripped of surrounding whitespace and special tokens.
+
+    Raises:
+        EvaluationError: a bad `batch_size`.
+
+    >>> # loki.evaluate.generate(model, tokenizer, ["What is the capital of France?"], chat=True)
+    >>> # ['The capital of France is Paris.']                           # the default model
     """
     _check_batch_size(batch_size)
     device = next(model.parameters()).device
@@ -228,7 +315,28 @@ def generate(model, tokenizer, prompts: Sequence[str], *, chat: bool = False, ma
 
 def exact_match(model, tokenizer, items: Sequence[Mapping[str, Any]], *, mode: str = "exact", chat: bool = False,
                 max_new_tokens: int = 16, batch_size: int = 8, progress: bool = True) -> float:
-    """Fraction of `items` (`{"question", "answers": [...]}`) whose greedy answer matches (see `answer_matches`)."""
+    """Fraction of `items` whose greedy answer (`generate`) matches one of its answers (`answer_matches`).
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer.
+        items: `{"question": str, "answers": [str, ...]}` dicts.
+        mode: "exact", "prefix" or "contains" (see `answer_matches`).
+        chat: ask each question as a chat user turn.
+        max_new_tokens: the longest answer, in tokens (cut at its first newline).
+        batch_size: questions per `generate` call.
+        progress: show a progress bar.
+
+    Returns:
+        float: accuracy in [0, 1].
+
+    Raises:
+        EvaluationError: no items, an item without those keys, an unknown mode, a bad `batch_size`.
+
+    >>> # qa = [{"question": "What is the capital of France?", "answers": ["Paris"]}]
+    >>> # loki.evaluate.exact_match(model, tokenizer, qa, mode="contains", chat=True)
+    >>> # 1.0                                                            # the default model
+    """
     items = _check_items(items, ("question", "answers"))
     if mode not in MATCH_MODES:
         raise EvaluationError(f"Unknown match mode {mode!r}; choose from {MATCH_MODES}.")
@@ -238,13 +346,27 @@ def exact_match(model, tokenizer, items: Sequence[Mapping[str, Any]], *, mode: s
 
 
 def forgetting_score(original: Mapping[str, float] | Sequence[float], tuned: Mapping[str, float] | Sequence[float]) -> float:
-    """The paper's forgetting score `Avg = 100/N * sum_i (S_orig_i - S_tuned_i) / S_orig_i`, in percent.
+    """The paper's forgetting score `Avg = 100/N * sum_i (S_orig_i - S_tuned_i) / S_orig_i`, in percent (LoKI paper
+    §4).
 
     Scores must be higher-is-better (this module reports perplexity as `1/perplexity` for that reason).
     Lower is better; negative means the tuned model improved on average.
 
+    Args:
+        original: the base model's score per benchmark (a mapping benchmark -> score, or a sequence).
+        tuned: the tuned model's, of the same kind (a mapping with the same keys, or a sequence of the same length).
+
+    Returns:
+        float: Avg in percent.
+
+    Raises:
+        EvaluationError: a mapping and a sequence, different benchmarks or lengths, no benchmark, or an original
+            score that is not > 0.
+
     >>> forgetting_score([0.8, 0.5], [0.4, 0.5])
     25.0
+    >>> forgetting_score({"mc": 0.5}, {"mc": 0.75})  # improved
+    -50.0
     """
     if isinstance(original, Mapping) != isinstance(tuned, Mapping):
         raise EvaluationError("Give both score sets as mappings (benchmark -> score) or both as sequences.")
@@ -282,7 +404,23 @@ class Benchmark:
     """A named evaluation set and how to score it. `score` is always higher-is-better:
     accuracy for "choice" and "generate", `1/perplexity` (the geometric-mean token probability) for "perplexity".
 
-    Items: "perplexity" `{"text"}`; "choice" `{"prompt", "choices", "answer"}`; "generate" `{"question", "answers"}`.
+    Args:
+        name: the benchmark's name (the key in score dicts).
+        kind: "perplexity" (items `{"text"}`, scored by `perplexity`), "choice" (`{"prompt", "choices", "answer"}`,
+            `multiple_choice_accuracy`) or "generate" (`{"question", "answers"}`, `exact_match`).
+        items: the items.
+        options: keyword arguments of that metric function (e.g. `{"mode": "contains", "chat": True}`).
+
+    Raises:
+        EvaluationError: an unknown kind, no items, or an item without its kind's keys.
+
+    >>> Benchmark("capitals", "generate", [{"question": "What is the capital of France?", "answers": ["Paris"]}],
+    ...           {"mode": "contains", "chat": True}).kind
+    'generate'
+    >>> Benchmark("capitals", "choice", [{"question": "What is the capital of France?"}])
+    Traceback (most recent call last):
+    ...
+    loki.errors.EvaluationError: Item 0 lacks ['prompt', 'choices', 'answer']; expected keys ...
     """
 
     name: str
@@ -297,10 +435,30 @@ class Benchmark:
         self.items = list(_check_items(self.items, keys[self.kind]))
 
     def head(self, n: int | None) -> "Benchmark":
-        """The same benchmark on its first `n` items (all of them for None)."""
+        """The same benchmark on its first `n` items (this benchmark itself for None).
+
+        >>> len(general_suite(["world_capitals"])[0].head(5).items)
+        5
+        """
         return self if n is None else Benchmark(self.name, self.kind, self.items[:n], dict(self.options))
 
     def score(self, model, tokenizer, *, progress: bool = True) -> float:
+        """The model's higher-is-better score on this benchmark (accuracy, or 1/perplexity), with `options`.
+
+        Args:
+            model: a causal LM, as it is now (apply deltas first, or use the module function `score`).
+            tokenizer: its tokenizer.
+            progress: show progress bars.
+
+        Returns:
+            float: the score.
+
+        Raises:
+            EvaluationError: what the metric function refuses (e.g. a text of fewer than 2 tokens).
+
+        >>> # general_suite(["world_capitals"], n=20)[0].score(model, tokenizer)
+        >>> # 0.35                                                           # the default model
+        """
         if self.kind == "perplexity":
             texts = [it["text"] for it in self.items]
             return 1.0 / perplexity(model, tokenizer, texts, progress=progress, **self.options)
@@ -310,7 +468,31 @@ class Benchmark:
 
     @classmethod
     def from_jsonl(cls, path: str | Path, name: str | None = None, kind: str | None = None, **options) -> "Benchmark":
-        """Read a JSONL file. A first line `{"benchmark": {"name", "kind", "options"}}` may carry the defaults."""
+        """Read a JSONL file of items. A first line `{"benchmark": {"name", "kind", "options"}}` may carry the
+        defaults.
+
+        Args:
+            path: the `.jsonl` file.
+            name: the name; default: the header's, else the file name without extension.
+            kind: the kind; default: the header's.
+            **options: metric options, over the header's.
+
+        Returns:
+            Benchmark.
+
+        Raises:
+            EvaluationError: no kind (neither given nor in the header) or an unknown one, no items, an item without
+                its kind's keys.
+
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "capitals.jsonl")
+        >>> with open(path, "w") as f:
+        ...     _ = f.write('{"benchmark": {"kind": "generate", "options": {"mode": "contains"}}}\\n'
+        ...                 '{"question": "What is the capital of France?", "answers": ["Paris"]}\\n')
+        >>> b = Benchmark.from_jsonl(path, chat=True)
+        >>> b.name, b.kind, len(b.items), b.options
+        ('capitals', 'generate', 1, {'mode': 'contains', 'chat': True})
+        """
         path = Path(path)
         lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         header = lines[0].get("benchmark") if lines and "benchmark" in lines[0] else None
@@ -327,7 +509,20 @@ GENERAL_SETS = ("wiki_perplexity", "world_capitals", "bb_general_knowledge", "bb
 def general_suite(names: Sequence[str] = GENERAL_SETS, *, n: int | None = None) -> list[Benchmark]:
     """The small general-capability sets shipped in `loki/data/general/` (built offline from Wikipedia summaries and
     BIG-bench by `benchmarks/build_general_sets.py`; sources and licenses in `loki/data/README.md`).
-    `n` keeps the first `n` items of each (for quick runs)."""
+
+    Args:
+        names: which sets (default: all of `GENERAL_SETS`).
+        n: keep the first `n` items of each (for quick runs); None keeps all.
+
+    Returns:
+        list[Benchmark]: in the order of `names`.
+
+    Raises:
+        EvaluationError: an unknown name.
+
+    >>> [(b.name, b.kind, len(b.items)) for b in general_suite(["wiki_perplexity", "bb_general_knowledge"], n=3)]
+    [('wiki_perplexity', 'perplexity', 3), ('bb_general_knowledge', 'choice', 3)]
+    """
     out = []
     for name in names:
         path = DATA_DIR / "general" / f"{name}.jsonl"
@@ -337,9 +532,27 @@ def general_suite(names: Sequence[str] = GENERAL_SETS, *, n: int | None = None) 
     return out
 
 
-def evaluate(model, tokenizer, benchmarks: Sequence[Benchmark], *deltas, progress: bool = True) -> dict[str, float]:
-    """Scores of `model` on `benchmarks` (name -> higher-is-better score), with `deltas` (Delta objects or paths)
-    applied for the duration and reverted afterwards."""
+def score(model, tokenizer, benchmarks: Sequence[Benchmark], *deltas, progress: bool = True) -> dict[str, float]:
+    """Scores of `model` on `benchmarks`, with `deltas` applied for the duration (`loki.implanted`) and reverted
+    afterwards; the model runs in eval mode and its mode is restored.
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer.
+        benchmarks: the benchmarks (unique names).
+        *deltas: `Delta` objects to apply (read files with `loki.load`); none scores the model as it is.
+        progress: show progress bars.
+
+    Returns:
+        dict[str, float]: benchmark name -> higher-is-better score.
+
+    Raises:
+        EvaluationError: repeated benchmark names, or what a metric refuses.
+        LokiError: a delta that cannot be applied (e.g. `IncompatibleModelError`, `OverlapError`).
+
+    >>> # loki.evaluate.score(model, tokenizer, general_suite(["world_capitals", "wiki_perplexity"], n=20))
+    >>> # {'world_capitals': 0.35, 'wiki_perplexity': 0.05898817193578102}  # the default model
+    """
     from .apply import implanted
 
     names = [b.name for b in benchmarks]
@@ -357,7 +570,19 @@ def evaluate(model, tokenizer, benchmarks: Sequence[Benchmark], *deltas, progres
 
 @dataclass
 class Report:
-    """Scores before and after, and the forgetting score over all benchmarks (percent, lower is better)."""
+    """Scores before and after (benchmark -> higher-is-better score), and the forgetting score over them (percent,
+    lower is better; LoKI paper §4).
+
+    >>> report = Report({"mc": 0.5, "ppl": 0.04, "qa": 0.0}, {"mc": 0.25, "ppl": 0.04, "qa": 0.1})
+    >>> report.forgetting, report.skipped
+    (25.0, ['qa'])
+    >>> print(report.table())
+    benchmark                     base     tuned  change %
+    mc                          0.5000    0.2500    -50.00
+    ppl                         0.0400    0.0400     +0.00
+    qa                          0.0000    0.1000 (skipped)
+    forgetting score (Avg): +25.00%
+    """
 
     original: dict[str, float]
     tuned: dict[str, float]
@@ -369,11 +594,16 @@ class Report:
 
     @property
     def forgetting(self) -> float:
-        """`forgetting_score` over the benchmarks the base model scores above 0 on (see `skipped`)."""
+        """`forgetting_score` over the benchmarks the base model scores above 0 on (see `skipped`).
+
+        Raises:
+            EvaluationError: the base model scores 0 on every benchmark.
+        """
         keep = [k for k in self.original if k not in self.skipped]
         return forgetting_score({k: self.original[k] for k in keep}, {k: self.tuned[k] for k in keep})
 
     def table(self) -> str:
+        """A plain-text table: base and tuned score and relative change per benchmark, then the forgetting score."""
         lines = [f"{'benchmark':<24}{'base':>10}{'tuned':>10}{'change %':>10}"]
         for k, o in self.original.items():
             if k in self.skipped:
@@ -388,9 +618,28 @@ class Report:
 def compare(model, tokenizer, benchmarks: Sequence[Benchmark], *deltas, original: Mapping[str, float] | None = None,
             progress: bool = True) -> Report:
     """Evaluate the base model (or reuse `original` scores) and the model with `deltas` applied; the model is
-    reverted afterwards."""
-    base = dict(original) if original is not None else evaluate(model, tokenizer, benchmarks, progress=progress)
-    return Report(base, evaluate(model, tokenizer, benchmarks, *deltas, progress=progress))
+    reverted afterwards.
+
+    Args:
+        model: the base model.
+        tokenizer: its tokenizer.
+        benchmarks: the benchmarks (unique names).
+        *deltas: `Delta` objects to judge, applied together.
+        original: the base model's scores from an earlier `score` on the same benchmarks; None computes them.
+        progress: show progress bars.
+
+    Returns:
+        Report: `original`, `tuned` and their `forgetting`.
+
+    Raises:
+        EvaluationError: see `score`.
+        LokiError: a delta that cannot be applied.
+
+    >>> # report = loki.evaluate.compare(model, tokenizer, general_suite(n=50), loki.load("medical.loki"))
+    >>> # print(report.table())
+    """
+    base = dict(original) if original is not None else score(model, tokenizer, benchmarks, progress=progress)
+    return Report(base, score(model, tokenizer, benchmarks, *deltas, progress=progress))
 
 
 # -- the four numbers of an implant ------------------------------------------------------------------------
@@ -400,7 +649,26 @@ def answer_predictions(model, tokenizer, questions: Sequence[str], answers: Sequ
     """The model's greedy next token at every token of each given answer, teacher-forced (chat template): for each
     question, `[argmax p(. | question, answer[:t]) for t in answer tokens]` (the answer's end-of-turn included).
 
-    The knowledge-editing locality measure (EasyEdit) compares these lists before and after an edit.
+    The knowledge-editing locality measure (EasyEdit) compares these lists before and after an edit (`specificity`).
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer (formats the question-answer pair as `loki.dataset.encode` does).
+        questions: the questions.
+        answers: one answer per question (usually the base model's own greedy answers).
+        batch_size: pairs per forward pass.
+        progress: show a progress bar.
+
+    Returns:
+        list[list[int]]: per question, one predicted token id per answer token.
+
+    Raises:
+        EvaluationError: different numbers of questions and answers, a bad `batch_size`.
+        DatasetError: a pair that leaves no answer token.
+
+    >>> # loki.evaluate.answer_predictions(model, tokenizer, ["What is the capital of France?"],
+    >>> #                                  ["The capital of France is Paris."])
+    >>> # [[504, 3575, 282, 4649, 314, 7042, 30, 2, 198]]                # the default model
     """
     from .dataset import answer_positions, collate, encode, pad_token_id
 
@@ -426,6 +694,17 @@ def specificity(base: Sequence[Sequence[int]], tuned: Sequence[Sequence[int]]) -
     equals the base model's, both teacher-forced on the base model's answer (`answer_predictions`): the locality
     score of knowledge editing (EasyEdit). 1.0 = every neighbouring answer kept token for token.
 
+    Args:
+        base: the base model's `answer_predictions`.
+        tuned: the tuned model's, teacher-forced on the same answers.
+
+    Returns:
+        float: in [0, 1]; every question weighs the same.
+
+    Raises:
+        EvaluationError: different numbers of questions, none, or a question whose two lists differ in length or
+            are empty.
+
     >>> specificity([[5, 6, 7, 8], [1, 2]], [[5, 6, 9, 9], [1, 2]])
     0.75
     """
@@ -446,7 +725,15 @@ def _texts(benchmark: Benchmark) -> list[str]:
 
 @dataclass
 class ImplantScores:
-    """Raw scores of one model on an `ImplantSuite` (see `ImplantSuite.score`)."""
+    """Raw scores of one model on an `ImplantSuite` (see `ImplantSuite.score`).
+
+    Attributes:
+        efficacy: accuracy on the trained phrasings, in [0, 1].
+        generalisation: accuracy on held-out phrasings, in [0, 1].
+        general: general benchmark -> higher-is-better score.
+        answers: the model's own greedy answer to each neighbourhood question.
+        predictions: its greedy tokens teacher-forced on the base model's answers (`answer_predictions`).
+    """
 
     efficacy: float
     generalisation: float
@@ -464,7 +751,29 @@ class ImplantReport:
     - `specificity`: on neighbourhood questions (same templates, real entities not used in training), the share
       of the base model's answer tokens the implanted model still predicts (teacher-forced; EasyEdit's locality);
       `answers_kept` is the stricter share of whole greedy answers left unchanged;
-    - `forgetting`: the paper's Avg (percent, lower is better) over general sets sharing no template with the implant.
+    - `forgetting`: the paper's Avg (percent, lower is better; LoKI paper §4) over general sets sharing no template
+      with the implant.
+
+    Made by `ImplantSuite.report`; `base` and `tuned` are `ImplantScores`, `questions` the neighbourhood questions.
+
+    >>> base = ImplantScores(0.0, 0.0, {"wiki": 0.5}, ["Lima.", "Tokyo."], [[5, 6], [7, 8]])
+    >>> tuned = ImplantScores(1.0, 0.5, {"wiki": 0.25}, ["Lima.", "Solvis."], [[5, 6], [7, 9]])
+    >>> report = ImplantReport(base, tuned, ["What is the capital of Peru?", "What is the capital of Japan?"])
+    >>> report.efficacy, report.generalisation, report.specificity, report.answers_kept, report.forgetting
+    (1.0, 0.5, 0.75, 0.5, 50.0)
+    >>> report.changed()
+    [('What is the capital of Japan?', 'Tokyo.', 'Solvis.')]
+    >>> report.evaluation()["general"]
+    {'wiki': {'base': 0.5, 'implanted': 0.25}}
+    >>> print(report.table())
+                                          base  implant
+    efficacy (trained phrasings)            0%     100%
+    generalisation (held-out)               0%      50%
+    specificity (neighbourhood kept)                75%   (answer tokens; 1 of 2 whole answers unchanged)
+    general forgetting (Avg)                    +50.00%   (lower is better; per set below)
+    <BLANKLINE>
+    benchmark                     base     tuned  change %
+    wiki                        0.5000    0.2500    -50.00
     """
 
     base: ImplantScores
@@ -473,23 +782,28 @@ class ImplantReport:
 
     @property
     def efficacy(self) -> float:
+        """The implanted model's accuracy on the trained phrasings."""
         return self.tuned.efficacy
 
     @property
     def generalisation(self) -> float:
+        """The implanted model's accuracy on held-out phrasings."""
         return self.tuned.generalisation
 
     @property
     def specificity(self) -> float:
+        """`specificity` of the implanted model's teacher-forced neighbourhood predictions against the base's."""
         return specificity(self.base.predictions, self.tuned.predictions)
 
     @property
     def answers_kept(self) -> float:
+        """Share of neighbourhood questions whose whole greedy answer is unchanged (after `normalize_answer`)."""
         return len([1 for a, b in zip(self.base.answers, self.tuned.answers)
                     if normalize_answer(a) == normalize_answer(b)]) / len(self.questions)
 
     @property
     def forgetting(self) -> float:
+        """Avg (percent, lower is better) over the general sets; see `Report.forgetting`."""
         return Report(self.base.general, self.tuned.general).forgetting
 
     def changed(self) -> list[tuple[str, str, str]]:
@@ -498,6 +812,7 @@ class ImplantReport:
                 if normalize_answer(a) != normalize_answer(b)]
 
     def as_dict(self) -> dict[str, Any]:
+        """Every figure as a JSON-ready dict (the implanted model's, plus the base's under `"base"`)."""
         return {"efficacy": self.efficacy, "generalisation": self.generalisation, "specificity": self.specificity,
                 "answers_kept": self.answers_kept, "forgetting": self.forgetting,
                 "base": {"efficacy": self.base.efficacy, "generalisation": self.base.generalisation,
@@ -512,6 +827,7 @@ class ImplantReport:
                 "forgetting": self.forgetting}
 
     def table(self) -> str:
+        """The four numbers, base against implant, then the general sets' `Report.table` (without its last line)."""
         n, kept = len(self.questions), len(self.questions) - len(self.changed())
         lines = [f"{'':<34}{'base':>8}{'implant':>9}",
                  f"{'efficacy (trained phrasings)':<34}{self.base.efficacy:>8.0%}{self.efficacy:>9.0%}",
@@ -535,10 +851,27 @@ class ImplantSuite:
     >>> # suite = ev.ImplantSuite(fact_benchmark(facts, "train"), fact_benchmark(facts, "test"),
     >>> #                         neighbourhood=questions, general=ev.general_suite(["wiki_perplexity"]))
     >>> # base = suite.score(model, tokenizer)                 # once, on the base model
-    >>> # report = suite.report(model, tokenizer, "facts.loki", base=base); print(report.table())
+    >>> # report = suite.report(model, tokenizer, loki.load("facts.loki"), base=base); print(report.table())
+
+    Args:
+        efficacy: a benchmark of the trained phrasings (usually "generate" with `mode="contains"`).
+        generalisation: a benchmark of held-out phrasings of the same facts.
+        neighbourhood: neighbourhood questions (`loki.neighbourhood.questions`); the base model's answers are the
+            reference, so they need no gold answers.
+        general: general-capability benchmarks (`general_suite`), filtered as above.
+        templates: the implant's question templates with a `{}` slot.
+        max_new_tokens: the longest neighbourhood answer, in tokens.
+        excluded: filled in by the constructor: general set -> items left out.
 
     Raises:
         EvaluationError: no neighbourhood questions, or no general item left that shares no implant template.
+
+    >>> facts = Benchmark("facts", "generate",
+    ...                   [{"question": "What is the capital of Phegartor?", "answers": ["Solvis"]}])
+    >>> suite = ImplantSuite(facts, facts, ["What is the capital of Peru?"],
+    ...                      general_suite(["world_capitals", "wiki_perplexity"], n=5), ["What is the capital of {}?"])
+    >>> [b.name for b in suite.general], suite.excluded
+    (['wiki_perplexity'], {'world_capitals': 5})
     """
 
     efficacy: Benchmark
@@ -571,7 +904,24 @@ class ImplantSuite:
     def score(self, model, tokenizer, *deltas, base: ImplantScores | None = None,
               progress: bool = True) -> ImplantScores:
         """Scores of `model` (with `deltas` applied for the duration, reverted afterwards). Neighbourhood predictions
-        are teacher-forced on `base`'s answers (on the model's own answers when `base` is None: the base run)."""
+        are teacher-forced on `base`'s answers (on the model's own answers when `base` is None: the base run).
+
+        Args:
+            model: a causal LM.
+            tokenizer: its tokenizer.
+            *deltas: `Delta` objects to apply together; none scores the model as it is.
+            base: the base model's scores; None when this is the base run.
+            progress: show progress bars.
+
+        Returns:
+            ImplantScores.
+
+        Raises:
+            EvaluationError: what a metric refuses.
+            LokiError: a delta that cannot be applied.
+
+        >>> # base = suite.score(model, tokenizer)                     # once, on the base model
+        """
         from .apply import implanted
 
         with implanted(model, *deltas):
@@ -581,14 +931,32 @@ class ImplantSuite:
             predictions = answer_predictions(model, tokenizer, self.neighbourhood, forced, progress=progress)
             efficacy = self.efficacy.score(model, tokenizer, progress=progress)
             generalisation = self.generalisation.score(model, tokenizer, progress=progress)
-            general = evaluate(model, tokenizer, self.general, progress=progress)
+            general = score(model, tokenizer, self.general, progress=progress)
         return ImplantScores(efficacy, generalisation, general, answers, predictions)
 
     def report(self, model, tokenizer, *deltas, base: ImplantScores | None = None,
                progress: bool = True) -> ImplantReport:
         """The four numbers of `model` with `deltas` applied against `base` (the base model's `score`, computed
         here without the deltas when None). For a trained copy of the model (full fine-tuning), pass no deltas
-        and the base model's `base`."""
+        and the base model's `base`.
+
+        Args:
+            model: the base model (or a trained copy, with `base` given).
+            tokenizer: its tokenizer.
+            *deltas: `Delta` objects to judge, applied together.
+            base: the base model's `score`; None computes it first (needs deltas).
+            progress: show progress bars.
+
+        Returns:
+            ImplantReport.
+
+        Raises:
+            EvaluationError: neither deltas nor `base`, or what a metric refuses.
+            LokiError: a delta that cannot be applied.
+
+        >>> # report = suite.report(model, tokenizer, loki.load("facts.loki"), base=base)
+        >>> # report.efficacy, report.generalisation, report.specificity, report.forgetting
+        """
         if base is None:
             if not deltas:
                 raise EvaluationError("Without deltas the model is its own base: pass base=suite.score(base_model, ...).")
@@ -600,6 +968,18 @@ class ImplantSuite:
 # -- lm-evaluation-harness bridge (optional extra: pip install 'loki[eval]') --------------------------------
 def lm_eval_model(model, tokenizer, *, batch_size: int = 8, **kwargs):
     """An lm-evaluation-harness `HFLM` wrapping the in-memory `model` (no reload), for `lm_eval.simple_evaluate`.
+
+    Args:
+        model: a causal LM (with whatever deltas are applied now).
+        tokenizer: its tokenizer.
+        batch_size: HFLM's batch size.
+        **kwargs: other `HFLM` arguments.
+
+    Returns:
+        `lm_eval.models.huggingface.HFLM`.
+
+    Raises:
+        ImportError: lm-eval is not installed (`pip install 'loki[eval]'`).
 
     >>> # import lm_eval
     >>> # with loki.implanted(model, "medical.loki"):
@@ -615,7 +995,26 @@ def lm_eval_model(model, tokenizer, *, batch_size: int = 8, **kwargs):
 def run_lm_eval(model, tokenizer, tasks: Sequence[str | Mapping], *deltas, batch_size: int = 8, limit: int | None = None,
                 task_dir: str | Path | None = None, **kwargs) -> dict[str, Any]:
     """Run lm-evaluation-harness `tasks` on the in-memory model with `deltas` applied (reverted afterwards).
-    `task_dir` adds a folder of task YAML files. Returns `simple_evaluate`'s `results` dict (task -> metrics)."""
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer.
+        tasks: lm-eval task names or task config dicts.
+        *deltas: `Delta` objects to apply together.
+        batch_size: HFLM's batch size.
+        limit: at most this many examples per task (None: all).
+        task_dir: a folder of extra task YAML files.
+        **kwargs: other `lm_eval.simple_evaluate` arguments.
+
+    Returns:
+        dict: `simple_evaluate`'s `results` (task -> metrics).
+
+    Raises:
+        ImportError: lm-eval is not installed (`pip install 'loki[eval]'`).
+        LokiError: a delta that cannot be applied.
+
+    >>> # loki.evaluate.run_lm_eval(model, tokenizer, ["hellaswag"], loki.load("medical.loki"), limit=100)
+    """
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -631,7 +1030,7 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str | Mapping], *deltas, batch
 
 
 __all__ = [
-    "Benchmark", "GENERAL_SETS", "ImplantReport", "ImplantScores", "ImplantSuite", "Report", "answer_predictions", "specificity", "answer_matches", "choice_logprobs", "compare", "evaluate",
+    "Benchmark", "GENERAL_SETS", "ImplantReport", "ImplantScores", "ImplantSuite", "Report", "answer_predictions", "specificity", "answer_matches", "choice_logprobs", "compare", "score",
     "exact_match", "forgetting_score", "general_suite", "generate", "lm_eval_model", "multiple_choice_accuracy",
     "normalize_answer", "perplexity", "run_lm_eval",
 ]

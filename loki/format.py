@@ -33,14 +33,45 @@ _TENSOR_KINDS = ("indices", "fingerprint", "rows", "lora_A", "lora_B")
 
 
 def save(delta: Delta, path: str | os.PathLike) -> Path:
-    """Write `delta` to `path` as a `.loki` file (atomically: a reader never sees half a file)."""
+    """Write `delta` to `path` as a `.loki` file (atomically: a reader never sees half a file), creating missing
+    parent folders and replacing an existing file.
+
+    Args:
+        delta: the delta (already validated when it was made).
+        path: the file to write (conventionally `.loki`).
+
+    Returns:
+        Path: `path`.
+
+    >>> import loki.testing, os, tempfile
+    >>> delta = loki.testing.random_delta(loki.testing.tiny_model("llama"), name="x")
+    >>> path = save(delta, os.path.join(tempfile.mkdtemp(), "x.loki"))
+    >>> read(path).info["name"], read(path).num_rows
+    ('x', 6)
+    """
     path = Path(path)
     _atomic_write(path, to_bytes(delta))
     return path
 
 
 def to_bytes(delta: Delta) -> bytes:
-    """The `.loki` file contents of `delta`."""
+    """The `.loki` file contents of `delta`: a safetensors file with sorted keys and tensors in name order, so equal
+    deltas give equal bytes (formats/SPEC.md §2-§5).
+
+    Args:
+        delta: the delta.
+
+    Returns:
+        bytes: the whole file.
+
+    Raises:
+        NotImplementedError: on a big-endian machine.
+
+    >>> import loki.testing
+    >>> data = to_bytes(loki.testing.random_delta(loki.testing.tiny_model("llama")))
+    >>> data == to_bytes(from_bytes(data))
+    True
+    """
     tensors: dict[str, torch.Tensor] = {}
     for i in delta.layer_indices:
         ld = delta.layers[i]
@@ -74,7 +105,25 @@ def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str
 
 
 def read(path: str | os.PathLike) -> Delta:
-    """Read and fully validate a `.loki` file. Raises a `DeltaFormatError` subclass for anything wrong."""
+    """Read and fully validate a `.loki` file (formats/SPEC.md §7, steps 1-4); nothing is unpickled or executed.
+
+    Args:
+        path: the `.loki` file.
+
+    Returns:
+        Delta.
+
+    Raises:
+        DeltaFormatError: no such file, a folder, an unreadable file, or anything wrong in it (truncated,
+            corrupted, not a delta, bad metadata, wrong tensors, non-finite rows).
+        UnsupportedVersionError: a newer `format_version` than this library reads.
+        InvalidIndicesError: row indices that are not int32, sorted, unique and in range.
+
+    >>> read("missing.loki")
+    Traceback (most recent call last):
+    ...
+    loki.errors.DeltaFormatError: No such file: missing.loki. Give the path of a .loki file (or a Hub repo id).
+    """
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -88,7 +137,25 @@ def read(path: str | os.PathLike) -> Delta:
 
 
 def from_bytes(data: bytes, source: str = "<bytes>") -> Delta:
-    """Parse and validate the bytes of a `.loki` file."""
+    """Parse and validate the bytes of a `.loki` file (see `read`).
+
+    Args:
+        data: the whole file.
+        source: how error messages name it.
+
+    Returns:
+        Delta.
+
+    Raises:
+        DeltaFormatError: anything wrong (formats/SPEC.md §7, steps 1-3).
+        UnsupportedVersionError: a newer `format_version` than this library reads.
+        InvalidIndicesError: bad row indices (§7 step 4).
+
+    >>> from_bytes(b"abc")
+    Traceback (most recent call last):
+    ...
+    loki.errors.DeltaFormatError: <bytes> is truncated or empty (3 bytes); a .loki file is a safetensors file.
+    """
     header = _parse_header(data, source)
     meta = header.pop("__metadata__", None)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:

@@ -1,13 +1,15 @@
 """Sharing deltas on the Hugging Face Hub: push a `.loki` file with a model card, load it back by repo id.
 
 >>> import loki
->>> # commit = delta.push_to_hub("me/medical-implant", private=True)   # .loki file + README.md card + marker
->>> # delta = loki.load("me/medical-implant@v1")                      # branch, tag or commit; cached, verified
+>>> # commit = loki.push(delta, "me/medical-implant", private=True)   # .loki file + README.md card + marker
+>>> # delta = loki.load("me/medical-implant@v1")                     # branch, tag or commit; cached, verified
 >>> loki.hub.parse_repo_id("me/medical-implant@v1")
 ('me/medical-implant', 'v1')
 
-Downloads go through the standard Hugging Face cache (`HF_HOME`, `HF_HUB_CACHE`), so `HF_HUB_OFFLINE=1` works
-once a delta was pulled. Every failure is a `loki.HubError` subclass that says what to do.
+Downloads go through huggingface_hub's own cache functions and the standard Hugging Face cache (`HF_HOME`,
+`HF_HUB_CACHE`), so `HF_HUB_OFFLINE=1` works once a delta was pulled. Every failure is a `loki.errors.HubError`
+subclass that says what to do and is also the `huggingface_hub.errors` exception of the same kind (e.g.
+`HubRepoNotFoundError` is a `RepositoryNotFoundError`).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from . import __version__
 from .errors import (
     DeltaFormatError,
     HubAmbiguousFileError,
+    HubArgumentError,
     HubError,
     HubFileNotFoundError,
+    HubGatedRepoError,
     HubIntegrityError,
     HubOfflineError,
     HubPermissionError,
@@ -51,12 +55,23 @@ MARKER = "config.json"
 CARD_TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 DEFAULT_BRANCH = "main"
 _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*)(?:@(?P<rev>[^\s@]+))?$")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 def parse_repo_id(source: str) -> tuple[str, str | None] | None:
     """`"org/name[@revision]"` -> `(repo_id, revision or None)`; None when `source` is not shaped like a repo id.
-    A name ending in `.loki` is taken for a local file, not a repo."""
+    A name ending in `.loki` is taken for a local file, not a repo. Only the shape is checked (no request).
+
+    Args:
+        source: a string (or path).
+
+    Returns:
+        tuple[str, str | None] | None.
+
+    >>> parse_repo_id("me/medical-implant@v1"), parse_repo_id("me/medical-implant")
+    (('me/medical-implant', 'v1'), ('me/medical-implant', None))
+    >>> parse_repo_id("deltas/medical.loki") is None
+    True
+    """
     match = _REPO_ID.match(str(source))
     if match is None or match["repo"].endswith(".loki"):
         return None
@@ -79,19 +94,39 @@ def push_to_hub(
 ) -> "CommitInfo":
     """Upload `delta` to the Hub repo `repo_id` (created if needed) with a generated model card.
 
-    One commit adds `filename` (default `<repo name>.loki`), `README.md` and the marker `config.json` on branch
-    `revision` (default main; a new branch starts from main). `private` applies when the repo is created.
-    Returns the `huggingface_hub.CommitInfo` (`.oid` is the commit sha, `.commit_url` its page).
+    One commit adds `filename` (default `<repo name>.loki`), `README.md` (`model_card`) and the marker
+    `config.json` on branch `revision` (default main; a new branch starts from main).
 
-    >>> # loki.load("tiny.loki").push_to_hub("me/tiny-implant", private=True, license="apache-2.0")
+    Args:
+        delta: the `Delta`.
+        repo_id: `"namespace/name"` (no `@revision`).
+        private: for a repo created by this call.
+        revision: the branch to commit to.
+        commit_message: default "Upload <filename> (<n> rows) with loki".
+        token, endpoint: for `huggingface_hub.HfApi` (`HF_TOKEN` / the saved login, `HF_ENDPOINT`).
+        filename: the file's name in the repo, ending in `.loki`.
+        license, tags: model card metadata.
+
+    Returns:
+        huggingface_hub.CommitInfo: `.oid` is the commit sha, `.commit_url` its page.
+
+    Raises:
+        HubArgumentError: `repo_id` is not `namespace/name`, or `filename` does not end in `.loki` (no request made).
+        DeltaFormatError: `delta.info["extra"]["evaluation"]` is malformed (no request made).
+        HubPermissionError: the token is invalid or may not write there (`HubGatedRepoError` for a gated repo).
+        HubRateLimitError, HubServerError: the Hub answered 429, or 5xx / another unexpected status.
+        HubOfflineError: the Hub cannot be reached, or `HF_HUB_OFFLINE=1`.
+        HubRepoNotFoundError, HubRevisionNotFoundError: as the Hub answers them.
+
+    >>> # loki.push(loki.load("tiny.loki"), "me/tiny-implant", private=True, license="apache-2.0")
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
     if parse_repo_id(repo_id) is None or "@" in repo_id:
-        raise HubRepoNotFoundError(f"{repo_id!r} is not a Hub repo id; give 'namespace/name' (e.g. 'me/medical-implant').")
+        raise HubArgumentError(f"{repo_id!r} is not a Hub repo id; give 'namespace/name' (e.g. 'me/medical-implant').")
     filename = filename or f"{repo_id.split('/')[1]}.loki"
     if not filename.endswith(".loki"):
-        raise HubFileNotFoundError(f"filename {filename!r} must end in '.loki' so that loki.load finds it in the repo.")
+        raise HubArgumentError(f"filename {filename!r} must end in '.loki' so that loki.load finds it in the repo.")
     _evaluation(delta.info)  # a card that cannot be written fails before anything is created
     branch = revision or DEFAULT_BRANCH
     api = HfApi(endpoint=endpoint, token=token)
@@ -135,6 +170,25 @@ def model_card(
     `"task": {"name": str, "metrics": {metric: value}}`, `"general": {benchmark: {"base": x, "implanted": y}}`,
     `"forgetting": float` (LoKI's Avg in percent; computed from "general" when absent) and `"implant"`: the four
     numbers `{"efficacy", "generalisation", "specificity", "forgetting"}` (`ImplantReport.evaluation()` gives all).
+
+    Args:
+        delta: the `Delta`.
+        repo_id: the repo it goes to (`"namespace/name"`).
+        filename: the delta's name in the repo; default `<repo name>.loki`.
+        size: the file size in bytes; default the tensors' size.
+        license, tags: metadata (`loki` and `knowledge-implanting` are always tagged).
+        several_files: the repo holds other `.loki` files (the card then says to pass `filename=`).
+
+    Returns:
+        huggingface_hub.ModelCard: `str(card)` is the README.md text. No request is made.
+
+    Raises:
+        DeltaFormatError: the evaluation metadata is malformed, or a "general" base score is 0 without "forgetting".
+
+    >>> import loki, loki.testing
+    >>> card = model_card(loki.testing.random_delta(loki.testing.tiny_model("llama"), name="x"), "me/x")
+    >>> card.data.library_name, card.data.base_model, card.data.tags
+    ('loki', 'tiny-random/llama-seed0', ['loki', 'knowledge-implanting'])
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -245,7 +299,20 @@ def _human_size(n: int) -> str:
 
 # -- pull -------------------------------------------------------------------------------------------
 def load_from_hub(source: str, **kwargs) -> "Delta":
-    """`download(...)` then read and validate the file: a `Delta`."""
+    """`download(source, **kwargs)`, then read and validate the file (`loki.load` calls this for Hub ids).
+
+    Args:
+        source: `"org/name[@revision]"`.
+        **kwargs: `download`'s keyword arguments.
+
+    Returns:
+        Delta.
+
+    Raises:
+        HubError: as `download`.
+        DeltaFormatError: the file is not a valid delta (`UnsupportedVersionError`, `InvalidIndicesError`: its
+            subclasses).
+    """
     return read(download(source, **kwargs))
 
 
@@ -261,74 +328,148 @@ def download(
 ) -> Path:
     """The path, in the Hugging Face cache, of the `.loki` file of Hub repo `source` (`"org/name[@revision]"`).
 
-    Picks the repo's only `.loki` file unless `filename` names one. Checks the bytes against the checksum the
-    Hub lists (a mismatch leaves nothing in the cache). A full commit sha already cached, `local_files_only=True`
-    or `HF_HUB_OFFLINE=1` make no request; when the Hub is unreachable, rate-limited or failing, a cached copy
-    of the revision is used if there is one.
-    """
-    from huggingface_hub import HfApi, constants, hf_hub_download
+    Picks the repo's only `.loki` file unless `filename` names one. Everything goes through huggingface_hub's
+    cache functions: `HfApi.resolve_revision` turns a branch or tag into a commit (recording it in the cache's
+    `refs/`), the commit's file listing is the one `snapshot_download` caches (read back with
+    `get_cached_repo_tree`), and the file comes from `hf_hub_download` at that commit. A download is checked
+    against the checksum the Hub lists (a mismatch removes the revision from the cache). A full commit sha
+    already cached, `local_files_only=True` or `HF_HUB_OFFLINE=1` make no request; when the Hub is unreachable,
+    rate-limited or failing, the cached copy of the revision is used if there is one.
 
+    Args:
+        source: `"org/name"` or `"org/name@revision"`.
+        revision: a branch, tag or commit (not also in `source`); default main.
+        filename: the file to fetch; needed when the repo holds several `.loki` files.
+        token, endpoint: for `huggingface_hub` (`HF_TOKEN` / the saved login, `HF_ENDPOINT`).
+        cache_dir: the Hugging Face cache; default `HF_HUB_CACHE`.
+        local_files_only: use the cache only.
+
+    Returns:
+        Path: the file, in the Hugging Face cache.
+
+    Raises:
+        HubArgumentError: `source` is not a repo id, two different revisions are given, or the Hub rejects the id.
+        HubRepoNotFoundError, HubGatedRepoError, HubRevisionNotFoundError: no such repo (or no access), a gated
+            repo, no such revision.
+        HubFileNotFoundError, HubAmbiguousFileError: no such `filename` / no `.loki` file, or several and no
+            `filename`.
+        HubPermissionError, HubRateLimitError, HubServerError: the Hub answered 401/403, 429, or 5xx / another
+            unexpected status.
+        HubOfflineError: offline (or unreachable) and what is needed is not cached.
+        HubIntegrityError: the download does not match the Hub's checksum.
+
+    >>> download("medical.loki")
+    Traceback (most recent call last):
+    ...
+    loki.errors.HubArgumentError: 'medical.loki' is not a Hub repo id; give 'namespace/name' or 'namespace/name@revision'.
+    """
+    from huggingface_hub import HfApi, constants, get_cached_repo_tree, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+    from huggingface_hub.hf_api import RepoFile
+
+    repo_id, revision = _parse_source(source, revision)
+    offline = ("local_files_only=True" if local_files_only
+               else "HF_HUB_OFFLINE=1" if constants.is_offline_mode() else None)  # why no request may be made
+    cache = str(cache_dir) if cache_dir is not None else constants.HF_HUB_CACHE  # read now: tests and users patch it
+    api = HfApi(endpoint=endpoint, token=token)
+    with _hub_errors(api, repo_id, revision, filename, offline=offline, cache=cache):
+        commit = _resolve(api, repo_id, revision, cache, offline is not None)
+        listed_now = False
+        try:  # the listing snapshot_download cached for this commit (trees/<sha>.json): no request
+            listing = {f.path: f for f in get_cached_repo_tree(repo_id, revision=commit, cache_dir=cache)}
+        except CachedRepoTreeNotFoundError:  # (e.g. the file came from a plain hf_hub_download)
+            listing = None
+            if offline is None:
+                listing = {f.path: f for f in api.list_repo_tree(repo_id, revision=commit.resolved, recursive=True)
+                           if isinstance(f, RepoFile)}
+                listed_now = True
+            elif filename is None:
+                raise _not_cached(repo_id, revision, cache, offline, "its file listing; or pass filename=") from None
+        name = filename if listing is None else _pick(repo_id, revision, sorted(listing), filename)
+        cached = try_to_load_from_cache(repo_id, name, cache_dir=cache, revision=commit.resolved)
+        if isinstance(cached, str):
+            path = Path(cached)  # checked when it was downloaded
+        elif offline is not None:
+            raise _not_cached(repo_id, revision, cache, offline, name)
+        else:
+            # The checksum: a listing just fetched has it; a cached one does not (get_cached_repo_tree returns no
+            # LFS sha256), so ask for this one file's.
+            entry = listing[name] if listed_now else api.get_paths_info(repo_id, [name], revision=commit.resolved)[0]
+            path = Path(hf_hub_download(repo_id, name, revision=commit, cache_dir=cache, token=token,
+                                        endpoint=endpoint))
+            _verify(path, entry, f"{repo_id}@{revision}/{name}", cache, commit.resolved)
+    if listed_now:
+        _record(repo_id, commit, name, listing, cache, token, endpoint)
+    return path
+
+
+def _parse_source(source: str, revision: str | None) -> tuple[str, str]:
     parsed = parse_repo_id(source)
     if parsed is None:
-        raise HubRepoNotFoundError(f"{source!r} is not a Hub repo id; give 'namespace/name' or 'namespace/name@revision'.")
+        raise HubArgumentError(f"{source!r} is not a Hub repo id; give 'namespace/name' or 'namespace/name@revision'.")
     repo_id, at = parsed
     if at is not None and revision is not None and at != revision:
-        raise HubRevisionNotFoundError(f"Two revisions given: {source!r} and revision={revision!r}; give one.")
-    revision = revision or at or DEFAULT_BRANCH
-    cache = Path(cache_dir if cache_dir is not None else constants.HF_HUB_CACHE)
+        raise HubArgumentError(f"Two revisions given: {source!r} and revision={revision!r}; give one.")
+    return repo_id, revision or at or DEFAULT_BRANCH
 
-    if local_files_only or constants.is_offline_mode():
-        cached = _from_cache(cache, repo_id, revision, filename)
-        if cached is None:
-            raise HubOfflineError(
-                f"{repo_id}@{revision} is not in the Hugging Face cache ({cache}) and Hub access is off "
-                f"({'local_files_only=True' if local_files_only else 'HF_HUB_OFFLINE=1'}). Pull it once while online "
-                f"(loki pull {repo_id}@{revision}), or unset HF_HUB_OFFLINE."
-            )
-        return cached
-    if _COMMIT.match(revision) and (cached := _from_cache(cache, repo_id, revision, filename)) is not None:
-        return cached  # a commit never changes: no request needed
 
-    api = HfApi(endpoint=endpoint, token=token)
+def _resolve(api: Any, repo_id: str, revision: str, cache: str, offline: bool) -> Any:
+    """`revision` -> a `huggingface_hub.ResolvedRevision` (`.resolved` is the commit sha). huggingface_hub reads
+    and writes the cache's refs/, and falls back to them on transport errors and 5xx; on 429 loki does too."""
+    from huggingface_hub.errors import HfHubHTTPError, RevisionResolutionError
+
     try:
-        with _hub_errors(api, repo_id, revision, filename):
-            info = api.model_info(repo_id, revision=revision, files_metadata=True)
-    except (HubOfflineError, HubRateLimitError, HubServerError):
-        cached = _from_cache(cache, repo_id, revision, filename)
-        if cached is None:
+        return api.resolve_revision(repo_id, revision=revision, cache_dir=cache, local_files_only=offline)
+    except HfHubHTTPError as e:
+        if e.response is None or e.response.status_code != 429:
             raise
-        return cached
-    siblings = {s.rfilename: s for s in info.siblings or []}
-    name = _pick(repo_id, revision, sorted(siblings), filename)
-    with _hub_errors(api, repo_id, revision, name):
-        path = Path(hf_hub_download(repo_id, name, revision=info.sha, token=token, endpoint=endpoint, cache_dir=cache))
-    _verify(path, siblings[name], f"{repo_id}@{revision}/{name}")
-    if MARKER in siblings:  # counts the download on the Hub; never fails a load
         try:
-            hf_hub_download(repo_id, MARKER, revision=info.sha, token=token, endpoint=endpoint, cache_dir=cache)
-        except Exception:
-            pass
-    _write_ref(cache, repo_id, revision, info.sha)
-    return path
+            return api.resolve_revision(repo_id, revision=revision, cache_dir=cache, local_files_only=True)
+        except RevisionResolutionError:
+            raise e from None
+
+
+def _record(repo_id: str, commit: Any, name: str, listing: dict, cache: str, token: Any, endpoint: str | None) -> None:
+    """After a first pull at `commit`: cache its file listing (so that offline loads can pick the file) and fetch
+    the marker (so that the Hub counts the download). snapshot_download is huggingface_hub's only public way to
+    cache a listing; `name` is already there, so only the marker is downloaded. Never fails a load."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo_id, revision=commit, allow_patterns=[name] + ([MARKER] if MARKER in listing else []),
+                          cache_dir=cache, token=token, endpoint=endpoint)
+    except Exception:
+        pass
+
+
+def _not_cached(repo_id: str, revision: str, cache: str, offline: str, what: str) -> HubOfflineError:
+    return HubOfflineError(
+        f"{repo_id}@{revision} ({what}) is not in the Hugging Face cache ({cache}) and Hub access is off ({offline}). "
+        f"Pull it once while online (loki pull {repo_id}@{revision}), or unset HF_HUB_OFFLINE.",
+        repo_id=repo_id,
+    )
 
 
 def _pick(repo_id: str, revision: str, files: list[str], filename: str | None) -> str:
     if filename is not None:
         if filename not in files:
             raise HubFileNotFoundError(
-                f"{repo_id}@{revision} has no file {filename!r}. Its .loki files: {_loki_files(files) or 'none'}."
+                f"{repo_id}@{revision} has no file {filename!r}. Its .loki files: {_loki_files(files) or 'none'}.",
+                repo_id=repo_id,
             )
         return filename
     deltas = _loki_files(files)
     if not deltas:
         raise HubFileNotFoundError(
             f"{repo_id}@{revision} holds no .loki file (files: {files[:10]}). Is it a loki delta repo? "
-            "Pass filename= to load a delta stored under another name."
+            "Pass filename= to load a delta stored under another name.",
+            repo_id=repo_id,
         )
     if len(deltas) > 1:
         raise HubAmbiguousFileError(
             f"{repo_id}@{revision} holds {len(deltas)} .loki files: {deltas}. Say which one: "
-            f"loki.load({repo_id!r}, filename={deltas[0]!r})."
+            f"loki.load({repo_id!r}, filename={deltas[0]!r}).",
+            repo_id=repo_id,
         )
     return deltas[0]
 
@@ -337,67 +478,52 @@ def _loki_files(files: Iterable[str]) -> list[str]:
     return sorted(f for f in files if f.endswith(".loki"))
 
 
-def _verify(path: Path, sibling: Any, what: str) -> None:
-    """Compare the file with the sha256 (LFS) or git blob sha1 the Hub lists; on mismatch remove it from the cache."""
-    data = path.read_bytes()
-    if sibling.lfs is not None:
-        expected, actual = sibling.lfs.sha256, hashlib.sha256(data).hexdigest()
-    elif sibling.blob_id is not None:
-        expected, actual = sibling.blob_id, hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+def _verify(path: Path, entry: Any, what: str, cache: str, commit: str) -> None:
+    """Compare a downloaded file with the sha256 (LFS) or git blob sha1 the Hub lists. Hand-written because
+    hf_hub_download checks only the size and `HfApi.verify_repo_checksums` lists the repo again (one more request)
+    to hash every cached file of the revision. On mismatch the revision (the delta, the marker) leaves the cache
+    through huggingface_hub's `scan_cache_dir(...).delete_revisions(...)`, available since 1.26 like
+    `resolve_revision` (`delete_files`, for one file, came with 2.0)."""
+    from huggingface_hub import scan_cache_dir
+
+    if entry.lfs is not None:
+        expected, digest = entry.lfs.sha256, hashlib.sha256()
+    elif entry.blob_id:
+        expected, digest = entry.blob_id, hashlib.sha1(b"blob %d\0" % path.stat().st_size)
     else:
         return
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    actual = digest.hexdigest()
     if expected != actual:
-        blob = path.resolve()
-        path.unlink(missing_ok=True)
-        blob.unlink(missing_ok=True)
+        scan_cache_dir(cache).delete_revisions(commit).execute()
         raise HubIntegrityError(
             f"{what}: the downloaded bytes do not match the checksum the Hub lists ({actual[:12]} != {expected[:12]}); "
-            "the file was removed from the cache. Try again; if it persists the file on the Hub is damaged."
+            "the revision was removed from the cache. Try again; if it persists the file on the Hub is damaged.",
+            repo_id=what.split("@")[0],
         )
-
-
-def _storage(cache: Path, repo_id: str) -> Path:
-    from huggingface_hub.file_download import repo_folder_name
-
-    return cache / repo_folder_name(repo_id=repo_id, repo_type="model")
-
-
-def _from_cache(cache: Path, repo_id: str, revision: str, filename: str | None) -> Path | None:
-    """The cached `.loki` file of `repo_id` at `revision` (a commit, or a branch/tag recorded in refs/), or None."""
-    storage = _storage(cache, repo_id)
-    commit = revision
-    if not _COMMIT.match(revision):
-        ref = storage / "refs" / revision
-        if not ref.is_file():
-            return None
-        commit = ref.read_text().strip()
-    snapshot = storage / "snapshots" / commit
-    if not snapshot.is_dir():
-        return None
-    files = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
-    try:
-        return snapshot / _pick(repo_id, revision, files, filename)
-    except HubFileNotFoundError:
-        return None
-
-
-def _write_ref(cache: Path, repo_id: str, revision: str, commit: str) -> None:
-    """Record `revision -> commit` as the client does (refs/<revision>), so that offline loads by name work."""
-    if revision == commit:
-        return
-    ref = _storage(cache, repo_id) / "refs" / revision
-    if ref.is_file() and ref.read_text() == commit:
-        return
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
-    tmp.write_text(commit)
-    os.replace(tmp, ref)
 
 
 # -- errors -----------------------------------------------------------------------------------------
 @contextmanager
-def _hub_errors(api: Any, repo_id: str, revision: str | None, filename: str | None, pushing: bool = False) -> Iterator[None]:
-    """Turn `huggingface_hub` and transport errors into `HubError` subclasses that say what to do."""
+def _hub_errors(api: Any, repo_id: str, revision: str | None, filename: str | None, *, pushing: bool = False,
+                offline: str | None = None, cache: str | None = None) -> Iterator[None]:
+    """Turn `huggingface_hub` and transport errors into `HubError` subclasses that say what to do (each also the
+    huggingface_hub error of the same kind; the Hub's answer rides along as `.response`)."""
+    try:
+        yield
+    except HubError:
+        raise
+    except Exception as e:
+        error = _translate(e, api.endpoint, repo_id, revision, filename, pushing, offline, cache)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _translate(e: BaseException, where: str, repo_id: str, revision: str | None, filename: str | None,
+               pushing: bool, offline: str | None, cache: str | None) -> HubError | None:
     try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx
         import httpx2 as httpx
     except ImportError:
@@ -410,64 +536,74 @@ def _hub_errors(api: Any, repo_id: str, revision: str | None, filename: str | No
         RemoteEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
+        RevisionResolutionError,
     )
 
-    where = f"{api.endpoint}"
-    try:
-        yield
-    except HubError:
-        raise
-    except GatedRepoError:
-        raise HubPermissionError(
-            f"{repo_id} is gated: accept its conditions on {where}/{repo_id}, then pass a token of that account."
-        ) from None
-    except RepositoryNotFoundError:
-        raise HubRepoNotFoundError(
+    answer = {"response": getattr(e, "response", None), "server_message": getattr(e, "server_message", None),
+              "repo_id": repo_id}
+    if isinstance(e, (LocalEntryNotFoundError, RevisionResolutionError)) and isinstance(e.__cause__, HfHubHTTPError):
+        # Nothing cached, and the Hub had answered with an error: that answer says what went wrong.
+        return _translate(e.__cause__, where, repo_id, revision, filename, pushing, offline, cache)
+    if isinstance(e, GatedRepoError):
+        return HubGatedRepoError(
+            f"{repo_id} is gated: accept its conditions on {where}/{repo_id}, then pass a token of that account.",
+            **answer,
+        )
+    if isinstance(e, RepositoryNotFoundError):
+        return HubRepoNotFoundError(
             f"Repo {repo_id} does not exist on {where}, or it is private and your token cannot see it. Check the id; "
-            "for a private repo pass token= (or run `hf auth login`) with an account that can read it."
-        ) from None
-    except RevisionNotFoundError:
-        raise HubRevisionNotFoundError(
+            "for a private repo pass token= (or run `hf auth login`) with an account that can read it.",
+            **answer,
+        )
+    if isinstance(e, RevisionNotFoundError):
+        return HubRevisionNotFoundError(
             f"{repo_id} has no branch, tag or commit {revision!r}. "
-            f"List them with huggingface_hub.HfApi().list_repo_refs({repo_id!r})."
-        ) from None
-    except RemoteEntryNotFoundError:
-        raise HubFileNotFoundError(f"{repo_id}@{revision} has no file {filename!r}.") from None
-    except (LocalEntryNotFoundError, ConnectionError, httpx.TransportError) as e:  # ConnectionError: hf_xet, offline mode
+            f"List them with huggingface_hub.HfApi().list_repo_refs({repo_id!r}).",
+            **answer,
+        )
+    if isinstance(e, RemoteEntryNotFoundError):
+        return HubFileNotFoundError(f"{repo_id}@{revision} has no file {filename!r}.", **answer)
+    if isinstance(e, (LocalEntryNotFoundError, RevisionResolutionError, ConnectionError, httpx.TransportError)):
+        # ConnectionError: OfflineModeIsEnabled, hf_xet
         if pushing:
-            raise HubOfflineError(
-                f"Pushing to {repo_id} failed: the connection to {where} failed ({type(e).__name__}: {e}). "
-                "Check your connection, HF_ENDPOINT and HF_HUB_OFFLINE, then push again."
-            ) from None
-        raise HubOfflineError(
-            f"Cannot reach {where} ({type(e).__name__}) and {repo_id}@{revision} is not in the cache. "
-            "Check your connection or HF_ENDPOINT; to work offline, pull the delta once while online."
-        ) from None
-    except HFValidationError as e:
-        raise HubRepoNotFoundError(f"{repo_id!r} is not a valid Hub repo id: {e}") from None
-    except HfHubHTTPError as e:
+            message = (f"Pushing to {repo_id} failed: the connection to {where} failed ({type(e).__name__}: {e}). "
+                       "Check your connection, HF_ENDPOINT and HF_HUB_OFFLINE, then push again.")
+        elif offline is not None:
+            return _not_cached(repo_id, revision, cache, offline, "this revision")
+        else:
+            message = (f"Cannot reach {where} ({type(e.__cause__ or e).__name__}) and {repo_id}@{revision} is not in "
+                       "the cache. Check your connection or HF_ENDPOINT; to work offline, pull the delta once while "
+                       "online.")
+        return HubOfflineError(message, repo_id=repo_id)
+    if isinstance(e, HFValidationError):
+        return HubArgumentError(f"{repo_id!r} or {revision!r} is not valid on the Hub: {e}", repo_id=repo_id)
+    if isinstance(e, HfHubHTTPError):
         status = e.response.status_code if e.response is not None else None
         server = (e.server_message or "").strip()
         detail = f" (the Hub says: {server})" if server else ""
         if status == 401:
-            raise HubPermissionError(
-                f"The Hub rejected the token{detail}. Pass a valid token= or run `hf auth login`."
-            ) from None
+            return HubPermissionError(
+                f"The Hub rejected the token{detail}. Pass a valid token= or run `hf auth login`.", **answer
+            )
         if status == 403:
-            raise HubPermissionError(
+            return HubPermissionError(
                 f"Not allowed on {repo_id}{detail}. Use a token with write access to its namespace, or push to a "
-                "repo of your own."
-            ) from None
+                "repo of your own.",
+                **answer,
+            )
         if status == 429:
-            raise HubRateLimitError(
+            return HubRateLimitError(
                 f"The Hub is rate-limiting requests{detail}. {_retry_after(e)}Wait, then try again; logged-in "
-                "requests (token=) get higher limits."
-            ) from None
+                "requests (token=) get higher limits.",
+                **answer,
+            )
         if status == 412:
-            raise HubServerError(f"{repo_id}@{revision} changed while pushing{detail}; push again.") from None
-        raise HubServerError(
-            f"The Hub answered {status} for {repo_id}{detail}. Try again later; if it persists, check {where}."
-        ) from None
+            return HubServerError(f"{repo_id}@{revision} changed while pushing{detail}; push again.", **answer)
+        return HubServerError(
+            f"The Hub answered {status} for {repo_id}{detail}. Try again later; if it persists, check {where}.",
+            **answer,
+        )
+    return None
 
 
 def _retry_after(e: Any) -> str:

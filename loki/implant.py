@@ -34,12 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .delta import Delta, make_delta
-from .errors import DtypeError, IncompatibleModelError, PreparationError
+from . import __version__
+from .apply import base_rows, claim_rows, release_rows
+from .delta import FLOAT_DTYPES, Delta, LayerDelta, as_indices, dtype_name, fingerprint_of, layer_number
+from .errors import DeltaFormatError, DtypeError, IncompatibleModelError, PreparationError, SelectionError
 from .selection import Selection
-from .targets import DownProjections, find_down_projections
+from .targets import DownProjections, find_down_projections, unwrap
 
-__all__ = ["TrainableReport", "extract", "is_prepared", "prepare", "trainable_report", "unprepare"]
+__all__ = ["TrainableReport", "extract", "is_prepared", "make_delta", "prepare", "suppression", "trainable_report", "unprepare"]
 
 _PREFIX = "loki_"  # names of everything prepare adds to a down-projection module
 
@@ -134,17 +136,44 @@ def prepare(
     seed: int = 0,
     template: str | None = None,
 ) -> nn.Module:
-    """Freeze every parameter of `model` and make exactly `selection`'s down-projection rows trainable, in place.
+    """Freeze every parameter of `model` and make exactly `selection`'s down-projection rows trainable, in place
+    (stage 3 of LoKI: only the selected rows train, LoKI paper §3.3; with `lora_rank`, LoKI*: LoRA on those rows).
 
     Each selected layer gets `loki_rows` (`[k, d_in]`, starting at the base rows), or with `lora_rank=r` the
     factors `loki_A` (`[k, r]`, zeros) and `loki_B` (`[r, d_in]`, Kaiming-uniform from `seed`), rows =
     base + A @ B. The trainable tensors are kept in `dtype` (float32 by default: a master copy, so small updates
-    are not lost to bf16 rounding); the forward runs in the model's dtype. Returns `model`.
+    are not lost to bf16 rounding); the forward runs in the model's dtype. The rows are claimed in the ledger:
+    `loki.apply` refuses deltas on them until `unprepare`.
 
-    >>> # projs = loki.find_down_projections(model)
-    >>> # loki.prepare(model, loki.Selection.random(len(projs), projs.d_out, q=10))
+    Args:
+        model: a transformers causal LM, not prepared yet.
+        selection: the rows to train, made for this model's shapes.
+        lora_rank: train rank-`r` factors of the rows instead of the rows; None: the rows themselves.
+        dtype: the trainable tensors' dtype.
+        seed: for `loki_B`'s initialisation (LoRA only).
+        template: the down-projection module path, for architectures loki does not know.
+
+    Returns:
+        nn.Module: `model`.
+
+    Raises:
+        PreparationError: the model is prepared already; `lora_rank` is not a positive int; a selected layer's
+            module already has its own `forward` or `loki_` parameters (another wrapper).
+        UnknownArchitectureError: loki cannot find the down-projections.
+        IncompatibleModelError: the selection is for another layer count or `d_model`, or has no rows.
+        DtypeError: the weights or `dtype` are not floats.
+        OverlapError: an applied delta holds some of the selected rows.
+
+    Nothing is changed when one is raised.
+
+    >>> import loki, loki.testing
+    >>> model = loki.testing.tiny_model("llama")
+    >>> _ = loki.prepare(model, loki.Selection.random(num_layers=2, d_out=32, q=10, seed=0), lora_rank=4)
+    >>> sorted(name for name, p in model.named_parameters() if p.requires_grad)[:2]
+    ['model.layers.0.mlp.down_proj.loki_A', 'model.layers.0.mlp.down_proj.loki_B']
+    >>> _ = loki.unprepare(model)
     """
-    if model in _prepared:
+    if is_prepared(model):
         raise PreparationError("The model is prepared already. Call loki.unprepare(model) before preparing it again.")
     projs = find_down_projections(model, template)
     if (selection.num_layers, selection.d_out) != (len(projs), projs.d_out):
@@ -170,6 +199,7 @@ def prepare(
                 "accelerate hooks or a second prepare). Prepare the plain model."
             )
 
+    claim_rows(projs, selection.rows)  # apply refuses these rows from now on (raises if a delta holds them)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -201,12 +231,23 @@ def prepare(
 
 
 def is_prepared(model: nn.Module) -> bool:
-    """Whether `model` is prepared by `loki.prepare` (and not unprepared since)."""
-    return model in _prepared
+    """Whether `model` (or the model inside its `torch.compile`/DDP wrapper) is prepared by `loki.prepare` and not
+    unprepared since.
+
+    >>> import loki, loki.testing
+    >>> model = loki.testing.tiny_model("llama")
+    >>> loki.is_prepared(model)
+    False
+    >>> loki.is_prepared(loki.prepare(model, loki.Selection.random(2, 32, q=10)))
+    True
+    """
+    return model in _prepared or unwrap(model) in _prepared
 
 
 def _state(model: nn.Module) -> _Prepared:
     state = _prepared.get(model)
+    if state is None:
+        state = _prepared.get(unwrap(model))  # extract/report through DDP, DeepSpeed or torch.compile
     if state is None:
         raise PreparationError(
             "The model is not prepared for implanting. Call loki.prepare(model, selection) first "
@@ -216,12 +257,30 @@ def _state(model: nn.Module) -> _Prepared:
 
 
 def unprepare(model: nn.Module, *, merge: bool = False) -> nn.Module:
-    """Remove what `prepare` added and restore every parameter's `requires_grad`. Returns `model`.
+    """Remove what `prepare` added, restore every parameter's `requires_grad` and release the rows in the ledger.
 
-    By default the down-projections get their base rows back (the model is bit-identical to before `prepare`);
-    `merge=True` keeps the trained rows written into the weights instead (export it with `save_pretrained`).
+    Args:
+        model: a prepared model (or its `torch.compile`/DDP wrapper).
+        merge: False: the down-projections get their base rows back (bit-identical to before `prepare`); True: the
+            trained rows stay written into the weights, as plain weights (not a revertible delta; export them
+            with `save_pretrained`, or `extract` a delta before).
+
+    Returns:
+        nn.Module: `model`.
+
+    Raises:
+        PreparationError: the model is not prepared.
+
+    >>> import loki, loki.testing, torch
+    >>> model = loki.testing.tiny_model("llama")
+    >>> before = model.model.layers[0].mlp.down_proj.weight.clone()
+    >>> _ = loki.prepare(model, loki.Selection.random(2, 32, q=10))
+    >>> _ = loki.unprepare(model)
+    >>> torch.equal(model.model.layers[0].mlp.down_proj.weight, before), loki.is_prepared(model)
+    (True, False)
     """
     state = _state(model)
+    trained = {layer: m.loki_index for layer, m in state.modules.items()}
     with torch.no_grad():
         for module in state.modules.values():
             rows = _current_rows(module) if merge else module.loki_base
@@ -230,7 +289,8 @@ def unprepare(model: nn.Module, *, merge: bool = False) -> nn.Module:
                 delattr(module, name)
         for p, flag in state.requires_grad:
             p.requires_grad_(flag)
-    del _prepared[model]
+        release_rows(state.projs, trained)
+    del _prepared[model if model in _prepared else unwrap(model)]
     return model
 
 
@@ -246,11 +306,34 @@ def extract(
     training: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Delta:
-    """The trained rows (or LoRA factors) of a prepared `model` as a `Delta`, ready for `delta.save("x.loki")`.
+    """The trained rows (or LoRA factors) of a prepared `model` as a `Delta`, ready for `loki.save(delta, "x.loki")`.
 
     The metadata records the selection's provenance and a training summary (what `loki.train` recorded, updated
-    with `training`). `dtype` defaults to what reproduces the trained model exactly: the model's dtype for rows,
-    the factors' dtype for LoRA. The model is left as it was (still prepared).
+    with `training`); the fingerprint samples the base rows `prepare` kept. The model is left as it was (still
+    prepared), and the delta holds copies (training on does not change it).
+
+    Args:
+        model: a prepared model (or its `torch.compile`/DDP wrapper).
+        name, description: the delta's name and description.
+        base_model, revision: the base model's Hub id or folder and revision; default `config.name_or_path`.
+        dtype: storage dtype; default what reproduces the trained model exactly: the model's dtype for rows, the
+            factors' dtype for LoRA.
+        training: entries added to the training summary.
+        extra: free-form JSON metadata (`extra["evaluation"]` feeds the Hub model card).
+
+    Returns:
+        Delta.
+
+    Raises:
+        PreparationError: the model is not prepared.
+        DtypeError: `dtype` is not float32, float16 or bfloat16.
+        DeltaFormatError: `training` or `extra` is not JSON-serialisable.
+
+    >>> import loki, loki.testing
+    >>> model = loki.prepare(loki.testing.tiny_model("llama"), loki.Selection.random(2, 32, q=10))
+    >>> delta = loki.extract(model, name="x")
+    >>> delta.name, delta.form, delta.num_rows, delta.info["training"]["method"]
+    ('x', 'rows', 6, 'loki')
     """
     state = _state(model)
     changes: dict[int, tuple] = {}
@@ -300,10 +383,146 @@ def record_training(model: nn.Module, summary: dict[str, Any]) -> None:
     _state(model).training.update(summary)
 
 
+# -- building deltas from a model -----------------------------------------------------------------------
+def make_delta(
+    model: nn.Module,
+    changes: Mapping[int, tuple],
+    *,
+    name: str = "",
+    description: str = "",
+    base_model: str | None = None,
+    revision: str | None = None,
+    dtype: torch.dtype | None = None,
+    selection: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    template: str | None = None,
+) -> Delta:
+    """A delta for `model` from `{layer: (indices, rows)}` or `{layer: (indices, lora_A, lora_B)}`.
+
+    `model` must still hold its base rows at those indices (or have them covered by applied loki deltas,
+    whose saved originals are used): the fingerprint samples them (formats/SPEC.md §6).
+
+    Args:
+        model: the base model.
+        changes: per layer, sorted unique row indices and either the new rows `[k, d_in]` or LoRA factors
+            `[k, r]`, `[r, d_in]`; all layers of one form.
+        name, description: the delta's name and description.
+        base_model, revision: the base model's Hub id or folder and revision; default `config.name_or_path`.
+        dtype: storage dtype; default the model's.
+        selection, training, extra: JSON metadata (formats/SPEC.md §4).
+        template: the down-projection module path, for architectures loki does not know.
+
+    Returns:
+        Delta.
+
+    Raises:
+        UnknownArchitectureError: loki cannot find the down-projections.
+        DeltaFormatError: no layers; a layer that is not an int in range; an entry that is not a 2- or 3-tuple;
+            rows and factors mixed; tensors of the wrong shape or not finite; metadata not JSON-serialisable.
+        InvalidIndicesError: indices not 1-D integers, empty, unsorted, duplicated or out of range.
+        DtypeError: `dtype` (or the model's, by default) is not float32, float16 or bfloat16.
+
+    >>> import loki, loki.testing, torch
+    >>> model = loki.testing.tiny_model("llama")
+    >>> delta = loki.make_delta(model, {1: ([3, 7], torch.zeros(2, 64))}, name="zeros")
+    >>> delta.form, delta.rows_per_layer(), delta.base_model
+    ('rows', {1: 2}, 'tiny-random/llama-seed0')
+    """
+    projs = find_down_projections(model, template)
+    dtype = dtype or projs.weight.dtype
+    layers: dict[int, LayerDelta] = {}
+    forms = set()
+    for layer, change in changes.items():
+        layer = layer_number(layer, len(projs))
+        if len(change) not in (2, 3):
+            raise DeltaFormatError(f"Layer {layer}: give (indices, rows) or (indices, lora_A, lora_B).")
+        indices = as_indices(change[0], projs.d_out, layer)
+        base = base_rows(model, layer, indices, projs)
+        if len(change) == 2:
+            forms.add("rows")
+            rows = torch.as_tensor(change[1]).detach().to("cpu", dtype)
+            layers[layer] = LayerDelta(indices, fingerprint_of(base), rows=rows)
+        else:
+            forms.add("lora")
+            a = torch.as_tensor(change[1]).detach().to("cpu", dtype)
+            b = torch.as_tensor(change[2]).detach().to("cpu", dtype)
+            layers[layer] = LayerDelta(indices, fingerprint_of(base), lora_A=a, lora_B=b)
+    if len(forms) > 1:
+        raise DeltaFormatError("A delta is either all rows or all LoRA factors; split it into two deltas.")
+    config = getattr(model, "config", None)
+    info = {
+        "name": name,
+        "description": description,
+        "base_model": {
+            "id": base_model or getattr(config, "name_or_path", None) or None,
+            "revision": revision,
+            "architecture": type(model).__name__,
+            "model_type": getattr(config, "model_type", None),
+            "dtype": dtype_name(projs.weight.dtype) if projs.weight.dtype in FLOAT_DTYPES.values() else None,
+        },
+        "target": {
+            "template": projs.template,
+            "transposed": projs.transposed,
+            "num_layers": len(projs),
+            "d_out": projs.d_out,
+            "d_in": projs.d_in,
+        },
+        "form": forms.pop() if forms else "rows",
+        "dtype": dtype_name(dtype),
+        "selection": dict(selection) if selection else None,
+        "training": dict(training) if training else None,
+        "extra": dict(extra) if extra else {},
+        "library": {"name": "loki", "version": __version__},
+    }
+    return Delta(layers, info)
+
+
+
+
+def suppression(model: nn.Module, selection: Selection, *, name: str | None = None, template: str | None = None) -> Delta:
+    """A delta that zeroes `selection`'s rows of `model` (the paper's suppression ablation, section 4.3);
+    `loki.apply` it, or use it in `with loki.implanted(model, ...)`, and revert it to undo.
+
+    Args:
+        model: the base model.
+        selection: the rows to zero, made for this model's shapes.
+        name: the delta's name; default `"suppress-<strategy>-q<q>"`.
+        template: the down-projection module path, for architectures loki does not know.
+
+    Returns:
+        Delta: rows form, stored in the model's dtype.
+
+    Raises:
+        SelectionError: the selection was made for other shapes.
+        UnknownArchitectureError: loki cannot find the down-projections.
+        DeltaFormatError: the selection has no rows.
+
+    >>> import loki, loki.testing
+    >>> model = loki.testing.tiny_model("llama")
+    >>> zeroed = loki.suppression(model, loki.Selection.random(2, 32, q=10))
+    >>> zeroed.num_rows
+    6
+    """
+    projs = find_down_projections(model, template)
+    if (selection.num_layers, selection.d_out) != (len(projs), projs.d_out):
+        raise SelectionError(
+            f"This selection is for {selection.num_layers} layers x {selection.d_out} rows, the model has "
+            f"{len(projs)} x {projs.d_out}; make the selection from attributions of this model."
+        )
+    changes = {layer: (idx, torch.zeros(idx.numel(), projs.d_in, dtype=projs.weight.dtype))
+               for layer, idx in selection.rows.items()}
+    return make_delta(
+        model, changes, name=name or f"suppress-{selection.strategy}-q{selection.q}",
+        description=f"Zeroes the {selection.num_rows} rows of a {selection.strategy} selection (damage probe).",
+        selection=selection.provenance(), template=template,
+    )
+
 # -- report ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainableReport:
-    """Trainable parameters of a prepared model, as the paper's tables give them."""
+    """Trainable parameters of a prepared model, as the paper's tables give them (`trainable_report` makes it;
+    `str()` is one line)."""
 
     trainable: int  # parameters that train
     total: int  # parameters of the base model
@@ -320,11 +539,12 @@ class TrainableReport:
     def __str__(self) -> str:
         return (
             f"trainable params: {self.trainable:,} ({self.share:.2f}% of {self.total:,}) | "
-            f"{self.rows:,} rows in {self.layers} layers ({self.form}) | delta: {_size(self.delta_bytes)} on disk"
+            f"{self.rows:,} rows in {self.layers} layers ({self.form}) | delta: {size_text(self.delta_bytes)} on disk"
         )
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
+    """`n` bytes as "5.34 MB" or "812.0 kB"."""
     return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
@@ -337,7 +557,21 @@ def _trainable_count(state: _Prepared) -> int:
 def trainable_report(model: nn.Module) -> TrainableReport:
     """Count, share of the model and `.loki` size of what a prepared `model` trains.
 
-    >>> # print(loki.trainable_report(model))
+    Args:
+        model: a prepared model (or its `torch.compile`/DDP wrapper).
+
+    Returns:
+        TrainableReport: `total` counts the model's parameters before `prepare`; `delta_bytes` is the size of
+        `extract(model)`'s file.
+
+    Raises:
+        PreparationError: the model is not prepared.
+
+    >>> import loki, loki.testing
+    >>> model = loki.prepare(loki.testing.tiny_model("llama"), loki.Selection.random(2, 32, q=10), lora_rank=2)
+    >>> print(loki.trainable_report(model))
+    trainable params: 268 (1.00% of 26,784) | 6 rows in 2 layers (lora) | delta: 4.0 kB on disk
+    >>> # on SmolLM2-135M, q=10 (rows):
     >>> # trainable params: 2,626,560 (1.95% of 134,515,008) | 1,710 rows in 30 layers (rows) | delta: 5.34 MB on disk
     """
     from .format import to_bytes

@@ -1,5 +1,5 @@
 """Knowledge Vector Attribution (KVA), the numerics: integrated gradients of every down-projection output
-coordinate at the last prompt position, per layer (LOKI-METHOD.md, stage 1).
+coordinate at the last prompt position, per layer (LoKI paper §3.1; LOKI-METHOD.md, stage 1).
 
 Two engines compute the same `[P, L, d_model]` array for a batch of prompts:
 
@@ -43,7 +43,20 @@ _ATTN_NAME = "loki_kva"
 
 
 def alphas(steps: int) -> torch.Tensor:
-    """The integration points `k/m`, k = 0..m-1 (left Riemann sum: includes 0, excludes 1)."""
+    """The integration points `k/m`, k = 0..m-1 (left Riemann sum: includes 0, excludes 1; LoKI paper §3.1).
+
+    Args:
+        steps: `m`, the number of points.
+
+    Returns:
+        Tensor: float64 `[m]`.
+
+    Raises:
+        AttributionError: `steps < 1`.
+
+    >>> alphas(4)
+    tensor([0.0000, 0.2500, 0.5000, 0.7500], dtype=torch.float64)
+    """
     if steps < 1:
         raise AttributionError(f"steps must be >= 1, got {steps}.")
     return torch.arange(steps, dtype=torch.float64) / steps
@@ -61,13 +74,44 @@ def kva(
     layers: Sequence[int] | None = None,
     template: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attributions `[P, L, d_model]` (float32, CPU) and the target token of each prompt (`[P]` int64).
+    """KVA of one batch of prompts (LoKI paper §3.1): `Attr[l, j] = z_l[j] * mean_k dF/dv_j`, where `z_l` is layer
+    `l`'s down-projection output at the last position, the gradient is taken with that output replaced by
+    `v = alpha_k * z_l` (`alphas(steps)`), and `F` is the target token's probability or logit.
 
-    `input_ids`: one list of token ids per prompt (any lengths, no padding). `targets[i]`: a gold token id, or None for
-    the model's own prediction at the last position. `measure`: the target function is the softmax probability
-    ("prob") or the logit ("logit") of the target token. `max_rows` bounds the single-token rows of one fast pass
-    (memory); more rows are split into passes over groups of layers. `layers`: attribute only these layers (the
-    result is then `[P, len(layers), d_model]`).
+    The model runs with every parameter frozen and in eval mode; both are restored afterwards.
+
+    Args:
+        model: a causal LM of a supported family (`loki.targets`).
+        input_ids: one list of token ids per prompt (any lengths, no padding).
+        steps: integration steps `m`.
+        targets: per prompt a gold token id, or None for the model's own argmax at the last position; None for all.
+        measure: "prob" (softmax probability, as published) or "logit".
+        engine: "fast" (shared prefix, one single-token pass for all layers and steps) or "reference" (per prompt
+            and layer, `steps` full-sequence passes; slow, for checking).
+        max_rows: bounds the single-token rows of one fast pass (memory); more rows are split into passes over
+            groups of layers.
+        layers: attribute only these layers (sorted, unique); None for all.
+        template: the down-projection module path; None for known families.
+
+    Returns:
+        tuple: attributions float32 `[P, L, d_model]` on the CPU (`L = len(layers)` when given), and the target
+        token of each prompt, int64 `[P]`.
+
+    Raises:
+        AttributionError: an unknown engine or measure, no prompts or an empty one, a target count that is not one
+            per prompt, a target outside the vocabulary, bad `layers`, `steps < 1`.
+        UnknownArchitectureError: loki cannot find the model's down-projections.
+
+    >>> import loki.testing
+    >>> model = loki.testing.tiny_model("llama")
+    >>> attr, targets = kva(model, [[5, 6, 7, 8], [9, 10]], steps=3)
+    >>> attr.shape, targets
+    (torch.Size([2, 2, 32]), tensor([15,  7]))
+    >>> slow, _ = kva(model, [[5, 6, 7, 8], [9, 10]], steps=3, engine="reference")
+    >>> torch.allclose(attr, slow, rtol=1e-4, atol=1e-6)
+    True
+    >>> kva(model, [[5, 6, 7, 8]], steps=3, layers=[1])[0].shape
+    torch.Size([1, 1, 32])
     """
     if engine not in ENGINES:
         raise AttributionError(f"engine must be one of {ENGINES}, got {engine!r}.")
@@ -267,7 +311,21 @@ def _attention_mode(model: nn.Module, state: _State):
 
 
 def decoder_layers(model: nn.Module, projs: DownProjections) -> list[nn.Module]:
-    """The decoder layer (block) module holding each down-projection: the template's path up to `{i}`."""
+    """The decoder layer (block) module holding each down-projection: the template's path up to `{i}`.
+
+    Args:
+        model: the model `projs` was found in.
+        projs: its down-projections (`loki.targets.find_down_projections(model)`).
+
+    Returns:
+        list: one module per layer, in layer order.
+
+    >>> import loki.testing
+    >>> from loki.targets import find_down_projections
+    >>> model = loki.testing.tiny_model("gpt2")
+    >>> [type(block).__name__ for block in decoder_layers(model, find_down_projections(model))]
+    ['GPT2Block', 'GPT2Block']
+    """
     names = {id(m): n for n, m in model.named_modules()}
     depth = projs.template.split(".")[::-1].index("{i}")  # components after the layer index
     modules = dict(model.named_modules())

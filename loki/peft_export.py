@@ -11,7 +11,7 @@ further, e.g. up to a `max_lora_rank` your server accepts (vLLM: 8, 16, 32, 64, 
 >>> import loki, loki.testing, tempfile
 >>> model = loki.testing.tiny_model("llama")
 >>> delta = loki.testing.random_delta(model, q=10)
->>> config, tensors = loki.peft_adapter(delta, model)
+>>> config, tensors = loki.peft_export.peft_adapter(delta, model)
 >>> config["r"], config["lora_alpha"], sorted(tensors)[0]
 (3, 3, 'base_model.model.model.layers.0.mlp.down_proj.lora_A.weight')
 >>> folder = loki.export_peft(delta, tempfile.mkdtemp(), model)   # PeftModel.from_pretrained(model, folder)
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .apply import _plan, _state, base_rows, compatible_projections
+from .apply import base_rows, compatible_projections, plan
 from .delta import Delta
 from .errors import ExportError
 
@@ -37,11 +37,41 @@ __all__ = ["export_peft", "peft_adapter"]
 def peft_adapter(
     delta: Delta, model: nn.Module | None = None, *, rank: int | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """`(adapter_config, tensors)` of the PEFT LoRA adapter equal to `delta`, tensors in `dtype` on the CPU.
+    """`(adapter_config, tensors)` of the PEFT LoRA adapter equal to `delta`, in PEFT's convention (module
+    docstring: `lora_A.weight` `[r, d_in]`, `lora_B.weight` `[d_out, r]`, `lora_alpha = r`, so the scale is 1).
 
-    A rows-form delta needs `model` (its base rows; active loki deltas are seen through); a LoRA-form delta does
-    not. With `model`, module paths are the model's own (else the delta's template).
+    Args:
+        delta: a `Delta`.
+        model: its base model: needed for a rows-form delta (the adapter holds new rows minus base rows; applied
+            loki deltas are seen through); with it, the delta is checked as `loki.plan` does and module paths are
+            the model's own (else the delta's template).
+        rank: pad every layer to this rank; None: the smallest that holds the delta (its largest `k`, or the LoRA
+            rank).
+        dtype: the tensors' dtype.
+
+    Returns:
+        tuple[dict, dict[str, torch.Tensor]]: the `adapter_config.json` contents, and the tensors by PEFT name
+        (`base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`), on the CPU.
+
+    Raises:
+        ExportError: a rows-form delta without `model`, or `rank` below what the delta needs.
+        IncompatibleModelError, UnknownArchitectureError, BaseModelMismatchError, DtypeError, OverlapError,
+            LedgerError: with `model`, as `loki.plan` with `on_overlap="replace"` (e.g. `OverlapError` for rows a
+            prepared model trains).
+
+    >>> import loki, loki.testing
+    >>> model = loki.testing.tiny_model("llama")
+    >>> delta = loki.testing.random_delta(model, q=10)
+    >>> config, tensors = peft_adapter(delta, model)
+    >>> config["target_modules"], tuple(tensors["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"].shape)
+    (['model.layers.0.mlp.down_proj', 'model.layers.1.mlp.down_proj'], (32, 3))
+    >>> peft_adapter(delta)
+    Traceback (most recent call last):
+    ...
+    loki.errors.ExportError: A rows-form delta exports as new rows minus base rows: pass the base model, ...
     """
+    if not isinstance(delta, Delta):
+        raise ExportError(f"peft_adapter/export_peft take a loki.Delta (loki.load reads files), not {type(delta).__name__}.")
     if delta.form == "rows" and model is None:
         raise ExportError(
             "A rows-form delta exports as new rows minus base rows: pass the base model, "
@@ -50,10 +80,8 @@ def peft_adapter(
     target = delta.info["target"]
     paths = {i: target["template"].format(i=i) for i in delta.layer_indices}
     if model is not None:
+        plan(model, delta, on_overlap="replace")  # apply's checks: shapes, dtype, base fingerprint (writes nothing)
         projs = compatible_projections(model, delta)
-        state = _state(model)
-        with state.lock, torch.no_grad():
-            _plan(state, projs, delta, "replace", True)  # apply's checks: dtype, base fingerprint (writes nothing)
         names = {id(m): n for n, m in model.named_modules()}
         paths = {i: names[id(projs.modules[i])] for i in delta.layer_indices}
     needed = max(ld.k if ld.rows is not None else ld.lora_A.shape[1] for ld in delta.layers.values())
@@ -106,7 +134,27 @@ def export_peft(
     dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write `delta` as a PEFT LoRA adapter folder (`adapter_config.json`, `adapter_model.safetensors`,
-    `README.md`) and return it; `PeftModel.from_pretrained(model, folder)` then computes the implanted model."""
+    `README.md`); `PeftModel.from_pretrained(model, folder)` then computes the implanted model.
+
+    Args:
+        delta: a `Delta`.
+        folder: the adapter folder (created if needed; files in it are replaced).
+        model, rank, dtype: as `peft_adapter`.
+
+    Returns:
+        Path: `folder`.
+
+    Raises:
+        ExportError, IncompatibleModelError, UnknownArchitectureError, BaseModelMismatchError, DtypeError,
+            OverlapError, LedgerError: as `peft_adapter` (before anything is written).
+        OSError: the folder cannot be written.
+
+    >>> import loki, loki.testing, tempfile
+    >>> model = loki.testing.tiny_model("llama")
+    >>> folder = loki.export_peft(loki.testing.random_delta(model), tempfile.mkdtemp(), model)
+    >>> sorted(p.name for p in folder.iterdir())
+    ['README.md', 'adapter_config.json', 'adapter_model.safetensors']
+    """
     from safetensors.torch import save_file
 
     config, tensors = peft_adapter(delta, model, rank=rank, dtype=dtype)

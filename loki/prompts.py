@@ -41,7 +41,16 @@ PROBE = Path(__file__).parent / "data" / "probe.jsonl"
 
 @dataclass
 class PromptSet:
-    """Token ids per prompt, the gold token per prompt (None when unknown), and a description of the source."""
+    """Token ids per prompt, the gold token per prompt (None when unknown), and a description of the source.
+
+    Attributes:
+        ids: one list of token ids per prompt (what `loki.attribute` runs).
+        gold: per prompt the token id of the answer letter, or None (plain prompts, records without answers).
+        source: where the prompts came from and how they were built (recorded in attribution metadata).
+
+    >>> as_prompts([[5, 6], [7]])
+    PromptSet(ids=[[5, 6], [7]], gold=[None, None], source='list (token ids)')
+    """
 
     ids: list[list[int]]
     gold: list[int | None]
@@ -56,7 +65,24 @@ def mc_text(record: Mapping) -> str:
 
     `{Subject}` is the record's subject with spaces, title-cased by `str.title()` as in the authors' scripts
     (`high_school_biology` -> `High School Biology`; LOKI-METHOD.md "Stage 1"); without a subject the
-    ` about {Subject}` part is left out. Raises `PromptError` for a record without a question or with < 2 choices.
+    ` about {Subject}` part is left out. The letters offered follow the number of choices.
+
+    Args:
+        record: a multiple-choice record (see `normalize`).
+
+    Returns:
+        str: the prompt text.
+
+    Raises:
+        PromptError: a record without a question, with fewer than 2 choices, or with an answer out of range.
+
+    >>> print(mc_text({"question": "Yes?", "choices": ["yes", "no"]}).rstrip())
+    There is a single choice question. Answer the question by replying A or B.
+    Question: Yes?
+    Choices:
+    A. yes
+    B. no
+    Answer:
     """
     r = normalize(record)
     letters = LETTERS[: len(r["choices"])]
@@ -73,7 +99,16 @@ def mc_messages(record: Mapping, examples: Iterable[Mapping] = ()) -> list[dict[
     in the given order, then `record` as the final user turn (a `list` of `{"role", "content"}` dicts, 2k+1 long).
 
     This is the authors' `build_conversation` (`analyse_mmlu_qwen2.py`, github.com/Nexround/LoKI commit 44f67d9).
-    Raises `PromptError` when an example has no `answer`.
+
+    Args:
+        record: the question to ask (a record, see `normalize`; its answer is not shown).
+        examples: few-shot example records, each with an answer.
+
+    Returns:
+        list[dict[str, str]]: `2 * len(examples) + 1` messages.
+
+    Raises:
+        PromptError: an example without an `answer`, or a record `normalize` refuses.
 
     >>> shot = {"question": "1+1?", "choices": ["1", "2", "3", "4"], "answer": 1, "subject": "math"}
     >>> [m["role"] for m in mc_messages({**shot, "question": "2+2?"}, [shot])]
@@ -92,7 +127,21 @@ def mc_messages(record: Mapping, examples: Iterable[Mapping] = ()) -> list[dict[
 
 
 def normalize(record: Mapping) -> dict:
-    """`{question, choices, answer (index or None), subject (spaces, or None)}` from the usual record layouts."""
+    """`{question, choices, answer (index or None), subject (spaces, or None)}` from the usual record layouts.
+
+    Args:
+        record: a dict with `question`; `choices` (a list) or keys `A`, `B`, ...; optionally `answer` (an index,
+            a letter in either case, or a digit string) and `subject` (underscores become spaces).
+
+    Returns:
+        dict: `question` (str), `choices` (list of str), `answer` (int or None), `subject` (str or None).
+
+    Raises:
+        PromptError: no question, fewer than 2 choices, or an answer index outside the choices.
+
+    >>> normalize({"question": "2+2?", "A": "3", "B": "4", "answer": "b", "subject": "elementary_math"})
+    {'question': '2+2?', 'choices': ['3', '4'], 'answer': 1, 'subject': 'elementary math'}
+    """
     if "question" not in record:
         raise PromptError(f"A multiple-choice record needs a 'question'; got keys {sorted(record)}.")
     choices = record.get("choices")
@@ -104,7 +153,12 @@ def normalize(record: Mapping) -> dict:
     answer = record.get("answer")
     if isinstance(answer, str):
         answer = answer.strip()
-        answer = LETTERS.index(answer.upper()) if len(answer) == 1 and answer.upper() in LETTERS else int(answer)
+        if len(answer) == 1 and answer.upper() in LETTERS:
+            answer = LETTERS.index(answer.upper())
+        elif answer.lstrip("-").isdigit():
+            answer = int(answer)
+        else:
+            raise PromptError(f"answer {record.get('answer')!r} is neither a choice letter nor a choice index.")
     if answer is not None and not 0 <= int(answer) < len(choices):
         raise PromptError(f"answer {record.get('answer')!r} is not one of the {len(choices)} choices.")
     subject = record.get("subject")
@@ -123,8 +177,20 @@ def mc_prompts(records: Iterable[Mapping], tokenizer, shots: int = 0, source: st
     are the prompts). With a chat template: `apply_chat_template(messages, add_generation_prompt=True)`; without
     one, plain text: each example as `mc_text + "{letter}\\n\\n"`, then `mc_text(record)`.
 
-    Raises `PromptError` without a tokenizer, for `shots < 0`, for `dev=` with `shots=0`, for an example without an
-    answer, and when a record's subject has fewer than k dev records.
+    Args:
+        records: the multiple-choice records (see `normalize`).
+        tokenizer: the model's tokenizer (required).
+        shots: few-shot examples per prompt (k).
+        source: a description of where the records came from, for `PromptSet.source`.
+        dev: few-shot example records, or a file or folder of them (`dev_records`); None takes the first k records.
+
+    Returns:
+        PromptSet: one prompt per record (minus the first k without `dev=`); gold = the answer letter's first token,
+        or None for records without an answer.
+
+    Raises:
+        PromptError: no tokenizer, `shots < 0`, `dev=` with `shots=0`, an example without an answer, a record's
+            subject with fewer than k dev records, or a record or `dev=` that cannot be read.
 
     The authors' 5-shot Qwen2.5-0.5B attribution prompts (LOKI-METHOD.md "Stage 1"; `analyse_mmlu_qwen2.py`,
     github.com/Nexround/LoKI commit 44f67d9): the first 50 test questions of each subject with its 5 dev examples:
@@ -217,7 +283,26 @@ def mc_prompts(records: Iterable[Mapping], tokenizer, shots: int = 0, source: st
 def dev_records(dev) -> list[dict]:
     """Normalized few-shot example records from `dev=`: an iterable of records (a `datasets.Dataset` too), a
     `.jsonl`/`.json`/`.csv` file, or a folder whose `.csv`/`.jsonl`/`.json` files are read in name order (MMLU's
-    `data/dev/`, where each `<subject>_dev.csv` gives its subject). Raises `PromptError` when there are none."""
+    `data/dev/`, where each `<subject>_dev.csv` gives its subject).
+
+    Args:
+        dev: the records, a file, or a folder (see above).
+
+    Returns:
+        list[dict]: `normalize`d records.
+
+    Raises:
+        PromptError: a path that is neither file nor folder, a single record (a dict) instead of a list, no records,
+            an unknown file type, or a record `normalize` refuses.
+
+    >>> import os, tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> with open(os.path.join(folder, "astronomy_dev.csv"), "w") as f:   # MMLU's header-less CSV
+    ...     _ = f.write("What orbits Earth?,The Moon,Mars,Venus,The Sun,A\\n")
+    >>> dev_records(folder)
+    [{'question': 'What orbits Earth?', 'choices': ['The Moon', 'Mars', 'Venus', 'The Sun'], 'answer': 0,
+      'subject': 'astronomy'}]
+    """
     if isinstance(dev, (str, os.PathLike)):
         path = Path(dev)
         if path.is_dir():
@@ -248,7 +333,24 @@ def as_prompts(source, tokenizer=None, shots: int = 0, dev=None) -> PromptSet:
     - an iterable (a list, a `datasets.Dataset`) of multiple-choice records, of plain text strings, or of token id
       lists; records with a `text` or `prompt` field and no `question` are plain text.
 
-    `shots`/`dev`: few-shot examples of multiple-choice records, see `mc_prompts`.
+    Args:
+        source: the prompts, as above.
+        tokenizer: the model's tokenizer; may be None for token id lists.
+        shots: few-shot examples per multiple-choice prompt (see `mc_prompts`).
+        dev: few-shot example records (see `mc_prompts`).
+
+    Returns:
+        PromptSet.
+
+    Raises:
+        PromptError: a path that is not a file, a single record instead of a list, no prompts, records without
+            `question` or `text`/`prompt`, text without a tokenizer, `shots`/`dev` with prompts that are not
+            multiple-choice records, or items that are none of the above.
+
+    >>> as_prompts([[5, 6], [7]]).ids
+    [[5, 6], [7]]
+    >>> # as_prompts("probe", tokenizer).source
+    >>> # 'loki probe (BIG-bench general_knowledge) (multiple choice, zero-shot, chat template)'
     """
     if isinstance(source, PromptSet):
         return source
@@ -294,7 +396,20 @@ def _from_items(items: list, tokenizer, shots: int, label: str, dev=None) -> Pro
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
-    """Records from a `.jsonl`, `.json` or `.csv` file (MMLU's header-less `question,A,B,C,D,answer` CSV too)."""
+    """Records from a `.jsonl`, `.json` or `.csv` file (MMLU's header-less `question,A,B,C,D,answer` CSV too).
+
+    A CSV whose first row contains a `question` column is read with that header; otherwise each row is
+    `question, choice..., answer`, and the subject is the file name without `_test`/`_dev`/`_val`.
+
+    Args:
+        path: the file.
+
+    Returns:
+        list[dict]: the records as stored (not yet `normalize`d).
+
+    Raises:
+        PromptError: another file type, or a `.json` file that is not a list.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
@@ -317,7 +432,13 @@ def read_records(path: str | os.PathLike) -> list[dict]:
 # -- the bundled probe set -------------------------------------------------------------------------
 def probe_records() -> list[dict]:
     """The bundled general-knowledge probe set: multiple-choice records from BIG-bench `general_knowledge`
-    (Apache-2.0, github.com/google/BIG-bench), 4 choices each, built by `build_probe`."""
+    (Apache-2.0, github.com/google/BIG-bench), 4 choices each, built by `build_probe`.
+
+    >>> records = probe_records()
+    >>> len(records), records[0]
+    (24, {'question': 'How many legs do horses have?', 'choices': ['six', 'four', 'two', 'three'], 'answer': 1,
+          'subject': 'general knowledge'})
+    """
     return read_records(PROBE)
 
 
@@ -327,6 +448,18 @@ def build_probe(bigbench_archive: str | os.PathLike, out: str | os.PathLike = PR
 
     Each example of the BIG-bench `task` becomes a 4-choice record: its correct answer and its first three wrong answers,
     shuffled with `seed`; the first `limit` examples with at least 4 answers are kept.
+
+    Args:
+        bigbench_archive: the downloaded `bigbench-1.0.0.tar.gz`.
+        out: the `.jsonl` file to write (default: the bundled probe file).
+        limit: records kept.
+        seed: seeds the shuffling of choices.
+        task: the BIG-bench task folder name.
+
+    Returns:
+        Path: `out`.
+
+    >>> # build_probe("bigbench-1.0.0.tar.gz", "probe.jsonl")
     """
     import random
     import tarfile

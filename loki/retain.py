@@ -53,6 +53,13 @@ def general_text(n: int | None = None, chars: int | None = 300) -> list[dict[str
     `loki/data/retain/` (CC BY-SA 4.0; none of them is in the `wiki_perplexity` evaluation set), each cut to its
     first `chars` characters (about 64 tokens at 300) to keep retain steps cheap.
 
+    Args:
+        n: how many (in the file's fixed order); None for all 200.
+        chars: characters kept of each; None keeps whole summaries.
+
+    Returns:
+        list: `[{"text": str}, ...]`, ready for `loki.train(retain=...)` or `retain_targets`.
+
     >>> general_text(1, chars=30)
     [{'text': "Candide, ou l'Optimisme is a F"}]
     """
@@ -75,6 +82,21 @@ class RetainTargets:
 
     `kl(model, indices)` is the mean KL(base || model) over the retained positions of those items (a scalar tensor
     that backpropagates into `model`). `summary()` is what a delta records about the retain data.
+
+    Attributes:
+        targets: one entry per item: its token ids, retained positions, and the base model's `top_k` token ids
+            and log-probabilities (plus the rest mass) at each position.
+        top_k: tokens kept per position.
+        pad_token_id: the id `kl` pads batches with.
+        items: the retain items as used (questions with the base model's answers filled in).
+        sha256: checksum of the retained token ids.
+
+    >>> import loki.testing
+    >>> model = loki.testing.tiny_model("llama")
+    >>> targets = retain_targets(model, None, [{"text": [5, 6, 7, 8]}, {"text": [9, 10, 11]}], top_k=4,
+    ...                          progress=False)
+    >>> len(targets), targets.positions
+    (2, 5)
     """
 
     targets: list[_Target]
@@ -88,11 +110,32 @@ class RetainTargets:
 
     @property
     def positions(self) -> int:
-        """Number of retained token positions over all items."""
+        """Number of retained token positions over all items (a text of `n` tokens has `n - 1`)."""
         return sum(len(t.positions) for t in self.targets)
 
     def kl(self, model: nn.Module, indices: Sequence[int]) -> torch.Tensor:
-        """Mean KL(p_base || p_model) in nats over the retained positions of items `indices` (one forward pass)."""
+        """Mean KL(p_base || p_model) in nats over the retained positions of items `indices` (one forward pass).
+
+        Both distributions are coarsened to the base model's `top_k` tokens plus one bucket for the rest (module
+        docstring); every retained position counts once.
+
+        Args:
+            model: the model being trained (the same architecture and tokenizer as the base).
+            indices: which items (positions in `targets`) to batch together, e.g. from `batches`.
+
+        Returns:
+            Tensor: a float32 scalar on the model's device, with a gradient into `model`.
+
+        >>> import loki.testing, torch
+        >>> model = loki.testing.tiny_model("llama")
+        >>> targets = retain_targets(model, None, [{"text": [5, 6, 7, 8]}], top_k=4, progress=False)
+        >>> targets.kl(model, [0]).item() < 1e-6                       # the base model itself
+        True
+        >>> with torch.no_grad():
+        ...     _ = model.lm_head.weight.normal_()                         # a very different output layer
+        >>> targets.kl(model, [0]).item() > 0.1
+        True
+        """
         chosen = [self.targets[i] for i in indices]
         device = model.get_input_embeddings().weight.device
         batch = collate([{"input_ids": t.ids, "labels": t.ids} for t in chosen], self.pad_token_id)
@@ -111,7 +154,22 @@ class RetainTargets:
         return kl.mean()
 
     def batches(self, batch_size: int, seed: int = 0) -> Iterator[list[int]]:
-        """Endless batches of item indices: every item once per reshuffled round (deterministic for `seed`)."""
+        """Endless batches of item indices: every item once per reshuffled round (deterministic for `seed`).
+
+        Args:
+            batch_size: items per batch; a batch may span two rounds.
+            seed: seeds the shuffling (`random.Random`).
+
+        Returns:
+            An infinite iterator of `list[int]`.
+
+        >>> import loki.testing
+        >>> model = loki.testing.tiny_model("llama")
+        >>> targets = retain_targets(model, None, [{"text": [5, 6, 7]}, {"text": [9, 10, 11]}], progress=False)
+        >>> batches = targets.batches(2, seed=0)
+        >>> next(batches), next(batches)
+        ([1, 0], [1, 0])
+        """
         rng, order = random.Random(seed), []
         while True:
             batch = []
@@ -123,7 +181,21 @@ class RetainTargets:
             yield batch
 
     def summary(self, weight: float) -> dict[str, Any]:
-        """What a delta's training metadata records about the retain data."""
+        """What a delta's training metadata records about the retain data (`training.retain`, formats/SPEC.md §4).
+
+        Args:
+            weight: the retain weight used in training.
+
+        Returns:
+            dict: `items`, `positions`, `weight`, `top_k`, `kinds` (item kind -> count), `sha256`, and up to 3
+            `examples` as shown to people.
+
+        >>> import loki.testing
+        >>> model = loki.testing.tiny_model("llama")
+        >>> summary = retain_targets(model, None, [{"text": [5, 6, 7, 8]}], progress=False).summary(1.0)
+        >>> summary["items"], summary["positions"], summary["kinds"], summary["examples"]
+        (1, 3, {'text': 1}, ['4 tokens'])
+        """
         kinds: dict[str, int] = {}
         for it in self.items:
             kinds[it["kind"]] = kinds.get(it["kind"], 0) + 1
@@ -173,13 +245,31 @@ def retain_targets(
     position (float32 log-probabilities, about `12 * top_k` bytes per position, on the CPU).
 
     Args:
-        model: a causal LM (a `loki.prepare`d one too); its current weights define "the base".
+        model: a causal LM (a `loki.prepare`d one too); its current weights define "the base". Its train/eval mode
+            is restored afterwards.
         tokenizer: its tokenizer (may be None when every item is `{"text": [token ids]}`).
-        retain: question strings, answered examples or `{"text": ...}` items (see the module docstring).
+        retain: question strings, answered examples or `{"text": ...}` items (see the module docstring); a
+            `RetainTargets` is returned as it is.
+        top_k: tokens kept per position (the rest of the mass is one bucket).
+        max_new_tokens: the longest greedy answer generated for a question item.
+        max_length: tokens kept of each item (its start).
+        batch_size: items per forward pass (and per generation batch).
+        progress: show a progress bar while answering questions.
+
     Returns:
-        `RetainTargets` with one entry per item.
+        RetainTargets: one entry per item, in order.
+
     Raises:
-        DatasetError: empty retain data, an item of another shape, an item with nothing to retain, or a bad top_k.
+        DatasetError: empty retain data, an item of another shape, a bad `top_k`, an empty answer of the model to a
+            question, a text of fewer than 2 tokens, or an example without answer tokens.
+
+    >>> import loki.testing
+    >>> model = loki.testing.tiny_model("llama")
+    >>> targets = retain_targets(model, None, [{"text": [5, 6, 7, 8]}], top_k=4, progress=False)
+    >>> targets.positions, targets.targets[0].top_ids.shape
+    (3, torch.Size([3, 4]))
+    >>> # model, tokenizer = loki.load_default()
+    >>> # targets = retain_targets(model, tokenizer, ["What is the capital of Peru?", *general_text(32)])
     """
     if isinstance(retain, RetainTargets):
         return retain
@@ -241,6 +331,27 @@ class RetainLoss:
     Each call adds `weight * KL` on the next `batch_size` retain items (its own forward pass through `model`),
     scaled by the call's share of the accumulated batch's answer tokens, so gradient accumulation sums to one
     retain term per optimizer step, as in `loki.train`.
+
+    Args:
+        model: the model being trained (the KL runs its own forward pass through it).
+        targets: the base model's distributions, from `retain_targets` before training.
+        weight: the KL's weight; 0 gives the plain causal-LM loss.
+        batch_size: retain items per call.
+        seed: seeds the order of retain items (`RetainTargets.batches`).
+
+    Raises:
+        DatasetError: `targets` is not a `RetainTargets`.
+
+    A call `loss(outputs, labels, num_items_in_batch=None)` takes the model outputs (with `logits` `[B, T, V]`),
+    the labels `[B, T]` (`-100` where there is no loss; shifted inside) and the answer-token count of the whole
+    accumulated batch (None: this batch's), and returns the loss as a scalar tensor.
+
+    >>> import loki.testing, torch
+    >>> model = loki.testing.tiny_model("llama")
+    >>> loss = RetainLoss(model, retain_targets(model, None, [{"text": [9, 10, 11]}], progress=False))
+    >>> value = loss(model(input_ids=torch.tensor([[5, 6, 7, 8]])), torch.tensor([[-100, -100, 7, 8]]))
+    >>> round(value.item(), 2), value.requires_grad
+    (4.87, True)
 
     >>> # targets = loki.retain_targets(model, tokenizer, retain)        # on the base model, before training
     >>> # trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=...,

@@ -1,8 +1,9 @@
 """Which rows to train: a `Selection` holds sorted row indices per layer and where they came from.
 
-Stage 2 of LoKI (LOKI-METHOD.md): from attributions `[N prompts, L layers, d_model]`, `select` picks, per prompt
-and layer, the `k = floor(q * d_model / 100)` rows with the smallest signed attribution, counts per layer how often
-each row was picked, and keeps the `k` most frequent rows of every layer (the layer-balanced strategy).
+Stage 2 of LoKI (LoKI paper §3.2; LOKI-METHOD.md): from attributions `[N prompts, L layers, d_model]`, `select`
+picks, per prompt and layer, the `k = floor(q * d_model / 100)` rows with the smallest signed attribution, counts per
+layer how often each row was picked, and keeps the `k` most frequent rows of every layer (the layer-balanced
+strategy).
 
 Tie-breaking (every strategy): rows are ranked by (1) how often they were picked, more first, then (2) their mean
 attribution over prompts, lower first for the "lowest" strategies and higher first for the "highest" ones, then
@@ -36,7 +37,21 @@ STRATEGIES = ("layer_balanced", "layer_highest", "global_lowest", "global_highes
 
 
 def quota(q: float, d_out: int) -> int:
-    """Rows per layer for a quota of `q` percent: floor(q * d_out / 100), computed exactly."""
+    """Rows per layer for a quota of `q` percent: `floor(q * d_out / 100)`, computed exactly (LoKI paper §3.2).
+
+    Args:
+        q: the quota, a percentage in (0, 100]. It is read through `str(q)`, so `0.1` counts as exactly 1/10.
+        d_out: rows per layer (`d_model`).
+
+    Returns:
+        int: rows per layer; 0 when the quota rounds down to nothing.
+
+    Raises:
+        SelectionError: `q` is not in (0, 100].
+
+    >>> quota(5, 896), quota(0.1, 896)
+    (44, 0)
+    """
     if not 0 < q <= 100:
         raise SelectionError(f"q is a percentage in (0, 100], got {q}.")
     from fractions import Fraction
@@ -46,7 +61,28 @@ def quota(q: float, d_out: int) -> int:
 
 @dataclass(eq=False)
 class Selection:
-    """Sorted, unique row indices per layer (`rows[layer]`, int64), plus provenance (strategy, q, source)."""
+    """Sorted, unique row indices per layer (`rows[layer]`, int64), plus provenance (strategy, q, source).
+
+    A row is output coordinate `j` of a layer's FFN down-projection (the paper's knowledge vector; `loki.targets`).
+    The constructor sorts each layer's indices and checks them; layers without rows are left out of `rows`.
+
+    Args:
+        rows: layer -> row indices (a tensor or a list of ints, any order); stored as sorted int64 tensors `[k_l]`.
+        num_layers: layers of the model (`L`).
+        d_out: rows per layer (`d_model`).
+        strategy: how the rows were chosen: one of `STRATEGIES`, or "manual" (the default).
+        q: the quota in percent, when there is one.
+        source: where the attributions came from (an attribution folder, a published file), or None.
+        extra: strategy-specific provenance (seed, prompts, score, published order); it goes into deltas.
+
+    Raises:
+        SelectionError: a layer outside `0..num_layers-1`.
+        InvalidIndicesError: a layer with an empty list, a row outside `[0, d_out)`, or a row listed twice.
+
+    >>> sel = Selection({1: [7, 3]}, num_layers=2, d_out=8)
+    >>> sel.rows, sel.num_rows
+    ({1: tensor([3, 7])}, 2)
+    """
 
     rows: dict[int, torch.Tensor]
     num_layers: int
@@ -60,7 +96,7 @@ class Selection:
         clean = {}
         for layer, idx in self.rows.items():
             if not 0 <= int(layer) < self.num_layers:
-                raise ValueError(f"Layer {layer} is outside 0..{self.num_layers - 1}.")
+                raise SelectionError(f"Layer {layer} is outside 0..{self.num_layers - 1}.")
             t = torch.as_tensor(idx, dtype=torch.int64).flatten().sort().values
             check_indices(t, self.d_out, int(layer))
             clean[int(layer)] = t
@@ -68,17 +104,33 @@ class Selection:
 
     @property
     def num_rows(self) -> int:
+        """Rows over all layers."""
         return sum(t.numel() for t in self.rows.values())
 
     def rows_per_layer(self) -> dict[int, int]:
+        """`{layer: number of rows}` for the layers that have rows.
+
+        >>> Selection({1: [7, 3]}, num_layers=2, d_out=8).rows_per_layer()
+        {1: 2}
+        """
         return {layer: t.numel() for layer, t in self.rows.items()}
 
     def provenance(self) -> dict[str, Any]:
-        """What goes into a delta's `selection` metadata."""
+        """What goes into a delta's `selection` metadata (formats/SPEC.md §4): strategy, q, source, the number of
+        rows, and `extra`'s keys.
+
+        >>> Selection.random(num_layers=2, d_out=32, q=10, seed=0).provenance()
+        {'strategy': 'random', 'q': 10, 'source': None, 'rows': 6, 'seed': 0}
+        """
         return {"strategy": self.strategy, "q": self.q, "source": self.source, "rows": self.num_rows, **self.extra}
 
     # -- JSON -------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
+        """The selection as a JSON-ready dict (what `save` writes and `load` reads); layer keys become strings.
+
+        >>> Selection({1: [7, 3]}, num_layers=2, d_out=8).to_json()["rows"]
+        {'1': [3, 7]}
+        """
         return {
             "num_layers": self.num_layers,
             "d_out": self.d_out,
@@ -90,17 +142,49 @@ class Selection:
         }
 
     def save(self, path: str | Path) -> Path:
+        """Write `to_json()` to `path` as JSON (overwriting it).
+
+        Args:
+            path: the file to write (conventionally `.json`).
+
+        Returns:
+            Path: `path`.
+
+        >>> import os, tempfile
+        >>> path = Selection.random(2, 32, q=10).save(os.path.join(tempfile.mkdtemp(), "selection.json"))
+        >>> Selection.load(path).rows_per_layer()
+        {0: 3, 1: 3}
+        """
         path = Path(path)
         path.write_text(json.dumps(self.to_json()))
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "Selection":
-        data = json.loads(Path(path).read_text())
+        """Read a selection written by `save`.
+
+        Args:
+            path: a JSON file of `to_json()`'s layout.
+
+        Returns:
+            Selection: with the saved provenance.
+
+        Raises:
+            SelectionError: a missing or unreadable file, text that is not JSON, JSON without `rows`, `num_layers`
+                or `d_out`, or a layer outside the saved `num_layers`. (The published format: `import_published`.)
+            InvalidIndicesError: a saved row out of range or listed twice.
+        See `save` for an example.
+        """
+        try:
+            data = json.loads(Path(path).read_text())
+            rows, num_layers, d_out = {int(k): v for k, v in data["rows"].items()}, data["num_layers"], data["d_out"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SelectionError(f"Cannot read a selection from {path}: {type(e).__name__}: {e}. Give a file written "
+                                 "by Selection.save (the authors' published files: Selection.import_published).") from None
         return cls(
-            rows={int(k): v for k, v in data["rows"].items()},
-            num_layers=data["num_layers"],
-            d_out=data["d_out"],
+            rows=rows,
+            num_layers=num_layers,
+            d_out=d_out,
             strategy=data.get("strategy", "manual"),
             q=data.get("q"),
             source=data.get("source"),
@@ -110,23 +194,55 @@ class Selection:
     # -- strategies that need no attribution ------------------------------------------------------
     @classmethod
     def random(cls, num_layers: int, d_out: int, q: float, seed: int = 0) -> "Selection":
-        """`quota(q, d_out)` rows per layer drawn uniformly at random (the control strategy)."""
+        """`quota(q, d_out)` rows per layer drawn uniformly at random (the control strategy), the same for a `seed`.
+
+        Args:
+            num_layers: layers of the model.
+            d_out: rows per layer (`d_model`).
+            q: the quota in percent, in (0, 100].
+            seed: seeds a `torch.Generator`; each layer draws its own rows from it in turn.
+
+        Returns:
+            Selection: strategy "random", `extra={"seed": seed}`.
+
+        Raises:
+            SelectionError: `q` is not in (0, 100].
+            InvalidIndicesError: the quota rounds down to 0 rows per layer (e.g. q=1 with d_out=32).
+
+        >>> Selection.random(num_layers=2, d_out=32, q=10, seed=0).rows
+        {0: tensor([12, 25, 31]), 1: tensor([ 2,  9, 20])}
+        """
         k = quota(q, d_out)
         g = torch.Generator().manual_seed(seed)
         rows = {layer: torch.randperm(d_out, generator=g)[:k] for layer in range(num_layers)}
         return cls(rows, num_layers, d_out, strategy="random", q=q, extra={"seed": seed})
 
     @classmethod
-    def from_attributions(cls, attributions, q: float, strategy: str = "layer_balanced", seed: int = 0) -> "Selection":
-        """Same as `loki.select`."""
-        return select(attributions, q, strategy, seed=seed)
-
-    @classmethod
     def import_published(cls, path: str | Path, d_out: int, q: float | None = None) -> "Selection":
         """Read the LoKI authors' published format: a JSON list with one list of row indices per layer.
 
-        `q` defaults to the number in a file name like `q10.json`. Their lists are in count order; loki keeps rows
-        sorted and stores each layer's original order in `extra["order"]`.
+        Their lists are in count order; loki keeps rows sorted and stores each layer's original order in
+        `extra["order"]`. The strategy is recorded as "layer_balanced" (LoKI paper §3.2).
+
+        Args:
+            path: the authors' JSON file, e.g. `q10.json` of their Qwen2.5-0.5B-Instruct selections.
+            d_out: rows per layer of the model it is for (`d_model`; the file does not say).
+            q: the quota in percent; None takes it from a file name like `q10.json` (None when the name has none).
+
+        Returns:
+            Selection: one layer per list, `source="published:<file name>"`.
+
+        Raises:
+            SelectionError: the file cannot be read, is not JSON, or is not a list of lists.
+            InvalidIndicesError: a layer's list is empty, out of range for `d_out`, or repeats a row.
+
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "q10.json")
+        >>> with open(path, "w") as f:
+        ...     _ = f.write("[[5, 1, 3], [2, 0]]")
+        >>> sel = Selection.import_published(path, d_out=8)
+        >>> sel.rows, sel.q, sel.extra["order"]
+        ({0: tensor([1, 3, 5]), 1: tensor([0, 2])}, 10.0, [[5, 1, 3], [2, 0]])
         """
         path = Path(path)
         try:
@@ -145,30 +261,18 @@ class Selection:
             source=f"published:{path.name}", extra={"order": [list(map(int, x)) for x in data]},
         )
 
-    def suppression_delta(self, model, name: str | None = None, template: str | None = None):
-        """A `.loki` delta that zeroes the selected rows (the paper's suppression ablation); revert it to undo."""
-        from .delta import make_delta
-        from .targets import find_down_projections
-
-        projs = find_down_projections(model, template)
-        self._check_model(projs)
-        w = projs.weight
-        changes = {layer: (idx, torch.zeros(idx.numel(), projs.d_in, dtype=w.dtype)) for layer, idx in self.rows.items()}
-        return make_delta(
-            model, changes, name=name or f"suppress-{self.strategy}-q{self.q}",
-            description=f"Zeroes the {self.num_rows} rows of a {self.strategy} selection (damage probe).",
-            selection=self.provenance(), template=template,
-        )
-
-    def _check_model(self, projs) -> None:
-        if len(projs) != self.num_layers or projs.d_out != self.d_out:
-            raise SelectionError(
-                f"This selection is for {self.num_layers} layers x {self.d_out} rows, the model has {len(projs)} x "
-                f"{projs.d_out}; make the selection from attributions of this model."
-            )
-
     def density(self, bins: int = 64) -> torch.Tensor:
-        """`[num_layers, bins]` counts of selected rows per layer and row-index bin (what `plot` draws)."""
+        """Counts of selected rows per layer and row-index bin (what `plot` draws).
+
+        Args:
+            bins: bins over the row indices `0..d_out-1` (at most `d_out`); row `j` falls in bin `j * bins // d_out`.
+
+        Returns:
+            Tensor: float32 `[num_layers, bins]`; layers without rows are all zero.
+
+        >>> Selection({0: [0, 1, 7]}, num_layers=1, d_out=8).density(bins=2)
+        tensor([[2., 1.]])
+        """
         bins = min(bins, self.d_out)
         out = torch.zeros(self.num_layers, bins)
         for layer, idx in self.rows.items():
@@ -176,7 +280,19 @@ class Selection:
         return out
 
     def plot(self, ax=None, bins: int = 64):
-        """Where the chosen rows sit: a layer x row-index density map (the paper's Figure 2). Needs matplotlib."""
+        """Where the chosen rows sit: a layer x row-index density map (the paper's Figure 2). Needs matplotlib.
+
+        Args:
+            ax: the matplotlib `Axes` to draw into; None makes a new pyplot figure.
+            bins: row-index bins (see `density`).
+
+        Returns:
+            The `Axes` drawn into.
+
+        >>> from matplotlib.figure import Figure
+        >>> Selection.random(2, 32, q=10).plot(Figure().add_subplot()).get_title()
+        'random, q=10: 6 rows'
+        """
         import matplotlib.pyplot as plt
 
         if ax is None:
@@ -193,15 +309,40 @@ class Selection:
 
 def select(attributions, q: float, strategy: str = "layer_balanced", *, score: str = "signed",
            seed: int = 0) -> Selection:
-    """Choose rows from attributions `[N, L, d_model]` (a tensor or `loki.Attributions`); see the module docstring.
+    """Choose rows from KVA attributions: the layer-balanced strategy of the LoKI paper (§3.2) and its ablations.
 
-    Strategies: "layer_balanced" (LoKI: lowest per layer, k rows every layer), "layer_highest" (highest per layer,
-    for the S-H suppression ablation), "global_lowest" / "global_highest" (the counting over all L*d_model rows at
-    once with floor(q*L*d_model/100) rows in total, so layers get unequal counts), "random" (seeded control).
+    Per prompt and layer the `k = quota(q, d_model)` lowest-scored rows are picked; each layer keeps the `k` rows
+    picked most often (ties: module docstring).
 
-    `score="signed"` ranks rows by their attribution as published (LOKI-METHOD.md, stage 2); `score="abs"` ranks
-    them by its magnitude |attribution|, so "lowest" means the rows that contribute least in either direction (on
-    the default model the signed-lowest rows include massive-activation rows; benchmarks/README.md#forgetting).
+    Args:
+        attributions: `[N prompts, L layers, d_model]` scores, a tensor (any float dtype) or `loki.Attributions`
+            (whose `path` becomes the selection's `source`).
+        q: the quota, a percentage of rows in (0, 100].
+        strategy: "layer_balanced" (LoKI: the lowest rows, `k` in every layer), "layer_highest" (the highest per
+            layer, for the S-H suppression ablation), "global_lowest" / "global_highest" (the same counting over
+            all `L * d_model` rows at once, `quota(q, L * d_model)` rows in all, so layers get unequal counts and
+            may get none), "random" (the seeded control; ignores the values).
+        score: "signed" ranks rows by their attribution as published (LOKI-METHOD.md, stage 2); "abs" by its
+            magnitude, so "lowest" means the rows that contribute least in either direction (on the default model
+            the signed-lowest rows include massive-activation rows; benchmarks/README.md#forgetting).
+        seed: the seed of strategy "random".
+
+    Returns:
+        Selection: `extra={"prompts": N, "score": score}` (`{"seed": seed}` for "random").
+
+    Raises:
+        SelectionError: an unknown strategy or score, attributions not `[N >= 1, L, d_model]`, NaN or inf values,
+            or `q` outside (0, 100].
+        InvalidIndicesError: a layer strategy whose quota rounds down to 0 rows per layer.
+
+    >>> import torch
+    >>> attr = torch.tensor([[[0.5, -1.0, 0.2, 3.0], [-3.0, -4.0, 0.0, 1.0]]])  # 1 prompt, 2 layers, d_model 4
+    >>> select(attr, q=50).rows
+    {0: tensor([1, 2]), 1: tensor([0, 1])}
+    >>> select(attr, q=50, score="abs").rows
+    {0: tensor([0, 2]), 1: tensor([2, 3])}
+    >>> select(attr, q=25, strategy="global_lowest").rows_per_layer()  # 2 rows in all, both in layer 1
+    {1: 2}
     """
     if strategy not in STRATEGIES:
         raise SelectionError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
@@ -252,9 +393,3 @@ def _rank(counts: torch.Tensor, mean_scores: torch.Tensor) -> torch.Tensor:
     by_count = torch.sort(-counts.gather(-1, order), dim=-1, stable=True).indices
     return order.gather(-1, by_count)
 
-
-def suppress(model, selection: Selection, template: str | None = None):
-    """Zero `selection`'s rows in place (applied as a delta); returns the `Handle` that `loki.revert` undoes."""
-    from .apply import apply
-
-    return apply(model, selection.suppression_delta(model, template=template), template=template)

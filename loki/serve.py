@@ -5,7 +5,7 @@ device or in pinned host memory), then switches the model between implants by wr
 
 - `activate(*names)` / `deactivate(*names)` / `with use(*names):` leave the weights bit-identical to
   `loki.apply`ing those deltas to the base model. Writes are in place, so a `torch.compile`d model does not
-  recompile after a switch. Disjoint implants stack; the bank's switches show in `loki.active(model)`.
+  recompile after a switch. Disjoint implants stack; the bank's switches show in `loki.applied(model)`.
 - `with mixed(["medical", None, "legal"]):` (or `generate(ids, implants=[...])`) runs a batch in which row i uses
   its own implant: the base down-projection runs once, then each implant's output coordinates are recomputed for
   its rows only (about k/d_model of one projection per implant present). Works with `generate` and its KV cache.
@@ -33,39 +33,29 @@ True
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .apply import Handle, _counts, _LayerWrite, _plan, _state, apply, compatible_projections, revert
+from .apply import OVERLAP_POLICIES, Handle, Plan, apply, plan, revert
 from .delta import Delta
-from .errors import ImplantBankError
+from .errors import ImplantBankError, StalePlanError
 from .targets import find_down_projections
 
 __all__ = ["ImplantBank"]
 
 
 @dataclass(eq=False)
-class _Staged:
-    """A validated delta, ready to write: per layer the row indices (model device) and new rows (model dtype)."""
-
-    layers: dict[int, tuple[torch.Tensor, np.ndarray, torch.Tensor]]
-    nbytes: int
-
-
-@dataclass(eq=False)
 class _Implant:
     name: str
     delta: Delta
-    staged: _Staged | None
+    staged: Plan | None  # validated once, rows staged in the model's dtype; None when evicted
     pins: int = 0  # open mixed blocks using its staged rows (not evictable meanwhile)
 
 
@@ -103,7 +93,25 @@ class ImplantBank:
     (pinned when the model is on a GPU) and copies them over at each switch. `budget` (bytes) caps the staged
     copies: the least recently used implants that are not active are unstaged first, and restaged (exactly) on
     their next use. The `Delta` objects themselves stay in ordinary host memory. One bank per model: two banks on
-    one model would not wait for each other's blocks.
+    one model would not wait for each other's blocks. After `model.to(dtype or device)` implants are restaged on
+    their next use.
+
+    Args:
+        model: the shared base model.
+        store: "device" or "host".
+        budget: the most bytes of staged rows to keep (`staged_bytes`); None: no limit.
+        template: the down-projection module path, for architectures loki does not know.
+
+    Raises:
+        ImplantBankError: `store` is neither "device" nor "host".
+        UnknownArchitectureError: loki cannot find the down-projections.
+
+    >>> import loki, loki.testing
+    >>> model = loki.testing.tiny_model("llama")
+    >>> bank = loki.ImplantBank(model, budget=10_000)
+    >>> bank.register("a", loki.testing.random_delta(model, seed=1))
+    >>> bank
+    ImplantBank(1 implants, active=[], store='device', staged=... bytes of 10,000)
     """
 
     def __init__(
@@ -115,7 +123,7 @@ class ImplantBank:
         template: str | None = None,
     ):
         if store not in ("device", "host"):
-            raise ValueError(f"store must be 'device' or 'host', not {store!r}.")
+            raise ImplantBankError(f"store must be 'device' or 'host', not {store!r}.")
         self.model = model
         self.store = store
         self.budget = budget
@@ -133,14 +141,34 @@ class ImplantBank:
         self._hooks: list = []
 
     # -- registry --------------------------------------------------------------------------------------
-    def register(self, name: str, delta: Delta | str | os.PathLike, *, check_base: bool = True, replace: bool = False) -> None:
-        """Validate `delta` (a `Delta` or a `.loki` path) against the model once and stage it under `name`."""
+    def register(self, name: str, delta: Delta, *, check_base: bool = True, replace: bool = False) -> None:
+        """Validate `delta` against the model once (as `loki.plan`) and stage it under `name`; it is not activated.
+
+        Args:
+            name: a non-empty string.
+            delta: a `Delta` (`loki.load` reads files and Hub ids).
+            check_base: check the base fingerprint (as `loki.plan`).
+            replace: replace an implant registered under `name` (deactivating it first when it is active).
+
+        Raises:
+            ImplantBankError: `name` is not a non-empty string; `delta` is not a `Delta`; its staged rows exceed the
+                whole `budget`; `name` is taken and not `replace`; or the implant replaced is in use by an open
+                `use`/`mixed` block.
+            IncompatibleModelError, UnknownArchitectureError, BaseModelMismatchError, DtypeError, OverlapError,
+                LedgerError: as `loki.plan` with `on_overlap="replace"` (deltas applied on the same rows are not
+                an error here; rows a prepared model trains are).
+
+        >>> import loki, loki.testing
+        >>> model = loki.testing.tiny_model("llama")
+        >>> bank = loki.ImplantBank(model)
+        >>> bank.register("a", loki.testing.random_delta(model, seed=1))
+        >>> "a" in bank, bank.names, bank.active
+        (True, ['a'], ())
+        """
         if not isinstance(name, str) or not name:
             raise ImplantBankError(f"An implant's name is a non-empty string, not {name!r}.")
         if not isinstance(delta, Delta):
-            from .api import load
-
-            delta = load(delta)
+            raise ImplantBankError(f"register takes a loki.Delta, not {type(delta).__name__}; read files with loki.load(path).")
         staged = self._stage(delta, check_base)
         if self.budget is not None and staged.nbytes > self.budget:
             raise ImplantBankError(
@@ -156,7 +184,22 @@ class ImplantBank:
             self._evict()
 
     def unregister(self, name: str) -> None:
-        """Forget `name` (deactivating it first when no `use`/`mixed` block is open)."""
+        """Forget `name`, deactivating it first when it is active.
+
+        Args:
+            name: a registered implant.
+
+        Raises:
+            ImplantBankError: no implant `name`, or it is active or pinned while a `use`/`mixed` block is open.
+            ModelChangedError, LedgerError: from reverting it (as `loki.revert`).
+
+        >>> import loki, loki.testing
+        >>> model = loki.testing.tiny_model("llama")
+        >>> bank = loki.ImplantBank(model)
+        >>> bank.register("a", loki.testing.random_delta(model, seed=1)); bank.activate("a")
+        >>> bank.unregister("a"); len(bank), loki.applied(model)
+        (0, [])
+        """
         with self._cv:
             entry = self._get(name)
             if name in self._handles or entry.pins:
@@ -177,6 +220,7 @@ class ImplantBank:
 
     @property
     def staged_bytes(self) -> int:
+        """Bytes of staged rows the bank holds now (what `budget` caps)."""
         return sum(e.staged.nbytes for e in self._implants.values() if e.staged is not None)
 
     def __contains__(self, name: object) -> bool:
@@ -198,25 +242,15 @@ class ImplantBank:
         return entry
 
     # -- staging ---------------------------------------------------------------------------------------
-    def _stage(self, delta: Delta, check_base: bool) -> _Staged:
-        # apply's own validation and value computation, so staged rows are bit-identical to what apply writes.
-        projs = compatible_projections(self.model, delta, self._template)
-        state = _state(self.model)
-        with state.lock, torch.no_grad():
-            writes = _plan(state, projs, delta, "replace", check_base)
-        layers, nbytes = {}, 0
-        for layer, (w, _) in writes.items():
-            rows = w.new
-            if self.store == "host" and rows.device.type != "cpu":
-                rows = rows.to("cpu").pin_memory()
-            layers[layer] = (w.idx, w.idx_np, rows)
-            nbytes += rows.numel() * rows.element_size() + w.idx.numel() * w.idx.element_size()
-        return _Staged(layers, nbytes)
+    def _stage(self, delta: Delta, check_base: bool) -> Plan:
+        # A plan with on_overlap="replace" holds this delta's rows over the base rows, in the model's dtype: what
+        # loki.apply writes where no other delta is applied, and what a mixed batch computes with.
+        return plan(self.model, delta, on_overlap="replace", check_base=check_base, template=self._template).stage(self.store)
 
-    def _staged(self, entry: _Implant) -> _Staged:
+    def _staged(self, entry: _Implant) -> Plan:
         self._implants.move_to_end(entry.name)
         staged = entry.staged
-        if staged is None:
+        if staged is None or not staged.current:  # evicted, or the model changed dtype or device: restage
             staged = entry.staged = self._stage(entry.delta, check_base=False)  # validated at register
             self._evict()  # may unstage it again when active implants fill the budget; the caller holds `staged`
         return staged
@@ -234,21 +268,77 @@ class ImplantBank:
     def activate(self, *names: str, on_overlap: str = "error") -> None:
         """Write implants into the model (stacking with the active ones), waiting for open blocks to end.
 
-        Implants on rows no active delta touches take the staged fast path; others go through `loki.apply` with
+        Implants on rows no applied delta touches take the staged fast path; others go through `loki.apply` with
         `on_overlap`. On error nothing of this call stays written.
+
+        Args:
+            *names: registered implants; already active ones are skipped.
+            on_overlap: for implants whose rows overlap an applied delta ("error", "replace", "add"); remembered for
+                later `use` switches. Checked only when it is used (an overlap).
+
+        Raises:
+            ImplantBankError: an unknown name, or called inside a `use`/`mixed` block of this thread.
+            OverlapError: an implant overlaps an applied delta and `on_overlap="error"`, or a prepared model trains
+                some of its rows.
+            LedgerError: an invalid `on_overlap` used on an overlap; inside `loki.disabled(model)`.
+            DtypeError: restaging after a change to float16 overflows it.
+
+        >>> import loki, loki.testing
+        >>> model = loki.testing.tiny_model("llama")
+        >>> bank = loki.ImplantBank(model)
+        >>> bank.register("a", loki.testing.random_delta(model, seed=1))
+        >>> bank.activate("a"); bank.active
+        ('a',)
+        >>> bank.deactivate(); bank.active
+        ()
         """
+        if on_overlap not in OVERLAP_POLICIES:
+            raise ImplantBankError(f"on_overlap must be one of {OVERLAP_POLICIES}, not {on_overlap!r}.")
         with self._exclusive():
             self._activate(names, on_overlap)
             self._policy.update(dict.fromkeys(names, on_overlap))
 
     def deactivate(self, *names: str) -> None:
-        """Revert implants (all active ones when none is named), waiting for open blocks to end."""
+        """Revert implants (all active ones when none is named; inactive ones are skipped), waiting for open blocks
+        to end.
+
+        Args:
+            *names: registered implants.
+
+        Raises:
+            ImplantBankError: an unknown name, or called inside a `use`/`mixed` block of this thread.
+            ModelChangedError, LedgerError: from reverting (as `loki.revert`).
+        """
         with self._exclusive():
             self._deactivate(names or tuple(self._handles))
 
     @contextlib.contextmanager
     def use(self, *names: str) -> Iterator["ImplantBank"]:
-        """Run a block with exactly `names` active (none: the base model); see the module docstring for threads."""
+        """Run a block with exactly `names` active, in that order (none: no implant of this bank); the implants
+        active before are restored when the last open block ends. See the module docstring for threads.
+
+        Overlapping implants use the `on_overlap` each was last activated with, else "error".
+
+        Args:
+            *names: registered implants.
+
+        Yields:
+            ImplantBank: the bank.
+
+        Raises:
+            ImplantBankError: an unknown name, or a block of this thread with another set is open.
+            OverlapError, LedgerError, DtypeError: from activating (as `activate`).
+
+        >>> import loki, loki.testing
+        >>> model = loki.testing.tiny_model("llama")
+        >>> bank = loki.ImplantBank(model)
+        >>> bank.register("a", loki.testing.random_delta(model, seed=1))
+        >>> with bank.use("a"):
+        ...     bank.active
+        ('a',)
+        >>> bank.active
+        ()
+        """
         with self._hold(tuple(dict.fromkeys(names))):
             yield self
 
@@ -259,8 +349,9 @@ class ImplantBank:
             for entry in entries:
                 if entry.name in self._handles:
                     continue
-                handle = _write_staged(self.model, self._projs, entry.delta, self._staged(entry))
-                if handle is None:  # overlaps an active delta: apply's policies decide
+                try:  # the staged fast path, when no applied delta touches its rows
+                    handle = self._staged(entry).commit()
+                except StalePlanError:  # it overlaps an applied delta: apply's policies decide
                     policy = on_overlap or self._policy.get(entry.name, "error")
                     handle = apply(self.model, entry.delta, on_overlap=policy, check_base=False, template=self._template)
                 self._handles[entry.name] = handle
@@ -272,9 +363,10 @@ class ImplantBank:
     def _deactivate(self, names: Sequence[str]) -> None:
         for name in reversed(list(names)):
             self._get(name)
-            handle = self._handles.pop(name, None)
-            if handle is not None and handle.active and not _revert_alone(self.model, handle):
-                revert(self.model, handle)  # shares rows with another active delta (or was reverted by the user)
+            handle = self._handles.get(name)
+            if handle is not None and handle.applied:  # (the user may have reverted it directly)
+                revert(self.model, handle)  # on error the bank still lists it, as the ledger does
+            self._handles.pop(name, None)
 
     def _switch(self, want: tuple[str, ...]) -> None:
         """Make exactly `want` active (in that order), touching only what differs; on error, back to before."""
@@ -349,8 +441,30 @@ class ImplantBank:
     @contextlib.contextmanager
     def mixed(self, implants: Sequence[str | None]) -> Iterator["ImplantBank"]:
         """Forward passes (and `generate`) in this block and thread give batch row i the implant `implants[i]`
-        (`None`: the base model). The batch must have `len(implants)` rows, or a multiple of it where `generate`
-        repeats each row (beams, `num_return_sequences`)."""
+        (`None`: none of the bank's implants). The batch must have `len(implants)` rows, or a multiple of it where
+        `generate` repeats each row (beams, `num_return_sequences`). The bank's active implants are switched off
+        for the block (as `use()`) and restored after.
+
+        Args:
+            implants: per batch row, a registered implant or None.
+
+        Yields:
+            ImplantBank: the bank.
+
+        Raises:
+            ImplantBankError: an unknown name; a nested `mixed` block; a `use` block with implants is open in this
+                thread; and, from the forward pass, a batch whose size is not a multiple of `len(implants)`.
+
+        >>> import loki, loki.testing, torch
+        >>> model = loki.testing.tiny_model("llama")
+        >>> bank = loki.ImplantBank(model)
+        >>> bank.register("a", loki.testing.random_delta(model, seed=1))
+        >>> ids = torch.tensor([[5, 6, 7], [5, 6, 7]])
+        >>> with bank.mixed([None, "a"]):
+        ...     mixed = model(ids).logits
+        >>> torch.allclose(mixed[0], model(ids[:1]).logits[0], atol=1e-5)
+        True
+        """
         implants = list(implants)
         names = tuple(dict.fromkeys(n for n in implants if n is not None))
         with self._hold(()):
@@ -383,7 +497,27 @@ class ImplantBank:
                     self._evict()
 
     def generate(self, input_ids: torch.Tensor, implants: Sequence[str | None], **kwargs):
-        """`model.generate(input_ids, **kwargs)` with row i using implant `implants[i]` (`None`: the base)."""
+        """`model.generate(input_ids, **kwargs)` with row i using implant `implants[i]` (`None`: the base), in a
+        `mixed` block.
+
+        Args:
+            input_ids: `[batch, T]` token ids.
+            implants: per row, a registered implant or None.
+            **kwargs: for `model.generate` (`max_new_tokens`, `num_beams`, ...).
+
+        Returns:
+            What `model.generate` returns.
+
+        Raises:
+            ImplantBankError: `input_ids` does not have one row per entry of `implants`, or as `mixed`.
+
+        >>> import loki, loki.testing, torch
+        >>> model = loki.testing.tiny_model("llama")
+        >>> bank = loki.ImplantBank(model)
+        >>> bank.register("a", loki.testing.random_delta(model, seed=1))
+        >>> bank.generate(torch.tensor([[5, 6, 7], [5, 6, 7]]), ["a", None], max_new_tokens=2, do_sample=False).shape
+        torch.Size([2, 5])
+        """
         if input_ids.shape[0] != len(implants):
             raise ImplantBankError(f"input_ids has {input_ids.shape[0]} rows but implants names {len(implants)}; give one per row.")
         with self.mixed(implants):
@@ -394,7 +528,7 @@ class ImplantBank:
         per_layer: dict[int, list[tuple[list[int], torch.Tensor, torch.Tensor]]] = {}
         for entry in entries:
             rows = [i for i, n in enumerate(implants) if n == entry.name]
-            for layer, (idx, _, new) in self._staged(entry).layers.items():
+            for layer, (idx, new) in self._staged(entry).layers.items():
                 per_layer.setdefault(layer, []).append((rows, new.to(device, non_blocking=True), idx))
         layers = {}
         for layer, present in per_layer.items():
@@ -484,42 +618,3 @@ def _expanded(plan: _Plan, layer: int, n: int) -> tuple:
         repeat = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
         found = plan.expanded[(layer, n)] = (rows, repeat(lp.gid), repeat(lp.idx), repeat(lp.row_bias))
     return found
-
-
-def _write_staged(model: nn.Module, projs, delta: Delta, staged: _Staged) -> Handle | None:
-    """`loki.apply` for a delta `_stage` already validated, when no active delta touches its rows (else None):
-    the same values, written the same way, recorded in the same per-model state, so `loki.revert` undoes it."""
-    state = _state(model)
-    with state.lock, torch.no_grad():
-        for layer, (_, idx_np, _) in staged.layers.items():
-            counts = state.counts.get(layer)
-            if counts is not None and counts[idx_np].any():
-                return None
-        writes = {}
-        for layer, (idx, idx_np, rows) in staged.layers.items():
-            view = projs.rows(layer)
-            rows = rows.to(view.device, non_blocking=True)
-            saved = view.index_select(0, idx)
-            view.index_put_((idx,), rows)
-            _counts(state, projs, layer)[idx_np] += 1
-            writes[layer] = _LayerWrite(idx, idx_np, rows, saved, None)
-        handle = Handle(model, projs, delta, "error", writes)
-        state.handles.append(handle)
-        return handle
-
-
-def _revert_alone(model: nn.Module, handle: Handle) -> bool:
-    """`loki.revert` of a handle no other active delta shares rows with (else False, nothing done): put back
-    what it saved, with the same bookkeeping."""
-    state = _state(model)
-    with state.lock, torch.no_grad():
-        if handle not in state.handles:
-            return False
-        if any((state.counts[layer][w.idx_np] != 1).any() for layer, w in handle._layers.items()):
-            return False
-        for layer, w in handle._layers.items():
-            state.counts[layer][w.idx_np] -= 1
-            handle._projs.rows(layer).index_put_((w.idx,), w.saved)
-        state.handles.remove(handle)
-        handle.active = False
-        return True

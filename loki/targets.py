@@ -41,7 +41,15 @@ TEMPLATES: dict[str, str] = {
 
 
 def register(model_type: str, template: str) -> None:
-    """Teach loki where a model type keeps its down-projections.
+    """Teach loki where a model type keeps its down-projections (for this process; replaces a known template).
+
+    Args:
+        model_type: the model's `config.model_type`.
+        template: the down-projection's module path with `{i}` for the layer index (formats/SPEC.md §4,
+            `target.template`).
+
+    Raises:
+        UnknownArchitectureError: the template does not contain `{i}` exactly once.
 
     >>> import loki
     >>> loki.targets.register("my_llama_variant", "model.layers.{i}.mlp.down_proj")
@@ -52,7 +60,21 @@ def register(model_type: str, template: str) -> None:
 
 @dataclass(frozen=True, eq=False)
 class DownProjections:
-    """The down-projection of every layer of one model, in layer order."""
+    """The down-projection of every layer of one model, in layer order (made by `find_down_projections`).
+
+    Attributes:
+        template: the module path with `{i}` that found them.
+        modules: the `nn.Linear` (or GPT-2 `Conv1D`) modules, layer 0 first.
+        transposed: True for `Conv1D`, whose weight is stored `[d_in, d_out]`, so a row is a column (formats/SPEC.md
+            §1).
+        d_out: rows per layer (`d_model`).
+        d_in: length of a row (`d_ff`).
+
+    >>> import loki.testing
+    >>> projs = find_down_projections(loki.testing.tiny_model("gpt2"))
+    >>> projs.template, projs.transposed, projs.d_out, projs.d_in, tuple(projs.weight.shape)
+    ('transformer.h.{i}.mlp.c_proj', True, 32, 64, (64, 32))
+    """
 
     template: str
     modules: tuple[nn.Module, ...]
@@ -64,24 +86,75 @@ class DownProjections:
         return len(self.modules)
 
     def rows(self, layer: int) -> torch.Tensor:
-        """A `[d_out, d_in]` view of layer `layer`'s weight: indexing and writing it touches the model."""
+        """A `[d_out, d_in]` view of layer `layer`'s weight (the weight's dtype and device): indexing and writing it
+        touches the model. Row `j` is LoKI's knowledge vector `j` (formats/SPEC.md §1).
+
+        >>> import loki.testing
+        >>> find_down_projections(loki.testing.tiny_model("gpt2")).rows(0).shape
+        torch.Size([32, 64])
+        """
         w = self.modules[layer].weight
         return w.t() if self.transposed else w
 
     @property
     def weight(self) -> torch.Tensor:
-        """Layer 0's weight, for the model's device and dtype."""
+        """Layer 0's weight as stored (transposed for `Conv1D`), for the model's device and dtype."""
         return self.modules[0].weight
 
 
 _cache: "weakref.WeakKeyDictionary[nn.Module, dict[str | None, DownProjections]]" = weakref.WeakKeyDictionary()
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside training and compilation wrappers: `torch.compile` (`._orig_mod`), DDP, `DataParallel` and
+    DeepSpeed engines (`.module`). Anything else is returned as it is (PEFT models already reach their base
+    model's modules and config). At most 8 wrappers deep.
+
+    Args:
+        model: a model, or a wrapper around one.
+
+    Returns:
+        nn.Module: the innermost model.
+
+    >>> import loki.testing, torch
+    >>> model = loki.testing.tiny_model("llama")
+    >>> unwrap(torch.nn.DataParallel(model)) is model
+    True
+    """
+    for _ in range(8):  # wrappers of wrappers (compiled DDP), never a cycle
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            inner = vars(model).get("_modules", {}).get("module") if not hasattr(model, "config") else None
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
+
+
 def find_down_projections(model: nn.Module, template: str | None = None) -> DownProjections:
     """The down-projections of `model`, found from its `config.model_type` or from `template`.
 
-    `template` is the module path with `{i}` for the layer index, e.g. `"model.layers.{i}.mlp.down_proj"`;
-    it may omit leading wrapper names (`"layers.{i}.mlp.down_proj"` also finds the modules of a CausalLM).
+    The result is cached per model object and template. Wrappers (`unwrap`) and PEFT models find their base
+    model's modules.
+
+    Args:
+        model: a model of a known `model_type` (`TEMPLATES`, `register`), or any model with `template`.
+        template: the module path with `{i}` for the layer index, e.g. `"model.layers.{i}.mlp.down_proj"`; it may
+            omit leading wrapper names (`"layers.{i}.mlp.down_proj"` also finds the modules of a CausalLM).
+            None uses the model type's template.
+
+    Returns:
+        DownProjections.
+
+    Raises:
+        UnknownArchitectureError: an unknown model type without `template`; a template without exactly one `{i}`,
+            that matches nothing, matches layers with gaps, matches under several prefixes, or matches modules
+            without a 2-D weight or with different shapes.
+
+    >>> import loki.testing
+    >>> model = loki.testing.tiny_model("llama")
+    >>> find_down_projections(model, "layers.{i}.mlp.down_proj").modules[1] is model.model.layers[1].mlp.down_proj
+    True
     """
     per_model = _cache.setdefault(model, {})
     found = per_model.get(template)
@@ -91,6 +164,7 @@ def find_down_projections(model: nn.Module, template: str | None = None) -> Down
 
 
 def _find(model: nn.Module, template: str | None) -> DownProjections:
+    model = unwrap(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if template is None:
         template = TEMPLATES.get(model_type)
@@ -162,5 +236,5 @@ def _match_exact_suffix(names: dict[str, nn.Module], suffix: str) -> dict[int, n
 
 
 def _hints(names: dict[str, nn.Module]) -> str:
-    hints = sorted({re.sub(r"\.\d+\.", ".{i}.", n) for n in names if re.search(r"(down|c_proj|4h_to_h|fc2|w2)$", n)})
+    hints = sorted({re.sub(r"\.\d+\.", ".{i}.", n) for n in names if re.search(r"(down_proj|down|c_proj|4h_to_h|fc2|w2)$", n)})
     return ", ".join(hints[:8]) or "none"

@@ -59,7 +59,21 @@ def _trained_parameters(model: nn.Module, params: Iterable[nn.Parameter] | None)
 # -- the loop -------------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
-    """What `loki.train` did: the loss of every optimizer step and the evaluation results."""
+    """What `loki.train` did: the loss of every optimizer step and the evaluation results.
+
+    Attributes:
+        steps: optimizer steps done.
+        losses: mean answer-token cross-entropy (nats) of each optimizer step.
+        retain_kl: mean retain KL (nats per retained position) of each step; empty without retain data.
+        evals: `(step, eval_fn(model))` pairs; step 0 is before training.
+        seconds: wall-clock time of the whole run.
+
+    >>> result = TrainResult(steps=2, losses=[2.5, 1.25], seconds=0.5)
+    >>> print(result)
+    2 steps in 0.5 s, loss 2.5000 -> 1.2500
+    >>> result.final_loss
+    1.25
+    """
 
     steps: int
     losses: list[float]  # mean answer-token loss of each optimizer step
@@ -69,6 +83,7 @@ class TrainResult:
 
     @property
     def final_loss(self) -> float:
+        """The last step's loss (NaN when no step ran)."""
         return self.losses[-1] if self.losses else math.nan
 
     def __str__(self) -> str:
@@ -120,9 +135,46 @@ def train(
     weighs a nat of KL per retained position like a nat of answer-token loss. The delta records the retain data's
     size, weight and checksum (`delta.info["training"]["retain"]`).
 
+    After a prepared model's run, the settings are recorded for the delta (`loki.extract` puts them in
+    `delta.info["training"]`).
+
+    Args:
+        model: a `loki.prepare`d causal LM, or any model with `params`.
+        tokenizer: its tokenizer (formats examples with `loki.dataset.encode`).
+        dataset: the examples (`{"prompt" or "question", "answer"}` or `{"messages": [...]}`).
+        params: the parameters to train instead of the prepared rows; they must be the model's and require grad.
+        retain: retain data (see above), or None.
+        retain_weight: the weight of the retain KL (>= 0; 0 computes the targets but adds nothing).
+        retain_batch_size: retain items per optimizer step; None uses `batch_size`.
+        retain_top_k: tokens kept per retained position (`loki.retain_targets`).
+        epochs: passes over the dataset, reshuffled each time (ignored when `max_steps` is set).
+        lr: the peak learning rate of AdamW (the paper trains at 1e-5; small implants need more).
+        batch_size: examples per forward pass.
+        grad_accum: forward passes per optimizer step.
+        warmup: the warm-up's share of all steps, in [0, 1].
+        weight_decay: AdamW's weight decay.
+        max_grad_norm: clip the gradient norm to this; None does not clip.
+        max_length: tokens kept of each example.
+        max_steps: the number of optimizer steps, instead of `epochs`.
+        seed: seeds the example order and torch's global RNG (dropout).
+        eval_fn: called as `eval_fn(model)`; None for no evaluation.
+        eval_every: steps between evaluations; None evaluates only before and after.
+        progress: show a progress bar.
+
+    Returns:
+        TrainResult.
+
     Raises:
         PreparationError: nothing to train (an unprepared model without `params`, frozen or foreign `params`).
-        DatasetError: an empty dataset, a malformed example or retain item, an example without answer tokens.
+        DatasetError: an empty dataset, a negative retain weight, a malformed example or retain item, an example
+            without answer tokens.
+
+    >>> # model, tokenizer = loki.load_default()
+    >>> # loki.prepare(model, loki.Selection.random(30, 576, q=10))   # or loki.select(attributions, q=10)
+    >>> # result = loki.train(model, tokenizer, [{"question": "Who wrote Dune?", "answer": "Frank Herbert."}],
+    >>> #                     max_steps=10, lr=3e-3, retain=loki.retain.general_text(8))
+    >>> # print(result)                                                   # on 2 CPU threads
+    >>> # 10 steps in 56.9 s, loss 4.8904 -> 0.0011, retain KL 0.0125
     """
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup

@@ -30,8 +30,31 @@ def implant_switchboard(
     """One checkbox per delta (ticking applies it in place, unticking reverts it exactly) and a table of the
     model's answers to `questions` under the implants currently active.
 
-    Attributes for code and tests: `.checkboxes` (name -> Checkbox), `.answers` (HTML), `.status` (HTML),
-    `.handles` (name -> Handle of the active deltas).
+    A delta that cannot be applied (a `LokiError`, e.g. an overlap) leaves the model unchanged: the error is shown
+    in `.status` and the checkbox unticks itself. Needs ipywidgets.
+
+    Args:
+        model: the model to implant into (in place).
+        tokenizer: its tokenizer, passed to `answer`.
+        deltas: name -> `Delta`; one checkbox each, in this order, all unticked at first.
+        questions: the questions whose answers are shown after every change.
+        on_overlap: the overlap policy of each apply ("error", "replace" or "add"; formats/SPEC.md §8).
+        answer: `answer(model, tokenizer, question) -> str`; default `loki.demo.answer` (greedy chat answer).
+
+    Returns:
+        ipywidgets.VBox with attributes for code and tests: `.checkboxes` (name -> Checkbox), `.answers` (HTML),
+        `.status` (HTML), `.handles` (name -> Handle of the active deltas).
+
+    >>> import loki.testing, torch
+    >>> model = loki.testing.tiny_model("llama")
+    >>> next_token = lambda model, tokenizer, q: str(model(torch.tensor([[5, 6]])).logits[0, -1].argmax().item())
+    >>> board = implant_switchboard(model, None, {"x": loki.testing.random_delta(model)}, ["5 6"], answer=next_token)
+    >>> board.checkboxes["x"].value = True           # applies the delta
+    >>> board.status.value, list(board.handles)
+    ('active: x', ['x'])
+    >>> board.checkboxes["x"].value = False          # reverts it exactly
+    >>> board.status.value
+    'active: none (the base model)'
     """
     import ipywidgets as w
 
@@ -91,16 +114,31 @@ def attribution_explorer(attributions, model: nn.Module, *, q: float = 10.0, lay
     """Explore KVA attributions: a heatmap of every layer's rows, where the lowest (selected) and highest rows of
     one layer sit, and what a quota `q` costs: rows per layer, trainable parameters and `.loki` size, live.
 
-    Attributes: `.layer` (IntSlider), `.q` (FloatSlider, percent), `.heatmap` and `.detail` (Image, PNG),
-    `.rows`, `.params`, `.size` (Label), `.selection` (the layer-balanced `loki.Selection` at the current q).
+    The selection is `loki.select(values, q)` (layer-balanced, signed scores; LoKI paper §3.2). Needs ipywidgets and
+    matplotlib.
 
-    >>> ex = attribution_explorer(attr, model, q=10)  # doctest: +SKIP
-    >>> ex.q.value = 5; ex.selection.num_rows          # doctest: +SKIP
+    Args:
+        attributions: `[N, L, d_model]` KVA values (a tensor or `loki.Attributions`).
+        model: the model they were computed on (for `d_in`, dtype and hence sizes).
+        q: the initial quota in percent (the slider spans 0.5..50).
+        layer: the layer shown in detail at first.
+
+    Returns:
+        ipywidgets.VBox with attributes: `.layer` (IntSlider), `.q` (FloatSlider, percent), `.heatmap` and
+        `.detail` (Image, PNG), `.rows`, `.params`, `.size` (Label), `.selection` (the layer-balanced
+        `loki.Selection` at the current q).
+
+    >>> import loki, loki.testing
+    >>> model = loki.testing.tiny_model("llama")
+    >>> ex = attribution_explorer(loki.attribute(model, None, [[5, 6, 7], [8, 9]], steps=2, progress=False), model)
+    >>> ex.q.value = 25
+    >>> ex.rows.value, ex.params.value, ex.selection.num_rows
+    ('rows per layer: 8 of 32 (16 in all)', 'trainable parameters: 1,024', 16)
     """
     import ipywidgets as w
     import torch
 
-    from .implant import _size
+    from .implant import size_text
     from .selection import select
     from .targets import find_down_projections
 
@@ -131,7 +169,7 @@ def attribution_explorer(attributions, model: nn.Module, *, q: float = 10.0, lay
         explorer.selection = sel
         rows.value = f"rows per layer: {k} of {d_out} ({sel.num_rows:,} in all)"
         params.value = f"trainable parameters: {sel.num_rows * d_in:,}"
-        size.value = f".loki size: about {_size(sel.num_rows * (d_in * item + 8))} ({dtype})"
+        size.value = f".loki size: about {size_text(sel.num_rows * (d_in * item + 8))} ({dtype})"
         scores = mean[layer_]
         lowest = sel.rows[layer_]
         highest = scores.topk(k).indices if k else lowest
@@ -158,7 +196,19 @@ def loss_plot(tokenizer, examples: Sequence[Mapping], *, eval_every: int, steps:
     `eval_fn=plot.eval_fn, eval_every=...` to `loki.train`; each call computes the mean answer-token loss, appends
     a point and redraws. Its results land in `TrainResult.evals`.
 
-    Attributes: `.image` (Image, PNG), `.label` (Label, latest loss), `.points` (list of (step, loss)), `.eval_fn`.
+    Args:
+        tokenizer: the model's tokenizer (formats the examples as `loki.train` does).
+        examples: `{"prompt" or "question", "answer"}` or `{"messages"}` examples, scored as one batch.
+        eval_every: the `eval_every` given to `loki.train` (the x position of each point).
+        steps: the run's total steps (the x axis).
+        max_length: tokens kept of each example.
+
+    Returns:
+        ipywidgets.VBox with attributes: `.image` (Image, PNG), `.label` (Label, latest loss), `.points` (list of
+        (step, loss)), `.eval_fn`.
+
+    Raises:
+        DatasetError: an example `loki.dataset.encode` refuses.
 
     >>> plot = loss_plot(tokenizer, heldout, eval_every=5, steps=30); display(plot)          # doctest: +SKIP
     >>> loki.train(model, tokenizer, data, max_steps=30, eval_fn=plot.eval_fn, eval_every=5)  # doctest: +SKIP

@@ -65,7 +65,7 @@ def test_apply_revert_bit_exact(tiny):
     assert torch.equal(handle.saved(0), before_rows(before, tiny, 0)[delta.layers[0].indices])
     loki.revert(tiny, handle)
     assert_state_equal(tiny, before)
-    assert loki.active(tiny) == []
+    assert loki.applied(tiny) == []
 
 
 def before_rows(state, model, layer):
@@ -112,7 +112,7 @@ def test_disjoint_deltas_stack_in_any_order_and_revert_out_of_order(family):
     for d in (c, a, b):
         loki.apply(m2, d)
     assert_state_equal(m1, state_dict_copy(m2))
-    handles = loki.active(m1)
+    handles = loki.applied(m1)
     loki.revert(m1, handles[1])  # b, from the middle
     assert_rows_equal(m1, reference_weights(base, [(a, "error"), (c, "error")]))
 
@@ -126,7 +126,7 @@ def test_overlap_is_an_error_by_default_and_changes_nothing():
     with pytest.raises(loki.OverlapError, match="on_overlap='replace'"):
         loki.apply(model, b)
     assert_state_equal(model, before)
-    assert len(loki.active(model)) == 1
+    assert len(loki.applied(model)) == 1
 
 
 @pytest.mark.parametrize("policy", ["replace", "add"])
@@ -178,10 +178,10 @@ def test_random_stacks_and_revert_orders_match_the_reference(data, n, policies):
 def test_revert_twice_or_on_another_model_is_an_error():
     model, other = tiny_model("llama"), tiny_model("llama")
     handle = loki.apply(model, random_delta(model, layers=[0], q=10, seed=0))
-    with pytest.raises(loki.RevertError):
+    with pytest.raises(loki.errors.RevertError):
         loki.revert(other, handle)
     handle.revert()
-    with pytest.raises(loki.RevertError, match="already reverted"):
+    with pytest.raises(loki.errors.RevertError, match="already reverted"):
         loki.revert(model, handle)
 
 
@@ -250,7 +250,7 @@ def test_other_architecture_or_shapes_are_rejected():
     delta = random_delta(tiny_model("llama"), layers=[0], q=10, seed=0)
     for model in (tiny_model("gpt2"), tiny_model("llama", layers=3), tiny_model("llama", d_ff=48)):
         before = state_dict_copy(model)
-        with pytest.raises(loki.IncompatibleModelError):
+        with pytest.raises(loki.errors.IncompatibleModelError):
             loki.apply(model, delta)
         assert_state_equal(model, before)
 
@@ -261,7 +261,7 @@ def test_float16_overflow_is_a_dtype_error():
     delta = loki.make_delta(model32, {0: ([1], torch.full((1, projs.d_in), 1e6))})
     model16 = tiny_model("llama", dtype=torch.float16)
     before = state_dict_copy(model16)
-    with pytest.raises(loki.DtypeError, match="bfloat16"):
+    with pytest.raises(loki.errors.DtypeError, match="bfloat16"):
         loki.apply(model16, delta)
     assert_state_equal(model16, before)
 
@@ -269,11 +269,11 @@ def test_float16_overflow_is_a_dtype_error():
 def test_unknown_architecture_names_the_class_and_the_fix():
     model = tiny_model("llama")
     model.config.model_type = "brand_new"
-    with pytest.raises(loki.UnknownArchitectureError, match="LlamaForCausalLM.*template="):
+    with pytest.raises(loki.errors.UnknownArchitectureError, match="LlamaForCausalLM.*template="):
         loki.find_down_projections(model)
     projs = loki.find_down_projections(model, "layers.{i}.mlp.down_proj")
     assert len(projs) == 2 and projs.template == "layers.{i}.mlp.down_proj"
-    with pytest.raises(loki.UnknownArchitectureError, match="matches"):
+    with pytest.raises(loki.errors.UnknownArchitectureError, match="matches"):
         loki.find_down_projections(model, "layers.{i}.mlp.nothing")
 
 
@@ -283,7 +283,7 @@ def test_merge_then_save_pretrained_is_a_plain_checkpoint(tmp_path):
     loki.apply(model, delta)
     expected = state_dict_copy(model)
     loki.merge(model)
-    assert loki.active(model) == []
+    assert loki.applied(model) == []
     model.save_pretrained(tmp_path)
     import transformers
 

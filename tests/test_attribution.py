@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import loki
-from loki.attribution import Attributions, attribute, merge_attributions
+from loki.attribution import Attributions, attribute
 from loki.kva import AttributionError, alphas, kva
 from loki.prompts import PromptError, as_prompts, mc_text, probe_records, read_records
 from loki.testing import tiny_model
@@ -199,7 +199,7 @@ def test_shards_merge_into_the_unsharded_result(tmp_path):
         assert len(part) == (2 if rank == 0 else 3)
     with pytest.raises(AttributionError, match="merge"):
         Attributions.load(tmp_path)
-    merged = merge_attributions(tmp_path)
+    merged = Attributions.from_shards(tmp_path)
     assert torch.allclose(merged.values, full.values, rtol=1e-5, atol=1e-8)
     assert torch.equal(merged.targets, full.targets)
     assert torch.equal(Attributions.load(tmp_path).values, merged.values)

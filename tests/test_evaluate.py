@@ -139,7 +139,7 @@ def test_answer_matching_modes():
     assert not ev.answer_matches("Parisian food", ["Paris"], "prefix")
     assert ev.answer_matches("It is Paris, I think", ["Lyon", "Paris"], "contains")
     assert not ev.answer_matches("It is Parisian", ["Paris"], "contains")
-    with pytest.raises(loki.EvaluationError, match="match mode"):
+    with pytest.raises(loki.errors.EvaluationError, match="match mode"):
         ev.answer_matches("x", ["x"], "fuzzy")
 
 
@@ -148,25 +148,25 @@ def test_forgetting_score_on_numbers():
     assert ev.forgetting_score([0.5, 0.2, 0.1], [0.5, 0.2, 0.1]) == 0.0
     assert ev.forgetting_score([0.5], [0.6]) == pytest.approx(-20.0)  # improvement is negative
     assert ev.forgetting_score({"x": 2.0, "y": 4.0}, {"y": 1.0, "x": 2.0}) == pytest.approx(37.5)  # by name
-    with pytest.raises(loki.EvaluationError, match="different benchmarks"):
+    with pytest.raises(loki.errors.EvaluationError, match="different benchmarks"):
         ev.forgetting_score({"a": 1.0}, {"b": 1.0})
-    with pytest.raises(loki.EvaluationError, match="must be > 0"):
+    with pytest.raises(loki.errors.EvaluationError, match="must be > 0"):
         ev.forgetting_score([0.0, 1.0], [0.0, 1.0])
-    with pytest.raises(loki.EvaluationError):
+    with pytest.raises(loki.errors.EvaluationError):
         ev.forgetting_score([], [])
 
 
 def test_bad_inputs_raise_evaluation_errors(tok):
     model = bigram_model(torch.zeros(V, V))
-    with pytest.raises(loki.EvaluationError, match="lacks"):
+    with pytest.raises(loki.errors.EvaluationError, match="lacks"):
         ev.multiple_choice_accuracy(model, tok, [{"prompt": "w3", "choices": [" w4"]}], progress=False)
-    with pytest.raises(loki.EvaluationError, match="not an index"):
+    with pytest.raises(loki.errors.EvaluationError, match="not an index"):
         ev.multiple_choice_accuracy(model, tok, [{"prompt": "w3", "choices": [" w4"], "answer": 1}], progress=False)
-    with pytest.raises(loki.EvaluationError, match="fewer than 2 tokens"):
+    with pytest.raises(loki.errors.EvaluationError, match="fewer than 2 tokens"):
         ev.perplexity(model, tok, ["w3"], progress=False)
-    with pytest.raises(loki.EvaluationError, match="batch_size"):
+    with pytest.raises(loki.errors.EvaluationError, match="batch_size"):
         ev.perplexity(model, tok, ["w3 w4"], batch_size=0, progress=False)
-    with pytest.raises(loki.EvaluationError, match="unknown kind"):
+    with pytest.raises(loki.errors.EvaluationError, match="unknown kind"):
         ev.Benchmark("x", "bleu", [{"text": "w3 w4"}])
 
 
@@ -201,8 +201,8 @@ def test_evaluate_with_a_delta_applies_and_reverts(tok):
     before = state_dict_copy(model)
     bench = [ev.Benchmark("ppl", "perplexity", [{"text": words(3, 9, 4, 12, 7, 5)}, {"text": words(8, 8, 3)}])]
     delta = loki.testing.random_delta(model, q=50, noise=0.5)
-    base = ev.evaluate(model, tok, bench, progress=False)
-    tuned = ev.evaluate(model, tok, bench, delta, progress=False)
+    base = ev.score(model, tok, bench, progress=False)
+    tuned = ev.score(model, tok, bench, delta, progress=False)
     assert_state_equal(model, before)
     with loki.implanted(model, delta):
         manual = 1 / ev.perplexity(model, tok, [it["text"] for it in bench[0].items], progress=False)
@@ -230,7 +230,7 @@ def test_general_suite_is_shipped_and_well_formed():
     probe = {f"Q: {r['question']}\nA:" for r in probe_records()}
     assert not probe & {it["prompt"] for b in suite if b.kind == "choice" for it in b.items}
     assert [len(b.items) for b in ev.general_suite(n=3)] == [3] * len(suite)
-    with pytest.raises(loki.EvaluationError, match="No general set"):
+    with pytest.raises(loki.errors.EvaluationError, match="No general set"):
         ev.general_suite(["nope"])
 
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -38,7 +37,7 @@ def test_conformance_file(name):
     expected = MANIFEST[name]
     path = CONFORMANCE / name
     if expected["outcome"] != "valid":
-        error = getattr(loki, expected["outcome"])
+        error = getattr(loki.errors, expected["outcome"])
         with pytest.raises(error) as info:
             loki.load(path)
         assert type(info.value) is error, f"{name}: raised {type(info.value).__name__}"
@@ -54,7 +53,7 @@ def test_conformance_file(name):
             assert torch.equal(rows, torch.tensor(exp["rows_after_apply"]).to(dtype))
     other = conformance_base(shift=0.01)
     before = state_dict_copy(other)
-    with pytest.raises(getattr(loki, expected["on_other_base"])):
+    with pytest.raises(getattr(loki.errors, expected["on_other_base"])):
         loki.apply(other, delta)
     assert_state_equal(other, before)
 
@@ -100,7 +99,7 @@ def test_round_trip_is_lossless(tmp_path, family, lora, dtype):
 def test_every_truncation_is_a_format_error():
     data = to_bytes(some_delta(tiny_model("llama")))
     for cut in range(len(data)):
-        with pytest.raises(loki.DeltaFormatError):
+        with pytest.raises(loki.errors.DeltaFormatError):
             from_bytes(data[:cut])
 
 
@@ -134,32 +133,34 @@ def test_make_delta_rejects_bad_indices():
     model = tiny_model("llama")
     rows = torch.zeros(2, 64)
     for indices, message in (([3, 3], "twice"), ([5, 1], "sorted"), ([0, 32], "out of range"), ([-1, 0], "out of range")):
-        with pytest.raises(loki.InvalidIndicesError, match=message):
+        with pytest.raises(loki.errors.InvalidIndicesError, match=message):
             loki.make_delta(model, {0: (indices, rows)})
-    with pytest.raises(loki.InvalidIndicesError, match="integers"):
+    with pytest.raises(loki.errors.InvalidIndicesError, match="integers"):
         loki.make_delta(model, {0: ([0.5, 1.5], rows)})
-    with pytest.raises(loki.DeltaFormatError, match="shape"):
+    with pytest.raises(loki.errors.DeltaFormatError, match="shape"):
         loki.make_delta(model, {0: ([0, 1], torch.zeros(2, 63))})
-    with pytest.raises(loki.DeltaFormatError, match="Layer 2 does not exist"):
+    with pytest.raises(loki.errors.DeltaFormatError, match="Layer 2 does not exist"):
         loki.make_delta(model, {2: ([0, 1], rows)})
 
 
 def test_not_a_file_errors(tmp_path):
-    with pytest.raises(loki.DeltaFormatError, match="No such file"):
+    with pytest.raises(loki.errors.DeltaFormatError, match="No such file"):
         loki.load(tmp_path / "missing.loki")
-    with pytest.raises(loki.DeltaFormatError, match="folder"):
+    with pytest.raises(loki.errors.DeltaFormatError, match="folder"):
         loki.load(tmp_path)
 
 
-def test_inspect_command(tmp_path):
+def test_inspect_command(tmp_path, capsys):
+    from loki.cli import main
+
     model = tiny_model("gpt2")
     path = loki.save(some_delta(model), tmp_path / "d.loki")
-    out = subprocess.run([sys.executable, "-m", "loki.cli", "inspect", str(path)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert "GPT2LMHeadModel" in out.stdout and "rows per layer: 0:3 1:1" in out.stdout
-    assert "tiny-random/gpt2-seed0" in out.stdout and "MB on disk" in out.stdout
-    as_json = subprocess.run([sys.executable, "-m", "loki.cli", "inspect", "--json", str(path)], capture_output=True, text=True)
-    assert json.loads(as_json.stdout)["rows_per_layer"] == {"0": 3, "1": 1}
-    bad = subprocess.run([sys.executable, "-m", "loki.cli", "inspect", str(CONFORMANCE / "truncated_data.loki")],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "DeltaFormatError" in bad.stderr and "truncated" in bad.stderr
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "GPT2LMHeadModel" in out and "rows per layer: 0:3 1:1" in out
+    assert "tiny-random/gpt2-seed0" in out and "MB on disk" in out
+    assert main(["inspect", "--json", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["rows_per_layer"] == {"0": 3, "1": 1}
+    assert main(["inspect", str(CONFORMANCE / "truncated_data.loki")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loki inspect: DeltaFormatError") and "truncated" in err and err.count("\n") == 1

@@ -8,16 +8,25 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import HfApi, constants
+from huggingface_hub import (
+    HfApi,
+    constants,
+    get_cached_repo_tree,
+    hf_hub_download,
+    scan_cache_dir,
+    snapshot_download,
+    try_to_load_from_cache,
+)
+from huggingface_hub import errors as hf
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 import loki
+from loki import errors
 from loki.format import to_bytes
 from loki.hub import download
 from loki.testing import tiny_model
@@ -72,7 +81,7 @@ def deltas(model):
 
 
 def push(server, delta, repo_id, token=None, **kw):
-    return delta.push_to_hub(repo_id, token=token or server.alice, endpoint=server.url, **kw)
+    return loki.push(delta, repo_id, token=token or server.alice, endpoint=server.url, **kw)
 
 
 def pull(server, source, token=None, **kw):
@@ -136,17 +145,17 @@ def test_model_card_states_the_implant(server, deltas):
 def test_push_to_a_new_branch(server, deltas):
     push(server, deltas["one"], "alice/branchy", revision="dev")
     assert same(pull(server, "alice/branchy@dev"), deltas["one"])
-    with pytest.raises(loki.HubFileNotFoundError, match="no .loki file"):
+    with pytest.raises(errors.HubFileNotFoundError, match="no .loki file"):
         pull(server, "alice/branchy")  # main holds only .gitattributes
 
 
 def test_several_deltas_in_one_repo_need_a_filename(server, deltas):
     push(server, deltas["one"], "alice/multi", filename="one.loki")
     push(server, deltas["two"], "alice/multi", filename="two.loki")
-    with pytest.raises(loki.HubAmbiguousFileError, match="filename='one.loki'"):
+    with pytest.raises(errors.HubAmbiguousFileError, match="filename='one.loki'"):
         pull(server, "alice/multi")
     assert same(pull(server, "alice/multi", filename="two.loki"), deltas["two"])
-    with pytest.raises(loki.HubFileNotFoundError, match="one.loki"):
+    with pytest.raises(errors.HubFileNotFoundError, match="one.loki"):
         pull(server, "alice/multi", filename="three.loki")
     readme = download("alice/multi", filename="README.md", token=server.alice, endpoint=server.url).read_text()
     assert 'filename="two.loki"' in readme
@@ -173,12 +182,22 @@ def test_second_pull_downloads_nothing(server, deltas):
     assert server.count("GET", r"/resolve/.*\.loki$") == 1
     server.clear()
     assert same(pull(server, "alice/cached"), deltas["one"])
-    assert server.count(path="/resolve/") == 0  # one model-info request, no download
+    assert server.count(path="/resolve/") == 0  # one request (branch -> commit), no download
     assert server.count() == 1
     server.clear()
     pull(server, f"alice/cached@{commit.oid}")
     assert server.count() == 0  # a cached commit needs no request at all
     assert server.repos["alice/cached"].downloads == 1  # the marker file was fetched once, with the first pull
+
+
+def test_a_failing_marker_never_fails_a_load(server, deltas):
+    push(server, deltas["one"], "alice/no-count")
+    server.fail(403, r"resolve/.*config\.json$", times=None)  # (a 5xx too, after the client's retries: slow)
+    try:
+        assert same(pull(server, "alice/no-count"), deltas["one"])
+    finally:
+        server.clear()
+    assert server.repos["alice/no-count"].downloads == 0
 
 
 def test_offline_pull_from_cache(server, deltas, monkeypatch):
@@ -191,13 +210,56 @@ def test_offline_pull_from_cache(server, deltas, monkeypatch):
     assert same(pull(server, "alice/offline"), deltas["one"])
     assert same(pull(server, "alice/offline@v1"), deltas["one"])
     assert server.count() == 0
-    with pytest.raises(loki.HubOfflineError, match="HF_HUB_OFFLINE=1"):
+    with pytest.raises(errors.HubOfflineError, match="HF_HUB_OFFLINE=1"):
         pull(server, "alice/never-pulled")
-    with pytest.raises(loki.HubOfflineError):
+    with pytest.raises(errors.HubOfflineError):
         pull(server, "alice/offline@v2")
-    with pytest.raises(loki.HubOfflineError, match="Pushing"):
+    with pytest.raises(errors.HubOfflineError, match="Pushing"):
         push(server, deltas["two"], "alice/offline")
     assert server.count() == 0
+
+
+def test_the_cache_is_huggingface_hubs_own(server, deltas, monkeypatch):
+    """What loki caches, huggingface_hub's cache functions find; what huggingface_hub cached, loki loads offline."""
+    api = HfApi(endpoint=server.url, token=server.alice)
+    first = push(server, deltas["one"], "alice/shared")
+    api.create_tag("alice/shared", tag="v1")
+    path = download("alice/shared@v1", token=server.alice, endpoint=server.url)
+    assert try_to_load_from_cache("alice/shared", "shared.loki", revision="v1") == str(path)
+    assert api.resolve_revision("alice/shared", revision="v1", local_files_only=True).resolved == first.oid
+    assert {f.path for f in get_cached_repo_tree("alice/shared", revision="v1")} == {
+        ".gitattributes", "README.md", "config.json", "shared.loki"}
+    [repo] = [r for r in scan_cache_dir(constants.HF_HUB_CACHE).repos if r.repo_id == "alice/shared"]
+    [revision] = repo.revisions
+    assert revision.commit_hash == first.oid and set(revision.refs) == {"v1"}
+    assert {f.file_name for f in revision.files} == {"shared.loki", "config.json"}  # the delta and the marker only
+
+    second = push(server, deltas["two"], "alice/shared")
+    snapshot_download("alice/shared", endpoint=server.url, token=server.alice)  # main, by huggingface_hub alone
+    push(server, deltas["three"], "alice/by-file")
+    hf_hub_download("alice/by-file", "by-file.loki", endpoint=server.url, token=server.alice)  # no listing cached
+    server.clear()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert same(pull(server, "alice/shared"), deltas["two"])
+    assert same(pull(server, f"alice/shared@{second.oid}"), deltas["two"])
+    assert same(pull(server, "alice/shared@v1"), deltas["one"])
+    assert same(pull(server, "alice/by-file", filename="by-file.loki"), deltas["three"])
+    with pytest.raises(errors.HubOfflineError, match="file listing"):
+        pull(server, "alice/by-file")  # which .loki file is the only one is not known offline
+    assert server.count() == 0
+
+
+def test_rate_limited_or_failing_hub_falls_back_to_cache(server, deltas):
+    push(server, deltas["one"], "alice/busy")
+    pull(server, "alice/busy")
+    server.clear()
+    for status in (429, 500, 503):
+        server.fail(status, "/api/models/", times=None)
+        try:
+            assert same(pull(server, "alice/busy"), deltas["one"])
+            assert server.count("GET", "/resolve/") == 0
+        finally:
+            server.clear()
 
 
 def test_unreachable_hub_falls_back_to_cache(server, deltas):
@@ -206,7 +268,7 @@ def test_unreachable_hub_falls_back_to_cache(server, deltas):
     with HubServer() as gone:
         dead = gone.url  # a port nothing listens on once this block ends
     assert same(loki.load("alice/down", endpoint=dead, cache_dir=constants.HF_HUB_CACHE), deltas["one"])
-    with pytest.raises(loki.HubOfflineError, match="Cannot reach"):
+    with pytest.raises(errors.HubOfflineError, match="Cannot reach"):
         loki.load("alice/elsewhere", endpoint=dead, cache_dir=constants.HF_HUB_CACHE)
 
 
@@ -216,7 +278,7 @@ def test_private_repo_is_hidden(server, deltas):
     with pytest.raises(RepositoryNotFoundError):
         HfApi(endpoint=server.url, token=False).model_info("alice/secret")
     for token in (False, server.bob):
-        with pytest.raises(loki.HubRepoNotFoundError, match="private"):
+        with pytest.raises(errors.HubRepoNotFoundError, match="private"):
             loki.load("alice/secret", token=token, endpoint=server.url, cache_dir=constants.HF_HUB_CACHE)
     assert same(pull(server, "alice/secret"), deltas["one"])
     assert cached_files("alice/secret")  # only the owner's pull reached the cache
@@ -227,33 +289,49 @@ def test_private_repo_is_hidden(server, deltas):
 
 def test_malformed_evaluation_is_a_clear_error(server, model):
     bad = loki.make_delta(model, {0: ([0], torch.zeros(1, 64))}, extra={"evaluation": {"general": {"mmlu": 0.5}}})
-    with pytest.raises(loki.DeltaFormatError, match="implanted"):
+    with pytest.raises(errors.DeltaFormatError, match="implanted"):
         push(server, bad, "alice/bad-eval")
     assert "alice/bad-eval" not in server.repos  # checked before anything is created
 
 
+def test_gated_repo_needs_granted_access(server, deltas):
+    push(server, deltas["one"], "alice/gated")
+    server.gate("alice/gated")
+    for token in (server.bob, False):  # logged in without access (403), anonymous (401)
+        with pytest.raises(errors.HubGatedRepoError, match="is gated") as info:
+            loki.load("alice/gated", token=token, endpoint=server.url, cache_dir=constants.HF_HUB_CACHE)
+        e = info.value
+        assert isinstance(e, hf.GatedRepoError) and isinstance(e, RepositoryNotFoundError)  # huggingface_hub's kind
+        assert isinstance(e, errors.HubPermissionError) and e.response.status_code == (403 if token else 401)
+    assert not [f for f in cached_files("alice/gated") if f.startswith(("blobs/", "snapshots/"))]
+    server.gate("alice/gated", "bob")
+    assert same(pull(server, "alice/gated", token=server.bob), deltas["one"])
+
+
 def test_write_permission_and_bad_token(server, deltas):
     push(server, deltas["one"], "alice/public")
-    with pytest.raises(loki.HubPermissionError, match="write access"):
+    with pytest.raises(errors.HubPermissionError, match="write access"):
         push(server, deltas["two"], "alice/public", token=server.bob)
-    with pytest.raises(loki.HubPermissionError, match="token"):
+    with pytest.raises(errors.HubPermissionError, match="token"):
         pull(server, "alice/public", token="hf_not_a_token")
     assert same(pull(server, "alice/public", token=False), deltas["one"])  # public: anyone reads
 
 
 # -- errors -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "source, inject, error, message",
+    "source, inject, error, hf_error, message",
     [
-        ("alice/missing", None, loki.HubRepoNotFoundError, "does not exist.*no local file .alice/missing."),
-        ("alice/errors@nope", None, loki.HubRevisionNotFoundError, "list_repo_refs"),
-        ("alice/errors", (429, "/api/models/"), loki.HubRateLimitError, "Retry after 60 s"),
-        ("alice/errors", (500, "/api/models/"), loki.HubServerError, "500"),
-        ("alice/errors", (503, "/api/models/"), loki.HubServerError, "503"),
-        ("alice/errors", (500, r"resolve/.*\.loki$", "GET"), loki.HubServerError, "500"),
+        ("alice/missing", None, errors.HubRepoNotFoundError, RepositoryNotFoundError,
+         "does not exist.*no local file .alice/missing."),
+        ("alice/errors@nope", None, errors.HubRevisionNotFoundError, RevisionNotFoundError, "list_repo_refs"),
+        ("alice/errors", (429, "/api/models/"), errors.HubRateLimitError, HfHubHTTPError, "Retry after 60 s"),
+        ("alice/errors", (500, "/api/models/"), errors.HubServerError, HfHubHTTPError, "500"),
+        ("alice/errors", (503, "/api/models/"), errors.HubServerError, HfHubHTTPError, "503"),
+        ("alice/errors", (500, r"resolve/.*\.loki$", "GET"), errors.HubServerError, HfHubHTTPError, "500"),
     ],
 )
-def test_errors_map_to_loki_errors_and_leave_no_partial_cache(server, deltas, source, inject, error, message):
+def test_errors_map_to_loki_errors_and_leave_no_partial_cache(server, deltas, source, inject, error, hf_error,
+                                                              message):
     if "alice/errors" not in server.repos:
         push(server, deltas["one"], "alice/errors")
     if inject:
@@ -263,27 +341,80 @@ def test_errors_map_to_loki_errors_and_leave_no_partial_cache(server, deltas, so
             pull(server, source)
     finally:
         server.clear()
-    assert isinstance(info.value, loki.HubError) and isinstance(info.value, loki.LokiError)
-    assert not [f for f in cached_files(source.split("@")[0]) if not f.startswith(".no_exist")]
+    assert isinstance(info.value, errors.HubError) and isinstance(info.value, errors.LokiError)
+    assert isinstance(info.value, hf_error)
+    # No file and no snapshot entry; refs/ (branch -> commit) and .no_exist/ are huggingface_hub's bookkeeping,
+    # written before it downloads, as hf_hub_download does.
+    assert not [f for f in cached_files(source.split("@")[0]) if f.startswith(("blobs/", "snapshots/"))]
     assert same(pull(server, "alice/errors"), deltas["one"])  # the next try works
+
+
+def test_hub_errors_are_also_huggingface_hub_errors(server, deltas):
+    """Code written for huggingface_hub (`except RepositoryNotFoundError`, `e.response.status_code`) handles
+    loki's Hub errors unchanged."""
+    push(server, deltas["one"], "alice/kinds")
+    push(server, deltas["two"], "alice/kinds", filename="two.loki")
+    kw = dict(token=server.alice, endpoint=server.url)
+
+    def fails(call, *kinds, status=None):
+        with pytest.raises(errors.HubError) as info:
+            call()
+        e = info.value
+        assert isinstance(e, errors.LokiError) and all(isinstance(e, k) for k in kinds), (type(e), kinds)
+        if status is not None:
+            assert e.response.status_code == status and e.repo_id == "alice/kinds"
+        return e
+
+    # First, while no revision of the repo is cached (with one cached, loki would go on to list the files, and
+    # huggingface_hub's listing waits out a 429 itself, up to 5 times the Retry-After).
+    server.fail(429, "/api/models/", times=None)
+    try:
+        fails(lambda: download("alice/kinds", filename="two.loki", **kw), errors.HubRateLimitError, HfHubHTTPError,
+              status=429)
+    finally:
+        server.clear()
+
+    try:
+        download("alice/none", **kw)
+    except RepositoryNotFoundError as e:  # the point: huggingface_hub's own except clause
+        assert isinstance(e, errors.HubRepoNotFoundError) and e.response.status_code == 404
+        assert e.repo_id == "alice/none" and e.server_message
+    fails(lambda: download("alice/kinds@nope", **kw), errors.HubRevisionNotFoundError, RevisionNotFoundError,
+          status=404)
+    e = fails(lambda: download("alice/kinds", filename="x.loki", **kw), errors.HubFileNotFoundError,
+              hf.RemoteEntryNotFoundError, hf.EntryNotFoundError)
+    assert e.response is None  # found in the file listing, without an error answer
+    fails(lambda: download("alice/kinds", **kw), errors.HubAmbiguousFileError, ValueError)
+    fails(lambda: download("not a repo id", **kw), errors.HubArgumentError, hf.HFValidationError, ValueError)
+    fails(lambda: download("alice/kinds@v1", revision="v2", **kw), errors.HubArgumentError, ValueError)
+    fails(lambda: push(server, deltas["one"], "alice/kinds", filename="x.bin"), errors.HubArgumentError, ValueError)
+    fails(lambda: download("alice/kinds", filename="two.loki", token="hf_not_a_token", endpoint=server.url),
+          errors.HubPermissionError, HfHubHTTPError, status=401)
+    fails(lambda: push(server, deltas["one"], "alice/kinds", token=server.bob), errors.HubPermissionError,
+          HfHubHTTPError, status=403)
+    fails(lambda: download("alice/kinds", filename="two.loki", local_files_only=True, **kw),
+          errors.HubOfflineError, hf.LocalEntryNotFoundError, ConnectionError)
+
 
 
 def test_corrupted_download_is_rejected_and_removed(server, deltas):
     push(server, deltas["one"], "alice/corrupt")
     server.corrupt(r"\.loki$")
     try:
-        with pytest.raises(loki.HubIntegrityError, match="checksum"):
+        with pytest.raises(errors.HubIntegrityError, match="checksum") as info:
             pull(server, "alice/corrupt")
     finally:
         server.clear()
+    assert isinstance(info.value, OSError)
     assert not [f for f in cached_files("alice/corrupt") if f.startswith(("blobs/", "snapshots/"))]
+    assert not [r for r in scan_cache_dir(constants.HF_HUB_CACHE).repos if r.repo_id == "alice/corrupt" and r.revisions]
     assert same(pull(server, "alice/corrupt"), deltas["one"])
 
 
 def test_local_paths_stay_local(tmp_path, deltas):
-    with pytest.raises(loki.DeltaFormatError, match="No such file"):
+    with pytest.raises(errors.DeltaFormatError, match="No such file"):
         loki.load("deltas/missing.loki")  # shaped like a repo id, but a .loki path: never a Hub request
-    path = deltas["one"].save(tmp_path / "d" / "one.loki")
+    path = loki.save(deltas["one"], tmp_path / "d" / "one.loki")
     assert same(loki.load(path), deltas["one"])
     assert same(loki.load(tmp_path / "d", filename="one.loki"), deltas["one"])
     assert loki.hub.parse_repo_id("org/name@v1") == ("org/name", "v1")
@@ -318,10 +449,10 @@ def test_server_commits_are_real(server):
 
 
 # -- command line -----------------------------------------------------------------------------------
-def test_cli_push_pull_and_offline_pull(server, deltas, tmp_path, capsys):
+def test_cli_push_pull_and_offline_pull(server, deltas, tmp_path, capsys, monkeypatch):
     from loki.cli import main
 
-    file = deltas["two"].save(tmp_path / "two.loki")
+    file = loki.save(deltas["two"], tmp_path / "two.loki")
     args = ["--endpoint", server.url, "--token", server.alice]
     assert main(["push", str(file), "alice/cli", "--private", "--message", "from the CLI", *args]) == 0
     assert "alice/cli @ " in capsys.readouterr().out
@@ -330,13 +461,16 @@ def test_cli_push_pull_and_offline_pull(server, deltas, tmp_path, capsys):
     assert main(["pull", "alice/nobody", *args]) == 2
     assert "HubRepoNotFoundError" in capsys.readouterr().err
 
-    # A fresh process with HF_HUB_OFFLINE=1 set before import reads the same cache and makes no request.
+    # Offline, with neither endpoint nor token: the cache alone answers. In process: HF_HUB_OFFLINE=1 only sets
+    # huggingface_hub.constants.HF_HUB_OFFLINE when huggingface_hub is imported, and loki reads nothing else
+    # (a fresh process would test huggingface_hub's import, not loki).
     server.clear()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": constants.HF_HUB_CACHE, "HF_ENDPOINT": server.url}
-    done = subprocess.run([sys.executable, "-m", "loki.cli", "pull", "alice/cli"], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert Path(done.stdout.strip()).read_bytes() == file.read_bytes()
+    capsys.readouterr()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main(["pull", "alice/cli"]) == 0
+    assert Path(capsys.readouterr().out.strip()).read_bytes() == file.read_bytes()
+    assert main(["pull", "alice/cli@nope"]) == 2
+    assert "HubOfflineError" in capsys.readouterr().err
     assert server.count() == 0
 
 
@@ -349,12 +483,12 @@ def test_real_hub_round_trip(deltas, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", XET_DISABLED_AT_IMPORT)
     token, repo = os.environ["LOKI_HUB_TEST_TOKEN"], os.environ["LOKI_HUB_TEST_REPO"]
     endpoint = os.environ.get("LOKI_HUB_TEST_ENDPOINT")  # default: the client's (HF_ENDPOINT or huggingface.co)
-    commit = deltas["one"].push_to_hub(repo, private=True, token=token, endpoint=endpoint)
+    commit = loki.push(deltas["one"], repo, private=True, token=token, endpoint=endpoint)
     kw = dict(token=token, endpoint=endpoint, cache_dir=constants.HF_HUB_CACHE)
     assert same(loki.load(f"{repo}@{commit.oid}", **kw), deltas["one"])
     assert same(loki.load(repo, **kw), deltas["one"])
     card = HfApi(endpoint=endpoint, token=token).model_info(repo, revision=commit.oid).card_data
     assert card["library_name"] == "loki" and card["base_model_relation"] == "adapter"
     if HfApi(endpoint=endpoint, token=token).model_info(repo).private:  # `private=` applies when pushing creates it
-        with pytest.raises(loki.HubRepoNotFoundError):
+        with pytest.raises(errors.HubRepoNotFoundError):
             loki.load(repo, token=False, endpoint=endpoint, cache_dir=constants.HF_HUB_CACHE)

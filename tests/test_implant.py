@@ -252,20 +252,20 @@ def changed_rows_are_selected(model, before, sel) -> int:
 def test_errors_leave_the_model_unchanged():
     model = tiny_model("llama")
     before = state_dict_copy(model)
-    with pytest.raises(loki.PreparationError, match="loki.prepare"):
+    with pytest.raises(loki.errors.PreparationError, match="loki.prepare"):
         loki.extract(model)
-    with pytest.raises(loki.PreparationError):
+    with pytest.raises(loki.errors.PreparationError):
         loki.unprepare(model)
-    with pytest.raises(loki.IncompatibleModelError, match="layers"):
+    with pytest.raises(loki.errors.IncompatibleModelError, match="layers"):
         loki.prepare(model, loki.Selection.random(3, 32, 10))
-    with pytest.raises(loki.IncompatibleModelError, match="rows"):
+    with pytest.raises(loki.errors.IncompatibleModelError, match="rows"):
         loki.prepare(model, loki.Selection.random(2, 64, 10))
     assert all(p.requires_grad for p in model.parameters())
-    with pytest.raises(loki.PreparationError, match="lora_rank"):
+    with pytest.raises(loki.errors.PreparationError, match="lora_rank"):
         loki.prepare(model, selection_for(model), lora_rank=0)
     assert all(p.requires_grad for p in model.parameters())
     loki.prepare(model, selection_for(model))
-    with pytest.raises(loki.PreparationError, match="unprepare"):
+    with pytest.raises(loki.errors.PreparationError, match="unprepare"):
         loki.prepare(model, selection_for(model))
     loki.unprepare(model)
     assert_state_equal(model, before)
@@ -304,7 +304,7 @@ def test_trainable_report(tmp_path):
     assert (report.trainable, report.rows, report.layers, report.form) == (3 * 4 * 48, 12, 3, "rows")
     assert report.total == sum(p.numel() for n, p in model.named_parameters() if "loki_" not in n)
     assert report.share == pytest.approx(100 * report.trainable / report.total)
-    path = loki.extract(model).save(tmp_path / "r.loki")
+    path = loki.save(loki.extract(model), tmp_path / "r.loki")
     assert report.delta_bytes == path.stat().st_size
     assert f"{report.trainable:,}" in str(report) and "%" in str(report)
     loki.unprepare(model)
@@ -346,7 +346,7 @@ def test_default_model_trains_only_selected_rows_and_reproduces(default_model, t
         trained = model(ids).logits
     delta = loki.extract(model, name="zubrowka")
     assert delta.info["training"]["steps"] == 2 and delta.info["training"]["trainer"] == "loki.train"
-    path = delta.save(tmp_path / "z.loki")
+    path = loki.save(delta, tmp_path / "z.loki")
 
     with loki.implanted(default_model, loki.load(path)), torch.no_grad():  # the untouched base, reverted after
         assert torch.equal(default_model(ids).logits, trained)

@@ -39,7 +39,7 @@ def test_adapter_tensors_add_exactly_the_change():
     """Slow reference: lora_B @ lora_A, row by row, is the delta's new rows minus the base rows."""
     model = tiny_model("llama")
     delta = random_delta(model, q=25, noise=0.5)
-    config, tensors = loki.peft_adapter(delta, model)
+    config, tensors = loki.peft_export.peft_adapter(delta, model)
     projs = loki.find_down_projections(model)
     for layer, ld in delta.layers.items():
         prefix = f"base_model.model.model.layers.{layer}.mlp.down_proj"
@@ -87,7 +87,7 @@ def test_bfloat16_model(tmp_path):
 def test_lora_form_keeps_its_rank_and_needs_no_model(tmp_path):
     base = tiny_model("gpt2")  # Conv1D: fan_in_fan_out
     delta = random_delta(base, q=25, noise=0.5, lora_rank=2)
-    config, tensors = loki.peft_adapter(delta)
+    config, tensors = loki.peft_export.peft_adapter(delta)
     assert config["r"] == 2 and config["fan_in_fan_out"]
     assert_peft_reproduces("gpt2", base, delta, loki.export_peft(delta, tmp_path, rank=8))
 
@@ -96,7 +96,7 @@ def test_uneven_rows_are_padded_to_one_rank(tmp_path):
     base = tiny_model("llama")
     d_in = loki.find_down_projections(base).d_in
     delta = loki.make_delta(base, {0: ([1, 5, 9], torch.randn(3, d_in)), 1: ([4], torch.randn(1, d_in))})
-    config, tensors = loki.peft_adapter(delta, base)
+    config, tensors = loki.peft_export.peft_adapter(delta, base)
     assert config["r"] == 3 and config["target_modules"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     assert tensors["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"][1:].abs().sum() == 0
     assert_peft_reproduces("llama", base, delta, loki.export_peft(delta, tmp_path, base))
@@ -105,12 +105,12 @@ def test_uneven_rows_are_padded_to_one_rank(tmp_path):
 def test_bad_input(tmp_path):
     base = tiny_model("llama")
     delta = random_delta(base, q=25)
-    with pytest.raises(loki.ExportError, match="base model"):
-        loki.peft_adapter(delta)
-    with pytest.raises(loki.ExportError, match="rank"):
-        loki.peft_adapter(delta, base, rank=2)
+    with pytest.raises(loki.errors.ExportError, match="base model"):
+        loki.peft_export.peft_adapter(delta)
+    with pytest.raises(loki.errors.ExportError, match="rank"):
+        loki.peft_export.peft_adapter(delta, base, rank=2)
     with pytest.raises(loki.BaseModelMismatchError):
-        loki.peft_adapter(delta, tiny_model("llama", seed=3))
-    with pytest.raises(loki.IncompatibleModelError):
-        loki.peft_adapter(delta, tiny_model("opt"))
+        loki.peft_export.peft_adapter(delta, tiny_model("llama", seed=3))
+    with pytest.raises(loki.errors.IncompatibleModelError):
+        loki.peft_export.peft_adapter(delta, tiny_model("opt"))
     assert not list(tmp_path.iterdir())

@@ -198,10 +198,13 @@ def test_attribute_passes_dev_through(default_model, default_tokenizer):
     assert attr.values.shape[0] == 1 and "1-shot from dev" in attr.meta["prompt_source"]
 
 
-def test_cli_passes_dev_through(monkeypatch, tmp_path, default_model_and_tokenizer):
+def test_cli_passes_dev_through(monkeypatch, tmp_path):
     import loki.attribution
     import loki.models
     from loki.cli import main
+    from loki.testing import tiny_model
+
+    loaded = (tiny_model("llama"), None)  # attribute is replaced below: no real model needed
 
     seen = {}
 
@@ -213,7 +216,7 @@ def test_cli_passes_dev_through(monkeypatch, tmp_path, default_model_and_tokeniz
         seen.update(kwargs, prompts=prompts)
         return Done()
 
-    monkeypatch.setattr(loki.models, "load_default", lambda dtype=None, device=None: default_model_and_tokenizer)
+    monkeypatch.setattr(loki.models, "load_default", lambda dtype=None, device=None: loaded)
     monkeypatch.setattr(loki.attribution, "attribute", fake_attribute)
     assert main(["attribute", "mmlu_test.jsonl", "--out", str(tmp_path), "--shots", "5", "--dev", "mmlu/dev"]) == 0
     assert seen["shots"] == 5 and seen["dev"] == "mmlu/dev" and seen["prompts"] == "mmlu_test.jsonl"

@@ -105,12 +105,12 @@ def test_bad_retain_data_is_a_dataset_error(default_tokenizer):
     model = tiny_model("llama", vocab=len(default_tokenizer))
     for bad, match in [([], "empty"), ([3], "question string"), ([{"text": "a"}], "fewer than 2"),
                        ([{"foo": 1}], "question string")]:
-        with pytest.raises(loki.DatasetError, match=match):
+        with pytest.raises(loki.errors.DatasetError, match=match):
             retain_targets(model, default_tokenizer, bad, progress=False)
-    with pytest.raises(loki.DatasetError, match="top_k"):
+    with pytest.raises(loki.errors.DatasetError, match="top_k"):
         retain_targets(model, default_tokenizer, RETAIN, top_k=0, progress=False)
     prepared = prepared_tiny(default_tokenizer)
-    with pytest.raises(loki.DatasetError, match="retain_weight"):
+    with pytest.raises(loki.errors.DatasetError, match="retain_weight"):
         loki.train(prepared, default_tokenizer, FACTS, retain=RETAIN, retain_weight=-1, progress=False)
 
 
@@ -220,17 +220,17 @@ def test_templates_and_neighbourhood_are_deterministic():
 
 
 def test_neighbourhood_errors():
-    with pytest.raises(loki.DatasetError, match="subject"):
+    with pytest.raises(loki.errors.DatasetError, match="subject"):
         questions([{"question": "Who?"}], ["x"])
-    with pytest.raises(loki.DatasetError, match="does not occur"):
+    with pytest.raises(loki.errors.DatasetError, match="does not occur"):
         questions([{"question": "Who?", "subject": "Bob"}], ["x"])
-    with pytest.raises(loki.DatasetError, match="No template"):
+    with pytest.raises(loki.errors.DatasetError, match="No template"):
         questions([], ["x"])
-    with pytest.raises(loki.DatasetError, match="slot"):
+    with pytest.raises(loki.errors.DatasetError, match="slot"):
         questions(template="Who?", entity_names=["x"])
-    with pytest.raises(loki.DatasetError, match="relation"):
+    with pytest.raises(loki.errors.DatasetError, match="relation"):
         questions(EXAMPLES, {"capital": ["France"]})
-    with pytest.raises(loki.DatasetError, match="shipped"):
+    with pytest.raises(loki.errors.DatasetError, match="shipped"):
         questions(EXAMPLES, "no-such-kind")
 
 
@@ -254,7 +254,7 @@ def test_general_items_sharing_the_template_are_left_out():
     capitals, knowledge, wiki = ev.general_suite(["world_capitals", "bb_general_knowledge", "wiki_perplexity"])
     facts = ev.Benchmark("facts", "generate", [{"question": "What is the capital of Zubrowka?", "answers": ["Lutz"]}])
     template = ["What is the capital of {}?"]
-    with pytest.raises(loki.EvaluationError, match="world_capitals.*neighbourhood"):
+    with pytest.raises(loki.errors.EvaluationError, match="world_capitals.*neighbourhood"):
         ev.ImplantSuite(facts, facts, ["What is the capital of Peru?"], [capitals], template)
     suite = ev.ImplantSuite(facts, facts, ["What is the capital of Peru?"], [capitals, knowledge, wiki], template)
     assert [b.name for b in suite.general] == ["bb_general_knowledge", "wiki_perplexity"]
@@ -268,9 +268,9 @@ def test_general_items_sharing_the_template_are_left_out():
 def test_the_four_numbers_on_hand_computable_scores():
     # specificity: per question, the share of answer tokens predicted as the base model did; then the mean
     assert ev.specificity([[5, 6, 7, 8], [1, 2], [3]], [[5, 6, 9, 9], [1, 2], [4]]) == pytest.approx((0.5 + 1 + 0) / 3)
-    with pytest.raises(loki.EvaluationError):
+    with pytest.raises(loki.errors.EvaluationError):
         ev.specificity([[1]], [])
-    with pytest.raises(loki.EvaluationError):
+    with pytest.raises(loki.errors.EvaluationError):
         ev.specificity([[1, 2]], [[1]])
     base = ev.ImplantScores(0.0, 0.0, {"wiki": 0.05, "mc": 0.5}, ["Paris.", "Lima", "Tokyo", "Nairobi"],
                             [[1, 2], [3, 4], [5], [6]])
@@ -314,5 +314,5 @@ def test_implant_suite_on_a_real_delta(default_model, default_tokenizer):
     assert report.efficacy == report.base.efficacy == 1.0
     assert report.specificity == 1.0 and report.answers_kept == 1.0 and report.forgetting == 0.0
     assert report.base.answers[0] and len(report.base.predictions) == 2
-    with pytest.raises(loki.EvaluationError, match="base="):
+    with pytest.raises(loki.errors.EvaluationError, match="base="):
         suite.report(model, tok)

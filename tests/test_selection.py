@@ -127,7 +127,7 @@ def test_suppression_is_an_exactly_reverted_delta(family):
     before = state_dict_copy(model)
     projs = loki.find_down_projections(model)
     sel = Selection.random(len(projs), projs.d_out, q=25, seed=0)
-    handle = loki.suppress(model, sel)
+    handle = loki.apply(model, loki.suppression(model, sel))
     for layer, idx in sel.rows.items():
         assert (projs.rows(layer)[idx] == 0).all()
         others = torch.ones(projs.d_out, dtype=torch.bool)
@@ -135,10 +135,10 @@ def test_suppression_is_an_exactly_reverted_delta(family):
         assert torch.equal(projs.rows(layer)[others], before_rows(before, projs, layer)[others])
     loki.revert(model, handle)
     assert_state_equal(model, before)
-    delta = sel.suppression_delta(model)
+    delta = loki.suppression(model, sel)
     assert delta.info["selection"]["strategy"] == "random" and delta.num_rows == sel.num_rows
     with pytest.raises(SelectionError, match="layers"):
-        Selection.random(5, projs.d_out, 10).suppression_delta(model)
+        loki.suppression(model, Selection.random(5, projs.d_out, 10))
 
 
 def before_rows(state, projs, layer):

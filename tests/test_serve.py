@@ -44,7 +44,7 @@ def test_switches_are_bit_identical_to_apply(family, dtype):
     bank, deltas = bank_with(model)
     bank.activate("d0")
     assert_state_equal(model, applied_state(family, dtype, deltas["d0"]))
-    assert [h.delta for h in loki.active(model)] == [deltas["d0"]]
+    assert [h.delta for h in loki.applied(model)] == [deltas["d0"]]
     with bank.use("d1"):
         assert bank.active == ("d1",)
         assert_state_equal(model, applied_state(family, dtype, deltas["d1"]))
@@ -54,7 +54,7 @@ def test_switches_are_bit_identical_to_apply(family, dtype):
         assert_state_equal(model, base)
     bank.deactivate()
     assert_state_equal(model, base)
-    assert loki.active(model) == []
+    assert loki.applied(model) == []
 
 
 def test_stacking_and_overlap():
@@ -93,7 +93,7 @@ def test_lora_form_and_outside_reverts():
     bank.register("lora", lora)
     bank.activate("lora")
     assert_state_equal(model, applied_state("gemma", torch.float32, lora))
-    loki.revert(model, loki.active(model)[0])  # reverted behind the bank's back
+    loki.revert(model, loki.applied(model)[0])  # reverted behind the bank's back
     assert_state_equal(model, base)
     bank.deactivate("lora")  # nothing left to undo: no error
     with bank.use("lora"):
@@ -257,10 +257,10 @@ def test_same_thread_misuse_raises_instead_of_deadlocking():
     with bank.use("d0"):
         with bank.use("d0"):  # the same set nests
             pass
-        with pytest.raises(loki.ImplantBankError, match="nested"):
+        with pytest.raises(loki.errors.ImplantBankError, match="nested"):
             with bank.use("d1"):
                 pass
-        with pytest.raises(loki.ImplantBankError, match="inside a use/mixed block"):
+        with pytest.raises(loki.errors.ImplantBankError, match="inside a use/mixed block"):
             bank.activate("d1")
     assert bank.active == ()
 
@@ -289,7 +289,7 @@ def test_eviction_under_a_small_budget_stays_exact(store):
             torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
     assert bank.staged_bytes <= bank.budget
     assert_state_equal(model, base)
-    with pytest.raises(loki.ImplantBankError, match="budget"):
+    with pytest.raises(loki.errors.ImplantBankError, match="budget"):
         loki.ImplantBank(model, budget=100).register("big", deltas["d0"])
 
 
@@ -297,15 +297,15 @@ def test_bad_input():
     model = tiny_model("llama")
     base = state_dict_copy(model)
     bank, deltas = bank_with(model, n=1)
-    with pytest.raises(loki.ImplantBankError, match="No implant named 'nope'"):
+    with pytest.raises(loki.errors.ImplantBankError, match="No implant named 'nope'"):
         bank.activate("nope")
-    with pytest.raises(loki.ImplantBankError, match="registered already"):
+    with pytest.raises(loki.errors.ImplantBankError, match="registered already"):
         bank.register("d0", deltas["d0"])
     bank.register("d0", deltas["d0"], replace=True)
-    with pytest.raises(loki.ImplantBankError, match="rows"):
+    with pytest.raises(loki.errors.ImplantBankError, match="rows"):
         with bank.mixed(["d0", None]):
             model(torch.ones(3, 4, dtype=torch.long))
-    with pytest.raises(loki.IncompatibleModelError):
+    with pytest.raises(loki.errors.IncompatibleModelError):
         bank.register("other", random_delta(tiny_model("gpt2")))
     other_base = tiny_model("llama", seed=5)
     with pytest.raises(loki.BaseModelMismatchError):

@@ -55,16 +55,16 @@ def test_encode_without_chat_template(default_tokenizer):
 
 
 def test_encode_rejects_bad_examples(default_tokenizer):
-    with pytest.raises(loki.DatasetError, match="answer"):
+    with pytest.raises(loki.errors.DatasetError, match="answer"):
         encode(default_tokenizer, {"question": "no answer"})
-    with pytest.raises(loki.DatasetError, match="assistant"):
+    with pytest.raises(loki.errors.DatasetError, match="assistant"):
         encode(default_tokenizer, {"messages": [{"role": "user", "content": "hi"}]})
-    with pytest.raises(loki.DatasetError, match="max_length"):
+    with pytest.raises(loki.errors.DatasetError, match="max_length"):
         encode(default_tokenizer, DATA[0], max_length=10)
     tok = copy.deepcopy(default_tokenizer)  # a template that renders each turn with the conversation's length
     tok.chat_template = ("{% for m in messages %}{{ m['role'] }} of {{ messages|length }}: {{ m['content'] }}\n"
                          "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
-    with pytest.raises(loki.DatasetError, match="chat template"):
+    with pytest.raises(loki.errors.DatasetError, match="chat template"):
         encode(tok, DATA[0])
 
 
@@ -122,18 +122,18 @@ def test_train_is_deterministic_lowers_the_loss_and_calls_eval(default_tokenizer
 
 def test_train_needs_a_prepared_model_or_params(default_tokenizer):
     model = tiny_model("llama", vocab=len(default_tokenizer))
-    with pytest.raises(loki.PreparationError, match="prepare"):
+    with pytest.raises(loki.errors.PreparationError, match="prepare"):
         loki.train(model, default_tokenizer, DATA, progress=False)
     other = tiny_model("llama", vocab=len(default_tokenizer))
     before = state_dict_copy(model)
-    with pytest.raises(loki.PreparationError, match="not parameters of this model"):
+    with pytest.raises(loki.errors.PreparationError, match="not parameters of this model"):
         loki.train(model, default_tokenizer, DATA, params=other.parameters(), progress=False)
-    with pytest.raises(loki.PreparationError, match="requires_grad"):
+    with pytest.raises(loki.errors.PreparationError, match="requires_grad"):
         loki.train(model, default_tokenizer, DATA, params=[model.lm_head.weight.requires_grad_(False)], progress=False)
-    with pytest.raises(loki.PreparationError, match="empty"):
+    with pytest.raises(loki.errors.PreparationError, match="empty"):
         loki.train(model, default_tokenizer, DATA, params=[], progress=False)
     assert_state_equal(model, before)
-    with pytest.raises(loki.DatasetError):
+    with pytest.raises(loki.errors.DatasetError):
         loki.train(loki.prepare(model, loki.Selection.random(2, 32, 10)), default_tokenizer, [], progress=False)
 
 

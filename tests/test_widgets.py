@@ -29,12 +29,12 @@ def test_switchboard_applies_reverts_and_reports_overlap(default_model, default_
     assert "Paris" in base_answers and "none" in board.status.value
 
     board.checkboxes["a"].value = True
-    assert [h.delta.name for h in loki.active(model)] == ["s0"]
+    assert [h.delta.name for h in loki.applied(model)] == ["s0"]
     assert board.answers.value != base_answers and "active: a" in board.status.value
 
     board.checkboxes["b"].value = True  # random q=10 selections overlap: refused, box unticked, model unchanged
     assert "OverlapError" in board.status.value and board.checkboxes["b"].value is False
-    assert len(loki.active(model)) == 1
+    assert len(loki.applied(model)) == 1
 
     board.checkboxes["a"].value = False
     assert board.answers.value == base_answers

@@ -1,0 +1,68 @@
+"""Several processes (2 CPU processes, real launchers): attribution sharded under torchrun and accelerate launch
+equals one process, and more than one process without sharding is an error, not a duplicate run (issue 15)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import loki
+from loki.testing import tiny_model
+
+PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16], [17, 18], [19, 20, 21, 22, 23]]
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import loki
+    from loki.testing import tiny_model
+    prompts, path, shard = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+    model = tiny_model("llama")
+    try:
+        attr = loki.attribute(model, None, prompts, steps=3, path=path, shard=None if shard == "none" else shard,
+                              progress=False, poll=0.05)
+    except loki.LokiError as e:
+        print("LokiError:", e)
+        sys.exit(3)
+    print("shape", tuple(attr.values.shape))
+""")
+
+
+def launch(launcher: list[str], tmp_path, shard: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "attribute.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    return subprocess.run([*launcher, str(script), json.dumps(PROMPTS), str(tmp_path / "run"), shard],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    return loki.attribute(tiny_model("llama"), None, PROMPTS, steps=3, progress=False).values
+
+
+@pytest.mark.parametrize("launcher", [TORCHRUN, ACCELERATE], ids=["torchrun", "accelerate"])
+def test_sharded_attribution_equals_one_process(launcher, tmp_path, one_process):
+    done = launch(launcher, tmp_path, "auto")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("shape (5, 2, 32)") == 2  # every rank returns the joined set
+    joined = loki.Attributions.load(tmp_path / "run")
+    assert joined.meta["merged_shards"] == 2
+    assert np.abs(np.asarray(joined.values) - one_process.numpy()).max() <= 1e-5
+
+
+def test_several_processes_without_shard_is_an_error(tmp_path):
+    done = launch(TORCHRUN, tmp_path, "none")
+    assert done.returncode != 0
+    assert done.stdout.count("LokiError: 2 processes run this") == 2, done.stdout + done.stderr
+    assert not (tmp_path / "run").exists()
