@@ -77,7 +77,7 @@ _SEQ = itertools.count()
 class _Write:
     """One layer of one applied delta: which rows of which weight, what they held before and what was written."""
 
-    handle: "Handle"
+    handle: "Handle | None"  # None once reverted or merged (no reference cycle keeps the saved rows alive)
     layer: int
     weight: "weakref.ref[torch.Tensor]"
     transposed: bool
@@ -323,8 +323,6 @@ class Plan:
                 record.counts[p.idx_np] += 1
                 record.generation += 1
                 w = _Write(handle, layer, weakref.ref(p.weight), p.transposed, p.idx, p.idx_np, saved, p.new, values, p.change)
-                a, b = _positions(len(p.idx_np), values.shape[1], values.device)
-                w.probe = ((values.device, values.dtype, id(values)), p.idx[a], b, values[a, b])
                 record.writes.append(w)
                 handle._writes[layer] = w
             for p in self._layers.values():
@@ -784,6 +782,7 @@ def revert(model: nn.Module, handle: Handle, *, force: bool = False) -> None:
             else:
                 view.index_copy_(0, idx, _like(w.saved, view))
             record.writes.remove(w)
+            w.handle = None
             record.generation += 1
         for layer, w in handle._writes.items():
             _wrote(records[layer], w.weight(), before[id(w.weight())])
@@ -802,6 +801,8 @@ def _check_unchanged(handle: Handle, records: dict[int, _Record]) -> None:
     optimizer step or `load_state_dict` changes, at the cost of a gather of 256 values. One sync per call."""
     flags = []
     for layer, w in handle._writes.items():
+        if w.weight()._version == records[layer].version:  # nothing but loki wrote this weight since its last write
+            continue
         alone = records[layer].counts[w.idx_np] == 1
         if not alone.any():
             continue
@@ -1099,6 +1100,7 @@ def merge(model: nn.Module, *, template: str | None = None) -> nn.Module:
                 raise LedgerError("merge inside `with loki.disabled(model)` would bake the base rows; merge after the block.")
             for w in record.writes:
                 w.handle.applied = False
+                w.handle = None
             record.writes.clear()
             record.counts[:] = 0
             record.generation += 1
