@@ -394,8 +394,7 @@ class Plan:
                     f"{dtype} on {device}. Make a new plan (loki.plan / loki.apply)."
                 )
             record = _records.get(p.weight)
-            if record is not None and record.disabled:
-                raise LedgerError("The model's implants are disabled (inside `with loki.disabled(model)`); apply after the block.")
+            _refuse_if_disabled(record, "apply")
             now = record.generation if record is not None else 0
             fresh &= now == generation and p.weight._version == version
         if fresh:
@@ -492,8 +491,7 @@ def _plan(model: nn.Module, projs: DownProjections, delta: Delta, on_overlap: st
                 )
             _check_tied(seen, weight, layer, idx_np)
             record = _records.get(weight)
-            if record is not None and record.disabled:
-                raise LedgerError("The model's implants are disabled (inside `with loki.disabled(model)`); apply after the block.")
+            _refuse_if_disabled(record, "apply")
             if record is not None and record.training[idx_np].any():
                 raise _training_error(layer)
             stamp[id(weight)] = (record.generation if record else 0, weight._version, view.dtype, view.device)
@@ -559,6 +557,11 @@ def _check_fingerprint(delta: Delta, layer: int, current: torch.Tensor) -> None:
             f"loaded other weights since; {delta.base_model or 'unnamed'}). Load that base model, or make a new "
             "plan with check_base=False if you know better."
         )
+
+
+def _refuse_if_disabled(record: _Record | None, verb: str) -> None:
+    if record is not None and record.disabled:
+        raise LedgerError(f"The model's implants are disabled (inside `with loki.disabled(model)`); {verb} after the block.")
 
 
 def _overlap_error(layer: int, n: int, k: int) -> OverlapError:
@@ -768,8 +771,7 @@ def revert(model: nn.Module, handle: Handle, *, force: bool = False) -> None:
             if weight is None:
                 raise RevertError("The weights this delta was applied to no longer exist.")
             record = records[layer] = _records[weight]
-            if record.disabled:
-                raise LedgerError("The model's implants are disabled (inside `with loki.disabled(model)`); revert after the block.")
+            _refuse_if_disabled(record, "revert")
         if not force:
             _check_unchanged(handle, records)
         before = {id(w.weight()): w.weight()._version for w in handle._writes.values()}
