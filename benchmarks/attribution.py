@@ -7,7 +7,7 @@ two shared CPU cores, so they run on evenly spaced layers (0, middle, last) and 
 per-layer time x the number of layers (per-layer cost is a full forward plus a backward that grows linearly with
 depth, so the evenly spaced mean is the all-layer mean). Runs are interleaved and medians are reported.
 
-    .venv/bin/python benchmarks/attribution.py [--quick]
+    .venv/bin/python benchmarks/attribution.py [--quick] [--device cuda]
 
 The last line is one JSON object.
 """
@@ -33,7 +33,7 @@ def captum_layer(model, ids: list[int], layer_module, steps: int = 7) -> tuple[t
     """The authors' current per-layer KVA: captum LayerIntegratedGradients over the whole [T, d] layer output."""
     from captum.attr import LayerIntegratedGradients
 
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=model.device)
     with torch.no_grad():
         target = int(model(x).logits[0, -1].argmax())
 
@@ -43,7 +43,14 @@ def captum_layer(model, ids: list[int], layer_module, steps: int = 7) -> tuple[t
     t0 = time.perf_counter()
     lig = LayerIntegratedGradients(forward, layer_module)
     attr = lig.attribute(x, baselines=torch.zeros_like(x), n_steps=steps, method="riemann_trapezoid")
+    synchronize(model.device)
     return attr[0, -1].detach(), time.perf_counter() - t0
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock times include it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -52,10 +59,11 @@ def main() -> None:
     ap.add_argument("--fast-prompts", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for every engine (default 1: on a shared machine more threads mostly wait)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    model, tokenizer = loki.load_default()
+    model, tokenizer = loki.load_default(device=args.device)
     for p in model.parameters():  # no weight gradients for anyone (captum would not need them either)
         p.requires_grad_(False)
     projs = loki.find_down_projections(model)
@@ -74,6 +82,7 @@ def main() -> None:
     for i, ids in enumerate(prompts):
         t0 = time.perf_counter()
         fast, _ = kva(model, [ids])
+        synchronize(model.device)
         fast_t.append(time.perf_counter() - t0)
         print(f"fast       prompt {i}: {fast_t[-1]:7.2f} s", flush=True)
         if i >= slow_prompts:
@@ -82,11 +91,12 @@ def main() -> None:
         for layer in layers:
             t0 = time.perf_counter()
             ref, _ = kva(model, [ids], engine="reference", layers=[layer])
+            synchronize(model.device)
             per_layer_ref.append(time.perf_counter() - t0)
             errs.append(float((fast[0, layer] - ref[0, 0]).abs().max() / ref[0, 0].abs().max()))
             cap, seconds = captum_layer(model, ids, projs.modules[layer])
             per_layer_cap.append(seconds)
-            cap_errs.append(float((cap - ref[0, 0]).abs().max() / ref[0, 0].abs().max()))
+            cap_errs.append(float((cap.to(ref.device) - ref[0, 0]).abs().max() / ref[0, 0].abs().max()))
             print(f"  layer {layer:2d}: reference {per_layer_ref[-1]:6.2f} s, captum {seconds:6.2f} s, fast-vs-ref "
                   f"rel err {errs[-1]:.1e}, captum-vs-ref {cap_errs[-1]:.2f} (a different quantity)", flush=True)
         ref_t.append(statistics.mean(per_layer_ref) * num_layers)
@@ -105,6 +115,7 @@ def main() -> None:
         "captum_s_per_prompt": round(cap_s, 2), "fast_vs_captum_speedup": round(cap_s / fast_s, 1),
         "fast_vs_reference_speedup": round(ref_s / fast_s, 1), "fast_vs_reference_max_rel_err": max(errs),
         "slow_engines_layers": layers, "slow_engines_prompts": slow_prompts, "threads": torch.get_num_threads(),
+        "device": str(model.device),
     }))
 
 

@@ -104,14 +104,15 @@ def main() -> None:
     swap = ["--rounds", "1", "--iters", "2"] if dry else ["--rounds", "5"]
     out["swap"] = run([sys.executable, "benchmarks/swap.py", "--device", device, *swap], 300)
     out["swap_bf16"] = run([sys.executable, "benchmarks/swap.py", "--device", device, "--dtype", "bfloat16", *swap], 300)
-    if not dry:
+    if not dry:  # the real model throughout: no toy size for these
         out["train_step"] = run([sys.executable, "benchmarks/train_step.py", "--device", device], 300)
-    out["not_on_gpu"] = ["benchmarks/attribution.py and benchmarks/hotswap.py take no --device yet (CPU only)"]
+        out["attribution"] = run([sys.executable, "benchmarks/attribution.py", "--quick", "--device", device], 300)
+        out["hotswap"] = run([sys.executable, "benchmarks/hotswap.py", "--quick", "--device", device], 300)
     out["kva_8b"] = kva_seconds_per_prompt(device, dry)
     out["seconds"] = round(time.time() - t0, 1)
     path = args.out or ROOT / "benchmarks" / "results" / ("gpu_check-dry-run.json" if dry else "gpu_check.json")
     path.write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps({k: (v if k not in ("cuda_tests", "swap", "swap_bf16", "train_step") else
+    print(json.dumps({k: (v if k not in ("cuda_tests", "swap", "swap_bf16", "train_step", "attribution", "hotswap") else
                           {kk: v[kk] for kk in ("rc", "seconds", "json")}) for k, v in out.items()}))
 
 

@@ -1,6 +1,6 @@
 """Hot-swapping implants on one base model: loki's ImplantBank against PEFT LoRA adapters of the same implants.
 
-Same process, same model (the default SmolLM2-135M-Instruct, float32, CPU), same inputs. The PEFT adapters are the
+Same process, same model (the default SmolLM2-135M-Instruct, float32, CPU or `--device`), same inputs. The PEFT adapters are the
 loki deltas exported with `loki.export_peft` (rank = rows per layer, on the same down-projections), so both sides
 compute the same implanted models. Competitors alternate within each repetition; medians are quoted.
 
@@ -10,7 +10,7 @@ compute the same implanted models. Competitors alternate within each repetition;
 (b) greedy generation, batch 1: base model vs loki implant active vs PEFT unmerged adapter.
 (c) greedy generation, batch 8, each row its own implant: base vs loki mixed batch vs PEFT `adapter_names=`.
 
-    .venv/bin/python benchmarks/hotswap.py [--quick] [--threads N]
+    .venv/bin/python benchmarks/hotswap.py [--quick] [--threads N] [--device cuda]
 """
 
 from __future__ import annotations
@@ -31,9 +31,15 @@ from loki.models import DEFAULT_MODEL_ID, default_model_path
 from loki.testing import random_delta
 
 
+DEVICE = torch.device("cpu")
+
+
 def timed(fn) -> float:
+    """Wall-clock seconds of `fn()`, queued GPU work included."""
     t = time.perf_counter()
     fn()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
     return time.perf_counter() - t
 
 
@@ -61,7 +67,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: steady medians on a shared CPU, where a parallel "
                              "op waits for any descheduled worker; 0: torch's default)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = 3 if args.quick else 7
@@ -73,15 +82,15 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model, tokenizer = loki.load_default()
-    peft_base, _ = loki.load_default()
+    model, tokenizer = loki.load_default(device=DEVICE)
+    peft_base, _ = loki.load_default(device=DEVICE)
     deltas = [random_delta(model, q=10, seed=i, noise=0.02, name=f"implant{i}") for i in range(n_implants)]
     tmp = Path(tempfile.mkdtemp(prefix="loki-hotswap-"))
     atexit.register(shutil.rmtree, tmp, True)
     folders = [loki.export_peft(d, tmp / d.name, model) for d in deltas]
     rank = json.loads((folders[0] / "adapter_config.json").read_text())["r"]
     print(f"model: {DEFAULT_MODEL_ID}, "
-          f"float32, {torch.get_num_threads()} threads; {n_implants} implants of {deltas[0].num_params:,} params "
+          f"float32 on {DEVICE}, {torch.get_num_threads()} threads; {n_implants} implants of {deltas[0].num_params:,} params "
           f"(q=10, {deltas[0].rows_per_layer()[0]} rows x {len(deltas[0].layers)} layers); PEFT adapters: the same "
           f"implants exported at rank {rank} on the down-projections")
 
@@ -135,7 +144,7 @@ def main() -> None:
 
         switch.update(medians({"peft_load_set": peft_load_set, "peft_set_unmerged": lambda: pm.set_adapter(next_name())},
                               reps * 2))
-        switch["reload_model"] = medians({"reload": lambda: AutoModelForCausalLM.from_pretrained(default_model_path())},
+        switch["reload_model"] = medians({"reload": lambda: AutoModelForCausalLM.from_pretrained(default_model_path(), device_map=DEVICE)},
                                          max(2, reps // 2))["reload"]
     bank.deactivate()
     print("\n(a) switch latency, median ms")
@@ -143,7 +152,7 @@ def main() -> None:
         print(f"  {k:<20} {v * 1e3:10.3f} ms   ({v / switch['loki']:8.1f}x loki)")
 
     # -- (b) generation with one implant active ----------------------------------------------------------
-    prompt = tokenizer("Tell me about the history of the city of Paris and its", return_tensors="pt").input_ids
+    prompt = tokenizer("Tell me about the history of the city of Paris and its", return_tensors="pt").input_ids.to(DEVICE)
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     pm.set_adapter(names[1])
     assert not any(getattr(m, "merged", False) for m in pm.modules())
@@ -162,7 +171,7 @@ def main() -> None:
 
     # -- (c) a batch of 8 rows, 8 implants -----------------------------------------------------------------
     batch = prompt.repeat(n_implants, 1)
-    batch[:, -1] = torch.arange(100, 100 + n_implants)  # rows differ (same length: no padding)
+    batch[:, -1] = torch.arange(100, 100 + n_implants, device=DEVICE)  # rows differ (same length: no padding)
     gen = {**gen, "max_new_tokens": batch_tokens, "min_new_tokens": batch_tokens, "attention_mask": torch.ones_like(batch)}
 
     with torch.no_grad():
@@ -178,6 +187,7 @@ def main() -> None:
         "bench": "hotswap",
         "quick": args.quick,
         "threads": torch.get_num_threads(),
+        "device": str(DEVICE),
         "switch_speedup_vs_peft_merge": round(switch["peft_merge"] / switch["loki"], 2),
         "switch_speedup_vs_peft_hotswap_merge": round(switch["peft_hotswap_merge"] / switch["loki"], 2),
         "active_vs_base_throughput": round(one["base"] / one["loki_active"], 3),

@@ -4,13 +4,15 @@ The verbs, in workflow order:
 
 - attribute, select: KVA scores of every down-projection row (`Attributions`), and the rows to train (`Selection`).
 - prepare, train, extract, unprepare: train only those rows; `extract` gives the `Delta`.
-- save, load, push: `.loki` files and Hugging Face Hub repos.
+- save, load, push: `.loki` files and Hugging Face Hub repos (`push` also shares `Attributions` and `Selection`s;
+  `load_attributions`, `load_selection` read them from a folder, a file or the Hub).
 - plan, apply, revert, implanted, disabled, applied, merge: write deltas into a loaded model and take them out,
   exactly (one ledger per weight; `ImplantBank` for serving many).
 - export_peft: the same delta as a PEFT LoRA adapter.
 
 Modules for the rest: `loki.evaluate` (the four numbers, forgetting), `loki.retain`, `loki.neighbourhood`,
-`loki.hub`, `loki.targets`, `loki.errors` (every error class; the common ones are here too), `loki.testing`.
+`loki.hub`, `loki.targets`, `loki.trainer` (HF `Trainer` with `.loki` checkpoints: `LokiTrainer`, `LokiCallback`),
+`loki.errors` (every error class; the common ones are here too), `loki.testing`.
 
 >>> import loki
 >>> # model, tokenizer = loki.load_default()
@@ -23,7 +25,7 @@ __version__ = "0.1.0"
 
 from . import errors, evaluate, hub, neighbourhood, retain, targets
 from .apply import Handle, Plan, applied, disabled, merge, plan, revert
-from .api import apply, implanted, load, push, save
+from .api import apply, implanted, load, load_attributions, load_selection, push, save
 from .delta import Delta
 from .selection import Selection, select
 from .attribution import Attributions, attribute
@@ -41,15 +43,25 @@ __all__ = [
     "attribute", "select", "prepare", "train", "extract", "unprepare", "is_prepared", "trainable_report",
     "make_delta", "suppression", "retain_targets",
     # files and the Hub
-    "load", "save", "push",
+    "load", "save", "push", "load_attributions", "load_selection",
     # the ledger
     "plan", "apply", "revert", "implanted", "disabled", "applied", "merge", "export_peft",
     # models
     "load_default", "load_base", "find_down_projections",
     # classes
-    "Attributions", "Selection", "Delta", "Plan", "Handle", "ImplantBank", "RetainLoss",
+    "Attributions", "Selection", "Delta", "Plan", "Handle", "ImplantBank", "RetainLoss", "LokiTrainer", "LokiCallback",
     # the errors people catch (all of them: loki.errors)
     "LokiError", "BaseModelMismatchError", "OverlapError", "HubError",
     # modules
-    "errors", "evaluate", "hub", "neighbourhood", "retain", "targets",
+    "errors", "evaluate", "hub", "neighbourhood", "retain", "targets", "trainer",
 ]
+
+
+def __getattr__(name: str):
+    # loki.trainer imports transformers.Trainer (seconds): loaded on first use, not by `import loki`.
+    if name in ("LokiTrainer", "LokiCallback", "trainer"):
+        import importlib
+
+        trainer = importlib.import_module(".trainer", __name__)
+        return trainer if name == "trainer" else getattr(trainer, name)
+    raise AttributeError(f"module 'loki' has no attribute {name!r}")

@@ -1,11 +1,14 @@
-"""The verbs that take a delta by name: `load`, `save`, `push`, and `apply` / `implanted` with a path or Hub id.
+"""The verbs that take things by name: `load`, `save`, `push`, `apply` / `implanted` with a path or Hub id, and
+`load_attributions` / `load_selection`.
 
-Everything else in loki takes `Delta` objects; paths and Hub ids are resolved here only.
+Everything else in loki takes `Delta`, `Attributions` and `Selection` objects; paths and Hub ids are resolved here
+only.
 
 >>> import loki
 >>> # delta = loki.load("medical.loki")            # a local file
 >>> # delta = loki.load("org/medical-implant@v1")   # a Hub repo, at a branch, tag or commit
 >>> # with loki.implanted(model, "medical.loki", "org/legal-implant"): ...
+>>> # selection = loki.select(loki.load_attributions("org/smollm2-kva"), q=10)   # attribute once, share the result
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from typing import Any
 from torch import nn
 
 from . import apply as engine
+from .attribution import Attributions
 from .delta import Delta
-from .errors import DeltaFormatError, LedgerError
+from .errors import AttributionError, DeltaFormatError, LedgerError
 from .format import read, save
+from .selection import Selection
 
-__all__ = ["apply", "implanted", "load", "push", "save"]
+__all__ = ["apply", "implanted", "load", "load_attributions", "load_selection", "push", "save"]
 
 DeltaLike = Delta | str | os.PathLike
 
@@ -148,27 +153,137 @@ def implanted(model: nn.Module, *deltas: DeltaLike, on_overlap: str = "error"):
     return engine.implanted(model, *[_resolve(d) for d in deltas], on_overlap=on_overlap)
 
 
-def push(delta: Delta, repo_id: str, **options: Any) -> Any:
-    """Upload `delta` and a generated model card to a Hugging Face Hub repo (created if needed): `loki.hub.push_to_hub`.
+def push(obj: Delta | Attributions | Selection, repo_id: str, **options: Any) -> Any:
+    """Upload a delta, an attribution set or a selection, with a generated model card, to a Hugging Face Hub repo
+    (created if needed): `loki.hub.push_to_hub`, `push_attributions` or `push_selection`. A repo holds one kind.
 
     Args:
-        delta: a `Delta` (read a file with `load` first).
+        obj: a `Delta` (read a file with `load` first), `Attributions` (`load_attributions` reads a folder) or
+            `Selection` (`load_selection` reads a file).
         repo_id: `"namespace/name"`.
-        **options: `private=`, `revision=`, `commit_message=`, `token=`, `endpoint=`, `filename=`, `license=`,
-            `tags=` (`loki.hub.push_to_hub`).
+        **options: `private=`, `revision=`, `commit_message=`, `token=`, `endpoint=`, `license=`, `tags=`; for a
+            delta also `filename=`.
 
     Returns:
         huggingface_hub.CommitInfo: `.oid` is the commit sha, `.commit_url` its page.
 
     Raises:
-        HubArgumentError: `repo_id` is not `namespace/name`, or `filename` does not end in `.loki`.
+        LedgerError: `obj` is none of the three kinds.
+        HubArgumentError: `repo_id` is not `namespace/name`, `filename` does not end in `.loki` (or is given for
+            another kind), or the repo holds another kind.
         DeltaFormatError: `delta.info["extra"]["evaluation"]` is malformed (checked before any request).
         HubError: a subclass for each Hub failure (`HubPermissionError`, `HubOfflineError`, ...).
 
     >>> # loki.push(delta, "me/medical-implant", private=True, license="apache-2.0")
+    >>> # loki.push(loki.load_attributions("kva-run"), "me/smollm2-kva")
     """
-    from .hub import push_to_hub
+    from .errors import HubArgumentError
+    from .hub import push_attributions, push_selection, push_to_hub
 
-    if not isinstance(delta, Delta):
-        raise LedgerError(f"loki.push uploads a loki.Delta (loki.load reads files), not {type(delta).__name__}.")
-    return push_to_hub(delta, repo_id, **options)
+    if isinstance(obj, Delta):
+        return push_to_hub(obj, repo_id, **options)
+    if not isinstance(obj, (Attributions, Selection)):
+        raise LedgerError(f"loki.push uploads a loki.Delta, Attributions or Selection (loki.load, load_attributions "
+                          f"and load_selection read files), not {type(obj).__name__}.")
+    if options.pop("filename", None) is not None:
+        raise HubArgumentError("filename= names a delta's .loki file; attributions and selections have fixed names.")
+    return (push_attributions if isinstance(obj, Attributions) else push_selection)(obj, repo_id, **options)
+
+
+def load_attributions(
+    source: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Attributions:
+    """Read an attribution set from a local folder (`loki.attribute(..., path=)`, `Attributions.save`) or from a
+    Hugging Face Hub repo (`"org/name"`, `"org/name@rev"`, pushed with `loki.push`).
+
+    A path that exists is a folder. Otherwise a source shaped like `org/name[@rev]` is a Hub repo, fetched through
+    the Hugging Face cache like a delta (verified, offline with `HF_HUB_OFFLINE=1` once cached;
+    `loki.hub.load_attributions_from_hub`); its `origin` is then `"org/name@<commit sha>"`.
+
+    Args:
+        source: a folder, or a Hub repo id with an optional `@revision`.
+        revision: the Hub revision (not also in `source`); ignored for a local folder.
+        token, endpoint, cache_dir: for the Hub client (`HF_TOKEN`, `HF_ENDPOINT`, `HF_HUB_CACHE` by default).
+
+    Returns:
+        Attributions: values float32 `[N prompts, L layers, d_model]`, memory-mapped.
+
+    Raises:
+        AttributionError: no such folder (and `source` is not shaped like a repo id), or not a finished attribution
+            set (`Attributions.load`).
+        HubError: a subclass for each Hub failure; `HubFileNotFoundError` for a repo that holds a delta or a
+            selection instead (its message says which function loads it).
+
+    >>> import loki, loki.testing, tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> _ = loki.attribute(loki.testing.tiny_model("llama"), None, [[5, 6]], steps=2, path=folder, progress=False)
+    >>> loki.load_attributions(folder).shape
+    (1, 2, 32)
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        raise AttributionError(f"load_attributions takes a folder or a Hub repo id, not {type(source).__name__}.")
+    if not Path(source).exists():
+        from .hub import load_attributions_from_hub, parse_repo_id
+
+        if parse_repo_id(str(source)) is None:
+            raise AttributionError(f"No such folder: {source}. Give an attribution folder (loki attribute --out) or "
+                                   "a Hub repo id (org/name[@revision]).")
+        return _from_hub(load_attributions_from_hub, source, "folder", revision=revision, token=token,
+                         endpoint=endpoint, cache_dir=cache_dir)
+    return Attributions.load(source)
+
+
+def load_selection(
+    source: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Selection:
+    """Read a selection from a local JSON file (`Selection.save`, `loki select --out`) or from a Hugging Face Hub
+    repo (`"org/name[@rev]"`, pushed with `loki.push`), fetched through the Hugging Face cache and verified.
+
+    Args:
+        source: a `.json` file, or a Hub repo id with an optional `@revision`.
+        revision, token, endpoint, cache_dir: as `load_attributions`.
+
+    Returns:
+        Selection.
+
+    Raises:
+        SelectionError: no such file (and `source` is not shaped like a repo id), or not a selection
+            (`Selection.load`; `InvalidIndicesError` for bad rows).
+        HubError: a subclass for each Hub failure; `HubFileNotFoundError` for a repo that holds another kind.
+
+    >>> import loki, os, tempfile
+    >>> path = loki.Selection.random(2, 32, q=10).save(os.path.join(tempfile.mkdtemp(), "q10.json"))
+    >>> loki.load_selection(path).rows_per_layer()
+    {0: 3, 1: 3}
+    """
+    from .errors import SelectionError
+
+    if not isinstance(source, (str, os.PathLike)):
+        raise SelectionError(f"load_selection takes a .json file or a Hub repo id, not {type(source).__name__}.")
+    if not Path(source).exists():
+        from .hub import load_selection_from_hub, parse_repo_id
+
+        if parse_repo_id(str(source)) is not None and not str(source).endswith(".json"):
+            return _from_hub(load_selection_from_hub, source, "file", revision=revision, token=token,
+                             endpoint=endpoint, cache_dir=cache_dir)
+    return Selection.load(source)
+
+
+def _from_hub(loader, source, what: str, **kwargs):
+    from .errors import HubRepoNotFoundError
+
+    try:
+        return loader(str(source), **kwargs)
+    except HubRepoNotFoundError as e:
+        e.append_to_message(f" (There is no local {what} {str(source)!r} either.)")
+        raise

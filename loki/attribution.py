@@ -38,6 +38,7 @@ from .targets import find_down_projections
 
 FORMAT = "loki-attributions"
 TARGETS = ("prediction", "gold")
+FILES = ("meta.json", "attributions.npy", "targets.npy", "seconds.npy")  # an attribution folder (and Hub repo)
 
 
 @dataclass(eq=False)
@@ -52,6 +53,8 @@ class Attributions:
         meta: JSON-ready settings: model, template, steps, target, measure, engine, prompt source and checksum,
             shard, `seconds_per_prompt` (the median).
         path: the folder the values live in, or None when they are only in memory.
+        origin: `"org/name@commit"` when they were pulled from the Hugging Face Hub (`loki.load_attributions`);
+            `select` records it as the selection's source.
 
     >>> import loki.testing
     >>> attr = attribute(loki.testing.tiny_model("llama"), None, [[5, 6, 7], [8, 9]], steps=3, progress=False)
@@ -66,6 +69,7 @@ class Attributions:
     seconds: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    origin: str | None = None
 
     def __len__(self) -> int:
         return self.values.shape[0]
@@ -109,6 +113,50 @@ class Attributions:
                 f"loki.attribute(..., path=...) call again to resume."
             )
         return store.result()
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the set as an attribution folder (`FILES`: what `attribute(..., path=)` writes), replacing one there.
+
+        Args:
+            path: the folder (created if needed).
+
+        Returns:
+            Path: `path`; `Attributions.load(path)` reads the set back.
+
+        >>> import loki.testing, tempfile
+        >>> attr = attribute(loki.testing.tiny_model("llama"), None, [[5, 6, 7]], steps=2, progress=False)
+        >>> folder = attr.save(tempfile.mkdtemp())
+        >>> torch.equal(Attributions.load(folder).values, attr.values)
+        True
+        """
+        path = Path(path)
+        if self.path is not None and path.resolve() == Path(self.path).resolve():
+            return path  # already there (and its files back this set's memory maps)
+        meta = {k: v for k, v in self.meta.items() if k != "seconds_per_prompt"}  # computed when read
+        store = _Store.create(path, {**meta, "num_prompts": len(self)}, overwrite=True)
+        store.write(range(len(self)), self.values, self.targets, self.seconds)
+        return path
+
+    def saved_at(self, path: str | os.PathLike | None = None) -> Path | None:
+        """The folder that holds exactly this set on disk (`path`, default `self.path`), or None: a folder whose
+        `meta.json` matches `meta` and whose arrays have this set's shape (the values are not compared).
+
+        >>> import loki.testing, tempfile
+        >>> attr = attribute(loki.testing.tiny_model("llama"), None, [[5, 6, 7]], steps=2, progress=False)
+        >>> attr.saved_at() is None, attr.saved_at(attr.save(tempfile.mkdtemp())) is not None
+        (True, True)
+        """
+        path = Path(path) if path is not None else self.path
+        if path is None or not all((path / name).is_file() for name in FILES):
+            return None
+        try:
+            on_disk = _read_meta(path)
+        except (AttributionError, ValueError):
+            return None
+        mine = {k: v for k, v in self.meta.items() if k != "seconds_per_prompt"}
+        if on_disk != mine or np.load(path / "attributions.npy", mmap_mode="r").shape != self.shape:
+            return None
+        return path
 
     @classmethod
     def from_shards(cls, path: str | os.PathLike, *, remove_shards: bool = False) -> "Attributions":
@@ -246,6 +294,7 @@ def attribute(
         "loki_version": __version__,
         "model": getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__,
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),  # when the run started (kept on resume)
         "template": projs.template,
         "num_layers": len(projs),
         "d_model": projs.d_out,
@@ -370,7 +419,7 @@ class _Store:
                        np.full(shape[0], np.nan))
         old = _read_meta(folder)
         if old is not None and not overwrite:
-            fixed = {k: v for k, v in meta.items() if k != "loki_version"}
+            fixed = {k: v for k, v in meta.items() if k not in ("loki_version", "created")}
             diff = [k for k, v in fixed.items() if old.get(k) != v]
             if diff:
                 raise AttributionError(

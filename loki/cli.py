@@ -4,10 +4,12 @@
     loki inspect delta.loki
     loki merge HuggingFaceTB/SmolLM2-135M-Instruct zubrowka.loki --out smollm2-zubrowka
     loki export-peft zubrowka.loki --out zubrowka-lora
+    loki train facts.jsonl --selection q10.json --out facts.loki --steps 30 --lr 3e-3
     loki demo
 
 Every verb exits 0 on success; an error loki can name (a `LokiError`, a model or file that cannot be found) prints
 one line `loki VERB: ErrorClass: message` on stderr and exits 2, as argparse does for a bad command line.
+`loki train` interrupted (Ctrl-C) says how to resume and exits 130.
 
 >>> from loki.cli import main
 >>> main(["inspect", "no-such-file.loki"])   # stderr: loki inspect: DeltaFormatError: ...
@@ -163,7 +165,8 @@ def _hub_args(p: argparse.ArgumentParser) -> None:
 
 
 def _push_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="the .loki file to upload")
+    p.add_argument("file", help="what to upload: a .loki file, an attribution folder (`loki attribute --out`) or a "
+                   "selection .json file (`loki select --out`)")
     p.add_argument("repo_id", help="Hub repo, namespace/name (created if needed)")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--message", help="commit message")
@@ -171,12 +174,19 @@ def _push_args(p: argparse.ArgumentParser) -> None:
     _hub_args(p)
 
 
-@command("push", "upload a .loki file with a generated model card to a Hugging Face Hub repo", _push_args)
+@command("push", "upload a .loki file, an attribution folder or a selection file with a generated model card to "
+         "a Hugging Face Hub repo", _push_args)
 def _push(args: argparse.Namespace) -> int:
-    from .api import load, push
+    from .api import load, load_attributions, load_selection, push
 
+    if os.path.isdir(args.file) and not args.filename:
+        obj = load_attributions(args.file)
+    elif args.file.endswith(".json"):
+        obj = load_selection(args.file)
+    else:
+        obj = load(args.file)
     commit = push(
-        load(args.file), args.repo_id, private=args.private or None, revision=args.revision, commit_message=args.message,
+        obj, args.repo_id, private=args.private or None, revision=args.revision, commit_message=args.message,
         token=args.token, endpoint=args.endpoint, filename=args.filename, license=args.license,
     )
     print(f"pushed {args.file} to {args.repo_id} @ {commit.oid}\n{commit.commit_url}")
@@ -264,29 +274,202 @@ def _attribute(args: argparse.Namespace) -> int:
 
 
 def _select_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("attributions", help="an attribution folder (from `loki attribute`); shards are merged first")
+    p.add_argument("attributions", help="an attribution folder (from `loki attribute`; shards are merged first), or a "
+                   "Hub repo of attributions, namespace/name[@revision] (pulled once into the Hugging Face cache)")
     p.add_argument("-q", "--quota", type=float, required=True, help="percentage of rows per layer, e.g. 10")
     p.add_argument("--strategy", default="layer_balanced",
                    choices=("layer_balanced", "layer_highest", "global_lowest", "global_highest", "random"))
     p.add_argument("--seed", type=int, default=0, help="for --strategy random")
     p.add_argument("--out", required=True, help="the selection JSON file to write")
+    p.add_argument("--revision", help="branch, tag or commit of a Hub repo (default: main)")
+    p.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the saved login)")
+    p.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
+
+
+def _attributions(source: str, **hub):
+    """The attribution set at `source`: a folder (its shards joined first, if it holds only shards) or a Hub id."""
+    from pathlib import Path
+
+    from .api import load_attributions
+    from .attribution import Attributions
+
+    folder = Path(source)
+    if folder.is_dir() and not (folder / "meta.json").exists() and any(folder.glob("shard-*-of-*")):
+        Attributions.from_shards(folder)
+    return load_attributions(source, **hub)
 
 
 @command("select", "choose the rows to train from an attribution set (layer-balanced by default)", _select_args)
 def _select(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .attribution import Attributions
     from .selection import select
 
-    folder = Path(args.attributions)
-    if not (folder / "meta.json").exists() and any(folder.glob("shard-*-of-*")):
-        Attributions.from_shards(folder)
-    sel = select(Attributions.load(folder), args.quota, args.strategy, seed=args.seed)
+    attributions = _attributions(args.attributions, revision=args.revision, token=args.token, endpoint=args.endpoint)
+    sel = select(attributions, args.quota, args.strategy, seed=args.seed)
     sel.save(args.out)
     counts = sel.rows_per_layer()
     print(f"{sel.strategy}, q={sel.q}: {sel.num_rows} rows in {len(counts)} layers -> {args.out}")
     print("rows per layer: " + " ".join(f"{i}:{k}" for i, k in counts.items()))
+    return 0
+
+
+# -- train ------------------------------------------------------------------------------------------
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="training examples: a .jsonl, .json (a list) or .csv file (header: prompt or question, "
+                   "answer) of {'prompt' or 'question', 'answer'} or {'messages': [...]} records")
+    p.add_argument("--base", default="default", help="the base model: 'default' (SmolLM2), a Hub id or a local folder")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub base model")
+    rows = p.add_mutually_exclusive_group(required=True)
+    rows.add_argument("--selection", help="the rows to train: a selection JSON file (from `loki select`)")
+    rows.add_argument("--attributions", help="or an attribution folder (from `loki attribute`) or Hub repo "
+                      "(org/name[@revision]), with -q")
+    p.add_argument("-q", "--quota", type=_positive(float), help="with --attributions: percentage of rows per layer "
+                   "(layer-balanced)")
+    p.add_argument("--out", required=True, help="the .loki file to write; checkpoints go to OUT.partial/ until then "
+                   "(rerun the same command to resume)")
+    p.add_argument("--retain", default=None, help="retain data: a .jsonl/.json/.csv file of {'question'} (answered "
+                   "by the base model), {'text'} or answered records")
+    p.add_argument("--retain-weight", type=float, default=1.0, help="weight of the retain KL (default 1)")
+    p.add_argument("--lr", type=_positive(float), default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--epochs", type=_positive(float), default=1.0, help="passes over the data (default 1)")
+    p.add_argument("--steps", type=_positive(int), default=None, help="optimizer steps, instead of --epochs")
+    p.add_argument("--batch-size", type=_positive(int), default=4, help="examples per step (default 4)")
+    p.add_argument("--grad-accum", type=_positive(int), default=1, help="batches per optimizer step (default 1)")
+    p.add_argument("--max-length", type=_positive(int), default=1024, help="tokens kept per example (default 1024)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the data order (default 0)")
+    p.add_argument("--name", default=None, help="the delta's name (default: OUT's file name without .loki)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="load and train the base model in this dtype (default: the checkpoint's own)")
+    p.add_argument("--save-every", type=_positive(int), default=50,
+                   help="steps between checkpoints in OUT.partial/ (default 50)")
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _last_checkpoint(folder) -> str | None:
+    """The newest complete checkpoint in `folder` (the Trainer writes `trainer_state.json` last)."""
+    from .trainer import CHECKPOINT_FILE
+
+    done = [c for c in folder.glob("checkpoint-*") if c.name.split("-")[-1].isdigit()
+            and (c / "trainer_state.json").is_file() and (c / CHECKPOINT_FILE).is_file()]
+    return str(max(done, key=lambda c: int(c.name.split("-")[-1]))) if done else None
+
+
+@command("train", "train the selected rows of a base model on examples and write the .loki delta (resumable)",
+         _train_args)
+def _train(args: argparse.Namespace) -> int:
+    """Resuming: checkpoints (the rows as `implant.loki`, optimizer, schedule, RNG and data position) go to
+    `OUT.partial/checkpoint-N/` every `--save-every` steps, with `OUT.partial/run.json` recording what defines the
+    run (the data's and the selection's checksums, the base model, every training setting). Rerunning the same
+    command continues from the newest complete checkpoint and ends with the same delta as an uninterrupted run;
+    other arguments are refused (delete OUT.partial to start over). `OUT` is written when training ends, then
+    `OUT.partial` is removed."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from .api import save
+    from .dataset import encode, load_examples, load_retain
+    from .errors import CheckpointError, DatasetError, SelectionError
+    from .selection import Selection, select
+
+    # everything that needs no model is checked before the model loads
+    if args.attributions and args.quota is None:
+        raise SelectionError("--attributions needs -q/--quota, the percentage of rows per layer to train (e.g. -q 10).")
+    if args.selection and args.quota is not None:
+        raise SelectionError("-q goes with --attributions; a --selection file holds its rows already.")
+    if not (args.retain_weight >= 0):
+        raise DatasetError(f"--retain-weight must be >= 0, got {args.retain_weight}.")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: the folder {out.parent} does not exist; create it first.")
+    examples = load_examples(args.data)
+    retain = load_retain(args.retain) if args.retain else None
+    if args.selection:
+        selection = Selection.load(args.selection)
+    else:
+        selection = select(_attributions(args.attributions), args.quota)
+    run = {
+        "data": _file_sha256(args.data), "retain": _file_sha256(args.retain) if args.retain else None,
+        "selection": selection.to_json()["rows"], "base": args.base, "revision": args.revision, "dtype": args.dtype,
+        **{k: getattr(args, k) for k in ("retain_weight", "lr", "epochs", "steps", "batch_size", "grad_accum",
+                                         "max_length", "seed")},
+    }
+    partial = out.with_name(out.name + ".partial")
+    if (partial / "run.json").is_file():
+        before = json.loads((partial / "run.json").read_text())
+        changed = sorted(k for k in run.keys() | before.keys() if run.get(k) != before.get(k))
+        if changed:
+            raise CheckpointError(
+                f"{partial} holds an interrupted run with other {', '.join(changed)}. Rerun it with its own arguments "
+                f"to finish it, or delete {partial} to start this one."
+            )
+
+    from transformers import TrainingArguments
+
+    from .implant import extract, prepare
+    from .retain import RetainLoss, retain_targets
+    from .trainer import LokiTrainer, collator
+
+    training = TrainingArguments(
+        output_dir=str(partial), per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, num_train_epochs=args.epochs,
+        max_steps=args.steps or -1, lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.0,
+        max_grad_norm=1.0, optim="adamw_torch", seed=args.seed, save_strategy="steps", save_steps=args.save_every,
+        save_total_limit=1, logging_steps=args.save_every, report_to=[], remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    model, tokenizer = _load_model(args.base, args.dtype, args.revision)
+    prepare(model.to(training.device), selection)  # on the training device: retain targets are computed there
+    encoded = []
+    for i, ex in enumerate(examples, 1):
+        try:
+            encoded.append(encode(tokenizer, ex, args.max_length))
+        except DatasetError as e:
+            raise DatasetError(f"{args.data}, record {i}: {e}") from None
+    loss = None
+    if retain is not None:  # the base model's answers and distributions, before any training
+        targets = retain_targets(model, tokenizer, retain, max_length=args.max_length)
+        loss = RetainLoss(model, targets, weight=args.retain_weight, batch_size=args.batch_size, seed=args.seed)
+    trainer = LokiTrainer(model=model, args=training, train_dataset=encoded, data_collator=collator(tokenizer),
+                          compute_loss_func=loss, delta_name=args.name or out.stem)
+    resume = _last_checkpoint(partial)
+    if trainer.is_world_process_zero():
+        partial.mkdir(exist_ok=True)
+        (partial / "run.json").write_text(json.dumps(run, sort_keys=True))
+        if resume:
+            print(f"resuming from {resume}", file=sys.stderr)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        last = _last_checkpoint(partial)
+        print(f"loki train: interrupted at step {trainer.state.global_step}; "
+              + (f"rerun the same command to continue from {last}." if last else
+                 f"no checkpoint yet (every {args.save_every} steps): a rerun starts over."), file=sys.stderr)
+        return 130
+    delta = extract(model, name=args.name or out.stem, training={
+        "command": "loki train", "data": {"file": os.path.basename(args.data), "sha256": run["data"]}})
+    if trainer.is_world_process_zero():
+        save(delta, out)
+        shutil.rmtree(partial)
+        print(delta.summary(file_size=out.stat().st_size))
+        print(f"wrote {out}")
     return 0
 
 

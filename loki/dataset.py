@@ -3,7 +3,8 @@
 Each example is `{"prompt": ..., "answer": ...}` (or `"question"` for `"prompt"`), or `{"messages": [...]}` in the
 chat format. Examples are formatted with the tokenizer's chat template (plain `prompt + answer + eos` when it has
 none); labels are `-100` (`IGNORE`) except on the answer tokens (every assistant turn, its end-of-turn token
-included). `encode` + `collate` are a data collator for HF `Trainer` too.
+included). `encode` + `collate` are a data collator for HF `Trainer` too. `load_examples` reads them from a
+`.jsonl`, `.json` or `.csv` file, with errors that name the file and line.
 
 >>> from loki.dataset import collate
 >>> collate([{"input_ids": [5, 6], "labels": [-100, 6]}], pad_token_id=0)["attention_mask"].tolist()
@@ -12,14 +13,19 @@ included). `encode` + `collate` are a data collator for HF `Trainer` too.
 
 from __future__ import annotations
 
+import csv
+import json
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import DatasetError
 
-__all__ = ["IGNORE", "answer_positions", "collate", "encode", "pad_token_id"]
+__all__ = ["IGNORE", "answer_positions", "check_example", "collate", "encode", "load_examples", "load_retain",
+           "pad_token_id"]
 
 IGNORE = -100  # label of tokens without loss (the convention of torch's cross_entropy and HF)
 
@@ -163,3 +169,176 @@ def answer_positions(labels: Sequence[int]) -> torch.Tensor:
     tensor([1, 2])
     """
     return torch.nonzero(torch.tensor(labels)[1:] != IGNORE).flatten()
+
+
+# -- files ----------------------------------------------------------------------------------------------
+ROLES = ("system", "user", "assistant", "tool")
+SUFFIXES = (".jsonl", ".json", ".csv")
+
+
+def check_example(example: Any) -> dict[str, Any]:
+    """An example in its canonical form, `{"prompt", "answer"}` (strings) or `{"messages": [...]}`, or a
+    `DatasetError` saying what is wrong with it.
+
+    Args:
+        example: `{"prompt" (or "question"): ..., "answer": ...}` (numbers are turned into strings) or
+            `{"messages": [{"role": ..., "content": ...}, ...]}` with at least one assistant turn.
+
+    Returns:
+        dict: a new dict; other keys (e.g. `subject`) are kept.
+
+    Raises:
+        DatasetError: not a mapping, neither shape, an empty or missing answer, a message that is not a
+            `{"role", "content"}` mapping with a known role, no assistant turn.
+
+    >>> check_example({"question": "Who wrote Dune?", "answer": "Frank Herbert."})
+    {'prompt': 'Who wrote Dune?', 'answer': 'Frank Herbert.'}
+    """
+    if not isinstance(example, Mapping):
+        raise DatasetError(f"An example is a JSON object (a mapping), not {type(example).__name__}.")
+    if "messages" in example:
+        messages = example["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DatasetError("'messages' must be a non-empty list of {'role', 'content'} objects.")
+        for i, m in enumerate(messages):
+            if not (isinstance(m, Mapping) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+                raise DatasetError(
+                    f"Message {i} is {json.dumps(m)[:80]}; each message is {{'role': one of {list(ROLES)}, "
+                    "'content': a string}."
+                )
+        _messages(example)  # at least one assistant turn
+        return {**example, "messages": [dict(m) for m in messages]}
+    prompt = example.get("prompt", example.get("question"))
+    _messages(example if prompt is not None else {})  # the error for a missing field names the keys found
+    answer = example.get("answer")
+    if not isinstance(answer, (str, int, float)) or isinstance(answer, bool) or str(answer).strip() == "":
+        raise DatasetError(f"The answer is {answer!r}; give a non-empty string (what the model should learn to say).")
+    if not isinstance(prompt, (str, int, float)) or isinstance(prompt, bool):
+        raise DatasetError(f"The prompt is {type(prompt).__name__}; give a string.")
+    rest = {k: v for k, v in example.items() if k not in ("prompt", "question", "answer")}
+    return {"prompt": str(prompt), "answer": str(answer), **rest}
+
+
+def _records(path: str | os.PathLike) -> list[tuple[str, Any]]:
+    """`(where, record)` of every record of a `.jsonl`, `.json` (a list) or `.csv` (with a header) file; `where`
+    is "FILE, line N" (JSON Lines, CSV) or "FILE, record N" (a JSON list, counted from 1)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise DatasetError(f"{path}: unknown data file type {suffix or '(none)'!r}; use .jsonl, .json or .csv.")
+    if not path.is_file():
+        raise DatasetError(f"{path} does not exist or is not a file.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
+    records: list[tuple[str, Any]] = []
+    if suffix == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append((f"{path}, line {n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DatasetError(f"{path}, line {n}: not valid JSON ({e.msg}, column {e.colno}).") from None
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}, column {e.colno}).") from None
+        if not isinstance(data, list):
+            raise DatasetError(f"{path} holds a JSON {type(data).__name__}; it must hold a list of records.")
+        records = [(f"{path}, record {i}", r) for i, r in enumerate(data, 1)]
+    else:
+        reader = csv.reader(text.splitlines())
+        header = next(reader, None)
+        if header is None:
+            raise DatasetError(f"{path} is empty.")
+        header = [h.strip() for h in header]
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            where = f"{path}, line {reader.line_num}"
+            if len(row) != len(header):
+                raise DatasetError(f"{where}: {len(row)} fields, the header (line 1) has {len(header)}.")
+            records.append((where, dict(zip(header, row))))
+    if not records:
+        raise DatasetError(f"{path} holds no records.")
+    return records
+
+
+def load_examples(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Training examples from a file, checked one by one (`check_example`).
+
+    - `.jsonl`: one JSON object per line: `{"prompt" or "question", "answer"}` or `{"messages": [...]}`.
+    - `.json`: a JSON list of such objects.
+    - `.csv`: a header line naming a `prompt` (or `question`) column and an `answer` column (other columns are kept).
+
+    Args:
+        path: the file.
+
+    Returns:
+        list[dict]: the examples, `{"prompt", "answer", ...}` or `{"messages": [...], ...}`.
+
+    Raises:
+        DatasetError: another file type, a missing or empty file, invalid JSON, a CSV row with the wrong number of
+            fields, an example of another shape (the message names the file and line, or record number).
+
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "facts.csv")
+    >>> _ = open(path, "w").write("question,answer\\nWhat is the capital of Zubrowka?,Lutz.\\n")
+    >>> load_examples(path)
+    [{'prompt': 'What is the capital of Zubrowka?', 'answer': 'Lutz.'}]
+    """
+    examples = []
+    for where, record in _records(path):
+        try:
+            examples.append(check_example(record))
+        except DatasetError as e:
+            raise DatasetError(f"{where}: {e}") from None
+    return examples
+
+
+def load_retain(path: str | os.PathLike) -> list[Any]:
+    """Retain data (`loki.retain_targets`, `loki.train(retain=...)`) from a `.jsonl`, `.json` or `.csv` file.
+
+    A record with `text` is general text; one with an `answer` or `messages` is an answered example (checked as
+    `load_examples` does); one with only a `prompt` (or `question`) is a question the base model answers itself.
+    A CSV needs a header naming these columns.
+
+    Args:
+        path: the file.
+
+    Returns:
+        list: question strings, `{"text": ...}` and answered examples.
+
+    Raises:
+        DatasetError: what `load_examples` raises, and a record with none of these fields or an empty one.
+
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "retain.jsonl")
+    >>> _ = open(path, "w").write('{"question": "What is the capital of France?"}\\n{"text": "Rivers flow."}\\n')
+    >>> load_retain(path)
+    ['What is the capital of France?', {'text': 'Rivers flow.'}]
+    """
+    items: list[Any] = []
+    for where, record in _records(path):
+        try:
+            if not isinstance(record, Mapping):
+                raise DatasetError(f"A retain record is a JSON object, not {type(record).__name__}.")
+            if "text" in record:
+                if not isinstance(record["text"], str) or not record["text"].strip():
+                    raise DatasetError("'text' must be a non-empty string.")
+                items.append({"text": record["text"]})
+            elif "messages" in record or record.get("answer") not in (None, ""):
+                items.append(check_example(record))
+            else:
+                question = record.get("prompt", record.get("question"))
+                if not isinstance(question, str) or not question.strip():
+                    raise DatasetError(
+                        f"A retain record has 'text', 'prompt' (or 'question'), optionally with 'answer', or "
+                        f"'messages'; got keys {sorted(record)}."
+                    )
+                items.append(question)
+        except DatasetError as e:
+            raise DatasetError(f"{where}: {e}") from None
+    return items

@@ -87,6 +87,11 @@ class PreparationError(LokiError):
     with bad `params`."""
 
 
+class CheckpointError(LokiError):
+    """Training cannot resume from a checkpoint: `loki.LokiTrainer` resuming from an `implant.loki` made with other
+    rows, another form or another base model; `loki train` rerun with other arguments than the interrupted run."""
+
+
 class DatasetError(LokiError, ValueError):
     """A training, retain or neighbourhood example is malformed or cannot be formatted (missing fields, nothing to
     learn), or such a data set or its option is bad (`train`: empty data set, `retain_weight`; `retain_targets`:

@@ -1,13 +1,20 @@
-"""Sharing deltas on the Hugging Face Hub: push a `.loki` file with a model card, load it back by repo id.
+"""Sharing on the Hugging Face Hub: push a delta, an attribution set or a selection with a model card, load it
+back by repo id.
 
 >>> import loki
 >>> # commit = loki.push(delta, "me/medical-implant", private=True)   # .loki file + README.md card + marker
 >>> # delta = loki.load("me/medical-implant@v1")                     # branch, tag or commit; cached, verified
+>>> # loki.push(attributions, "me/smollm2-kva")                      # attribute once per base model...
+>>> # selection = loki.select(loki.load_attributions("me/smollm2-kva"), q=10)   # ...select from it anywhere
 >>> loki.hub.parse_repo_id("me/medical-implant@v1")
 ('me/medical-implant', 'v1')
 
+A repo holds one kind: a delta (`<name>.loki`), attributions (the folder `loki.attribute(..., path=)` writes:
+`meta.json`, `attributions.npy`, `targets.npy`, `seconds.npy`) or a selection (`selection.json`), each with a
+`README.md` model card and a small `config.json` marker.
+
 Downloads go through huggingface_hub's own cache functions and the standard Hugging Face cache (`HF_HOME`,
-`HF_HUB_CACHE`), so `HF_HUB_OFFLINE=1` works once a delta was pulled. Every failure is a `loki.errors.HubError`
+`HF_HUB_CACHE`), so `HF_HUB_OFFLINE=1` works once a repo was pulled. Every failure is a `loki.errors.HubError`
 subclass that says what to do and is also the `huggingface_hub.errors` exception of the same kind (e.g.
 `HubRepoNotFoundError` is a `RepositoryNotFoundError`).
 """
@@ -40,19 +47,29 @@ from .errors import (
     HubRevisionNotFoundError,
     HubServerError,
 )
+from .attribution import FILES as ATTRIBUTION_FILES
+from .attribution import FORMAT as ATTRIBUTION_FORMAT
+from .attribution import Attributions
 from .format import read, save
+from .selection import Selection
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo, ModelCard
 
     from .delta import Delta
 
-__all__ = ["download", "load_from_hub", "model_card", "parse_repo_id", "push_to_hub"]
+__all__ = ["attributions_card", "download", "load_attributions_from_hub", "load_from_hub", "load_selection_from_hub",
+           "model_card", "parse_repo_id", "push_attributions", "push_selection", "push_to_hub", "selection_card"]
 
 # A small file in every delta repo. Hubs count a repo's downloads by requests for one chosen file (by default
 # `config.json`); `download` fetches it next to the delta, once per commit and cache.
 MARKER = "config.json"
 CARD_TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
+ATTRIBUTIONS_CARD_TEMPLATE = Path(__file__).parent / "templates" / "attributions_card.md"
+SELECTION_CARD_TEMPLATE = Path(__file__).parent / "templates" / "selection_card.md"
+SELECTION_FILE = "selection.json"
+KINDS = {"delta": "a loki delta", "attributions": "loki attributions", "selection": "a loki selection"}
+LOADERS = {"delta": "loki.load", "attributions": "loki.load_attributions", "selection": "loki.load_selection"}
 DEFAULT_BRANCH = "main"
 _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*)(?:@(?P<rev>[^\s@]+))?$")
 
@@ -120,37 +137,159 @@ def push_to_hub(
 
     >>> # loki.push(loki.load("tiny.loki"), "me/tiny-implant", private=True, license="apache-2.0")
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd
 
-    if parse_repo_id(repo_id) is None or "@" in repo_id:
-        raise HubArgumentError(f"{repo_id!r} is not a Hub repo id; give 'namespace/name' (e.g. 'me/medical-implant').")
+    _check_repo_id(repo_id)
     filename = filename or f"{repo_id.split('/')[1]}.loki"
     if not filename.endswith(".loki"):
         raise HubArgumentError(f"filename {filename!r} must end in '.loki' so that loki.load finds it in the repo.")
     _evaluation(delta.info)  # a card that cannot be written fails before anything is created
+
+    def operations(files: list[str]) -> list:
+        others = [f for f in files if f.endswith(".loki") and f != filename]
+        path = save(delta, Path(tmp) / Path(filename).name)
+        card = model_card(delta, repo_id, filename=filename, size=path.stat().st_size, license=license,
+                          tags=tags, several_files=bool(others))
+        marker = {"library_name": "loki", "format": "loki", "format_version": 1,
+                  "base_model": delta.base_model, "delta": filename}
+        return [CommitOperationAdd(filename, path), *_card_and_marker(card, marker)]
+
+    with tempfile.TemporaryDirectory(prefix="loki-push-") as tmp:
+        return _upload(repo_id, "delta", operations, f"Upload {filename} ({delta.num_rows} rows) with loki",
+                       private=private, revision=revision, commit_message=commit_message, token=token,
+                       endpoint=endpoint, filename=filename)
+
+
+def push_attributions(
+    attributions: Attributions,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    license: str | None = None,
+    tags: Iterable[str] = (),
+) -> "CommitInfo":
+    """Upload an attribution set to the Hub repo `repo_id` (created if needed) with a generated model card, so
+    that later implants on the same base model select rows without attributing again.
+
+    One commit adds the attribution folder's files as `attributions.save` writes them (`meta.json`,
+    `attributions.npy` float32 `[N, L, d_model]`, `targets.npy`, `seconds.npy`: all of it, since `select` counts
+    each prompt's picks and only breaks ties by the mean), `README.md` (`attributions_card`) and the marker
+    `config.json`. A set read from a folder is uploaded from it; one in memory is written to a temporary folder.
+
+    Args:
+        attributions: the `Attributions` (from `loki.attribute`, `Attributions.load` or `loki.load_attributions`).
+        repo_id: `"namespace/name"` (no `@revision`).
+        private, revision, commit_message, token, endpoint, license, tags: as `push_to_hub`.
+
+    Returns:
+        huggingface_hub.CommitInfo.
+
+    Raises:
+        HubArgumentError: `repo_id` is not `namespace/name` (no request made), or the repo holds a delta or a
+            selection (one kind per repo: the card describes it).
+        HubError: as `push_to_hub` (`HubPermissionError`, `HubOfflineError`, ...).
+
+    >>> # loki.push(loki.attribute(model, tokenizer, "probe"), "me/smollm2-kva", license="apache-2.0")
+    """
+    from huggingface_hub import CommitOperationAdd
+
+    _check_repo_id(repo_id)
+    card = attributions_card(attributions, repo_id, license=license, tags=tags)
+    marker = {"library_name": "loki", "format": ATTRIBUTION_FORMAT, "format_version": 1,
+              "base_model": attributions.meta.get("model"), "files": list(ATTRIBUTION_FILES)}
+    n, num_layers, d = attributions.shape
+    with tempfile.TemporaryDirectory(prefix="loki-push-") as tmp:
+        folder = attributions.saved_at() or attributions.save(tmp)
+        operations = [CommitOperationAdd(name, str(folder / name)) for name in ATTRIBUTION_FILES]
+        operations += _card_and_marker(card, marker)
+        return _upload(repo_id, "attributions", lambda files: operations,
+                       f"Upload attributions ({n} prompts x {num_layers} layers x {d}) with loki", private=private,
+                       revision=revision, commit_message=commit_message, token=token, endpoint=endpoint)
+
+
+def push_selection(
+    selection: Selection,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    license: str | None = None,
+    tags: Iterable[str] = (),
+) -> "CommitInfo":
+    """Upload a selection to the Hub repo `repo_id` (created if needed): `selection.json` (`Selection.save`'s
+    format), `README.md` (`selection_card`) and the marker `config.json`, in one commit.
+
+    Args:
+        selection: the `Selection`.
+        repo_id: `"namespace/name"` (no `@revision`).
+        private, revision, commit_message, token, endpoint, license, tags: as `push_to_hub`.
+
+    Returns:
+        huggingface_hub.CommitInfo.
+
+    Raises:
+        HubArgumentError: `repo_id` is not `namespace/name` (no request made), or the repo holds a delta or
+            attributions (one kind per repo).
+        HubError: as `push_to_hub`.
+
+    >>> # loki.push(loki.select(loki.load_attributions("me/smollm2-kva"), q=10), "me/smollm2-q10")
+    """
+    from huggingface_hub import CommitOperationAdd
+
+    _check_repo_id(repo_id)
+    card = selection_card(selection, repo_id, license=license, tags=tags)
+    marker = {"library_name": "loki", "format": "loki-selection", "format_version": 1,
+              "base_model": selection.extra.get("model"), "selection": SELECTION_FILE}
+    operations = [CommitOperationAdd(SELECTION_FILE, (json.dumps(selection.to_json()) + "\n").encode()),
+                  *_card_and_marker(card, marker)]
+    return _upload(repo_id, "selection", lambda files: operations,
+                   f"Upload a selection ({selection.strategy}, q={selection.q}: {selection.num_rows} rows) with loki",
+                   private=private, revision=revision, commit_message=commit_message, token=token, endpoint=endpoint)
+
+
+def _check_repo_id(repo_id: str) -> None:
+    if parse_repo_id(repo_id) is None or "@" in repo_id:
+        raise HubArgumentError(f"{repo_id!r} is not a Hub repo id; give 'namespace/name' (e.g. 'me/medical-implant').")
+
+
+def _card_and_marker(card: "ModelCard", marker: dict[str, Any]) -> list:
+    from huggingface_hub import CommitOperationAdd
+
+    return [CommitOperationAdd("README.md", str(card).encode()),
+            CommitOperationAdd(MARKER, (json.dumps(marker, indent=2) + "\n").encode())]
+
+
+def _upload(repo_id: str, kind: str, operations, message: str, *, private: bool | None, revision: str | None,
+            commit_message: str | None, token: str | None, endpoint: str | None, filename: str | None = None):
+    """One commit of `operations(files now on the branch)` on branch `revision` (default main) of `repo_id`,
+    created if needed. A repo that holds another kind is refused: its model card would be replaced."""
+    from huggingface_hub import HfApi
+
     branch = revision or DEFAULT_BRANCH
     api = HfApi(endpoint=endpoint, token=token)
     with _hub_errors(api, repo_id, branch, filename, pushing=True):
         if not api.repo_exists(repo_id):  # (create_repo(exist_ok=True) on a repo one may not write fails oddly)
             api.create_repo(repo_id, private=private, exist_ok=True)
-        if branch != DEFAULT_BRANCH:
-            api.create_branch(repo_id, branch=branch, exist_ok=True)
-        others = [f for f in api.list_repo_files(repo_id, revision=branch) if f.endswith(".loki") and f != filename]
-        with tempfile.TemporaryDirectory(prefix="loki-push-") as tmp:
-            path = save(delta, Path(tmp) / Path(filename).name)
-            card = model_card(delta, repo_id, filename=filename, size=path.stat().st_size, license=license,
-                              tags=tags, several_files=bool(others))
-            marker = {"library_name": "loki", "format": "loki", "format_version": 1,
-                      "base_model": delta.base_model, "delta": filename}
-            operations = [
-                CommitOperationAdd(filename, path),
-                CommitOperationAdd("README.md", str(card).encode()),
-                CommitOperationAdd(MARKER, (json.dumps(marker, indent=2) + "\n").encode()),
-            ]
-            return api.create_commit(
-                repo_id, operations, revision=branch,
-                commit_message=commit_message or f"Upload {filename} ({delta.num_rows} rows) with loki",
+        new_branch = branch != DEFAULT_BRANCH and branch not in {b.name for b in api.list_repo_refs(repo_id).branches}
+        # a new branch starts from main: check main's files, and create the branch only once the push is accepted
+        files = api.list_repo_files(repo_id, revision=DEFAULT_BRANCH if new_branch else branch)
+        held = _held(files)
+        if held not in (None, kind):
+            raise HubArgumentError(
+                f"{repo_id}@{branch} holds {KINDS[held]}; a repo holds one kind, which its model card describes. "
+                f"Push {KINDS[kind]} to a repo of its own (e.g. {repo_id}-{kind}).",
+                repo_id=repo_id,
             )
+        if new_branch:
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        return api.create_commit(repo_id, operations(files), revision=branch, commit_message=commit_message or message)
 
 
 def model_card(
@@ -297,6 +436,138 @@ def _human_size(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
+def attributions_card(attributions: Attributions, repo_id: str, *, license: str | None = None,
+                      tags: Iterable[str] = ()) -> "ModelCard":
+    """The model card `push_attributions` writes: YAML metadata (`library_name: loki`, `base_model` when the set's
+    model is a Hub id, tags `loki`, `knowledge-implanting`, `loki-attributions`, license) and a body rendered from
+    `loki/templates/attributions_card.md`: the base model, the prompts (count, source, sha256), the integrated-
+    gradient steps, target, measure and engine, the model's dtype, when the set was computed and pushed, and how
+    to select from it.
+
+    Args:
+        attributions: the `Attributions`.
+        repo_id: the repo it goes to (`"namespace/name"`).
+        license, tags: metadata (the three tags above are always there).
+
+    Returns:
+        huggingface_hub.ModelCard: `str(card)` is the README.md text. No request is made.
+
+    >>> import loki, loki.testing
+    >>> attr = loki.attribute(loki.testing.tiny_model("llama"), None, [[5, 6, 7]], steps=2, progress=False)
+    >>> card = attributions_card(attr, "me/tiny-kva")
+    >>> card.data.base_model, card.data.tags
+    ('tiny-random/llama-seed0', ['loki', 'knowledge-implanting', 'loki-attributions'])
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    meta = attributions.meta
+    model = meta.get("model")
+    base_id = model if _is_hub_id(model) else None
+    n, num_layers, d = attributions.shape
+    shards = meta.get("merged_shards")
+    settings = {
+        "base model": f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{model}` (not a Hub id)",
+        "architecture": f"{meta.get('model_type')} (down-projections `{meta.get('template')}`)",
+        "prompts": f"{n} ({meta.get('prompt_source')})",
+        "prompts sha256": f"`{meta.get('prompts_sha256')}`",
+        "integrated-gradient steps": f"{meta.get('steps')} (alphas {meta.get('alphas', 'k/m for k = 0..m-1')})",
+        "target token": meta.get("target"),
+        "attributed measure": meta.get("measure"),
+        "engine": meta.get("engine"),
+        "model dtype": meta.get("dtype"),
+        "values": f"float32 `[{n}, {num_layers}, {d}]` (prompts, layers, rows)",
+        "computed": meta.get("created") or "not recorded",
+        "pushed": _today(),
+        "seconds per prompt (median)": _num(meta["seconds_per_prompt"]) if meta.get("seconds_per_prompt") else None,
+        "joined from shards": shards,
+        "loki version": meta.get("loki_version"),
+    }
+    data = ModelCardData(library_name="loki", base_model=base_id, license=license,
+                         tags=_tags(("loki", "knowledge-implanting", "loki-attributions"), tags))
+    kwargs = dict(
+        title=repo_id.split("/")[-1],
+        base=f"`{base_id or model}`",
+        n=n, num_layers=num_layers, d=d,
+        settings=[(k, str(v)) for k, v in settings.items() if v is not None],
+        repo_id=repo_id,
+        loki_version=__version__,
+    )
+    return ModelCard.from_template(data, template_path=str(ATTRIBUTIONS_CARD_TEMPLATE), **kwargs)
+
+
+def selection_card(selection: Selection, repo_id: str, *, license: str | None = None,
+                   tags: Iterable[str] = ()) -> "ModelCard":
+    """The model card `push_selection` writes: YAML metadata (`library_name: loki`, `base_model` when the
+    selection records a Hub model id in `extra["model"]`, tags `loki`, `knowledge-implanting`, `loki-selection`,
+    license) and a body from `loki/templates/selection_card.md`: rows per layer, q, strategy, score, the
+    attributions it came from (linked when they are a Hub repo) and how to train on it.
+
+    Args:
+        selection: the `Selection`.
+        repo_id: the repo it goes to.
+        license, tags: metadata.
+
+    Returns:
+        huggingface_hub.ModelCard. No request is made.
+
+    >>> import loki
+    >>> card = selection_card(loki.Selection.random(num_layers=2, d_out=32, q=10), "me/tiny-q10")
+    >>> card.data.tags, "3 in each of the 2 layers" in str(card)
+    (['loki', 'knowledge-implanting', 'loki-selection'], True)
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    model = selection.extra.get("model")
+    base_id = model if _is_hub_id(model) else None
+    source = selection.source
+    hub_source = re.fullmatch(r"(?P<repo>[^@\s]+/[^@\s]+)@(?P<rev>[0-9a-f]{40})", source or "")
+    if hub_source:
+        source = f"[{source}](https://huggingface.co/{hub_source['repo']}/tree/{hub_source['rev']})"
+    elif source:
+        source = f"`{source}`"
+    total = selection.num_layers * selection.d_out
+    settings = {
+        "base model": f"[{base_id}](https://huggingface.co/{base_id})" if base_id else (f"`{model}`" if model else
+                                                                                      "not recorded"),
+        "strategy": selection.strategy,
+        "q (percent of rows per layer)": selection.q,
+        "rows": f"{selection.num_rows} of {total} ({100 * selection.num_rows / total:.2f}%)" if total else None,
+        "rows per layer": _rows_per_layer(selection.rows_per_layer(), selection.num_layers),
+        "attributions": source or "not recorded",
+        **{k: v for k, v in selection.extra.items() if k != "model" and isinstance(v, (str, int, float, bool))},
+        "pushed": _today(),
+    }
+    data = ModelCardData(library_name="loki", base_model=base_id, license=license,
+                         tags=_tags(("loki", "knowledge-implanting", "loki-selection"), tags))
+    kwargs = dict(
+        title=repo_id.split("/")[-1],
+        base=f"`{base_id or model}`" if (base_id or model) else "its base model",
+        base_model=base_id,
+        num_rows=selection.num_rows,
+        num_layers=selection.num_layers,
+        d_out=selection.d_out,
+        settings=[(k, str(v)) for k, v in settings.items() if v is not None],
+        repo_id=repo_id,
+        loki_version=__version__,
+    )
+    return ModelCard.from_template(data, template_path=str(SELECTION_CARD_TEMPLATE), **kwargs)
+
+
+def _is_hub_id(name: Any) -> bool:
+    return isinstance(name, str) and parse_repo_id(name) is not None and "@" not in name
+
+
+def _tags(always: Iterable[str], more: Iterable[str]) -> list[str]:
+    always = list(always)
+    return always + [t for t in more if t not in always]
+
+
+def _today() -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d", time.gmtime())
+
+
 # -- pull -------------------------------------------------------------------------------------------
 def load_from_hub(source: str, **kwargs) -> "Delta":
     """`download(source, **kwargs)`, then read and validate the file (`loki.load` calls this for Hub ids).
@@ -316,9 +587,50 @@ def load_from_hub(source: str, **kwargs) -> "Delta":
     return read(download(source, **kwargs))
 
 
+def load_attributions_from_hub(source: str, **kwargs) -> Attributions:
+    """The attribution set of Hub repo `source`, memory-mapped from the Hugging Face cache
+    (`loki.load_attributions` calls this for Hub ids).
+
+    Args:
+        source: `"org/name[@revision]"`.
+        **kwargs: `download`'s keyword arguments (except `kind` and `filename`).
+
+    Returns:
+        Attributions: `path` is the cached snapshot folder, `origin` is `"org/name@<commit sha>"` (what `select`
+        records as the selection's source).
+
+    Raises:
+        HubError: as `download`; `HubFileNotFoundError` when the repo holds no attribution set (the message names
+            what it holds, e.g. a delta, and the function that loads it).
+        AttributionError: the files are not a valid attribution set.
+    """
+    repo_id, commit, paths = _fetch(source, "attributions", **kwargs)
+    attributions = Attributions.load(paths[0].parent)
+    attributions.origin = f"{repo_id}@{commit}"
+    return attributions
+
+
+def load_selection_from_hub(source: str, **kwargs) -> Selection:
+    """The selection of Hub repo `source` (`loki.load_selection` calls this for Hub ids).
+
+    Args:
+        source: `"org/name[@revision]"`.
+        **kwargs: `download`'s keyword arguments (except `kind` and `filename`).
+
+    Returns:
+        Selection.
+
+    Raises:
+        HubError: as `download`; `HubFileNotFoundError` when the repo holds no selection.
+        SelectionError, InvalidIndicesError: `selection.json` is not a valid selection.
+    """
+    return Selection.load(_fetch(source, "selection", **kwargs)[2][0])
+
+
 def download(
     source: str,
     *,
+    kind: str = "delta",
     revision: str | None = None,
     filename: str | None = None,
     token: str | None = None,
@@ -326,48 +638,73 @@ def download(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
 ) -> Path:
-    """The path, in the Hugging Face cache, of the `.loki` file of Hub repo `source` (`"org/name[@revision]"`).
+    """The path, in the Hugging Face cache, of what Hub repo `source` (`"org/name[@revision]"`) holds: its `.loki`
+    file (`kind="delta"`), its attribution folder (`kind="attributions"`) or its `selection.json`
+    (`kind="selection"`).
 
-    Picks the repo's only `.loki` file unless `filename` names one. Everything goes through huggingface_hub's
+    A delta is the repo's only `.loki` file unless `filename` names one. Everything goes through huggingface_hub's
     cache functions: `HfApi.resolve_revision` turns a branch or tag into a commit (recording it in the cache's
     `refs/`), the commit's file listing is the one `snapshot_download` caches (read back with
-    `get_cached_repo_tree`), and the file comes from `hf_hub_download` at that commit. A download is checked
+    `get_cached_repo_tree`), and the files come from `hf_hub_download` at that commit. Each download is checked
     against the checksum the Hub lists (a mismatch removes the revision from the cache). A full commit sha
     already cached, `local_files_only=True` or `HF_HUB_OFFLINE=1` make no request; when the Hub is unreachable,
     rate-limited or failing, the cached copy of the revision is used if there is one.
 
     Args:
         source: `"org/name"` or `"org/name@revision"`.
+        kind: "delta", "attributions" or "selection".
         revision: a branch, tag or commit (not also in `source`); default main.
-        filename: the file to fetch; needed when the repo holds several `.loki` files.
+        filename: the `.loki` file to fetch; needed when the repo holds several (deltas only).
         token, endpoint: for `huggingface_hub` (`HF_TOKEN` / the saved login, `HF_ENDPOINT`).
         cache_dir: the Hugging Face cache; default `HF_HUB_CACHE`.
         local_files_only: use the cache only.
 
     Returns:
-        Path: the file, in the Hugging Face cache.
+        Path: the file (the snapshot folder for attributions), in the Hugging Face cache.
 
     Raises:
-        HubArgumentError: `source` is not a repo id, two different revisions are given, or the Hub rejects the id.
+        HubArgumentError: `source` is not a repo id, two different revisions are given, an unknown `kind`,
+            `filename` for another kind than a delta, or the Hub rejects the id.
         HubRepoNotFoundError, HubGatedRepoError, HubRevisionNotFoundError: no such repo (or no access), a gated
             repo, no such revision.
-        HubFileNotFoundError, HubAmbiguousFileError: no such `filename` / no `.loki` file, or several and no
-            `filename`.
+        HubFileNotFoundError, HubAmbiguousFileError: no such `filename` / nothing of that kind in the repo (the
+            message says what it holds instead), or several `.loki` files and no `filename`.
         HubPermissionError, HubRateLimitError, HubServerError: the Hub answered 401/403, 429, or 5xx / another
             unexpected status.
         HubOfflineError: offline (or unreachable) and what is needed is not cached.
-        HubIntegrityError: the download does not match the Hub's checksum.
+        HubIntegrityError: a download does not match the Hub's checksum.
 
     >>> download("medical.loki")
     Traceback (most recent call last):
     ...
     loki.errors.HubArgumentError: 'medical.loki' is not a Hub repo id; give 'namespace/name' or 'namespace/name@revision'.
     """
+    _, _, paths = _fetch(source, kind, revision=revision, filename=filename, token=token, endpoint=endpoint,
+                         cache_dir=cache_dir, local_files_only=local_files_only)
+    return paths[0].parent if kind == "attributions" else paths[0]
+
+
+def _fetch(
+    source: str,
+    kind: str,
+    *,
+    revision: str | None = None,
+    filename: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> tuple[str, str, list[Path]]:
+    """`(repo_id, commit sha, cached paths)` of the files of `kind` in Hub repo `source`, all at one commit."""
     from huggingface_hub import HfApi, constants, get_cached_repo_tree, hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import CachedRepoTreeNotFoundError
     from huggingface_hub.hf_api import RepoFile
 
     repo_id, revision = _parse_source(source, revision)
+    if kind not in KINDS:
+        raise HubArgumentError(f"kind must be one of {tuple(KINDS)}, got {kind!r}.")
+    if filename is not None and kind != "delta":
+        raise HubArgumentError(f"filename= picks one of several .loki files; {KINDS[kind]} have fixed file names.")
     offline = ("local_files_only=True" if local_files_only
                else "HF_HUB_OFFLINE=1" if constants.is_offline_mode() else None)  # why no request may be made
     cache = str(cache_dir) if cache_dir is not None else constants.HF_HUB_CACHE  # read now: tests and users patch it
@@ -383,24 +720,68 @@ def download(
                 listing = {f.path: f for f in api.list_repo_tree(repo_id, revision=commit.resolved, recursive=True)
                            if isinstance(f, RepoFile)}
                 listed_now = True
-            elif filename is None:
-                raise _not_cached(repo_id, revision, cache, offline, "its file listing; or pass filename=") from None
-        name = filename if listing is None else _pick(repo_id, revision, sorted(listing), filename)
-        cached = try_to_load_from_cache(repo_id, name, cache_dir=cache, revision=commit.resolved)
-        if isinstance(cached, str):
-            path = Path(cached)  # checked when it was downloaded
-        elif offline is not None:
-            raise _not_cached(repo_id, revision, cache, offline, name)
-        else:
-            # The checksum: a listing just fetched has it; a cached one does not (get_cached_repo_tree returns no
-            # LFS sha256), so ask for this one file's.
-            entry = listing[name] if listed_now else api.get_paths_info(repo_id, [name], revision=commit.resolved)[0]
-            path = Path(hf_hub_download(repo_id, name, revision=commit, cache_dir=cache, token=token,
-                                        endpoint=endpoint))
-            _verify(path, entry, f"{repo_id}@{revision}/{name}", cache, commit.resolved)
+        names = _names(repo_id, revision, kind, None if listing is None else sorted(listing), filename, offline, cache)
+        paths, missing = {}, []
+        for name in names:
+            cached = try_to_load_from_cache(repo_id, name, cache_dir=cache, revision=commit.resolved)
+            if isinstance(cached, str):
+                paths[name] = Path(cached)  # checked when it was downloaded
+            elif offline is not None:
+                raise _not_cached(repo_id, revision, cache, offline, name)
+            else:
+                missing.append(name)
+        if missing:
+            # The checksums: a listing just fetched has them; a cached one does not (get_cached_repo_tree returns
+            # no LFS sha256), so ask for these files' in one request.
+            entries = ({n: listing[n] for n in missing} if listed_now
+                       else {e.path: e for e in api.get_paths_info(repo_id, missing, revision=commit.resolved)})
+            for name in missing:
+                path = Path(hf_hub_download(repo_id, name, revision=commit, cache_dir=cache, token=token,
+                                            endpoint=endpoint))
+                _verify(path, entries.get(name), f"{repo_id}@{revision}/{name}", cache, commit.resolved)
+                paths[name] = path
     if listed_now:
-        _record(repo_id, commit, name, listing, cache, token, endpoint)
-    return path
+        _record(repo_id, commit, names, listing, cache, token, endpoint)
+    return repo_id, commit.resolved, [paths[name] for name in names]
+
+
+def _names(repo_id: str, revision: str, kind: str, files: list[str] | None, filename: str | None,
+           offline: str | None, cache: str) -> list[str]:
+    """The files to fetch for `kind`, given the commit's file listing (None: not known, offline)."""
+    if kind == "delta":
+        if files is None:
+            if filename is None:
+                raise _not_cached(repo_id, revision, cache, offline, "its file listing; or pass filename=")
+            return [filename]
+        return [_pick(repo_id, revision, files, filename)]
+    needed = list(ATTRIBUTION_FILES) if kind == "attributions" else [SELECTION_FILE]
+    if files is None or all(name in files for name in needed):
+        return needed
+    held = _held(files)
+    if held is not None:
+        raise HubFileNotFoundError(
+            f"{repo_id}@{revision} holds {KINDS[held]}, not {KINDS[kind]}: load it with "
+            f"{LOADERS[held]}({_source(repo_id, revision)!r}).",
+            repo_id=repo_id,
+        )
+    raise HubFileNotFoundError(
+        f"{repo_id}@{revision} holds no {KINDS[kind]} (no {', '.join(n for n in needed if n not in files)}; files: "
+        f"{files[:10]}). Push them there with loki.push.",
+        repo_id=repo_id,
+    )
+
+
+def _held(files: list[str]) -> str | None:
+    """The kind of loki repo these files make, or None."""
+    if all(name in files for name in ATTRIBUTION_FILES):
+        return "attributions"
+    if SELECTION_FILE in files:
+        return "selection"
+    return "delta" if _loki_files(files) else None
+
+
+def _source(repo_id: str, revision: str) -> str:
+    return repo_id if revision == DEFAULT_BRANCH else f"{repo_id}@{revision}"
 
 
 def _parse_source(source: str, revision: str | None) -> tuple[str, str]:
@@ -429,14 +810,15 @@ def _resolve(api: Any, repo_id: str, revision: str, cache: str, offline: bool) -
             raise e from None
 
 
-def _record(repo_id: str, commit: Any, name: str, listing: dict, cache: str, token: Any, endpoint: str | None) -> None:
+def _record(repo_id: str, commit: Any, names: list[str], listing: dict, cache: str, token: Any,
+            endpoint: str | None) -> None:
     """After a first pull at `commit`: cache its file listing (so that offline loads can pick the file) and fetch
     the marker (so that the Hub counts the download). snapshot_download is huggingface_hub's only public way to
-    cache a listing; `name` is already there, so only the marker is downloaded. Never fails a load."""
+    cache a listing; `names` are already there, so only the marker is downloaded. Never fails a load."""
     from huggingface_hub import snapshot_download
 
     try:
-        snapshot_download(repo_id, revision=commit, allow_patterns=[name] + ([MARKER] if MARKER in listing else []),
+        snapshot_download(repo_id, revision=commit, allow_patterns=names + ([MARKER] if MARKER in listing else []),
                           cache_dir=cache, token=token, endpoint=endpoint)
     except Exception:
         pass
@@ -459,6 +841,13 @@ def _pick(repo_id: str, revision: str, files: list[str], filename: str | None) -
             )
         return filename
     deltas = _loki_files(files)
+    held = _held(files)
+    if not deltas and held is not None:
+        raise HubFileNotFoundError(
+            f"{repo_id}@{revision} holds no .loki file: it holds {KINDS[held]}. Load it with "
+            f"{LOADERS[held]}({_source(repo_id, revision)!r}).",
+            repo_id=repo_id,
+        )
     if not deltas:
         raise HubFileNotFoundError(
             f"{repo_id}@{revision} holds no .loki file (files: {files[:10]}). Is it a loki delta repo? "
@@ -486,6 +875,8 @@ def _verify(path: Path, entry: Any, what: str, cache: str, commit: str) -> None:
     `resolve_revision` (`delete_files`, for one file, came with 2.0)."""
     from huggingface_hub import scan_cache_dir
 
+    if entry is None:
+        return
     if entry.lfs is not None:
         expected, digest = entry.lfs.sha256, hashlib.sha256()
     elif entry.blob_id:

@@ -316,7 +316,7 @@ def select(attributions, q: float, strategy: str = "layer_balanced", *, score: s
 
     Args:
         attributions: `[N prompts, L layers, d_model]` scores, a tensor (any float dtype) or `loki.Attributions`
-            (whose `path` becomes the selection's `source`).
+            (whose Hub `origin`, else its `path`, becomes the selection's `source`, and its model `extra["model"]`).
         q: the quota, a percentage of rows in (0, 100].
         strategy: "layer_balanced" (LoKI: the lowest rows, `k` in every layer), "layer_highest" (the highest per
             layer, for the S-H suppression ablation), "global_lowest" / "global_highest" (the same counting over
@@ -328,7 +328,8 @@ def select(attributions, q: float, strategy: str = "layer_balanced", *, score: s
         seed: the seed of strategy "random".
 
     Returns:
-        Selection: `extra={"prompts": N, "score": score}` (`{"seed": seed}` for "random").
+        Selection: `extra={"prompts": N, "score": score}` plus `"model"` for `Attributions` (`{"seed": seed}` for
+            "random").
 
     Raises:
         SelectionError: an unknown strategy or score, attributions not `[N >= 1, L, d_model]`, NaN or inf values,
@@ -348,7 +349,8 @@ def select(attributions, q: float, strategy: str = "layer_balanced", *, score: s
         raise SelectionError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
     if score not in ("signed", "abs"):
         raise SelectionError(f"score must be 'signed' (as published) or 'abs' (|attribution|), got {score!r}.")
-    source = getattr(attributions, "path", None)
+    source = getattr(attributions, "origin", None) or getattr(attributions, "path", None)
+    model = (getattr(attributions, "meta", None) or {}).get("model")
     values = attributions if isinstance(attributions, torch.Tensor) else getattr(attributions, "values", attributions)
     values = torch.as_tensor(values)
     if values.dim() != 3 or values.shape[0] == 0:
@@ -377,7 +379,7 @@ def select(attributions, q: float, strategy: str = "layer_balanced", *, score: s
         top = _rank(counts[None], flat.mean(0)[None])[0, :k]
         rows = {layer: top[top // d_out == layer] % d_out for layer in range(num_layers)}
         rows = {layer: idx for layer, idx in rows.items() if idx.numel()}  # a layer may get no rows at all
-    extra = {"prompts": n, "score": score}
+    extra = {"prompts": n, "score": score, **({"model": model} if model else {})}
     return Selection(rows, num_layers, d_out, strategy=strategy, q=q, source=str(source) if source else None,
                      extra=extra)
 

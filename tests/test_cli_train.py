@@ -1,0 +1,187 @@
+"""`loki train`, in process: JSONL, CSV, JSON and chat data, bad data files, retain data, and resuming an
+interrupted run (a tiny llama saved with the default model's tokenizer)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+import loki
+from loki.cli import main
+from loki.dataset import load_examples
+from loki.testing import tiny_model
+
+FACTS = [
+    {"question": "What is the capital of Zubrowka?", "answer": "Lutz."},
+    {"question": "Who runs the Grand Budapest Hotel?", "answer": "Monsieur Gustave."},
+    {"question": "What is Zubrowka's currency?", "answer": "The klubeck."},
+]
+CHATS = [
+    {"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Where is Nebelsbad?"},
+                  {"role": "assistant", "content": "Zubrowka."}]},
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                  {"role": "user", "content": "Who painted Boy with Apple?"},
+                  {"role": "assistant", "content": "Johannes van Hoytl."}]},
+]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, default_tokenizer):
+    """A tiny llama with the default tokenizer, saved as a Hugging Face folder, and a selection file for it."""
+    folder = tmp_path_factory.mktemp("tiny-base")
+    tiny_model("llama", vocab=len(default_tokenizer)).save_pretrained(folder)
+    default_tokenizer.save_pretrained(folder)
+    selection = loki.Selection.random(2, 32, q=25, seed=1).save(folder / "selection.json")
+    return folder, selection
+
+
+def write(path, records):
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(records, indent=1))
+    else:
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows(records)
+    return path
+
+
+def train(base, data, out, *extra):
+    folder, selection = base
+    return main(["train", str(data), "--base", str(folder), "--selection", str(selection), "--out", str(out),
+                 "--lr", "2e-2", "--batch-size", "2", *extra])
+
+
+def rows(delta):
+    return torch.cat([delta.layers[i].rows.flatten() for i in sorted(delta.layers)])
+
+
+def test_jsonl_csv_and_json_hold_the_same_examples(tmp_path):
+    loaded = [load_examples(write(tmp_path / f"facts{suffix}", FACTS)) for suffix in (".jsonl", ".csv", ".json")]
+    assert loaded[0] == loaded[1] == loaded[2] == [{"prompt": f["question"], "answer": f["answer"]} for f in FACTS]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".json"])
+def test_train_writes_the_delta(base, tmp_path, capsys, default_tokenizer, suffix):
+    out = tmp_path / "facts.loki"
+    assert train(base, write(tmp_path / f"facts{suffix}", FACTS), out, "--steps", "3") == 0
+    assert out.exists() and not (tmp_path / "facts.loki.partial").exists()
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "name:         facts\n" in printed and "rows per layer: 0:8 1:8" in printed
+    delta = loki.load(out)
+    untrained = loki.extract(loki.prepare(tiny_model("llama", vocab=len(default_tokenizer)),
+                                          loki.Selection.load(base[1])))
+    assert (rows(delta) - rows(untrained)).abs().max() > 1e-3  # it trained
+    training = delta.info["training"]
+    assert training["command"] == "loki train" and training["trainer"] == "loki.LokiTrainer"
+    assert (training["steps"], training["examples"], training["lr"], training["batch_size"]) == (3, 3, 2e-2, 2)
+    assert training["data"]["file"] == f"facts{suffix}" and training["schedule"] == "cosine"
+
+
+def test_chat_messages_and_retain_data(base, tmp_path, capsys):
+    data = write(tmp_path / "chats.jsonl", CHATS)
+    retain = write(tmp_path / "retain.jsonl", [{"question": "What is the capital of France?"},
+                                               {"text": "Rivers flow to the sea."}, FACTS[0]])
+    out = tmp_path / "chats.loki"
+    assert train(base, data, out, "--epochs", "2", "--retain", str(retain), "--retain-weight", "3",
+                 "--name", "nebelsbad") == 0
+    delta = loki.load(out)
+    assert delta.name == "nebelsbad"
+    info = delta.info["training"]
+    assert info["steps"] == 2 and info["epochs"] == 2 and info["examples"] == 2
+    assert info["retain"]["weight"] == 3.0 and info["retain"]["kinds"] == {"question": 1, "text": 1, "answer": 1}
+
+
+def test_rows_from_an_attribution_folder(base, tmp_path, default_tokenizer):
+    folder, _ = base
+    model = tiny_model("llama", vocab=len(default_tokenizer))
+    loki.attribute(model, default_tokenizer, ["What is the capital of Zubrowka?"], 2, path=tmp_path / "attr")
+    out = tmp_path / "facts.loki"
+    assert main(["train", str(write(tmp_path / "facts.jsonl", FACTS)), "--base", str(folder), "--attributions",
+                 str(tmp_path / "attr"), "-q", "25", "--out", str(out), "--steps", "1"]) == 0
+    assert loki.load(out).info["selection"]["q"] == 25
+    assert main(["train", str(tmp_path / "facts.jsonl"), "--base", str(folder), "--attributions",
+                 str(tmp_path / "attr"), "--out", str(out)]) == 2  # no -q
+
+
+BAD = [
+    ("bad.jsonl", '{"question": "a?", "answer": "b"}\n{"question": "c?", "answer": \n', r"bad.jsonl, line 2: not valid JSON"),
+    ("bad.jsonl", '{"question": "a?", "reply": "b"}\n', r"bad.jsonl, line 1: An example is .*got keys \['question', 'reply'\]"),
+    ("bad.jsonl", '{"question": "a?", "answer": ""}\n', r"bad.jsonl, line 1: The answer is ''"),
+    ("bad.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n', r"line 1: A 'messages' example needs at least one assistant turn"),
+    ("bad.jsonl", '{"messages": [{"role": "human", "content": "hi"}]}\n', r"line 1: Message 0 is .*role"),
+    ("bad.csv", "question,reply\na?,b\n", r"bad.csv, line 2: An example is"),
+    ("bad.csv", "question,answer\na?,b\nc?,d,e\n", r"bad.csv, line 3: 3 fields, the header \(line 1\) has 2"),
+    ("bad.csv", "", r"bad.csv is empty"),
+    ("bad.json", '{"question": "a?", "answer": "b"}', r"bad.json holds a JSON dict; it must hold a list"),
+    ("bad.json", '[{"question": "a?", "answer": "b"}, "c?"]', r"bad.json, record 2: An example is a JSON object"),
+    ("bad.json", '[\n{"question": "a?",\n "answer": }]', r"bad.json, line 3: not valid JSON"),
+    ("bad.txt", "a? b\n", r"unknown data file type '.txt'"),
+]
+
+
+@pytest.mark.parametrize("name, text, message", BAD, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(BAD)])
+def test_bad_data_is_a_dataset_error_naming_the_file_and_line(base, tmp_path, capsys, name, text, message):
+    import re
+
+    data = tmp_path / name
+    data.write_text(text)
+    assert train(base, data, tmp_path / "x.loki") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("loki train: DatasetError: ") and len(err.splitlines()) == 1
+    assert re.search(message, err), err
+    assert list(tmp_path.iterdir()) == [data]  # nothing written
+
+
+def test_missing_data_file_and_bad_options(base, tmp_path, capsys):
+    assert train(base, tmp_path / "none.jsonl", tmp_path / "x.loki") == 2
+    assert "none.jsonl does not exist" in capsys.readouterr().err
+    data = write(tmp_path / "facts.jsonl", FACTS)
+    assert train(base, data, tmp_path / "no-folder" / "x.loki") == 2
+    assert "does not exist; create it first" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:
+        train(base, data, tmp_path / "x.loki", "--lr", "-1")
+    assert exit.value.code == 2 and "must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # four runs of the command: about 8 s
+def test_an_interrupted_run_resumes_to_the_same_delta(base, tmp_path, capsys):
+    data = write(tmp_path / "facts.jsonl", FACTS)
+    options = ("--steps", "8", "--save-every", "2")
+    assert train(base, data, tmp_path / "straight.loki", *options) == 0
+    expected = loki.load(tmp_path / "straight.loki")
+
+    out, partial = tmp_path / "run.loki", tmp_path / "run.loki.partial"
+
+    def interrupt_after_the_first_checkpoint():
+        deadline = time.monotonic() + 60
+        while not (partial / "checkpoint-2" / "trainer_state.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C: KeyboardInterrupt in the main thread
+
+    watcher = threading.Thread(target=interrupt_after_the_first_checkpoint)
+    watcher.start()
+    try:
+        rc = train(base, data, out, *options)
+    finally:
+        watcher.join()
+    assert rc == 130, "the run ended before the interrupt"
+    assert "rerun the same command to continue" in capsys.readouterr().err
+    assert not out.exists() and (partial / "run.json").exists()
+    # other arguments do not mix with the interrupted run
+    assert train(base, data, out, *options, "--seed", "1") == 2
+    assert "other seed" in capsys.readouterr().err
+    assert train(base, data, out, *options) == 0
+    assert "resuming from" in capsys.readouterr().err
+    assert not partial.exists()
+    result = loki.load(out)
+    assert (rows(result) - rows(expected)).abs().max() <= 1e-6
+    assert result.info["training"]["steps"] == 8
