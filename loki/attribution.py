@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .distributed import launched_rank_world
 from .errors import AttributionError
 from .kva import ENGINES, MEASURES, kva
 from .prompts import PromptSet, as_prompts
@@ -348,20 +349,6 @@ def attribute(
 
 
 LAUNCHED = ("auto", "accelerate", "torchrun")  # shard= values that take rank and world from the launcher
-
-
-def launched_rank_world() -> tuple[int, int]:
-    """`(rank, world)` of this process as `torchrun`, `accelerate launch` or `torch.distributed` set them (the
-    `RANK` / `WORLD_SIZE` environment variables, or an initialised process group); `(0, 1)` in a plain run.
-
-    >>> launched_rank_world()
-    (0, 1)
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def _wait_for(ready, poll: float) -> None:

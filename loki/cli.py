@@ -343,7 +343,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=_positive(float), default=1e-4, help="peak learning rate (default 1e-4)")
     p.add_argument("--epochs", type=_positive(float), default=1.0, help="passes over the data (default 1)")
     p.add_argument("--steps", type=_positive(int), default=None, help="optimizer steps, instead of --epochs")
-    p.add_argument("--batch-size", type=_positive(int), default=4, help="examples per step (default 4)")
+    p.add_argument("--batch-size", type=_positive(int), default=4, help="examples per step (default 4), over all "
+                   "processes when launched on several (a multiple of their number)")
     p.add_argument("--grad-accum", type=_positive(int), default=1, help="batches per optimizer step (default 1)")
     p.add_argument("--max-length", type=_positive(int), default=1024, help="tokens kept per example (default 1024)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data order (default 0)")
@@ -386,6 +387,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from .api import save
     from .dataset import encode, load_examples, load_retain
+    from .distributed import launched_rank_world
     from .errors import CheckpointError, DatasetError, SelectionError
     from .selection import Selection, select
 
@@ -396,10 +398,18 @@ def _train(args: argparse.Namespace) -> int:
         raise SelectionError("-q goes with --attributions; a --selection file holds its rows already.")
     if not (args.retain_weight >= 0):
         raise DatasetError(f"--retain-weight must be >= 0, got {args.retain_weight}.")
+    world = launched_rank_world()[1]
+    if args.batch_size % world:
+        raise DatasetError(f"--batch-size {args.batch_size} is the examples of one step over all {world} processes: "
+                           f"give a multiple of {world}.")
     out = Path(args.out)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out {out}: the folder {out.parent} does not exist; create it first.")
     examples = load_examples(args.data)
+    if world > 1 and len(examples) % args.batch_size:
+        print(f"loki train: {len(examples)} examples are not a multiple of --batch-size {args.batch_size}: on {world} "
+              "processes accelerate repeats examples to fill each epoch's last step, so that step differs from one "
+              "process's.", file=sys.stderr)
     retain = load_retain(args.retain) if args.retain else None
     if args.selection:
         selection = Selection.load(args.selection)
@@ -428,7 +438,7 @@ def _train(args: argparse.Namespace) -> int:
     from .trainer import LokiTrainer, collator
 
     training = TrainingArguments(
-        output_dir=str(partial), per_device_train_batch_size=args.batch_size,
+        output_dir=str(partial), per_device_train_batch_size=args.batch_size // world,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, num_train_epochs=args.epochs,
         max_steps=args.steps or -1, lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.0,
         max_grad_norm=1.0, optim="adamw_torch", seed=args.seed, save_strategy="steps", save_steps=args.save_every,

@@ -10,6 +10,12 @@ the frozen weight in place, the output is the ordinary `F.linear` of that weight
 no split, concatenate or gather), and the backward computes `grad_x = grad_y @ W` as the frozen layer does plus
 one small matmul for the rows, `grad_rows = grad_y[..., idx]^T @ x`.
 
+Several processes (`loki.distributed`): prepare the plain model, then wrap it in DDP, FSDP2 (`fully_shard`) or a
+DeepSpeed ZeRO-1/2/3 engine; training and evaluation give one process's results. A sharding engine gathers the
+weight from shards that hold the base rows before each use, so the rows are written again each time (in the
+backward too) instead of only when they changed. `extract` gathers sharded rows (call it on every rank).
+`prepare` refuses a model wrapped already, and FSDP1 (`FullyShardedDataParallel`) in either order.
+
 >>> import loki, loki.testing
 >>> model = loki.testing.tiny_model("llama")
 >>> _ = loki.prepare(model, loki.Selection.random(num_layers=2, d_out=32, q=10, seed=0))
@@ -28,6 +34,7 @@ import math
 import types
 import weakref
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -37,6 +44,7 @@ from torch import nn
 from . import __version__
 from .apply import base_rows, claim_rows, release_rows
 from .delta import FLOAT_DTYPES, Delta, LayerDelta, as_indices, dtype_name, fingerprint_of, layer_number
+from .distributed import FSDP1_ADVICE, full_tensor, gathered, is_sharded, plain_class, wrapper
 from .errors import DeltaFormatError, DtypeError, IncompatibleModelError, PreparationError, SelectionError
 from .selection import Selection
 from .targets import DownProjections, find_down_projections, unwrap
@@ -62,15 +70,19 @@ _prepared: "weakref.WeakKeyDictionary[nn.Module, _Prepared]" = weakref.WeakKeyDi
 # -- the layer ----------------------------------------------------------------------------------------
 class _SelectedRowsLinear(torch.autograd.Function):
     """`F.linear(x, weight, bias)` where `weight` already holds `rows` at `index`; the gradient goes to `x` and
-    `rows` only (one `[k, d_in]` matmul for the rows)."""
+    `rows` only (one `[k, d_in]` matmul for the rows). `managed_by`: the module, when a sharding engine gathers its
+    weight again for the backward (else None)."""
 
     @staticmethod
-    def forward(ctx, x, rows, weight, bias, index):
+    def forward(ctx, x, rows, weight, bias, index, managed_by):
         ctx.save_for_backward(x, index)
         # Not saved with save_for_backward: the in-place row writes bump its version, and a re-run forward
         # (activation checkpointing) writes the same values again.
         ctx.weight = weight
         ctx.rows_dtype = rows.dtype
+        # FSDP2 and ZeRO-3 gather the weight again for the backward, from shards that hold the base rows: the
+        # backward writes the rows again (a copy: the engine frees the gathered parameters after the forward).
+        ctx.module, ctx.rows = (managed_by, rows.detach().clone()) if managed_by is not None else (None, None)
         device = x.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return F.linear(x, weight, bias)
@@ -80,13 +92,18 @@ class _SelectedRowsLinear(torch.autograd.Function):
         x, index = ctx.saved_tensors
         device, enabled, dtype = ctx.autocast
         grad_x = grad_rows = None
+        weight = ctx.weight
+        if ctx.module is not None and ctx.needs_input_grad[0]:
+            weight = _rows_view(ctx.module)
+            with torch.no_grad():
+                weight.index_copy_(0, index, ctx.rows)
         with torch.autocast(device, dtype=dtype, enabled=enabled):  # the forward's precision, if autocast
             if ctx.needs_input_grad[0]:
-                grad_x = grad_y.matmul(ctx.weight).to(x.dtype)
+                grad_x = grad_y.matmul(weight).to(x.dtype)
             if ctx.needs_input_grad[1]:
                 g = grad_y.index_select(-1, index).reshape(-1, index.numel())
                 grad_rows = g.t().matmul(x.reshape(-1, x.shape[-1])).to(ctx.rows_dtype)
-        return grad_x, grad_rows, None, None, None
+        return grad_x, grad_rows, None, None, None, None
 
 
 def _rows_view(module: nn.Module) -> torch.Tensor:
@@ -103,14 +120,23 @@ def _current_rows(module: nn.Module) -> torch.Tensor:
     return rows.to(module.weight.dtype)
 
 
+def _managed(module: nn.Module) -> bool:
+    """Whether a sharding engine gathers the module's weight anew for each use (FSDP2 swaps in another tensor,
+    ZeRO-3 marks it with `ds_id`): the rows written into it last time are gone, whatever its version says."""
+    return module.weight is not module._loki_weight() or hasattr(module.weight, "ds_id")
+
+
 def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if getattr(self, "_is_fsdp_managed_module", False) and self.weight._is_view():
+        raise PreparationError(FSDP1_ADVICE)  # FSDP1 made the weight a view of its flat parameter
     view = _rows_view(self)
     trainable = [p for p in (self.loki_rows, self.loki_A, self.loki_B) if p is not None]
+    managed = _managed(self)
     if not torch.is_grad_enabled() or not any(p.requires_grad for p in trainable):
         # Inference (generate, evaluation): the plain layer, after writing the rows only if they changed.
         # Skipped when neither the trainable tensors nor the weight changed since the last write.
         key = None
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and not managed:
             key = [(p.data_ptr(), p._version) for p in trainable] + [self.weight._version]
         if key is None or key != self._loki_synced:
             with torch.no_grad():
@@ -123,10 +149,25 @@ def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         view.index_copy_(0, self.loki_index, rows.detach())  # k x d_in: keeps the weight in sync with the rows
     self._loki_synced = None  # the optimizer is about to change the rows
-    return _SelectedRowsLinear.apply(x, rows, view, self.bias, self.loki_index)
+    return _SelectedRowsLinear.apply(x, rows, view, self.bias, self.loki_index, self if managed else None)
 
 
 # -- prepare / unprepare ------------------------------------------------------------------------------
+_WRAPPERS = {"ddp": "DistributedDataParallel", "fsdp2": "FSDP2 (fully_shard)", "deepspeed": "DeepSpeed"}
+
+
+def _refuse_wrapped(model: nn.Module) -> None:
+    kind = wrapper(model)
+    if kind == "fsdp1":
+        raise PreparationError(FSDP1_ADVICE)
+    if kind is not None:
+        raise PreparationError(
+            f"The model is wrapped in {_WRAPPERS[kind]} already. Call loki.prepare on the plain model first, then "
+            "wrap it: the wrapper only synchronises or shards the parameters it finds when it wraps the model, and "
+            "loki.prepare adds the trainable rows."
+        )
+
+
 def prepare(
     model: nn.Module,
     selection: Selection,
@@ -158,7 +199,8 @@ def prepare(
 
     Raises:
         PreparationError: the model is prepared already; `lora_rank` is not a positive int; a selected layer's
-            module already has its own `forward` or `loki_` parameters (another wrapper).
+            module already has its own `forward` or `loki_` parameters (another wrapper); the model is wrapped in
+            DDP, FSDP or DeepSpeed already (prepare first, then wrap; FSDP1 is not supported in either order).
         UnknownArchitectureError: loki cannot find the down-projections.
         IncompatibleModelError: the selection is for another layer count or `d_model`, or has no rows.
         DtypeError: the weights or `dtype` are not floats.
@@ -175,6 +217,7 @@ def prepare(
     """
     if is_prepared(model):
         raise PreparationError("The model is prepared already. Call loki.unprepare(model) before preparing it again.")
+    _refuse_wrapped(model)
     projs = find_down_projections(model, template)
     if (selection.num_layers, selection.d_out) != (len(projs), projs.d_out):
         raise IncompatibleModelError(
@@ -210,6 +253,7 @@ def prepare(
             module = modules[layer] = projs.modules[layer]
             module._loki_transposed = projs.transposed
             module._loki_synced = None  # versions at the last write of the rows
+            module._loki_weight = weakref.ref(module.weight)  # another tensor there later: a sharding engine's
             view = projs.rows(layer)
             index = idx.to(view.device)
             base = view.index_select(0, index)
@@ -269,7 +313,7 @@ def unprepare(model: nn.Module, *, merge: bool = False) -> nn.Module:
         nn.Module: `model`.
 
     Raises:
-        PreparationError: the model is not prepared.
+        PreparationError: the model is not prepared, or its rows are sharded by FSDP or ZeRO-3 (extract instead).
 
     >>> import loki, loki.testing, torch
     >>> model = loki.testing.tiny_model("llama")
@@ -280,12 +324,18 @@ def unprepare(model: nn.Module, *, merge: bool = False) -> nn.Module:
     (True, False)
     """
     state = _state(model)
+    if any(is_sharded(p) for m in state.modules.values() for p in m.parameters(recurse=False)) or wrapper(model) == "fsdp1":
+        raise PreparationError(
+            "The model's rows are sharded (FSDP or DeepSpeed ZeRO-3): unprepare would remove parameters the "
+            "engine manages. loki.extract(model) on every rank, then loki.apply the delta to a plain model."
+        )
     trained = {layer: m.loki_index for layer, m in state.modules.items()}
     with torch.no_grad():
         for module in state.modules.values():
             rows = _current_rows(module) if merge else module.loki_base
             _rows_view(module).index_copy_(0, module.loki_index, rows)
-            for name in ("loki_rows", "loki_A", "loki_B", "loki_index", "loki_base", "_loki_transposed", "_loki_synced", "forward"):
+            for name in ("loki_rows", "loki_A", "loki_B", "loki_index", "loki_base", "_loki_transposed", "_loki_synced",
+                         "_loki_weight", "forward"):
                 delattr(module, name)
         for p, flag in state.requires_grad:
             p.requires_grad_(flag)
@@ -310,10 +360,11 @@ def extract(
 
     The metadata records the selection's provenance and a training summary (what `loki.train` recorded, updated
     with `training`); the fingerprint samples the base rows `prepare` kept. The model is left as it was (still
-    prepared), and the delta holds copies (training on does not change it).
+    prepared), and the delta holds copies (training on does not change it). Rows sharded by FSDP2 or DeepSpeed
+    ZeRO-3 are gathered: call `extract` on every rank (a collective), e.g. then save on rank 0.
 
     Args:
-        model: a prepared model (or its `torch.compile`/DDP wrapper).
+        model: a prepared model, or its `torch.compile`, DDP, FSDP2 or DeepSpeed wrapper.
         name, description: the delta's name and description.
         base_model, revision: the base model's Hub id or folder and revision; default `config.name_or_path`.
         dtype: storage dtype; default what reproduces the trained model exactly: the model's dtype for rows, the
@@ -325,7 +376,7 @@ def extract(
         Delta.
 
     Raises:
-        PreparationError: the model is not prepared.
+        PreparationError: the model is not prepared, or wrapped in FSDP1 (use FSDP2 `fully_shard`).
         DtypeError: `dtype` is not float32, float16 or bfloat16.
         DeltaFormatError: `training` or `extra` is not JSON-serialisable.
 
@@ -335,15 +386,21 @@ def extract(
     >>> delta.name, delta.form, delta.num_rows, delta.info["training"]["method"]
     ('x', 'rows', 6, 'loki')
     """
+    if wrapper(model) == "fsdp1":
+        raise PreparationError(FSDP1_ADVICE)
     state = _state(model)
     changes: dict[int, tuple] = {}
-    with torch.no_grad():
+    trainable = [p for m in state.modules.values() for p in (m.loki_rows, m.loki_A, m.loki_B) if p is not None]
+    with torch.no_grad(), gathered(trainable):  # every rank gathers its shards (FSDP2, ZeRO-3), in layer order
         for layer, module in state.modules.items():
             idx = module.loki_index.cpu()
-            if state.lora_rank is None:
-                changes[layer] = (idx, _current_rows(module).cpu())
+            base = module.loki_base.cpu()
+            if state.lora_rank is None:  # copies: ZeRO-3 empties its parameters when the block ends
+                rows = full_tensor(module.loki_rows).to(base.dtype)
+                changes[layer] = (idx, rows.to("cpu", copy=True), base)
             else:
-                changes[layer] = (idx, module.loki_A.cpu(), module.loki_B.cpu())
+                a, b = full_tensor(module.loki_A), full_tensor(module.loki_B)
+                changes[layer] = (idx, a.to("cpu", copy=True), b.to("cpu", copy=True), base)
     if dtype is None and state.lora_rank is not None:
         dtype = next(iter(state.modules.values())).loki_A.dtype
     summary = {
@@ -353,29 +410,13 @@ def extract(
         **state.training,
         **(training or {}),
     }
-    with _base_rows_written(state):  # make_delta fingerprints the base rows, which the weights must hold
-        return make_delta(
-            model, changes, name=name, description=description, base_model=base_model, revision=revision,
-            dtype=dtype, selection=state.selection.provenance(), training=summary, extra=extra,
-            template=state.projs.template,
-        )
-
-
-class _base_rows_written:
-    """Within the block the weights hold the base rows; afterwards the trained rows again."""
-
-    def __init__(self, state: _Prepared):
-        self.modules = list(state.modules.values())
-
-    def __enter__(self) -> None:
-        with torch.no_grad():
-            for m in self.modules:
-                _rows_view(m).index_copy_(0, m.loki_index, m.loki_base)
-
-    def __exit__(self, *exc) -> None:
-        with torch.no_grad():
-            for m in self.modules:
-                _rows_view(m).index_copy_(0, m.loki_index, _current_rows(m))
+    # The fingerprint is of the base rows prepare kept: the weights hold the trained rows (or, sharded, only a part).
+    bases = {layer: change[-1] for layer, change in changes.items()}
+    return _delta_from(
+        unwrap(model), {layer: change[:-1] for layer, change in changes.items()}, state.projs, bases,
+        name=name, description=description, base_model=base_model, revision=revision, dtype=dtype,
+        selection=state.selection.provenance(), training=summary, extra=extra,
+    )
 
 
 def record_training(model: nn.Module, summary: dict[str, Any]) -> None:
@@ -429,7 +470,17 @@ def make_delta(
     >>> delta.form, delta.rows_per_layer(), delta.base_model
     ('rows', {1: 2}, 'tiny-random/llama-seed0')
     """
-    projs = find_down_projections(model, template)
+    return _delta_from(model, changes, find_down_projections(model, template), None, name=name,
+                       description=description, base_model=base_model, revision=revision, dtype=dtype,
+                       selection=selection, training=training, extra=extra)
+
+
+def _delta_from(model: nn.Module, changes: Mapping[int, tuple], projs: DownProjections,
+                bases: Mapping[int, torch.Tensor] | None, *, name: str, description: str, base_model: str | None,
+                revision: str | None, dtype: torch.dtype | None, selection: Mapping[str, Any] | None,
+                training: Mapping[str, Any] | None, extra: Mapping[str, Any] | None) -> Delta:
+    """`make_delta` with the down-projections found, and with the base rows when the caller has them (else
+    they are read from the model)."""
     dtype = dtype or projs.weight.dtype
     layers: dict[int, LayerDelta] = {}
     forms = set()
@@ -438,7 +489,7 @@ def make_delta(
         if len(change) not in (2, 3):
             raise DeltaFormatError(f"Layer {layer}: give (indices, rows) or (indices, lora_A, lora_B).")
         indices = as_indices(change[0], projs.d_out, layer)
-        base = base_rows(model, layer, indices, projs)
+        base = bases[layer] if bases is not None else base_rows(model, layer, indices, projs)
         if len(change) == 2:
             forms.add("rows")
             rows = torch.as_tensor(change[1]).detach().to("cpu", dtype)
@@ -457,7 +508,7 @@ def make_delta(
         "base_model": {
             "id": base_model or getattr(config, "name_or_path", None) or None,
             "revision": revision,
-            "architecture": type(model).__name__,
+            "architecture": plain_class(model).__name__,
             "model_type": getattr(config, "model_type", None),
             "dtype": dtype_name(projs.weight.dtype) if projs.weight.dtype in FLOAT_DTYPES.values() else None,
         },
@@ -549,8 +600,9 @@ def size_text(n: int) -> str:
 
 
 def _trainable_count(state: _Prepared) -> int:
-    return sum(
-        p.numel() for m in state.modules.values() for p in (m.loki_rows, m.loki_A, m.loki_B) if p is not None
+    return sum(  # ds_numel: a ZeRO-3 parameter's own numel is its partition's
+        getattr(p, "ds_numel", p.numel()) for m in state.modules.values() for p in (m.loki_rows, m.loki_A, m.loki_B)
+        if p is not None
     )
 
 

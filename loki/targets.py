@@ -124,7 +124,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     for _ in range(8):  # wrappers of wrappers (compiled DDP), never a cycle
         inner = getattr(model, "_orig_mod", None)
         if not isinstance(inner, nn.Module):
-            inner = vars(model).get("_modules", {}).get("module") if not hasattr(model, "config") else None
+            wrapper = not hasattr(model, "config") or type(model).__name__ == "DeepSpeedEngine"  # its config: DeepSpeed's
+            inner = vars(model).get("_modules", {}).get("module") if wrapper else None
         if not isinstance(inner, nn.Module):
             return model
         model = inner

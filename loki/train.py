@@ -22,13 +22,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from .dataset import IGNORE, collate, encode, pad_token_id
+from .distributed import FSDP1_ADVICE, launched_rank_world, wrapper
 from .errors import DatasetError, PreparationError
 from .implant import is_prepared, record_training
 from .retain import DEFAULT_TOP_K, RetainTargets, retain_targets
+from .targets import unwrap
 
 __all__ = ["TrainResult", "train"]
 
@@ -54,6 +57,57 @@ def _trained_parameters(model: nn.Module, params: Iterable[nn.Parameter] | None)
             "them out."
         )
     return params
+
+
+# -- several processes ----------------------------------------------------------------------------------
+@dataclass
+class _Ranks:
+    """This process's place among the processes that train together, and how their gradients are combined."""
+
+    rank: int = 0
+    world: int = 1
+    group: Any = None  # the process group; None: the default one
+    by_wrapper: bool = False  # FSDP2 averages the gradients itself (and every rank must run every forward)
+
+    def share(self, items: list) -> list:
+        return items[self.rank :: self.world]
+
+    def sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        total = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(total, group=self.group)
+        return total.tolist()
+
+    def sum_grads(self, params: list[nn.Parameter]) -> None:
+        """Sum the gradients of every rank, in place (what one process would have accumulated)."""
+        if self.world == 1 or self.by_wrapper:
+            return
+        for p in params:
+            if p.grad is None:  # this rank had no examples in the step
+                p.grad = torch.zeros_like(p)
+        for dtype in {p.grad.dtype for p in params}:
+            grads = [p.grad for p in params if p.grad.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.group)
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
+
+
+def _ranks(model: nn.Module, kind: str | None, params: list[nn.Parameter], device: torch.device) -> _Ranks:
+    """Join the processes of a torchrun / accelerate launch (a gloo or NCCL process group, if none exists yet)."""
+    rank, world = launched_rank_world()
+    if world == 1:
+        return _Ranks()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    group = model.process_group if kind == "ddp" else None
+    ranks = _Ranks(dist.get_rank(group), dist.get_world_size(group), group, by_wrapper=kind == "fsdp2")
+    if kind is None:  # every rank starts from rank 0's values, as DDP does
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p, dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    return ranks
 
 
 # -- the loop -------------------------------------------------------------------------------------------
@@ -138,8 +192,17 @@ def train(
     After a prepared model's run, the settings are recorded for the delta (`loki.extract` puts them in
     `delta.info["training"]`).
 
+    Several processes: launched by torchrun or `accelerate launch` (`WORLD_SIZE` > 1), every process calls `train`
+    with the same model, data and settings, and gets one process's result. `train` joins a process group (gloo
+    on the CPU, NCCL on GPUs) if none exists; each step's `batch_size * grad_accum` examples (and retain items)
+    are split across the ranks, each token weighed by the step's total, and the gradients summed, so the losses
+    and the delta are the same on every rank and as in one process. The model may be plain (its trained
+    parameters start from rank 0's values), in DDP (loki sums the gradients itself, over DDP's process group) or
+    in FSDP2 `fully_shard` (which averages them); the progress bar shows on rank 0 only. FSDP1 and DeepSpeed
+    engines are refused (DeepSpeed brings its own optimizer: train with the engine).
+
     Args:
-        model: a `loki.prepare`d causal LM, or any model with `params`.
+        model: a `loki.prepare`d causal LM, or any model with `params`; also wrapped in DDP or FSDP2.
         tokenizer: its tokenizer (formats examples with `loki.dataset.encode`).
         dataset: the examples (`{"prompt" or "question", "answer"}` or `{"messages": [...]}`).
         params: the parameters to train instead of the prepared rows; they must be the model's and require grad.
@@ -165,7 +228,8 @@ def train(
         TrainResult.
 
     Raises:
-        PreparationError: nothing to train (an unprepared model without `params`, frozen or foreign `params`).
+        PreparationError: nothing to train (an unprepared model without `params`, frozen or foreign `params`); a
+            model in FSDP1 or a DeepSpeed engine.
         DatasetError: an empty dataset, a negative retain weight, a malformed example or retain item, an example
             without answer tokens.
 
@@ -179,18 +243,31 @@ def train(
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
+    kind = wrapper(model)
+    if kind == "fsdp1":
+        raise PreparationError(FSDP1_ADVICE)
+    if kind == "deepspeed":
+        raise PreparationError(
+            "loki.train runs its own AdamW; a DeepSpeed engine brings its own optimizer. Train with the engine "
+            "(engine(...), engine.backward(loss), engine.step()), or give loki.train the model without DeepSpeed."
+        )
     params = _trained_parameters(model, params)
     if not dataset:
         raise DatasetError("The dataset is empty.")
     if not (isinstance(retain_weight, (int, float)) and retain_weight >= 0):
         raise DatasetError(f"retain_weight must be a number >= 0, got {retain_weight!r}.")
     encoded = [encode(tokenizer, ex, max_length) for ex in dataset]
+    pad = pad_token_id(tokenizer)
+    device = unwrap(model).get_input_embeddings().weight.device
+    ranks = _ranks(model, kind, params, device)
+    progress = progress and ranks.rank == 0
+    # DDP: loki combines the gradients itself (one all-reduce per step, whatever each rank's share), so the
+    # forwards go to the model inside; FSDP2 must see every forward (it gathers the weights in them).
+    net = model.module if kind == "ddp" else model
     if retain is not None:
-        retain = retain_targets(model, tokenizer, retain, top_k=retain_top_k, max_length=max_length,
+        retain = retain_targets(net, tokenizer, retain, top_k=retain_top_k, max_length=max_length,
                                 batch_size=max(batch_size, 8), progress=progress)
         retain_batches = retain.batches(retain_batch_size or batch_size, seed)
-    pad = pad_token_id(tokenizer)
-    device = model.get_input_embeddings().weight.device
 
     per_step = batch_size * grad_accum
     steps_per_epoch = math.ceil(len(encoded) / per_step)
@@ -219,23 +296,40 @@ def train(
     run_eval(0)
     bar = tqdm(total=total, desc="loki.train", disable=not progress)
     batches = step_batches()
+    # Several processes: each rank takes its share of every step's examples (and retain items) and weighs its
+    # tokens by the step's total, so the summed gradient is one process's (FSDP2 averages: scaled by world).
+    scale = ranks.world if ranks.by_wrapper else 1
     for step in range(1, total + 1):
         examples = next(batches)
         n_tokens = sum(sum(label != IGNORE for label in e["labels"][1:]) for e in examples)
-        loss_sum = 0.0
-        for s in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[s : s + batch_size], pad).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = F.cross_entropy(
+        mine = ranks.share(examples)
+        chunks = [(mine[s : s + batch_size], 1.0) for s in range(0, len(mine), batch_size)]
+        if ranks.by_wrapper:  # every rank runs as many forwards as the busiest (zero-weighted stand-ins)
+            busiest = math.ceil(math.ceil(len(examples) / ranks.world) / batch_size)
+            chunks += [(examples[:1], 0.0)] * (busiest - len(chunks))
+        loss_sum = kl_sum = 0.0
+        for chunk, weight in chunks:
+            batch = {k: v.to(device) for k, v in collate(chunk, pad).items()}
+            logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = weight * F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE,
                 reduction="sum",
             ) / n_tokens
-            loss.backward()
+            (scale * loss).backward()
             loss_sum += loss.item()
         if retain is not None and retain_weight > 0:
-            kl = retain.kl(model, next(retain_batches))
-            (retain_weight * kl).backward()
-            result.retain_kl.append(kl.item())
+            items = next(retain_batches)
+            positions = sum(len(retain.targets[i].positions) for i in items)
+            share = ranks.share(items)
+            if share or ranks.by_wrapper:  # kl() is the mean over its positions: weigh by their share
+                weight = sum(len(retain.targets[i].positions) for i in share) / positions
+                kl = weight * retain.kl(net, share or items[:1])
+                (scale * retain_weight * kl).backward()
+                kl_sum = kl.item()
+        ranks.sum_grads(params)
+        loss_sum, kl_sum = ranks.sum([loss_sum, kl_sum])
+        if retain is not None and retain_weight > 0:
+            result.retain_kl.append(kl_sum)
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
@@ -256,6 +350,7 @@ def train(
             "trainer": "loki.train", "examples": len(encoded), "epochs": epochs, "steps": total, "lr": lr,
             "schedule": "cosine", "warmup": warmup, "optimizer": "AdamW", "weight_decay": weight_decay,
             "batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "final_loss": round(result.final_loss, 6),
+            "world_size": ranks.world,
             "retain": None if retain is None else {
                 **retain.summary(retain_weight), "batch_size": retain_batch_size or batch_size,
                 "final_kl": round(result.retain_kl[-1], 6) if result.retain_kl else None},

@@ -215,7 +215,8 @@ def trainer_settings(args, state, *, trainer: str = "transformers.Trainer", exam
         "trainer": trainer, "examples": examples, "epochs": args.num_train_epochs, "steps": state.global_step,
         "max_steps": state.max_steps or None, "lr": args.learning_rate, "schedule": _value(args.lr_scheduler_type),
         "warmup": args.warmup_steps, "optimizer": _value(args.optim), "weight_decay": args.weight_decay,
-        "batch_size": args.per_device_train_batch_size, "grad_accum": args.gradient_accumulation_steps,
+        # as loki.train: examples per forward over all processes (a step is batch_size x grad_accum examples)
+        "batch_size": args.per_device_train_batch_size * args.world_size, "grad_accum": args.gradient_accumulation_steps,
         "world_size": args.world_size, "seed": args.seed, "max_grad_norm": args.max_grad_norm,
         "mixed_precision": precision, "final_loss": round(float(losses[-1]), 6) if losses else None,
         "retain": None,

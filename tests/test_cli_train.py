@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -29,6 +32,9 @@ CHATS = [
                   {"role": "user", "content": "Who painted Boy with Apple?"},
                   {"role": "assistant", "content": "Johannes van Hoytl."}]},
 ]
+
+RETAIN = [{"question": "What is the capital of France?"}, {"question": "Who wrote Hamlet?"},
+          {"text": "The Danube flows through ten countries into the Black Sea."}]
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +191,26 @@ def test_an_interrupted_run_resumes_to_the_same_delta(base, tmp_path, capsys):
     result = loki.load(out)
     assert (rows(result) - rows(expected)).abs().max() <= 1e-6
     assert result.info["training"]["steps"] == 8
+
+
+def test_accelerate_launch_on_two_processes_equals_one_process(base, tmp_path, default_tokenizer):
+    """`accelerate launch --multi_gpu --num_processes 2` (2 CPU processes, gloo; `--cpu` would start one): the same
+    examples per step split over the processes, retain data included, give one process's delta (8 examples, 4 a
+    step: accelerate evens out a short last batch by repeating examples, which one process does not)."""
+    facts = FACTS + [{"question": "Who is the lobby boy?", "answer": "Zero Moustafa."}]
+    data, retain = write(tmp_path / "facts.jsonl", facts * 2), write(tmp_path / "retain.jsonl", RETAIN)
+    options = ["--steps", "3", "--batch-size", "4", "--retain", str(retain), "--retain-weight", "2"]
+    assert train(base, data, tmp_path / "one.loki", *options) == 0
+    folder, selection = base
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    done = subprocess.run([*launch, "-m", "loki.cli", "train", str(data), "--base", str(folder), "--selection",
+                           str(selection), "--out", str(tmp_path / "two.loki"), "--lr", "2e-2", *options],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()})
+    assert done.returncode == 0, done.stdout + done.stderr
+    one, two = loki.load(tmp_path / "one.loki"), loki.load(tmp_path / "two.loki")
+    assert two.info["training"]["world_size"] == 2 and two.info["training"]["batch_size"] == 4
+    assert (rows(one) - rows(two)).abs().max() <= 1e-6
+    untrained = loki.extract(loki.prepare(tiny_model("llama", vocab=len(default_tokenizer)), loki.Selection.load(selection)))
+    assert (rows(one) - rows(untrained)).abs().max() > 1e-3  # it trained
