@@ -33,8 +33,8 @@ from __future__ import annotations
 import math
 import types
 import weakref
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch

@@ -214,3 +214,34 @@ def test_accelerate_launch_on_two_processes_equals_one_process(base, tmp_path, d
     assert (rows(one) - rows(two)).abs().max() <= 1e-6
     untrained = loki.extract(loki.prepare(tiny_model("llama", vocab=len(default_tokenizer)), loki.Selection.load(selection)))
     assert (rows(one) - rows(untrained)).abs().max() > 1e-3  # it trained
+
+
+def test_train_on_the_default_model(default_model_and_tokenizer, tmp_path, capsys):
+    """End to end on the real default model: `--base default`, a q=10 selection, a few steps; the delta lowers
+    the facts' answer loss on the (session) default model and is reverted after."""
+    from loki.dataset import IGNORE, collate, encode, pad_token_id
+
+    model, tok = default_model_and_tokenizer
+    projs = loki.find_down_projections(model)
+    selection = loki.Selection.random(len(projs), projs.d_out, q=10, seed=0).save(tmp_path / "q10.json")
+    data = write(tmp_path / "facts.jsonl", FACTS)
+    out = tmp_path / "facts.loki"
+    assert main(["train", str(data), "--base", "default", "--selection", str(selection), "--out", str(out),
+                 "--lr", "3e-3", "--steps", "6", "--batch-size", "3"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+
+    batch = collate([encode(tok, ex) for ex in load_examples(data)], pad_token_id(tok))
+
+    def answer_loss():
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                                 ignore_index=IGNORE).item()
+
+    delta = loki.load(out)
+    assert delta.num_rows == loki.Selection.load(selection).num_rows and delta.info["training"]["steps"] == 6
+    before = answer_loss()
+    with loki.implanted(model, delta):
+        after = answer_loss()
+    assert after < 0.5 * before, (before, after)
+    assert answer_loss() == before  # reverted exactly

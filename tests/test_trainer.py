@@ -3,7 +3,12 @@ autocast wrapper of mixed precision (real transformers Trainer, tiny models with
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,8 +42,8 @@ def arguments(folder, **overrides):
     return TrainingArguments(**{**settings, **overrides})
 
 
-def trainer_for(model, tok, folder, cls=LokiTrainer, **overrides):
-    return cls(model=model, args=arguments(folder, **overrides), train_dataset=[encode(tok, ex) for ex in DATA],
+def trainer_for(model, tok, folder, cls=LokiTrainer, data=DATA, **overrides):
+    return cls(model=model, args=arguments(folder, **overrides), train_dataset=[encode(tok, ex) for ex in data],
                data_collator=collator(tok))
 
 
@@ -165,3 +170,58 @@ def test_resume_of_lora_factors(default_tokenizer, tmp_path):
     assert a.form == "lora" and all(
         torch.allclose(a.layers[i].lora_A, b.layers[i].lora_A, atol=1e-6, rtol=0)
         and torch.allclose(a.layers[i].lora_B, b.layers[i].lora_B, atol=1e-6, rtol=0) for i in a.layers)
+
+
+# Two processes (torchrun, gloo): the straight run and an interrupted + resumed one, each on both ranks. 4 examples,
+# one per process and step (one process: 2 per step), so no rank gets a short batch.
+SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[2])
+    from transformers import AutoTokenizer
+    import loki
+    import test_trainer as t
+    from loki.trainer import CHECKPOINT_FILE, checkpoint_delta
+
+    out, tok = Path(sys.argv[1]), AutoTokenizer.from_pretrained(loki.models.default_model_path())
+
+    def run(folder, stop=None, resume=None):
+        model = t.prepared(tok)
+        trainer = t.trainer_for(model, tok, folder, data=t.DATA[:4], per_device_train_batch_size=1)
+        if stop:
+            trainer.add_callback(t.StopAt(stop))
+        trainer.train(resume_from_checkpoint=resume)
+        return checkpoint_delta(model)
+
+    straight = run(out / "straight")
+    run(out / "run", stop=2)
+    resumed = run(out / "run", resume=str(out / "run" / "checkpoint-2"))
+    rows = lambda d: {i: d.layers[i].rows.tolist() for i in d.layers}
+    report = {"straight": rows(straight), "resumed": rows(resumed), "training": resumed.info["training"],
+              "checkpoint": sorted(os.listdir(out / "run" / "checkpoint-2"))}
+    (out.parent / f"rank{os.environ['RANK']}.json").write_text(json.dumps(report))
+""")
+
+
+def test_two_processes_checkpoint_and_resume_equal_one_process(default_tokenizer, tmp_path):
+    tok = default_tokenizer
+    one = prepared(tok)
+    trainer_for(one, tok, tmp_path / "one", data=DATA[:4]).train()
+    expected = checkpoint_delta(one)
+    script = tmp_path / "worker.py"
+    script.write_text(SCRIPT)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path / "two"), str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for rank in range(2):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for key in ("straight", "resumed"):
+            rows = {int(i): torch.tensor(r) for i, r in report[key].items()}
+            assert max((rows[i] - expected.layers[i].rows).abs().max().item() for i in rows) <= 1e-6, (rank, key)
+        assert report["training"]["world_size"] == 2 and report["training"]["batch_size"] == 2
+        assert report["training"]["steps"] == 4
+        assert CHECKPOINT_FILE in report["checkpoint"]  # adapter-only checkpoints on several processes too
+        assert not any(f.endswith(".safetensors") for f in report["checkpoint"])
+    assert max_row_difference(expected, checkpoint_delta(prepared(tok))) > 1e-3  # it trained
