@@ -313,11 +313,13 @@ def _select(args: argparse.Namespace) -> int:
 
 
 # -- train ------------------------------------------------------------------------------------------
-def _positive(kind):
+def _positive(kind, low: float = 0.0, high: float = float("inf"), closed: bool = False):
+    """An argparse type: `kind(text)` in (low, high), or in [low, high) with `closed`."""
     def parse(text: str):
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not ((value >= low if closed else value > low) and value < high):
+            bound = f"{'>=' if closed else '>'} {low:g}" + (f" and < {high:g}" if high < float("inf") else "")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its error message
@@ -340,12 +342,21 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retain", default=None, help="retain data: a .jsonl/.json/.csv file of {'question'} (answered "
                    "by the base model), {'text'} or answered records")
     p.add_argument("--retain-weight", type=float, default=1.0, help="weight of the retain KL (default 1)")
+    p.add_argument("--retain-batch-size", type=_positive(int), default=None,
+                   help="retain items per step (default: --batch-size)")
+    p.add_argument("--retain-top-k", type=_positive(int), default=None,
+                   help="base-model tokens kept per retained position (default: loki.retain's, 64)")
+    p.add_argument("--lora-rank", type=_positive(int), default=None,
+                   help="LoKI*: train rank-r factors of the selected rows instead of the rows")
     p.add_argument("--lr", type=_positive(float), default=1e-4, help="peak learning rate (default 1e-4)")
     p.add_argument("--epochs", type=_positive(float), default=1.0, help="passes over the data (default 1)")
     p.add_argument("--steps", type=_positive(int), default=None, help="optimizer steps, instead of --epochs")
     p.add_argument("--batch-size", type=_positive(int), default=4, help="examples per step (default 4), over all "
                    "processes when launched on several (a multiple of their number)")
     p.add_argument("--grad-accum", type=_positive(int), default=1, help="batches per optimizer step (default 1)")
+    p.add_argument("--warmup", type=_positive(float, 0, 1, closed=True), default=0.1, help="share of the steps of linear warm-up (default 0.1)")
+    p.add_argument("--weight-decay", type=_positive(float, closed=True), default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--max-grad-norm", type=_positive(float), default=1.0, help="gradient clipping norm (default 1)")
     p.add_argument("--max-length", type=_positive(int), default=1024, help="tokens kept per example (default 1024)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data order (default 0)")
     p.add_argument("--name", default=None, help="the delta's name (default: OUT's file name without .loki)")
@@ -418,8 +429,9 @@ def _train(args: argparse.Namespace) -> int:
     run = {
         "data": _file_sha256(args.data), "retain": _file_sha256(args.retain) if args.retain else None,
         "selection": selection.to_json()["rows"], "base": args.base, "revision": args.revision, "dtype": args.dtype,
-        **{k: getattr(args, k) for k in ("retain_weight", "lr", "epochs", "steps", "batch_size", "grad_accum",
-                                         "max_length", "seed")},
+        **{k: getattr(args, k) for k in ("retain_weight", "retain_batch_size", "retain_top_k", "lora_rank", "lr",
+                                         "epochs", "steps", "batch_size", "grad_accum", "warmup", "weight_decay",
+                                         "max_grad_norm", "max_length", "seed")},
     }
     partial = out.with_name(out.name + ".partial")
     if (partial / "run.json").is_file():
@@ -440,13 +452,13 @@ def _train(args: argparse.Namespace) -> int:
     training = TrainingArguments(
         output_dir=str(partial), per_device_train_batch_size=args.batch_size // world,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, num_train_epochs=args.epochs,
-        max_steps=args.steps or -1, lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.0,
-        max_grad_norm=1.0, optim="adamw_torch", seed=args.seed, save_strategy="steps", save_steps=args.save_every,
+        max_steps=args.steps or -1, lr_scheduler_type="cosine", warmup_steps=args.warmup,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, optim="adamw_torch", seed=args.seed, save_strategy="steps", save_steps=args.save_every,
         save_total_limit=1, logging_steps=args.save_every, report_to=[], remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
     )
     model, tokenizer = _load_model(args.base, args.dtype, args.revision)
-    prepare(model.to(training.device), selection)  # on the training device: retain targets are computed there
+    prepare(model.to(training.device), selection, lora_rank=args.lora_rank)  # on the training device: retain targets are computed there
     encoded = []
     for i, ex in enumerate(examples, 1):
         try:
@@ -455,8 +467,10 @@ def _train(args: argparse.Namespace) -> int:
             raise DatasetError(f"{args.data}, record {i}: {e}") from None
     loss = None
     if retain is not None:  # the base model's answers and distributions, before any training
-        targets = retain_targets(model, tokenizer, retain, max_length=args.max_length)
-        loss = RetainLoss(model, targets, weight=args.retain_weight, batch_size=args.batch_size, seed=args.seed)
+        top_k = {"top_k": args.retain_top_k} if args.retain_top_k else {}
+        targets = retain_targets(model, tokenizer, retain, max_length=args.max_length, **top_k)
+        loss = RetainLoss(model, targets, weight=args.retain_weight, batch_size=args.retain_batch_size or args.batch_size,
+                          seed=args.seed)
     trainer = LokiTrainer(model=model, args=training, train_dataset=encoded, data_collator=collator(tokenizer),
                           compute_loss_func=loss, delta_name=args.name or out.stem)
     resume = _last_checkpoint(partial)

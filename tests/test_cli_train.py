@@ -245,3 +245,20 @@ def test_train_on_the_default_model(default_model_and_tokenizer, tmp_path, capsy
         after = answer_loss()
     assert after < 0.5 * before, (before, after)
     assert answer_loss() == before  # reverted exactly
+
+
+def test_training_options_reach_the_trainer_and_the_delta(base, tmp_path, capsys):
+    """LoKI* (--lora-rank), warm-up, weight decay, clipping and the retain options are those of loki.train."""
+    data = write(tmp_path / "facts.jsonl", FACTS)
+    retain = write(tmp_path / "retain.jsonl", RETAIN)
+    out = tmp_path / "star.loki"
+    assert train(base, data, out, "--steps", "2", "--lora-rank", "2", "--warmup", "0", "--weight-decay", "0.01",
+                 "--max-grad-norm", "0.5", "--retain", str(retain), "--retain-batch-size", "1",
+                 "--retain-top-k", "8") == 0
+    info = loki.load(out).info["training"]
+    assert info["lora_rank"] == 2 and info["warmup"] == 0 and info["weight_decay"] == 0.01
+    assert info["max_grad_norm"] == 0.5 and info["retain"]["top_k"] == 8
+    for option, value in (("--warmup", "1"), ("--weight-decay", "-1"), ("--max-grad-norm", "0")):
+        with pytest.raises(SystemExit):
+            train(base, data, out, option, value)
+        assert "must be" in capsys.readouterr().err
