@@ -92,8 +92,9 @@ class Attributions:
             Attributions: with `path` set.
 
         Raises:
-            AttributionError: no `meta.json` there (the message says so when the folder holds shards to join), a
-                `meta.json` of another format, arrays of other shapes than it says, or an unfinished run.
+            AttributionError: a file, not a folder; no `meta.json` there (the message says so when the folder holds
+                shards to join), a `meta.json` of another format, arrays of other shapes than it says, or an
+                unfinished run.
 
         >>> import loki.testing, tempfile
         >>> folder = tempfile.mkdtemp()
@@ -102,6 +103,9 @@ class Attributions:
         torch.Size([1, 2, 32])
         """
         path = Path(path)
+        if path.is_file():
+            raise AttributionError(f"{path} is a file; an attribution set is a folder (loki attribute --out). A "
+                                   "selection .json is read with loki.load_selection or Selection.load.")
         meta = _read_meta(path)
         if meta is None:
             shards = sorted(path.glob("shard-*-of-*"))

@@ -209,7 +209,7 @@ def check_example(example: Any) -> dict[str, Any]:
         _messages(example)  # at least one assistant turn
         return {**example, "messages": [dict(m) for m in messages]}
     prompt = example.get("prompt", example.get("question"))
-    _messages(example if prompt is not None else {})  # the error for a missing field names the keys found
+    _messages(example)  # the error for a missing field names the keys found
     answer = example.get("answer")
     if not isinstance(answer, (str, int, float)) or isinstance(answer, bool) or str(answer).strip() == "":
         raise DatasetError(f"The answer is {answer!r}; give a non-empty string (what the model should learn to say).")
@@ -229,7 +229,7 @@ def _records(path: str | os.PathLike) -> list[tuple[str, Any]]:
     if not path.is_file():
         raise DatasetError(f"{path} does not exist or is not a file.")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # spreadsheets start "CSV UTF-8" files with a byte-order mark
     except UnicodeDecodeError as e:
         raise DatasetError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
     records: list[tuple[str, Any]] = []

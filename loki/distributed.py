@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .targets import unwrap_chain
+
 __all__ = ["FSDP1_ADVICE", "full_tensor", "gathered", "is_sharded", "launched_rank_world", "plain_class", "wrapper"]
 
 FSDP1_ADVICE = (
@@ -35,25 +37,15 @@ def launched_rank_world() -> tuple[int, int]:
     """`(rank, world)` of this process as `torchrun`, `accelerate launch` or `torch.distributed` set them (the
     `RANK` / `WORLD_SIZE` environment variables, or an initialised process group); `(0, 1)` in a plain run.
 
+    Returns:
+        tuple[int, int]: this process's rank and the number of processes.
+
     >>> launched_rank_world()
     (0, 1)
     """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _chain(model: nn.Module) -> Iterator[nn.Module]:
-    """`model` and the models inside its wrappers (torch.compile, DDP, DeepSpeed), outermost first."""
-    for _ in range(8):
-        yield model
-        inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            wrapper = not hasattr(model, "config") or type(model).__name__ == "DeepSpeedEngine"  # its config: DeepSpeed's
-            inner = vars(model).get("_modules", {}).get("module") if wrapper else None
-        if not isinstance(inner, nn.Module):
-            return
-        model = inner
 
 
 def wrapper(model: nn.Module) -> str | None:
@@ -72,7 +64,7 @@ def wrapper(model: nn.Module) -> str | None:
     >>> wrapper(loki.testing.tiny_model("gpt2")) is None
     True
     """
-    chain = list(_chain(model))
+    chain = unwrap_chain(model)
     if any(type(m).__name__ == "DeepSpeedEngine" for m in chain):
         return "deepspeed"
     if dist.is_available():
@@ -103,6 +95,12 @@ def is_sharded(t: torch.Tensor) -> bool:
     """Whether `t` holds only this process's part of a parameter: an FSDP2 `DTensor`, or a DeepSpeed ZeRO-3
     partitioned parameter (`ds_id`).
 
+    Args:
+        t: a parameter or tensor.
+
+    Returns:
+        bool: True for a shard.
+
     >>> is_sharded(torch.zeros(2))
     False
     """
@@ -114,6 +112,12 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
     Wrap reads of ZeRO-3 parameters in `gathered` first.
 
+    Args:
+        t: a tensor, or an FSDP2 `DTensor`.
+
+    Returns:
+        torch.Tensor: a plain tensor with the whole value.
+
     >>> full_tensor(torch.ones(2)).tolist()
     [1.0, 1.0]
     """
@@ -124,6 +128,12 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 def gathered(params: Iterable[torch.Tensor]) -> Iterator[None]:
     """Within the block, DeepSpeed ZeRO-3 partitioned `params` hold their whole values (read-only; a collective:
     every rank must enter it); other tensors are left as they are.
+
+    Args:
+        params: the parameters to read (those without `ds_id` are ignored).
+
+    Returns:
+        A context manager; DeepSpeed is imported only when some of `params` are partitioned.
 
     >>> with gathered([torch.ones(2)]):
     ...     pass
@@ -140,6 +150,12 @@ def gathered(params: Iterable[torch.Tensor]) -> Iterator[None]:
 
 def plain_class(model: nn.Module) -> type:
     """`model`'s class as written: FSDP2's `fully_shard` swaps in a subclass named `FSDP<class>`.
+
+    Args:
+        model: a model, sharded by `fully_shard` or not.
+
+    Returns:
+        type: the first class of its MRO that is not FSDP2's; `type(model)` for any other model.
 
     >>> import loki.testing
     >>> plain_class(loki.testing.tiny_model("llama")).__name__

@@ -603,6 +603,8 @@ def load_attributions_from_hub(source: str, **kwargs) -> Attributions:
         HubError: as `download`; `HubFileNotFoundError` when the repo holds no attribution set (the message names
             what it holds, e.g. a delta, and the function that loads it).
         AttributionError: the files are not a valid attribution set.
+
+    >>> # attributions = load_attributions_from_hub("me/smollm2-kva@v1")   # attributions.origin: "me/smollm2-kva@<sha>"
     """
     repo_id, commit, paths = _fetch(source, "attributions", **kwargs)
     attributions = Attributions.load(paths[0].parent)
@@ -623,6 +625,8 @@ def load_selection_from_hub(source: str, **kwargs) -> Selection:
     Raises:
         HubError: as `download`; `HubFileNotFoundError` when the repo holds no selection.
         SelectionError, InvalidIndicesError: `selection.json` is not a valid selection.
+
+    >>> # selection = load_selection_from_hub("me/smollm2-q10")
     """
     return Selection.load(_fetch(source, "selection", **kwargs)[2][0])
 

@@ -49,7 +49,8 @@ from .errors import DeltaFormatError, DtypeError, IncompatibleModelError, Prepar
 from .selection import Selection
 from .targets import DownProjections, find_down_projections, unwrap
 
-__all__ = ["TrainableReport", "extract", "is_prepared", "make_delta", "prepare", "suppression", "trainable_report", "unprepare"]
+__all__ = ["TrainableReport", "extract", "is_prepared", "make_delta", "prepare", "prepared_modules", "suppression",
+           "trainable_report", "unprepare"]
 
 _PREFIX = "loki_"  # names of everything prepare adds to a down-projection module
 
@@ -422,6 +423,27 @@ def extract(
 def record_training(model: nn.Module, summary: dict[str, Any]) -> None:
     """Remember a training summary for the metadata of `extract` (loki.train calls this; so may your loop)."""
     _state(model).training.update(summary)
+
+
+def prepared_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """The down-projection modules `prepare` made trainable, by layer (found with the `template` it was given).
+
+    Args:
+        model: a prepared model (or its `torch.compile`/DDP/DeepSpeed wrapper).
+
+    Returns:
+        dict[int, nn.Module]: layer -> module, ascending; each has `loki_index`, `loki_base` and `loki_rows` (or
+        `loki_A`/`loki_B`).
+
+    Raises:
+        PreparationError: the model is not prepared.
+
+    >>> import loki, loki.testing
+    >>> model = loki.prepare(loki.testing.tiny_model("llama"), loki.Selection.random(2, 32, q=10))
+    >>> {layer: m.loki_index.numel() for layer, m in prepared_modules(model).items()}
+    {0: 3, 1: 3}
+    """
+    return dict(sorted(_state(model).modules.items()))
 
 
 # -- building deltas from a model -----------------------------------------------------------------------

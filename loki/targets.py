@@ -121,15 +121,33 @@ def unwrap(model: nn.Module) -> nn.Module:
     >>> unwrap(torch.nn.DataParallel(model)) is model
     True
     """
+    return unwrap_chain(model)[-1]
+
+
+def unwrap_chain(model: nn.Module) -> list[nn.Module]:
+    """`model` and the models inside its wrappers, outermost first; the last one is `unwrap(model)`.
+
+    Args:
+        model: a model, or a wrapper around one (`torch.compile`, DDP, `DataParallel`, a DeepSpeed engine).
+
+    Returns:
+        list[nn.Module]: `[model]` for a model without wrappers.
+
+    >>> import loki.testing, torch
+    >>> model = loki.testing.tiny_model("llama")
+    >>> [type(m).__name__ for m in unwrap_chain(torch.nn.DataParallel(model))]
+    ['DataParallel', 'LlamaForCausalLM']
+    """
+    chain = [model]
     for _ in range(8):  # wrappers of wrappers (compiled DDP), never a cycle
         inner = getattr(model, "_orig_mod", None)
         if not isinstance(inner, nn.Module):
             wrapper = not hasattr(model, "config") or type(model).__name__ == "DeepSpeedEngine"  # its config: DeepSpeed's
             inner = vars(model).get("_modules", {}).get("module") if wrapper else None
         if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-    return model
+            break
+        chain.append(model := inner)
+    return chain
 
 
 def find_down_projections(model: nn.Module, template: str | None = None) -> DownProjections:

@@ -44,9 +44,9 @@ from .api import load, save
 from .dataset import collate, pad_token_id
 from .delta import Delta, LayerDelta, dtype_name, fingerprint_of, fingerprint_tolerance
 from .errors import CheckpointError
-from .implant import extract, is_prepared, record_training
+from .implant import extract, prepared_modules, record_training
 from .retain import RetainLoss
-from .targets import find_down_projections, unwrap
+from .targets import unwrap
 
 __all__ = ["CHECKPOINT_FILE", "LokiCallback", "LokiCheckpoints", "LokiTrainer", "checkpoint_delta", "collator",
            "restore_rows", "strip_autocast", "trainer_settings"]
@@ -67,12 +67,6 @@ def collator(tokenizer) -> functools.partial:
     [[5, 6]]
     """
     return functools.partial(collate, pad_token_id=pad_token_id(tokenizer))
-
-
-def _modules(model: nn.Module) -> dict[int, nn.Module]:
-    """The prepared down-projections of `model`, by layer."""
-    projs = find_down_projections(unwrap(model))
-    return {i: m for i, m in enumerate(projs.modules) if hasattr(m, "loki_index")}
 
 
 def checkpoint_delta(model: nn.Module, **kwargs) -> Delta:
@@ -98,7 +92,7 @@ def checkpoint_delta(model: nn.Module, **kwargs) -> Delta:
     (torch.bfloat16, torch.float32)
     """
     delta = extract(model, **kwargs)
-    modules = _modules(model)
+    modules = prepared_modules(model)
     masters = {i: m.loki_rows for i, m in modules.items() if m.loki_rows is not None}
     if not masters or all(p.dtype == delta.dtype for p in masters.values()):
         return delta
@@ -127,9 +121,7 @@ def restore_rows(model: nn.Module, delta: Delta) -> None:
     >>> bool((loki.extract(model).layers[0].rows == delta.layers[0].rows).all())
     True
     """
-    if not is_prepared(model):
-        extract(model)  # raises the PreparationError that says what to do
-    modules = _modules(model)
+    modules = prepared_modules(model)
     if set(delta.layers) != set(modules):
         raise CheckpointError(
             f"The checkpoint holds layers {sorted(delta.layers)}, the model trains layers {sorted(modules)}: it was "

@@ -73,6 +73,10 @@ def rows(delta):
 def test_jsonl_csv_and_json_hold_the_same_examples(tmp_path):
     loaded = [load_examples(write(tmp_path / f"facts{suffix}", FACTS)) for suffix in (".jsonl", ".csv", ".json")]
     assert loaded[0] == loaded[1] == loaded[2] == [{"prompt": f["question"], "answer": f["answer"]} for f in FACTS]
+    for suffix in (".csv", ".jsonl"):  # a byte-order mark, as spreadsheets write "CSV UTF-8"
+        path = tmp_path / f"facts{suffix}"
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+        assert load_examples(path) == loaded[0]
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".json"])
@@ -124,6 +128,7 @@ BAD = [
     ("bad.jsonl", '{"question": "a?", "answer": ""}\n', r"bad.jsonl, line 1: The answer is ''"),
     ("bad.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n', r"line 1: A 'messages' example needs at least one assistant turn"),
     ("bad.jsonl", '{"messages": [{"role": "human", "content": "hi"}]}\n', r"line 1: Message 0 is .*role"),
+    ("bad.jsonl", '{"q": "a?", "answer": "b"}\n', r"bad.jsonl, line 1: An example is .*got keys \['answer', 'q'\]"),
     ("bad.csv", "question,reply\na?,b\n", r"bad.csv, line 2: An example is"),
     ("bad.csv", "question,answer\na?,b\nc?,d,e\n", r"bad.csv, line 3: 3 fields, the header \(line 1\) has 2"),
     ("bad.csv", "", r"bad.csv is empty"),

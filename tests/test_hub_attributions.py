@@ -250,6 +250,9 @@ def test_local_sources_stay_local(tmp_path, attributions):
         loki.load_attributions(tmp_path / "missing")
     with pytest.raises(errors.AttributionError, match="not an attribution folder"):
         loki.load_attributions(tmp_path)
+    selection = loki.Selection.random(2, 32, q=10).save(tmp_path / "q10.json")
+    with pytest.raises(errors.AttributionError, match="is a file.*load_selection"):  # not NotADirectoryError
+        loki.load_attributions(selection)
     with pytest.raises(errors.SelectionError, match="Cannot read"):
         loki.load_selection("sels/missing.json")  # shaped like a repo id, but a .json path: never a Hub request
     saved = attributions.save(tmp_path / "copy")

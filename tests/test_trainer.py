@@ -159,6 +159,21 @@ def test_restore_rows_refuses_another_run(default_tokenizer):
         restore_rows(tiny_model("llama", vocab=len(tok)), checkpoint_delta(same))
 
 
+def test_checkpoints_of_a_model_prepared_with_a_template():
+    # an architecture loki does not know: the checkpoint helpers use the template prepare was given
+    def mystery():
+        model = tiny_model("llama", dtype=torch.bfloat16)
+        model.config.model_type = "mystery"
+        return loki.prepare(model, SELECTION, template="model.layers.{i}.mlp.down_proj")
+
+    trained, model = mystery(), mystery()
+    with torch.no_grad():
+        for m in loki.implant.prepared_modules(trained).values():
+            m.loki_rows.add_(0.25)
+    restore_rows(model, checkpoint_delta(trained))
+    assert max_row_difference(checkpoint_delta(model), checkpoint_delta(trained)) == 0
+
+
 def test_resume_of_lora_factors(default_tokenizer, tmp_path):
     tok = default_tokenizer
     straight = prepared(tok, lora_rank=2)
