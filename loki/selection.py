@@ -59,6 +59,15 @@ def quota(q: float, d_out: int) -> int:
     return math.floor(Fraction(str(q)) * d_out / 100)
 
 
+def _some_rows(q: float, d_out: int) -> int:
+    """`quota(q, d_out)`, refusing a quota that selects nothing."""
+    k = quota(q, d_out)
+    if k == 0:
+        raise SelectionError(f"q={q} selects no row of {d_out} (floor(q * {d_out} / 100) = 0); the smallest quota "
+                             f"that selects one is q={100 / d_out:.3g}.")
+    return k
+
+
 @dataclass(eq=False)
 class Selection:
     """Sorted, unique row indices per layer (`rows[layer]`, int64), plus provenance (strategy, q, source).
@@ -206,13 +215,12 @@ class Selection:
             Selection: strategy "random", `extra={"seed": seed}`.
 
         Raises:
-            SelectionError: `q` is not in (0, 100].
-            InvalidIndicesError: the quota rounds down to 0 rows per layer (e.g. q=1 with d_out=32).
+            SelectionError: `q` not in (0, 100], or it rounds down to 0 rows per layer (e.g. q=1 with d_out=32).
 
         >>> Selection.random(num_layers=2, d_out=32, q=10, seed=0).rows
         {0: tensor([12, 25, 31]), 1: tensor([ 2,  9, 20])}
         """
-        k = quota(q, d_out)
+        k = _some_rows(q, d_out)
         g = torch.Generator().manual_seed(seed)
         rows = {layer: torch.randperm(d_out, generator=g)[:k] for layer in range(num_layers)}
         return cls(rows, num_layers, d_out, strategy="random", q=q, extra={"seed": seed})
@@ -333,8 +341,7 @@ def select(attributions, q: float, strategy: str = "layer_balanced", *, score: s
 
     Raises:
         SelectionError: an unknown strategy or score, attributions not `[N >= 1, L, d_model]`, NaN or inf values,
-            or `q` outside (0, 100].
-        InvalidIndicesError: a layer strategy whose quota rounds down to 0 rows per layer.
+            `q` outside (0, 100], or a quota that rounds down to 0 rows (per layer for the layer strategies).
 
     >>> import torch
     >>> attr = torch.tensor([[[0.5, -1.0, 0.2, 3.0], [-3.0, -4.0, 0.0, 1.0]]])  # 1 prompt, 2 layers, d_model 4
@@ -366,14 +373,14 @@ def select(attributions, q: float, strategy: str = "layer_balanced", *, score: s
     lowest = strategy in ("layer_balanced", "global_lowest")
     scores = values if lowest else -values  # pick the smallest `scores`
     if strategy.startswith("layer"):
-        k = quota(q, d_out)
+        k = _some_rows(q, d_out)
         picked = _lowest(scores, k)  # [N, L, k]
         counts = torch.zeros(num_layers, d_out).scatter_add_(
             1, picked.transpose(0, 1).reshape(num_layers, -1), torch.ones(num_layers, n * k))
         top = _rank(counts, scores.mean(0))[:, :k]  # [L, k]
         rows = {layer: top[layer] for layer in range(num_layers)}
     else:
-        k = quota(q, num_layers * d_out)
+        k = _some_rows(q, num_layers * d_out)
         flat = scores.reshape(n, -1)
         counts = torch.zeros(num_layers * d_out).scatter_add_(0, _lowest(flat, k).reshape(-1), torch.ones(n * k))
         top = _rank(counts[None], flat.mean(0)[None])[0, :k]

@@ -157,3 +157,12 @@ def test_density_and_plot():
     matplotlib.use("Agg")
     ax = sel.plot(bins=4)
     assert ax.get_ylabel() == "layer"
+
+
+def test_a_quota_that_selects_nothing_is_a_selection_error():
+    values = torch.randn(2, 2, 32)
+    for strategy in ("layer_balanced", "global_lowest"):
+        with pytest.raises(loki.errors.SelectionError, match="selects no row"):
+            loki.select(values, q=1 if strategy == "layer_balanced" else 0.5, strategy=strategy)
+    with pytest.raises(loki.errors.SelectionError, match=r"smallest quota that selects one is q=3.12"):
+        loki.Selection.random(2, 32, q=1)
