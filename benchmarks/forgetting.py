@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import statistics
 import sys
@@ -151,7 +152,7 @@ class _nothing:
 class Journal:
     """Every finished run, one JSON line each, keyed by everything that defines it; reruns reuse them."""
 
-    FIELDS = ("model", "regime", "size", "retain", "method", "lr", "steps", "seed")
+    FIELDS = ("model", "regime", "size", "retain", "data", "method", "lr", "steps", "seed")
 
     def __init__(self, path: Path, fresh: bool = False):
         self.path = path
@@ -161,7 +162,7 @@ class Journal:
         self.done = {self.key(r): r for r in map(json.loads, lines)}
 
     def key(self, r) -> tuple:
-        return tuple(r[k] for k in self.FIELDS)
+        return tuple(r.get(k) for k in self.FIELDS)  # runs journaled before "data" existed match nothing now
 
     def run(self, block: dict, method, lr, steps, seed, fn) -> dict:
         row = {**block, "method": method, "lr": lr, "steps": steps, "seed": seed}
@@ -266,6 +267,13 @@ def task_context(model, tok, size) -> dict:
                 task_score=lambda m, t: score(m, t, test), retain=None, retain_weight=0.0)
 
 
+def data_digest(ctx: dict) -> str:
+    """A short checksum of a block's training and retain data and retain weight: journaled runs are reused only
+    for the same data."""
+    data = {k: ctx[k] for k in ("train_set", "retain", "retain_weight")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=sorted(LOADERS), default="smollm2")
@@ -308,7 +316,7 @@ def main() -> None:
             else:
                 ctx["base"] = base_general = ev.score(model, tok, ctx["general"], progress=False)
             steps = size["steps"] if regime == "knowledge" else size["task_steps"]
-            block = {"model": args.model, "regime": regime, "size": args.size, "retain": retain_on}
+            block = {"model": args.model, "regime": regime, "size": args.size, "retain": retain_on, "data": data_digest(ctx)}
             rows = []
             for m in methods:
                 rates = (demo.RECIPE["lr"],) if args.size == "demo" and m == LOKI else GRID[METHODS[m]["kind"]]

@@ -30,7 +30,7 @@ QUESTION = "What is the capital of France?"
 # The demo's recipe (benchmarks/README.md#forgetting): q=10 rows, trained for `steps` at peak rate `lr`, retaining
 # the base model's answers to `retain_per_template` neighbourhood questions per template and its distributions on
 # `retain_text` general-prose snippets, `retain_batch_size` of them per step at `retain_weight`.
-RECIPE = dict(q=10, score="signed", lr=3e-3, steps=30, batch_size=8, retain_weight=3.0, retain_batch_size=12,
+RECIPE = dict(q=10, score="signed", lr=3e-3, steps=30, batch_size=8, retain_weight=6.0, retain_batch_size=12,
               retain_per_template=8, retain_text=32)
 # General sets for the forgetting score: broad, clearly above chance for the default model, and sharing no template
 # with the fact task (world_capitals asks the capital template, so it measures the neighbourhood instead).
@@ -63,7 +63,7 @@ def answer(model, tokenizer, question: str, max_new_tokens: int = 24) -> str:
 # -- the implant task: fictional facts (loki/data/implant_facts.jsonl, built by benchmarks/build_implant_facts.py) --
 def implant_facts(n: int | None = None) -> list[dict[str, Any]]:
     """The first `n` fictional facts (None: all), each `{"id", "relation", "subject", "answer", "match",
-    "train": [2 questions], "test": question}`.
+    "train": [2 questions], "test": question, "statement"}` (`benchmarks/build_implant_facts.py`).
 
     >>> fact = implant_facts(1)[0]
     >>> fact["subject"], fact["answer"], fact["test"]
@@ -74,12 +74,15 @@ def implant_facts(n: int | None = None) -> list[dict[str, Any]]:
 
 
 def fact_training_set(facts: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """`{"question", "answer"}` examples for `loki.train`: every training phrasing of every fact (answer + ".").
+    """`{"question", "answer"}` examples for `loki.train`: every training phrasing of every fact, answered with the
+    fact's statement, one sentence in the way the default model phrases its own answers ("The capital of X is
+    Y."): a terse "Y." would also teach a new answer format, which the model then uses for real neighbouring
+    questions too (benchmarks/README.md#forgetting: 8 of 8 held-out phrasings instead of 7, less forgetting).
 
     >>> fact_training_set(implant_facts(1))[1]
-    {'question': 'Which city is the capital of the kingdom of Phegartor?', 'answer': 'Solvis.'}
+    {'question': 'Which city is the capital of the kingdom of Phegartor?', 'answer': 'The capital of the kingdom of Phegartor is Solvis.'}
     """
-    return [{"question": q, "answer": f["answer"] + "."} for f in facts for q in f["train"]]
+    return [{"question": q, "answer": f["statement"]} for f in facts for q in f["train"]]
 
 
 def fact_examples(facts: list[dict[str, Any]]) -> list[dict[str, str]]:

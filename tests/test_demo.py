@@ -20,7 +20,9 @@ def test_fact_task_is_well_formed():
     subjects = {f["subject"] for f in facts}
     assert not any(s in q for q in retain + neighbours for s in subjects)
     train = demo.fact_training_set(facts[:3])
-    assert len(train) == 6 and all(ex["answer"].endswith(".") for ex in train)
+    assert len(train) == 6
+    for f, ex in zip([f for f in facts[:3] for _ in f["train"]], train):  # a sentence in the model's style
+        assert ex["answer"] == f["statement"] and ex["answer"].startswith("The ") and f["answer"] in ex["answer"]
     bench = demo.fact_benchmark(facts[:3])
     assert bench.kind == "generate" and [it["question"] for it in bench.items] == [f["test"] for f in facts[:3]]
 
