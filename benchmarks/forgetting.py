@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import statistics
 import sys
@@ -267,13 +266,6 @@ def task_context(model, tok, size) -> dict:
                 task_score=lambda m, t: score(m, t, test), retain=None, retain_weight=0.0)
 
 
-def data_digest(ctx: dict) -> str:
-    """A short checksum of a block's training and retain data and retain weight: journaled runs are reused only
-    for the same data."""
-    data = {k: ctx[k] for k in ("train_set", "retain", "retain_weight")}
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=sorted(LOADERS), default="smollm2")
@@ -316,7 +308,7 @@ def main() -> None:
             else:
                 ctx["base"] = base_general = ev.score(model, tok, ctx["general"], progress=False)
             steps = size["steps"] if regime == "knowledge" else size["task_steps"]
-            block = {"model": args.model, "regime": regime, "size": args.size, "retain": retain_on, "data": data_digest(ctx)}
+            block = {"model": args.model, "regime": regime, "size": args.size, "retain": retain_on, "data": demo.data_digest(ctx["train_set"], ctx["retain"], ctx["retain_weight"])}
             rows = []
             for m in methods:
                 rates = (demo.RECIPE["lr"],) if args.size == "demo" and m == LOKI else GRID[METHODS[m]["kind"]]
@@ -340,7 +332,7 @@ def main() -> None:
         heads = next(iter(summary.values()))["methods"]
         (args.out / "forgetting-demo.json").write_text(json.dumps(
             {m: {k: h[k] for k in ("lr", "seeds", "task_score", "specificity", "forgetting")}
-             | {"generalisation": h["task_score"]} for m, h in heads.items()}, indent=1))
+             | {"generalisation": h["task_score"]} for m, h in heads.items()} | {"data": block["data"]}, indent=1))
     (args.out / f"{out_name}.json").write_text(json.dumps(summary, indent=1))
     plot(blocks, args.out / f"{out_name}.png", f"Forgetting at matched task score: {args.model}")
     print(json.dumps(last_line(args.model, args.size, summary)))

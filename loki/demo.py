@@ -7,7 +7,7 @@ while retaining its answers to neighbouring questions, save the `.loki`, and jud
 >>> import loki.demo
 >>> facts = loki.demo.implant_facts(2)
 >>> loki.demo.fact_training_set(facts)[0]["answer"]
-'Solvis.'
+'The capital of the kingdom of Phegartor is Solvis.'
 >>> loki.demo.fact_examples(facts)[0]["subject"]
 'the kingdom of Phegartor'
 >>> # loki.demo.run_demo("loki-demo")          # a few minutes on a laptop CPU
@@ -15,6 +15,7 @@ while retaining its answers to neighbouring questions, save the `.loki`, and jud
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -218,9 +219,21 @@ def probe_attributions(model, tokenizer, n_prompts: int, steps: int = 7, folder:
     return attribute(model, tokenizer, probe_records()[:n_prompts], steps=steps, path=folder, progress=progress)
 
 
-def full_finetuning_figure() -> str | None:
+def data_digest(train_set: list, retain: list | None, retain_weight: float) -> str:
+    """A short checksum of an implant run's data: training examples, retain items and retain weight (what
+    `benchmarks/forgetting.py` journals its runs under, so a figure is quoted only for the data it was measured on).
+
+    >>> data_digest([{"question": "Q?", "answer": "A."}], None, 0.0)
+    '00d4beea2724'
+    """
+    data = {"train_set": train_set, "retain": retain, "retain_weight": retain_weight}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def full_finetuning_figure(digest: str | None = None) -> str | None:
     """The committed benchmark's line for full fine-tuning on the demo's data, or None when the file
-    (`benchmarks/results/forgetting-demo.json`, in a clone of the repository) is not there or has no such entry.
+    (`benchmarks/results/forgetting-demo.json`, in a clone of the repository) is not there, has no such entry, or
+    (given the demo's `data_digest`) was measured on other data.
 
     >>> # print(full_finetuning_figure())
     >>> # Full fine-tuning, same facts, retain data and steps (benchmarks/forgetting.py --size demo; lr 0.0001,
@@ -228,8 +241,9 @@ def full_finetuning_figure() -> str | None:
     """
     if not BENCHMARK.is_file():
         return None
-    full = json.loads(BENCHMARK.read_text()).get("full")
-    if not full:
+    results = json.loads(BENCHMARK.read_text())
+    full = results.get("full")
+    if not full or (digest is not None and results.get("data") != digest):
         return None
     seeds = f"median of {full['seeds']} seeds" if full["seeds"] > 1 else "1 seed"
     return (f"Full fine-tuning, same facts, retain data and steps (benchmarks/forgetting.py --size demo; lr "
@@ -320,9 +334,9 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
         print(f"   changed: {q!r}: {a!r} -> {b!r}")
     if suite.excluded:
         print(f"   (left out of the general sets, as they ask the facts' own templates: {suite.excluded})")
-    figure = full_finetuning_figure()
-    if figure:
-        print("   " + figure)
+    figure = full_finetuning_figure(data_digest(train_set, retain, r["retain_weight"]))
+    print("   " + (figure or "(No committed full fine-tuning figure for this data: benchmarks/forgetting.py --size demo "
+                             "--rates 1 --seeds 0 --methods loki_q10 full measures it.)"))
     (out / "report.json").write_text(json.dumps(report.as_dict(), indent=1))
 
     exact = all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items())
