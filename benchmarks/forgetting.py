@@ -126,7 +126,7 @@ def run_one(method, lr, steps, seed, ctx) -> dict:
     model, tok = ctx["model"], ctx["tokenizer"]
     target, deltas = (trained, ()) if trained is not None else (model, (delta,))
     if ctx["regime"] == "knowledge":
-        rep = ctx["suite"].report(target, tok, *deltas, base=ctx["base"], progress=False)
+        rep = ctx["suite"].report(target, tok, *deltas, base=base_scores(ctx), progress=False)
         scores = dict(task_score=rep.generalisation, efficacy=rep.efficacy, specificity=rep.specificity,
                       answers_kept=rep.answers_kept, forgetting=rep.forgetting, general=rep.tuned.general)
     else:
@@ -134,9 +134,18 @@ def run_one(method, lr, steps, seed, ctx) -> dict:
             general = ev.score(target, tok, ctx["general"], progress=False)
             task = ctx["task_score"](target, tok)
         scores = dict(task_score=task, efficacy=None, specificity=None, answers_kept=None,
-                      forgetting=ev.forgetting_score(ctx["base"], general), general=general)
+                      forgetting=ev.forgetting_score(base_scores(ctx), general), general=general)
     return {"method": method, "lr": lr, "steps": steps, "seed": seed, "trainable_params": trainable, **scores,
             "seconds": round(time.time() - t, 1)}
+
+
+def base_scores(ctx):
+    """The base model's scores for the block (knowledge: `ImplantScores`; task: the general sets), computed once,
+    when a run first needs them."""
+    if "base" not in ctx:
+        ctx["base"] = (ctx["suite"].score(ctx["model"], ctx["tokenizer"], progress=False) if ctx["regime"] == "knowledge"
+                       else ev.score(ctx["model"], ctx["tokenizer"], ctx["general"], progress=False))
+    return ctx["base"]
 
 
 class _nothing:
@@ -153,19 +162,38 @@ class Journal:
 
     FIELDS = ("model", "regime", "size", "retain", "data", "method", "lr", "steps", "seed")
 
-    def __init__(self, path: Path, fresh: bool = False):
-        self.path = path
+    def __init__(self, path: Path, fresh: bool = False, train: bool = True):
+        self.path, self.train = path, train
         if fresh and path.exists():
             path.unlink()
         lines = path.read_text().splitlines() if path.exists() else []
         self.done = {self.key(r): r for r in map(json.loads, lines)}
 
+    def rows(self, block: dict) -> list[dict]:
+        """Every journaled run of `block` (any method, rate, seed), in the order they finished."""
+        return [r for r in self.done.values() if r["method"] != "_base" and all(r.get(k) == v for k, v in block.items())]
+
+    def base_general(self, block: dict, fn) -> dict[str, float]:
+        """The base model's general-set scores for `block`, journaled (a row with method "_base"), so reporting
+        from the journal needs no model evaluation."""
+        row = {**block, "method": "_base", "lr": None, "steps": None, "seed": None}
+        key = self.key(row)
+        if key not in self.done:
+            row["general"] = fn()
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.done[key] = row
+        return self.done[key]["general"]
+
     def key(self, r) -> tuple:
         return tuple(r.get(k) for k in self.FIELDS)  # runs journaled before "data" existed match nothing now
 
-    def run(self, block: dict, method, lr, steps, seed, fn) -> dict:
+    def run(self, block: dict, method, lr, steps, seed, fn) -> dict | None:
+        """The journaled row of this run, trained first if missing (None when missing and training is off)."""
         row = {**block, "method": method, "lr": lr, "steps": steps, "seed": seed}
         key = self.key(row)
+        if key not in self.done and not self.train:
+            return None
         if key not in self.done:
             row = {**row, **fn()}
             with open(self.path, "a") as f:
@@ -285,7 +313,7 @@ def main() -> None:
     methods = args.methods or (["loki_q10", "full"] if args.size == "demo" else list(METHODS))
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     args.out.mkdir(parents=True, exist_ok=True)
-    journal = Journal(args.out / "forgetting-runs.jsonl", args.fresh)
+    journal = Journal(args.out / "forgetting-runs.jsonl", args.fresh, train=not args.no_grid)
 
     model, tok = LOADERS[args.model]()
     attr = None
@@ -302,31 +330,32 @@ def main() -> None:
             ctx = (knowledge_context(model, tok, size, retain_on) if regime == "knowledge"
                    else task_context(model, tok, size))
             ctx.update(model=model, tokenizer=tok, attr=attr, regime=regime, batch=size["batch"])
-            if regime == "knowledge":
-                ctx["base"] = ctx["suite"].score(model, tok, progress=False)
-                base_general = ctx["base"].general
-            else:
-                ctx["base"] = base_general = ev.score(model, tok, ctx["general"], progress=False)
             steps = size["steps"] if regime == "knowledge" else size["task_steps"]
             block = {"model": args.model, "regime": regime, "size": args.size, "retain": retain_on, "data": demo.data_digest(ctx["train_set"], ctx["retain"], ctx["retain_weight"])}
-            rows = []
+            base_general = journal.base_general(
+                block, lambda: base_scores(ctx).general if regime == "knowledge" else base_scores(ctx))
             for m in methods:
                 rates = (demo.RECIPE["lr"],) if args.size == "demo" and m == LOKI else GRID[METHODS[m]["kind"]]
                 if args.rates and len(rates) > 1:
                     rates = tuple(rates[i] for i in args.rates)
                 for lr in rates:
-                    rows.append(journal.run(block, m, lr, steps, 0, lambda: run_one(m, lr, steps, 0, ctx)))
-            target, heads = headline(rows, methods, seeds)
+                    journal.run(block, m, lr, steps, 0, lambda: run_one(m, lr, steps, 0, ctx))
+            if not journal.rows(block):
+                print(f"(no journaled run for {regime}, retain {retain_on}: nothing to report)", flush=True)
+                continue
+            target, heads = headline(journal.rows(block), methods, seeds)
             for m, h in heads.items():  # more seeds at each method's headline rate
                 for seed in seeds:
                     if seed != 0:
-                        rows.append(journal.run(block, m, h["lr"], h["steps"], seed,
-                                                lambda: run_one(m, h["lr"], h["steps"], seed, ctx)))
-            target, heads = headline(rows, methods, seeds)
+                        journal.run(block, m, h["lr"], h["steps"], seed, lambda: run_one(m, h["lr"], h["steps"], seed, ctx))
+            rows = journal.rows(block)  # the table shows every journaled run of the block, not only this command's
+            target, heads = headline(rows, [m for m in METHODS if any(r["method"] == m for r in rows)], seeds)
             name = f"{regime}" + (f", retain {'on' if retain_on else 'off'}" if regime == "knowledge" else "")
             blocks[name] = (rows, target)
             print(f"\n### {args.model}, {name}\n\n" + table(target, heads, base_general) + "\n", flush=True)
             summary[name] = {"target": target, "base_general": base_general, "methods": heads}
+    if not summary:
+        raise SystemExit("No run to report: train some first (without --no-grid).")
     out_name = f"forgetting-{args.model}" + ("" if args.size == "full" else f"-{args.size}")
     if args.size == "demo":
         heads = next(iter(summary.values()))["methods"]
@@ -344,8 +373,13 @@ def last_line(model: str, size: str, summary: dict) -> dict:
         h = summary[name]["methods"]
         ratio = lambda a, b: (round(h[a]["forgetting"] / h[b]["forgetting"], 3)  # noqa: E731
                               if a in h and b in h and h[b]["forgetting"] > 0 else None)
+        # A ratio means nothing when the reference does not forget (<= 0): the differences (points) stay meaningful.
+        minus = lambda a, b: round(h[a]["forgetting"] - h[b]["forgetting"], 3) if a in h and b in h else None  # noqa: E731
         return {"regime": name, "loki_vs_full_forgetting": ratio(LOKI, "full"),
                 "loki_vs_lora_forgetting": ratio(LOKI, "lora"),
+                "loki_minus_full_forgetting_points": minus(LOKI, "full"),
+                "loki_minus_lora_forgetting_points": minus(LOKI, "lora"),
+                "loki_reached_target": h.get(LOKI, {}).get("reached_target"),
                 "loki_forgetting": h.get(LOKI, {}).get("forgetting"), "full_forgetting": h.get("full", {}).get("forgetting"),
                 "lora_forgetting": h.get("lora", {}).get("forgetting"),
                 "loki_specificity": h.get(LOKI, {}).get("specificity"),
