@@ -179,11 +179,14 @@ class Journal:
         row = {**block, "method": "_base", "lr": None, "steps": None, "seed": None}
         key = self.key(row)
         if key not in self.done:
-            row["general"] = fn()
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            self.done[key] = row
+            self._add(key, {**row, "general": fn()})
         return self.done[key]["general"]
+
+    def _add(self, key: tuple, row: dict) -> dict:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.done[key] = row
+        return row
 
     def key(self, r) -> tuple:
         return tuple(r.get(k) for k in self.FIELDS)  # runs journaled before "data" existed match nothing now
@@ -192,13 +195,10 @@ class Journal:
         """The journaled row of this run, trained first if missing (None when missing and training is off)."""
         row = {**block, "method": method, "lr": lr, "steps": steps, "seed": seed}
         key = self.key(row)
-        if key not in self.done and not self.train:
-            return None
         if key not in self.done:
-            row = {**row, **fn()}
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            self.done[key] = row
+            if not self.train:
+                return None
+            row = self._add(key, {**row, **fn()})
             spec = "" if row["specificity"] is None else f" specificity={row['specificity']:.2f}"
             print(f"{block['regime']:>9} retain={block['retain']!s:>5} {method:>18} lr={lr:<7g} seed={seed} "
                   f"task={row['task_score']:.2f}{spec} forgetting={row['forgetting']:+.2f}%  ({row['seconds']:.0f} s)",
@@ -340,10 +340,11 @@ def main() -> None:
                     rates = tuple(rates[i] for i in args.rates)
                 for lr in rates:
                     journal.run(block, m, lr, steps, 0, lambda: run_one(m, lr, steps, 0, ctx))
-            if not journal.rows(block):
+            rows = journal.rows(block)
+            if not rows:
                 print(f"(no journaled run for {regime}, retain {retain_on}: nothing to report)", flush=True)
                 continue
-            target, heads = headline(journal.rows(block), methods, seeds)
+            target, heads = headline(rows, methods, seeds)
             for m, h in heads.items():  # more seeds at each method's headline rate
                 for seed in seeds:
                     if seed != 0:
