@@ -258,6 +258,10 @@ def _ddp_extract(rank: int, port: int, out: str) -> None:
         delta = loki.extract(ddp, name="ddp")  # through the wrapper
         assert loki.is_prepared(ddp)
         loki.save(delta, out)
+        # Drop DDP while the default group still holds the process group: if DDP's reducer held its last reference,
+        # the gloo group's destructor would join its worker thread under the GIL, which that thread may be waiting
+        # for (a torch deadlock seen once in CI, at this function's return).
+        del ddp
     finally:
         dist.destroy_process_group()
 
