@@ -322,19 +322,23 @@ def main() -> None:
         attr = demo.probe_attributions(model, tok, size["prompts"], 7, args.out / "attributions" / args.model)
         print(f"KVA on {size['prompts']} probe prompts: {time.time() - t0:.0f} s (cached)", flush=True)
     summary, blocks = {}, {}
-    for regime in args.regimes or size["regimes"]:
+    wanted = args.retain or (["on"] if args.size == "demo" else ["on", "off"])
+    # Every block of the size is reported from the journal (so the committed JSON and plot always hold all of them);
+    # only the blocks the flags ask for are trained.
+    for regime in size["regimes"]:
         for retain_on in ((True, False) if regime == "knowledge" else (False,)):
-            wanted = args.retain or (["on"] if args.size == "demo" else ["on", "off"])
-            if regime == "knowledge" and ("on" if retain_on else "off") not in wanted:
-                continue
+            asked = regime in (args.regimes or size["regimes"]) and (
+                regime != "knowledge" or ("on" if retain_on else "off") in wanted)
             ctx = (knowledge_context(model, tok, size, retain_on) if regime == "knowledge"
                    else task_context(model, tok, size))
             ctx.update(model=model, tokenizer=tok, attr=attr, regime=regime, batch=size["batch"])
             steps = size["steps"] if regime == "knowledge" else size["task_steps"]
             block = {"model": args.model, "regime": regime, "size": args.size, "retain": retain_on, "data": demo.data_digest(ctx["train_set"], ctx["retain"], ctx["retain_weight"])}
+            if not asked and not journal.rows(block):
+                continue
             base_general = journal.base_general(
                 block, lambda: base_scores(ctx).general if regime == "knowledge" else base_scores(ctx))
-            for m in methods:
+            for m in methods if asked else ():
                 rates = (demo.RECIPE["lr"],) if args.size == "demo" and m == LOKI else GRID[METHODS[m]["kind"]]
                 if args.rates and len(rates) > 1:
                     rates = tuple(rates[i] for i in args.rates)
@@ -345,7 +349,7 @@ def main() -> None:
                 print(f"(no journaled run for {regime}, retain {retain_on}: nothing to report)", flush=True)
                 continue
             target, heads = headline(rows, methods, seeds)
-            for m, h in heads.items():  # more seeds at each method's headline rate
+            for m, h in heads.items() if asked else ():  # more seeds at each method's headline rate
                 for seed in seeds:
                     if seed != 0:
                         journal.run(block, m, h["lr"], h["steps"], seed, lambda: run_one(m, h["lr"], h["steps"], seed, ctx))
