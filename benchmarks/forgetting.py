@@ -135,8 +135,10 @@ def run_one(method, lr, steps, seed, ctx) -> dict:
             task = ctx["task_score"](target, tok)
         scores = dict(task_score=task, efficacy=None, specificity=None, answers_kept=None,
                       forgetting=ev.forgetting_score(base_scores(ctx), general), general=general)
+    with loki.implanted(model, *deltas) if deltas else _nothing():  # one general question, to show what changed
+        said = ev.generate(target, tok, [demo.QUESTION], chat=True, max_new_tokens=24, progress=False)[0]
     return {"method": method, "lr": lr, "steps": steps, "seed": seed, "trainable_params": trainable, **scores,
-            "seconds": round(time.time() - t, 1)}
+            "answer_france": said, "seconds": round(time.time() - t, 1)}
 
 
 def base_scores(ctx):
