@@ -312,7 +312,7 @@ def main() -> None:
     args = p.parse_args()
     size = SIZES[args.size]
     seeds = tuple(args.seeds) if args.seeds is not None else size["seeds"]
-    methods = args.methods or (["loki_q10", "full"] if args.size == "demo" else list(METHODS))
+    methods = args.methods or (["loki_q10", "full", "lora"] if args.size == "demo" else list(METHODS))
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     args.out.mkdir(parents=True, exist_ok=True)
     journal = Journal(args.out / "forgetting-runs.jsonl", args.fresh, train=not args.no_grid)
@@ -360,15 +360,15 @@ def main() -> None:
             name = f"{regime}" + (f", retain {'on' if retain_on else 'off'}" if regime == "knowledge" else "")
             blocks[name] = (rows, target)
             print(f"\n### {args.model}, {name}\n\n" + table(target, heads, base_general) + "\n", flush=True)
-            summary[name] = {"target": target, "base_general": base_general, "methods": heads}
+            summary[name] = {"target": target, "base_general": base_general, "methods": heads, "data": block["data"]}
     if not summary:
         raise SystemExit("No run to report: train some first (without --no-grid).")
     out_name = f"forgetting-{args.model}" + ("" if args.size == "full" else f"-{args.size}")
     if args.size == "demo":
-        heads = next(iter(summary.values()))["methods"]
+        first = next(iter(summary.values()))
         (args.out / "forgetting-demo.json").write_text(json.dumps(
             {m: {k: h[k] for k in ("lr", "seeds", "task_score", "specificity", "forgetting")}
-             | {"generalisation": h["task_score"]} for m, h in heads.items()} | {"data": block["data"]}, indent=1))
+             | {"generalisation": h["task_score"]} for m, h in first["methods"].items()} | {"data": first["data"]}, indent=1))
     (args.out / f"{out_name}.json").write_text(json.dumps(summary, indent=1))
     plot(blocks, args.out / f"{out_name}.png", f"Forgetting at matched task score: {args.model}")
     print(json.dumps(last_line(args.model, args.size, summary)))
