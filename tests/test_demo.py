@@ -27,6 +27,19 @@ def test_fact_task_is_well_formed():
     assert bench.kind == "generate" and [it["question"] for it in bench.items] == [f["test"] for f in facts[:3]]
 
 
+
+def test_committed_baseline_figures_are_for_the_demos_data():
+    """The full demo quotes benchmarks/results/forgetting-demo.json only when it was measured on the demo's data: a
+    change to the recipe, facts or retain data must come with a rerun of `benchmarks/forgetting.py --size demo`."""
+    size = demo.SIZES["full"]
+    facts = demo.implant_facts(size["facts"])
+    retain, _ = demo.retain_data(facts, size["recipe"], size["eval_per_template"])
+    digest = demo.data_digest(demo.fact_training_set(facts), retain, size["recipe"]["retain_weight"])
+    for method, name in demo.BASELINES.items():
+        line = demo.baseline_figure(method, digest)
+        assert line is not None and line.startswith(name) and "specificity" in line, (method, digest)
+    assert demo.baseline_figure("full", "000000000000") is None  # other data: no figure
+
 def test_quick_demo_prints_before_after_and_reverts_exactly(tmp_path, capsys):
     code = demo.run_demo(tmp_path, quick=True, progress=False)
     out = capsys.readouterr().out
