@@ -27,7 +27,6 @@ def test_fact_task_is_well_formed():
     assert bench.kind == "generate" and [it["question"] for it in bench.items] == [f["test"] for f in facts[:3]]
 
 
-
 def test_committed_baseline_figures_are_for_the_demos_data():
     """The full demo quotes benchmarks/results/forgetting-demo.json only when it was measured on the demo's data: a
     change to the recipe, facts or retain data must come with a rerun of `benchmarks/forgetting.py --size demo`."""
@@ -39,6 +38,7 @@ def test_committed_baseline_figures_are_for_the_demos_data():
         line = demo.baseline_figure(method, digest)
         assert line is not None and line.startswith(name) and "specificity" in line, (method, digest)
     assert demo.baseline_figure("full", "000000000000") is None  # other data: no figure
+
 
 def test_quick_demo_prints_before_after_and_reverts_exactly(tmp_path, capsys):
     code = demo.run_demo(tmp_path, quick=True, progress=False)
