@@ -306,6 +306,8 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="only these methods (default: all)")
     p.add_argument("--seeds", nargs="+", type=int, help="seeds at each headline rate (default: the size's)")
     p.add_argument("--rates", nargs="+", type=int, help="only these positions of each rate grid (0 = lowest)")
+    p.add_argument("--lrs", nargs="+", type=float,
+                   help="train at these peak rates instead of the grid (e.g. below it, where the lowest was best)")
     p.add_argument("--no-grid", action="store_true", help="only report from the journal; train nothing")
     p.add_argument("--fresh", action="store_true", help="forget the journal")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -344,6 +346,8 @@ def main() -> None:
                 rates = (demo.RECIPE["lr"],) if args.size == "demo" and m == LOKI else GRID[METHODS[m]["kind"]]
                 if args.rates and len(rates) > 1:
                     rates = tuple(rates[i] for i in args.rates)
+                if args.lrs:
+                    rates = tuple(args.lrs)
                 for lr in rates:
                     journal.run(block, m, lr, steps, 0, lambda: run_one(m, lr, steps, 0, ctx))
             rows = journal.rows(block)

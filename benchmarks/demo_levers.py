@@ -1,0 +1,92 @@
+"""Variants of the demo's recipe, scored with the demo's four numbers: how benchmarks/README.md's "levers" tables
+were measured.
+
+One process loads the default model, scores the base once, then trains and scores each variant in turn (same facts,
+retain data, neighbourhood and general sets as `loki demo`). A variant is a JSON object of RECIPE keys to change
+(`q`, `score`, `lr`, `steps`, `retain_weight`, ...) plus three exploration switches that are not library options:
+`"optimizer"` ("adamw" with `"eps"`, or "sgd" with `"momentum"`) replaces the AdamW that `loki.train` builds, and
+`"object_only": true` trains only each statement's tokens from its object on ("Solvis." of "The capital of ... is
+Solvis."). Each result is printed and appended as one JSON line to `results/demo-levers.jsonl`.
+
+    .venv/bin/python benchmarks/demo_levers.py '[{"eps": 1e-5}, {"score": "abs"}, {"q": 20, "lr": 2e-3}]'
+
+About 35 s for the base, then 150 s a variant, on an idle 2-core CPU (cached demo attributions in loki-demo/).
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import loki  # noqa: E402
+from loki import dataset, demo  # noqa: E402
+
+TRAIN_MODULE = sys.modules["loki.train"]  # `loki.train` the attribute is the function; its module holds encode
+
+
+def optimizer_factory(variant: dict):
+    """What `loki.train` calls as `torch.optim.AdamW(params, lr=..., weight_decay=...)`, for this variant."""
+    real = torch.optim.AdamW
+    if variant.get("optimizer", "adamw") == "sgd":
+        return lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr, momentum=variant.get("momentum", 0.9))
+    return lambda params, lr, weight_decay: real(params, lr=lr, weight_decay=weight_decay,
+                                                 eps=variant.get("eps", 1e-8))
+
+
+def object_only_encode(tokenizer, example, max_length=None):
+    """`loki.dataset.encode`, with the answer tokens before `example["object"]` taken out of the loss."""
+    encoded = dataset.encode(tokenizer, example, max_length)
+    if "object" in example:
+        answer = [i for i, label in enumerate(encoded["labels"]) if label != dataset.IGNORE]
+        start = example["answer"].index(example["object"])
+        first = next(i for i in answer if len(tokenizer.decode(encoded["input_ids"][answer[0]:i + 1])) > start)
+        encoded["labels"] = [label if i >= first else dataset.IGNORE for i, label in enumerate(encoded["labels"])]
+    return encoded
+
+
+def main() -> None:
+    variants = json.loads(sys.argv[1])
+    model, tok = loki.load_default()
+    size = demo.SIZES["full"]
+    attr = demo.probe_attributions(model, tok, size["prompts"], size["ig_steps"], ROOT / "loki-demo" / "attributions",
+                                   progress=False)
+    facts = demo.implant_facts(size["facts"])
+    retain, neighbours = demo.retain_data(facts, demo.RECIPE, size["eval_per_template"])
+    suite = demo.implant_suite(facts, neighbours, size["general_items"])
+    t0 = time.time()
+    base = suite.score(model, tok, progress=False)
+    print(f"base scored in {time.time() - t0:.0f} s", flush=True)
+    real_adamw, real_encode = torch.optim.AdamW, TRAIN_MODULE.encode
+    for variant in variants:
+        r = {**demo.RECIPE, **{k: v for k, v in variant.items() if k in demo.RECIPE}}
+        train_set = demo.fact_training_set(facts)
+        if variant.get("object_only"):
+            train_set = [{**ex, "object": f["match"]} for f in facts for ex in demo.fact_training_set([f])]
+        t0 = time.time()
+        torch.optim.AdamW, TRAIN_MODULE.encode = optimizer_factory(variant), object_only_encode
+        try:
+            loki.prepare(model, loki.select(attr, r["q"], score=r["score"]))
+            loki.train(model, tok, train_set, lr=r["lr"], batch_size=r["batch_size"], max_steps=r["steps"], seed=0,
+                       retain=retain, retain_weight=r["retain_weight"], retain_batch_size=r["retain_batch_size"],
+                       progress=False)
+            delta = loki.extract(model, name="lever")
+        finally:
+            loki.unprepare(model)
+            torch.optim.AdamW, TRAIN_MODULE.encode = real_adamw, real_encode
+        seconds = time.time() - t0
+        report = suite.report(model, tok, delta, base=base, progress=False).as_dict()
+        with loki.implanted(model, delta):
+            france = demo.answer(model, tok, demo.QUESTION)
+        row = {"variant": variant, "train_s": round(seconds), "france": france,
+               **{k: report[k] for k in ("efficacy", "generalisation", "specificity", "answers_kept", "forgetting")}}
+        print(json.dumps(row), flush=True)
+        with open(ROOT / "benchmarks" / "results" / "demo-levers.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
