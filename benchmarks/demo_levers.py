@@ -3,8 +3,9 @@ were measured.
 
 One process loads the default model, scores the base once, then trains and scores each variant in turn (same facts,
 retain data, neighbourhood and general sets as `loki demo`). A variant is a JSON object of RECIPE keys to change
-(`q`, `score`, `lr`, `steps`, `retain_weight`, ...) plus three exploration switches that are not library options:
-`"optimizer"` ("adamw" with `"eps"`, or "sgd" with `"momentum"`) replaces the AdamW that `loki.train` builds, and
+(`q`, `score`, `lr`, `steps`, `retain_weight`, ...) plus two exploration switches that are not library options:
+`"optimizer"` ("adamw", the default, with `"eps"`; or "sgd" with `"momentum"`) replaces the AdamW that `loki.train`
+builds, and
 `"object_only": true` trains only each statement's tokens from its object on ("Solvis." of "The capital of ... is
 Solvis."). Each result is printed and appended as one JSON line to `results/demo-levers.jsonl`.
 
