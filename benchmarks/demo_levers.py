@@ -3,7 +3,9 @@ were measured.
 
 One process loads the default model, scores the base once, then trains and scores each variant in turn (same facts,
 retain data, neighbourhood and general sets as `loki demo`). A variant is a JSON object of RECIPE keys to change
-(`q`, `score`, `lr`, `steps`, `retain_weight`, ...) plus two exploration switches that are not library options:
+(`q`, `score`, `lr`, `steps`, `retain_weight`, ...), `"attribute_on": "neighbours"` (rows scored by KVA on the base
+model's answers to the retain questions, `RetainTargets.prompts`; with `"per_item"`, `"and_probe"`), `"layers"`,
+`"lora_rank"` (LoKI*), plus two exploration switches that are not library options:
 `"optimizer"` ("adamw", the default, with `"eps"`; or "sgd" with `"momentum"`) replaces the AdamW that `loki.train`
 builds, and
 `"object_only": true` trains only each statement's tokens from its object on ("Solvis." of "The capital of ... is
@@ -49,6 +51,25 @@ def object_only_encode(tokenizer, example, max_length=None):
     return encoded
 
 
+def selection_for(model, tok, variant: dict, r: dict, attr, retain: list):
+    """The variant's rows: `"attribute_on": "neighbours"` scores rows on the base model's answers to the retain
+    questions (`RetainTargets.prompts(per_item)`, `"per_item"` default 3; plus the probe prompts when
+    `"and_probe": true`); `"layers": [lo, hi]` keeps only layers lo..hi-1."""
+    if variant.get("attribute_on") == "neighbours":
+        targets = loki.retain_targets(model, tok, [x for x in retain if isinstance(x, str)], progress=False)
+        own = demo.neighbourhood_attributions(model, tok, targets, 7, variant.get("per_item", 3),
+                                              ROOT / "loki-demo" / "attributions", progress=False)
+        values = torch.cat([attr.values, own.values]) if variant.get("and_probe") else own.values
+        selection = loki.select(values, r["q"], score=r["score"])
+    else:
+        selection = loki.select(attr, r["q"], score=r["score"])
+    if "layers" in variant:
+        lo, hi = variant["layers"]
+        selection = loki.Selection({k: v for k, v in selection.rows.items() if lo <= k < hi}, selection.num_layers,
+                                   selection.d_out, q=selection.q)
+    return selection
+
+
 def main() -> None:
     variants = json.loads(sys.argv[1])
     model, tok = loki.load_default()
@@ -70,7 +91,7 @@ def main() -> None:
         t0 = time.time()
         torch.optim.AdamW, TRAIN_MODULE.encode = optimizer_factory(variant), object_only_encode
         try:
-            loki.prepare(model, loki.select(attr, r["q"], score=r["score"]))
+            loki.prepare(model, selection_for(model, tok, variant, r, attr, retain), lora_rank=variant.get("lora_rank"))
             loki.train(model, tok, train_set, lr=r["lr"], batch_size=r["batch_size"], max_steps=r["steps"], seed=0,
                        retain=retain, retain_weight=r["retain_weight"], retain_batch_size=r["retain_batch_size"],
                        progress=False)

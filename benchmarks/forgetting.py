@@ -9,8 +9,9 @@ Regimes:
   (benchmarks/data/wikidata_toolcall, built from BIG-bench qa_wikidata), no retain data (the paper's regime).
 
 Methods (same data, same retain data, same recipe `loki.train`): LoKI layer-balanced rows at q = 5, 10, 20, 30
-ranked by signed score (as published) and by |score|; LoKI* (q=10 rows as LoRA factors); full fine-tuning; PEFT
-LoRA on all linear layers; random, global-lowest and global-highest rows at q = 10.
+ranked by signed score (as published) and by |score|; LoKI q=10 rows scored on the base model's answers to the
+neighbourhood questions (`loki_nbhd_q10`, knowledge regime); LoKI* (q=10 rows as LoRA factors); full fine-tuning;
+PEFT LoRA on all linear layers; random, global-lowest and global-highest rows at q = 10.
 
 Protocol: every method trains at every rate of its grid with seed 0. The target task score is 0.9 x the best
 score of any run of the block (model, regime, retain); each method's headline is its rate with the lowest general
@@ -57,6 +58,10 @@ def _methods() -> dict[str, dict]:
     for q in (5, 10, 20, 30):
         out[f"loki_q{q}"] = dict(kind="rows", strategy="layer_balanced", score="signed", q=q)
         out[f"loki_abs_q{q}"] = dict(kind="rows", strategy="layer_balanced", score="abs", q=q)
+    # KVA on the base model's answers to the retain half's neighbourhood questions (`RetainTargets.prompts`)
+    # instead of the probe set: the rows those answers rely on least. Knowledge regime only; with retain off the
+    # questions are still attributed, though not trained on.
+    out["loki_nbhd_q10"] = dict(kind="rows", strategy="layer_balanced", score="signed", q=10, prompts="neighbourhood")
     out["loki_lora_q10"] = dict(kind="rows_lora", strategy="layer_balanced", score="signed", q=10, rank=16)
     out["full"] = dict(kind="full")
     out["lora"] = dict(kind="lora", rank=8)
@@ -84,9 +89,19 @@ LOADERS = {"smollm2": lambda: loki.load_default(), "qwen": lambda: loki.models.l
 
 
 # -- one run ----------------------------------------------------------------------------------------------------
-def selection_for(spec, attr, projs, seed):
+def neighbourhood_attributions(ctx):
+    """KVA on the neighbourhood questions of the block's retain data (cached in ctx and on disk)."""
+    if "attr_nbhd" not in ctx:
+        targets = loki.retain_targets(ctx["model"], ctx["tokenizer"], ctx["retain_questions"], progress=False)
+        ctx["attr_nbhd"] = demo.neighbourhood_attributions(ctx["model"], ctx["tokenizer"], targets, 7,
+                                                           demo.RECIPE["kva_per_item"], ctx["attr_folder"], False)
+    return ctx["attr_nbhd"]
+
+
+def selection_for(spec, ctx, projs, seed):
     if spec["strategy"] == "random":
         return loki.Selection.random(len(projs), projs.d_out, spec["q"], seed)
+    attr = neighbourhood_attributions(ctx) if spec.get("prompts") == "neighbourhood" else ctx["attr"]
     return loki.select(attr, spec["q"], spec["strategy"], score=spec["score"])
 
 
@@ -109,7 +124,7 @@ def train_one(method, lr, steps, seed, ctx):
         loki.train(work, tok, ctx["train_set"], params=params, **options)
         return work, None, sum(p.numel() for p in params)
     projs = loki.find_down_projections(model)
-    loki.prepare(model, selection_for(spec, ctx["attr"], projs, seed), lora_rank=spec.get("rank"), seed=seed)
+    loki.prepare(model, selection_for(spec, ctx, projs, seed), lora_rank=spec.get("rank"), seed=seed)
     try:
         trainable = loki.trainable_report(model).trainable
         loki.train(model, tok, ctx["train_set"], **options)
@@ -285,6 +300,7 @@ def knowledge_context(model, tok, size, retain_on: bool) -> dict:
     retain, neighbours = demo.retain_data(facts, recipe, size["eval_per_template"])
     suite = demo.implant_suite(facts, neighbours, size["general_items"])
     return dict(train_set=demo.fact_training_set(facts), suite=suite, retain=retain if retain_on else None,
+                retain_questions=[q for q in retain if isinstance(q, str)],
                 retain_weight=demo.RECIPE["retain_weight"], retain_batch_size=demo.RECIPE["retain_batch_size"])
 
 
@@ -316,7 +332,7 @@ def main() -> None:
     args = p.parse_args()
     size = SIZES[args.size]
     seeds = tuple(args.seeds) if args.seeds is not None else size["seeds"]
-    methods = args.methods or (["loki_q10", "full", "lora"] if args.size == "demo" else list(METHODS))
+    methods = args.methods or (["loki_q10", "loki_nbhd_q10", "full", "lora"] if args.size == "demo" else list(METHODS))
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     args.out.mkdir(parents=True, exist_ok=True)
     journal = Journal(args.out / "forgetting-runs.jsonl", args.fresh, train=not args.no_grid)
@@ -337,15 +353,16 @@ def main() -> None:
                 regime != "knowledge" or ("on" if retain_on else "off") in wanted)
             ctx = (knowledge_context(model, tok, size, retain_on) if regime == "knowledge"
                    else task_context(model, tok, size))
-            ctx.update(model=model, tokenizer=tok, attr=attr, regime=regime, batch=size["batch"])
+            ctx.update(model=model, tokenizer=tok, attr=attr, regime=regime, batch=size["batch"],
+                       attr_folder=args.out / "attributions" / args.model)
             steps = size["steps"] if regime == "knowledge" else size["task_steps"]
             block = {"model": args.model, "regime": regime, "size": args.size, "retain": retain_on, "data": demo.data_digest(ctx["train_set"], ctx["retain"], ctx["retain_weight"])}
             if not asked and not journal.rows(block):
                 continue
             base_general = journal.base_general(
                 block, lambda: base_scores(ctx).general if regime == "knowledge" else base_scores(ctx))
-            for m in methods if asked else ():
-                rates = (demo.RECIPE["lr"],) if args.size == "demo" and m == LOKI else GRID[METHODS[m]["kind"]]
+            for m in [m for m in methods if regime == "knowledge" or "prompts" not in METHODS[m]] if asked else ():
+                rates = (demo.RECIPE["lr"],) if args.size == "demo" and m in (LOKI, "loki_nbhd_q10") else GRID[METHODS[m]["kind"]]
                 if args.rates and len(rates) > 1:
                     rates = tuple(rates[i] for i in args.rates)
                 if args.lrs:

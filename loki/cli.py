@@ -146,7 +146,7 @@ def _export_peft(args: argparse.Namespace) -> int:
 # -- demo -------------------------------------------------------------------------------------------
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="loki-demo", help="folder for the files the demo writes")
-    p.add_argument("--quick", action="store_true", help="a reduced run (1 probe prompt, 2 facts, 2 steps): a smoke test")
+    p.add_argument("--quick", action="store_true", help="a reduced run (2 facts, 2 IG steps, 12 training steps): a smoke test")
 
 
 @command("demo", "run the workflow end to end on the embedded default model", _demo_args)

@@ -1,7 +1,8 @@
 """`loki demo`: the whole LoKI workflow on the embedded default model, printed step by step.
 
-Attribute the probe prompts (KVA), select the layer-balanced rows, implant fictional facts the model cannot know
-while retaining its answers to neighbouring questions, save the `.loki`, and judge the implant by its four numbers
+Attribute every row on the base model's answers to questions neighbouring the implant (KVA), select the layer-balanced
+rows those answers rely on least, implant fictional facts the model cannot know while retaining its answers to
+neighbouring questions, save the `.loki`, and judge the implant by its four numbers
 (efficacy, generalisation, specificity, general forgetting), then revert exactly.
 
 >>> import loki.demo
@@ -28,11 +29,13 @@ from .neighbourhood import entities, questions, split, templates
 from .retain import general_text
 
 QUESTION = "What is the capital of France?"
-# The demo's recipe (benchmarks/README.md#forgetting): q=10 rows, trained for `steps` at peak rate `lr`, retaining
-# the base model's answers to `retain_per_template` neighbourhood questions per template and its distributions on
-# `retain_text` general-prose snippets, `retain_batch_size` of them per step at `retain_weight`.
+# The demo's recipe (benchmarks/README.md#forgetting): q=10 rows, scored by KVA on `kva_per_item` prompts cut from
+# each of the base model's answers to the retain questions (`neighbourhood_attributions`), trained for `steps` at
+# peak rate `lr`, retaining the base model's answers to `retain_per_template` neighbourhood questions per template
+# and its distributions on `retain_text` general-prose snippets, `retain_batch_size` of them per step at
+# `retain_weight`.
 RECIPE = dict(q=10, score="signed", lr=3e-3, steps=30, batch_size=8, retain_weight=6.0, retain_batch_size=12,
-              retain_per_template=8, retain_text=32)
+              retain_per_template=8, retain_text=32, kva_per_item=3)
 # General sets for the forgetting score: broad, clearly above chance for the default model, and sharing no template
 # with the fact task (world_capitals asks the capital template, so it measures the neighbourhood instead).
 GENERAL = ("wiki_perplexity", "bb_general_knowledge")
@@ -219,6 +222,39 @@ def probe_attributions(model, tokenizer, n_prompts: int, steps: int = 7, folder:
     return attribute(model, tokenizer, probe_records()[:n_prompts], steps=steps, path=folder, progress=progress)
 
 
+def neighbourhood_attributions(model, tokenizer, targets, steps: int = 7, per_item: int = 3,
+                               folder: str | Path | None = None, progress: bool = True):
+    """KVA attributions on the base model's own answers to the retained neighbourhood questions
+    (`RetainTargets.prompts`): scores whose lowest rows are the ones those answers rely on least, the rows the demo
+    trains (benchmarks/README.md#forgetting: specificity 0.871 with the probe set's rows, 0.889 with these).
+
+    Args:
+        model: the base model.
+        tokenizer: its tokenizer.
+        targets: `loki.retain_targets` of the retain data (its question items give the prompts).
+        steps: integration steps.
+        per_item: prompts per question (`RetainTargets.prompts`).
+        folder: the cache; written to `folder/neighbourhood<questions>-p<per_item>-m<steps>` and resumed. None keeps
+            it in memory.
+        progress: show a progress bar.
+
+    Returns:
+        Attributions: `[prompts, L, d_model]`.
+
+    Raises:
+        DatasetError: no question in the retain data. AttributionError: see `loki.attribute`.
+
+    >>> # targets = loki.retain_targets(model, tokenizer, retain)
+    >>> # attr = neighbourhood_attributions(model, tokenizer, targets, folder="loki-demo/attributions")
+    """
+    from .attribution import attribute
+
+    questions = sum(it["kind"] == "question" for it in targets.items)
+    if folder is not None:
+        folder = Path(folder) / f"neighbourhood{questions}-p{per_item}-m{steps}"
+    return attribute(model, tokenizer, targets.prompts(per_item), steps=steps, path=folder, progress=progress)
+
+
 def data_digest(train_set: list, retain: list | None, retain_weight: float) -> str:
     """A short checksum of an implant run's data: training examples, retain items and retain weight (what
     `benchmarks/forgetting.py` journals its runs under, so a figure is quoted only for the data it was measured on).
@@ -256,7 +292,8 @@ def baseline_figure(method: str = "full", digest: str | None = None) -> str | No
 
 # -- the demo -----------------------------------------------------------------------------------------------
 SIZES = {
-    # probe prompts, IG steps, facts, train steps, items per general set, neighbourhood questions per template, recipe
+    # IG steps, facts, train steps, items per general set, neighbourhood questions per template, recipe; probe
+    # prompts: the notebooks' KVA on the probe set (the demo attributes on the neighbourhood instead)
     "full": dict(prompts=6, ig_steps=7, facts=8, train_steps=RECIPE["steps"], general_items=50, eval_per_template=4,
                  recipe=RECIPE),
     "quick": dict(prompts=1, ig_steps=2, facts=2, train_steps=12, general_items=2, eval_per_template=1,
@@ -270,7 +307,7 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
 
     Args:
         out: the output folder (created if missing; cached attributions in it are reused).
-        quick: a much smaller run (1 probe prompt, 2 facts, 12 steps; for tests), not a meaningful result.
+        quick: a much smaller run (2 facts, 2 IG steps, 12 training steps; for tests), not a meaningful result.
         progress: show progress bars.
 
     Returns:
@@ -291,18 +328,21 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
     print(f"   {loki.models.DEFAULT_MODEL_ID}: {len(projs)} layers, down-projection {projs.d_out}x{projs.d_in}")
     before_state = {k: v.clone() for k, v in model.state_dict().items()}
 
-    print(f"\n2. Attributing every down-projection row on {size['prompts']} probe prompts (KVA, "
-          f"{size['ig_steps']} integrated-gradient steps; cached in {out / 'attributions'})...")
-    attr = probe_attributions(model, tokenizer, size["prompts"], size["ig_steps"], out / "attributions", progress)
-    selection = loki.select(attr, r["q"], score=r["score"])
-    selection.save(out / f"selection-q{r['q']:g}.json")
-    print(f"   Layer-balanced selection at q={r['q']:g} ({r['score']} scores): {selection.num_rows} rows "
-          f"({selection.num_rows // len(projs)} per layer)")
-
     facts = implant_facts(size["facts"])
     train_set = fact_training_set(facts)
     retain, neighbours = retain_data(facts, r, size["eval_per_template"])
     suite = implant_suite(facts, neighbours, size["general_items"])
+    targets = loki.retain_targets(model, tokenizer, retain, progress=progress)
+    asked = targets.items[0]["example"]
+    print(f"\n2. Attributing every down-projection row (KVA, {size['ig_steps']} integrated-gradient steps) on the base "
+          f"model's own answers to {len(retain) - r['retain_text']} neighbourhood questions, e.g. "
+          f"{asked['question']!r} -> {asked['answer']!r} (cached in {out / 'attributions'})...")
+    attr = neighbourhood_attributions(model, tokenizer, targets, size["ig_steps"], r["kva_per_item"],
+                                      out / "attributions", progress)
+    selection = loki.select(attr, r["q"], score=r["score"])
+    selection.save(out / f"selection-q{r['q']:g}.json")
+    print(f"   Layer-balanced selection at q={r['q']:g} ({r['score']} scores): {selection.num_rows} rows "
+          f"({selection.num_rows // len(projs)} per layer) that these answers rely on least")
     shown = [f["test"] for f in facts[:3]] + [QUESTION]
     print(f"\n3. Before: the base model on {len(facts)} fictional facts, {len(neighbours)} neighbourhood questions "
           f"(real entities, same templates) and the general sets {[b.name for b in suite.general]}")
@@ -316,7 +356,7 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
     loki.prepare(model, selection)
     print("   " + str(loki.trainable_report(model)).replace("\n", "\n   "))
     result = loki.train(model, tokenizer, train_set, lr=r["lr"], batch_size=r["batch_size"],
-                        max_steps=size["train_steps"], seed=0, retain=retain, retain_weight=r["retain_weight"],
+                        max_steps=size["train_steps"], seed=0, retain=targets, retain_weight=r["retain_weight"],
                         retain_batch_size=r["retain_batch_size"], progress=progress)
     print(f"   {result}")
     delta = loki.extract(model, name="demo-fictional-facts",

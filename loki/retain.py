@@ -180,6 +180,48 @@ class RetainTargets:
                 batch.append(order.pop())
             yield batch
 
+    def prompts(self, per_item: int = 3, *, text: bool = False) -> list[list[int]]:
+        """KVA prompts from the retained answers: for each answered item, its token ids up to `per_item` evenly
+        spaced retained positions (a third, two thirds and the last but one answer token for 3), so
+        `loki.attribute(model, tokenizer, targets.prompts())` scores every row by its contribution to the base
+        model's own answers to the neighbourhood questions, and `loki.select` on those scores picks the rows these
+        answers rely on least (benchmarks/README.md#forgetting: specificity 0.871 -> 0.889 in the demo's recipe).
+
+        This is a knowledge-editing adaptation of the LoKI paper's KVA (§3.1), which attributes on general
+        multiple-choice prompts: here the prompts are the behaviour the implant must not move.
+
+        Args:
+            per_item: prompts per item (fewer when its answer is shorter).
+            text: also cut `{"text": ...}` items (off: general prose is what the probe set already stands for).
+
+        Returns:
+            list[list[int]]: token id lists, item by item; each ends where the base model's greedy next token is
+            a retained token.
+
+        Raises:
+            DatasetError: `per_item` is not a positive integer, or no item gives a prompt.
+
+        >>> import loki.testing
+        >>> model = loki.testing.tiny_model("llama")
+        >>> targets = retain_targets(model, None, [{"text": [5, 6, 7, 8, 9]}], progress=False)
+        >>> targets.prompts(text=True)
+        [[5, 6], [5, 6, 7], [5, 6, 7, 8]]
+        >>> # targets = loki.retain_targets(model, tokenizer, ["What is the capital of Peru?"])
+        >>> # selection = loki.select(loki.attribute(model, tokenizer, targets.prompts()), q=10)
+        """
+        if not isinstance(per_item, int) or isinstance(per_item, bool) or per_item < 1:
+            raise DatasetError(f"per_item must be a positive integer, got {per_item!r}.")
+        out = []
+        for it, t in zip(self.items, self.targets):
+            if it["kind"] == "text" and not text:
+                continue
+            n = len(t.positions)
+            for c in sorted({max(1, min(n - 1, i * n // per_item)) for i in range(1, per_item + 1)} if n > 1 else {0}):
+                out.append(t.ids[: int(t.positions[c]) + 1])
+        if not out:
+            raise DatasetError("No retain item gives a prompt: pass question or answer items (or text=True).")
+        return out
+
     def summary(self, weight: float) -> dict[str, Any]:
         """What a delta's training metadata records about the retain data (`training.retain`, formats/SPEC.md §4).
 

@@ -53,6 +53,7 @@ def test_quick_demo_prints_before_after_and_reverts_exactly(tmp_path, capsys):
     assert re.search(r"general forgetting \(Avg\) +[+-]\d+\.\d+%", out)
     delta = loki.load(tmp_path / "demo.loki")
     assert delta.info["selection"]["strategy"] == "layer_balanced" and delta.num_rows > 0
+    assert "neighbourhood" in delta.info["selection"]["source"]  # rows scored on the retained answers
     assert delta.info["training"]["retain"]["items"] > 0  # the neighbourhood was retained
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report) >= {"efficacy", "generalisation", "specificity", "forgetting"}

@@ -8,6 +8,7 @@ import torch
 import loki
 from loki import evaluate as ev
 from loki.dataset import collate, encode
+from loki.errors import DatasetError
 from loki.neighbourhood import ENTITY_KINDS, entities, questions, shares_template, split, templates
 from loki.retain import RetainLoss, retain_targets
 from loki.testing import tiny_model
@@ -99,6 +100,28 @@ def test_questions_are_answered_by_the_model_itself(default_model, default_token
     assert answer == ev.generate(default_model, default_tokenizer, ["What is the capital of France?"], chat=True,
                                  max_new_tokens=32, progress=False)[0]
     assert float(targets.kl(default_model, [0])) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_attribution_prompts_end_inside_the_base_models_own_answers(default_model, default_tokenizer):
+    question = "What is the capital of France?"
+    targets = retain_targets(default_model, default_tokenizer, [question, {"text": "Paris is a city in France."}],
+                             progress=False)
+    full = encode(default_tokenizer, targets.items[0]["example"])
+    first = next(i for i, label in enumerate(full["labels"]) if label != -100)
+    n = len(full["input_ids"]) - first
+    # the slow, obvious way: cut the answer after a third, two thirds, and all but its last token
+    expected = [full["input_ids"][: first + c] for c in sorted({max(1, n // 3), max(1, 2 * n // 3), n - 1})]
+    prompts = targets.prompts()
+    assert prompts == expected  # the text item is left out by default
+    with torch.no_grad():
+        for p in prompts:  # greedy answer, so the model's next token is the answer's next token
+            nxt = default_model(input_ids=torch.tensor([p])).logits[0, -1].argmax().item()
+            assert nxt == full["input_ids"][len(p)]
+    assert len(targets.prompts(1)) == 1 and len(targets.prompts(text=True)) == 6
+    with pytest.raises(DatasetError, match="per_item"):
+        targets.prompts(0)
+    with pytest.raises(DatasetError, match="text=True"):
+        retain_targets(default_model, default_tokenizer, [{"text": "Paris is a city."}], progress=False).prompts()
 
 
 def test_bad_retain_data_is_a_dataset_error(default_tokenizer):
