@@ -2,13 +2,13 @@
 were measured.
 
 One process loads the default model, scores the base once, then trains and scores each variant in turn (same facts,
-retain data, neighbourhood and general sets as `loki demo`). A variant is a JSON object of RECIPE keys to change
+retain data, neighbourhood and general sets as `loki demo`). Rows come from KVA on the first 6 probe prompts (the
+demo's rows before 2026-12-01) unless a variant says otherwise. A variant is a JSON object of RECIPE keys to change
 (`q`, `score`, `lr`, `steps`, `retain_weight`, ...), `"attribute_on": "neighbours"` (rows scored by KVA on the base
-model's answers to the retain questions, `RetainTargets.prompts`; with `"per_item"`, `"and_probe"`), `"layers"`,
-`"lora_rank"` (LoKI*), plus two exploration switches that are not library options:
+model's answers to the retain questions, `RetainTargets.prompts`, as `loki demo` now does; with `"per_item"`,
+`"and_probe"`), `"layers"`, `"lora_rank"` (LoKI*), plus two exploration switches that are not library options:
 `"optimizer"` ("adamw", the default, with `"eps"`; or "sgd" with `"momentum"`) replaces the AdamW that `loki.train`
-builds, and
-`"object_only": true` trains only each statement's tokens from its object on ("Solvis." of "The capital of ... is
+builds, and `"object_only": true` trains only each statement's tokens from its object on ("Solvis." of "The capital of ... is
 Solvis."). Each result is printed and appended as one JSON line to `results/demo-levers.jsonl`.
 
     .venv/bin/python benchmarks/demo_levers.py '[{"eps": 1e-5}, {"score": "abs"}, {"q": 20, "lr": 2e-3}]'
