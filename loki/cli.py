@@ -374,11 +374,18 @@ def _file_sha256(path: str) -> str:
 
 
 def _last_checkpoint(folder) -> str | None:
-    """The newest complete checkpoint in `folder` (the Trainer writes `trainer_state.json` last)."""
+    """The newest complete checkpoint in `folder`: the Trainer writes `trainer_state.json` last, and a Ctrl-C while
+    it is written leaves it cut short, so it must also parse."""
     from .trainer import CHECKPOINT_FILE
 
-    done = [c for c in folder.glob("checkpoint-*") if c.name.split("-")[-1].isdigit()
-            and (c / "trainer_state.json").is_file() and (c / CHECKPOINT_FILE).is_file()]
+    def complete(c) -> bool:
+        try:
+            json.loads((c / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return (c / CHECKPOINT_FILE).is_file()
+
+    done = [c for c in folder.glob("checkpoint-*") if c.name.split("-")[-1].isdigit() and complete(c)]
     return str(max(done, key=lambda c: int(c.name.split("-")[-1]))) if done else None
 
 

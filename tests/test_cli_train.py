@@ -163,10 +163,13 @@ def test_missing_data_file_and_bad_options(base, tmp_path, capsys):
     assert exit.value.code == 2 and "must be > 0" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # four runs of the command: about 8 s
+@pytest.mark.slow  # four runs of the command: about 10 s
 def test_an_interrupted_run_resumes_to_the_same_delta(base, tmp_path, capsys):
     data = write(tmp_path / "facts.jsonl", FACTS)
-    options = ("--steps", "8", "--save-every", "2")
+    # save_total_limit=1 deletes each checkpoint once the next is written, so the watcher waits for any complete
+    # checkpoint but the last (a wait for "checkpoint-2" alone missed it once), and 40 steps leave time to interrupt
+    steps = 40
+    options = ("--steps", str(steps), "--save-every", "2")
     assert train(base, data, tmp_path / "straight.loki", *options) == 0
     expected = loki.load(tmp_path / "straight.loki")
 
@@ -174,7 +177,17 @@ def test_an_interrupted_run_resumes_to_the_same_delta(base, tmp_path, capsys):
 
     def interrupt_after_the_first_checkpoint():
         deadline = time.monotonic() + 60
-        while not (partial / "checkpoint-2" / "trainer_state.json").exists() and time.monotonic() < deadline:
+        def saved():  # a checkpoint before the last, written in full (its trainer_state.json, written last, parses)
+            for state in partial.glob("checkpoint-*/trainer_state.json"):
+                try:
+                    json.loads(state.read_text())
+                except (OSError, ValueError):
+                    continue
+                if int(state.parent.name.split("-")[1]) < steps:
+                    return True
+            return False
+
+        while not saved() and time.monotonic() < deadline:
             time.sleep(0.002)
         signal.raise_signal(signal.SIGINT)  # Ctrl-C: KeyboardInterrupt in the main thread
 
@@ -195,7 +208,7 @@ def test_an_interrupted_run_resumes_to_the_same_delta(base, tmp_path, capsys):
     assert not partial.exists()
     result = loki.load(out)
     assert (rows(result) - rows(expected)).abs().max() <= 1e-6
-    assert result.info["training"]["steps"] == 8
+    assert result.info["training"]["steps"] == steps
 
 
 def test_accelerate_launch_on_two_processes_equals_one_process(base, tmp_path, default_tokenizer):
