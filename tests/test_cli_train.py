@@ -192,11 +192,13 @@ def test_an_interrupted_run_resumes_to_the_same_delta(base, tmp_path, capsys):
         signal.raise_signal(signal.SIGINT)  # Ctrl-C: KeyboardInterrupt in the main thread
 
     watcher = threading.Thread(target=interrupt_after_the_first_checkpoint)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever an earlier test left installed
     watcher.start()
     try:
         rc = train(base, data, out, *options)
     finally:
         watcher.join()
+        signal.signal(signal.SIGINT, handler)
     assert rc == 130, "the run ended before the interrupt"
     assert "rerun the same command to continue" in capsys.readouterr().err
     assert not out.exists() and (partial / "run.json").exists()
