@@ -86,6 +86,9 @@ def main() -> None:
     for variant in variants:
         r = {**demo.RECIPE, **{k: v for k, v in variant.items() if k in demo.RECIPE}}
         train_set = demo.fact_training_set(facts)
+        # retain data as the variant's recipe builds it (`retain_per_template`, `retain_text`); the evaluation
+        # questions are the demo's (retain_data draws them from the other half of the entities either way)
+        retain = demo.retain_data(facts, r, size["eval_per_template"])[0]
         if variant.get("object_only"):
             train_set = [{**ex, "object": f["match"]} for f in facts for ex in demo.fact_training_set([f])]
         t0 = time.time()
