@@ -6,10 +6,10 @@ retain data, neighbourhood and general sets as `loki demo`). Rows come from KVA 
 demo's rows before 2026-12-01) unless a variant says otherwise. A variant is a JSON object of RECIPE keys to change
 (`q`, `score`, `lr`, `steps`, `retain_weight`, ...), `"attribute_on": "neighbours"` (rows scored by KVA on the base
 model's answers to the retain questions, `RetainTargets.prompts`, as `loki demo` now does; with `"per_item"`,
-`"and_probe"`), `"layers"`, `"lora_rank"` (LoKI*), plus two exploration switches that are not library options:
-`"optimizer"` ("adamw", the default, with `"eps"`; or "sgd" with `"momentum"`) replaces the AdamW that `loki.train`
-builds, and `"object_only": true` trains only each statement's tokens from its object on ("Solvis." of "The capital of ... is
-Solvis."). Each result is printed and appended as one JSON line to `results/demo-levers.jsonl`.
+`"and_probe"`), `"layers"`, `"lora_rank"` (LoKI*), `"seed"` (`loki.train`'s: batch order, retain batches), plus
+two exploration switches that are not library options: `"optimizer"` ("adamw", the default, with `"eps"`; or "sgd"
+with `"momentum"`) replaces the AdamW that `loki.train` builds, and `"object_only": true` trains only each
+statement's tokens from its object on ("Solvis." of "The capital of ... is Solvis."). Each result is printed and appended as one JSON line to `results/demo-levers.jsonl`.
 
     .venv/bin/python benchmarks/demo_levers.py '[{"eps": 1e-5}, {"score": "abs"}, {"q": 20, "lr": 2e-3}]'
 
@@ -95,9 +95,9 @@ def main() -> None:
         torch.optim.AdamW, TRAIN_MODULE.encode = optimizer_factory(variant), object_only_encode
         try:
             loki.prepare(model, selection_for(model, tok, variant, r, attr, retain), lora_rank=variant.get("lora_rank"))
-            loki.train(model, tok, train_set, lr=r["lr"], batch_size=r["batch_size"], max_steps=r["steps"], seed=0,
-                       retain=retain, retain_weight=r["retain_weight"], retain_batch_size=r["retain_batch_size"],
-                       progress=False)
+            loki.train(model, tok, train_set, lr=r["lr"], batch_size=r["batch_size"], max_steps=r["steps"],
+                       seed=variant.get("seed", 0), retain=retain, retain_weight=r["retain_weight"],
+                       retain_batch_size=r["retain_batch_size"], progress=False)
             delta = loki.extract(model, name="lever")
         finally:
             loki.unprepare(model)
