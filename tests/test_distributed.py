@@ -68,5 +68,8 @@ def test_sharded_attribution_equals_one_process(launcher, tmp_path, one_process)
 def test_several_processes_without_shard_is_an_error(tmp_path):
     done, reports = launch(TORCHRUN, tmp_path, "none")
     assert done.returncode != 0
-    assert all(r.startswith("LokiError: 2 processes run this") for r in reports), (reports, done.stderr)
+    # torchrun stops the other rank once one fails, so a slow rank may be stopped before it reports (seen in a
+    # loaded CI run); no rank may have attributed, and each rank that reported was refused
+    assert any(reports) and all(r.startswith("LokiError: 2 processes run this") for r in reports if r), \
+        (reports, done.stderr)
     assert not (tmp_path / "run").exists()

@@ -61,7 +61,8 @@ def test_notebook_runs(name, workdir, monkeypatch):
     for var in ("HF_TOKEN", "LOKI_HUB_TOKEN", "LOKI_HUB_REPO"):  # notebook 5 uses the local server
         monkeypatch.delenv(var, raising=False)
     book = nbformat.read(NOTEBOOKS / name, as_version=4)
-    client = nbclient.NotebookClient(book, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(workdir)}})
+    # timeout: a hang guard per cell (notebook 2's training cell ran past 300 s on a 2-core CPU shared with a job)
+    client = nbclient.NotebookClient(book, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(workdir)}})
     try:
         client.execute()  # raises CellExecutionError, with the cell and traceback, if any cell fails
     finally:
