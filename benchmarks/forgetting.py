@@ -236,7 +236,7 @@ def headline(rows: list[dict], methods: list[str], seeds) -> tuple[float, dict[s
         ok = [r for r in mine if r["task_score"] >= target]
         pick = min(ok, key=lambda r: (r["forgetting"], -r["task_score"])) if ok else max(mine, key=lambda r: r["task_score"])
         runs = [r for r in rows if r["method"] == m and r["lr"] == pick["lr"] and r["steps"] == pick["steps"]
-                and r["seed"] in seeds]
+                and r["seed"] in {0, *seeds}]  # seed 0 always: `--seeds 1` adds a seed, it does not drop the first
         med = lambda k: statistics.median(r[k] for r in runs) if runs[0][k] is not None else None  # noqa: E731
         # The rate is chosen on seed 0's grid; whether it reached the target is judged on the median shown.
         out[m] = {"lr": pick["lr"], "steps": pick["steps"], "reached_target": med("task_score") >= target,
