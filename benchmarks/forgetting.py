@@ -11,7 +11,7 @@ Regimes:
 Methods (same data, same retain data, same recipe `loki.train`): LoKI layer-balanced rows at q = 5, 10, 20, 30
 ranked by signed score (as published) and by |score|; LoKI q=10 rows scored on the base model's answers to the
 neighbourhood questions (`loki_nbhd_q10`, knowledge regime); LoKI* (q=10 rows as LoRA factors); full fine-tuning;
-PEFT LoRA on all linear layers; random, global-lowest and global-highest rows at q = 10.
+PEFT LoRA on all linear layers; random, global-lowest and global-highest rows at q = 10; random rows at q = 20.
 
 Protocol: every method trains at every rate of its grid with seed 0. The target task score is 0.9 x the best
 score of any run of the block (model, regime, retain); each method's headline is its rate with the lowest general
@@ -67,6 +67,7 @@ def _methods() -> dict[str, dict]:
     out["lora"] = dict(kind="lora", rank=8)
     for s in ("random", "global_lowest", "global_highest"):
         out[f"{s}_q10"] = dict(kind="rows", strategy=s, score="signed", q=10)
+    out["random_q20"] = dict(kind="rows", strategy="random", score="signed", q=20)  # the control for loki_q20
     return out
 
 
