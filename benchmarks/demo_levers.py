@@ -9,7 +9,8 @@ model's answers to the retain questions, `RetainTargets.prompts`, as `loki demo`
 `"and_probe"`), `"layers"`, `"lora_rank"` (LoKI*), `"seed"` (`loki.train`'s: batch order, retain batches), plus
 two exploration switches that are not library options: `"optimizer"` ("adamw", the default, with `"eps"`; or "sgd"
 with `"momentum"`) replaces the AdamW that `loki.train` builds, and `"object_only": true` trains only each
-statement's tokens from its object on ("Solvis." of "The capital of ... is Solvis."). Each result is printed and appended as one JSON line to `results/demo-levers.jsonl`.
+statement's tokens from its object on ("Solvis." of "The capital of ... is Solvis."). Each result is printed and
+appended as one JSON line to `results/demo-levers.jsonl`.
 
     .venv/bin/python benchmarks/demo_levers.py '[{"eps": 1e-5}, {"score": "abs"}, {"q": 20, "lr": 2e-3}]'
 
@@ -51,12 +52,11 @@ def object_only_encode(tokenizer, example, max_length=None):
     return encoded
 
 
-def selection_for(model, tok, variant: dict, r: dict, attr, retain: list):
+def selection_for(model, tok, variant: dict, r: dict, attr, targets):
     """The variant's rows: `"attribute_on": "neighbours"` scores rows on the base model's answers to the retain
     questions (`RetainTargets.prompts(per_item)`, `"per_item"` default 3; plus the probe prompts when
     `"and_probe": true`); `"layers": [lo, hi]` keeps only layers lo..hi-1."""
     if variant.get("attribute_on") == "neighbours":
-        targets = loki.retain_targets(model, tok, [x for x in retain if isinstance(x, str)], progress=False)
         own = demo.neighbourhood_attributions(model, tok, targets, 7, variant.get("per_item", 3),
                                               ROOT / "loki-demo" / "attributions", progress=False)
         values = torch.cat([attr.values, own.values]) if variant.get("and_probe") else own.values
@@ -92,11 +92,13 @@ def main() -> None:
         if variant.get("object_only"):
             train_set = [{**ex, "object": f["match"]} for f in facts for ex in demo.fact_training_set([f])]
         t0 = time.time()
+        targets = loki.retain_targets(model, tok, retain, progress=False)  # once: for the rows and for training
         torch.optim.AdamW, TRAIN_MODULE.encode = optimizer_factory(variant), object_only_encode
         try:
-            loki.prepare(model, selection_for(model, tok, variant, r, attr, retain), lora_rank=variant.get("lora_rank"))
+            selection = selection_for(model, tok, variant, r, attr, targets)
+            loki.prepare(model, selection, lora_rank=variant.get("lora_rank"))
             loki.train(model, tok, train_set, lr=r["lr"], batch_size=r["batch_size"], max_steps=r["steps"],
-                       seed=variant.get("seed", 0), retain=retain, retain_weight=r["retain_weight"],
+                       seed=variant.get("seed", 0), retain=targets, retain_weight=r["retain_weight"],
                        retain_batch_size=r["retain_batch_size"], progress=False)
             delta = loki.extract(model, name="lever")
         finally:
