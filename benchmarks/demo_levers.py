@@ -9,7 +9,9 @@ model's answers to the retain questions, `RetainTargets.prompts`, as `loki demo`
 `"and_probe"`), `"layers"`, `"lora_rank"` (LoKI*), `"seed"` (`loki.train`'s: batch order, retain batches), plus
 two exploration switches that are not library options: `"optimizer"` ("adamw", the default, with `"eps"`; or "sgd"
 with `"momentum"`) replaces the AdamW that `loki.train` builds, and `"object_only": true` trains only each
-statement's tokens from its object on ("Solvis." of "The capital of ... is Solvis."). Each result is printed and
+statement's tokens from its object on ("Solvis." of "The capital of ... is Solvis."), and `"margin": w` adds to the
+retain KL `w` times a hinge that keeps the base model's greedy token ahead at every retained position (by its base
+margin in log-probability, at most `"margin_cap"` nats, default 1). Each result is printed and
 appended as one JSON line to `results/demo-levers.jsonl`.
 
     .venv/bin/python benchmarks/demo_levers.py '[{"eps": 1e-5}, {"score": "abs"}, {"q": 20, "lr": 2e-3}]'
@@ -30,6 +32,7 @@ import loki  # noqa: E402
 from loki import dataset, demo  # noqa: E402
 
 TRAIN_MODULE = sys.modules["loki.train"]  # `loki.train` the attribute is the function; its module holds encode
+retain_module = sys.modules["loki.retain"]
 
 
 def optimizer_factory(variant: dict):
@@ -50,6 +53,33 @@ def object_only_encode(tokenizer, example, max_length=None):
         first = next(i for i in answer if len(tokenizer.decode(encoded["input_ids"][answer[0]:i + 1])) > start)
         encoded["labels"] = [label if i >= first else dataset.IGNORE for i, label in enumerate(encoded["labels"])]
     return encoded
+
+
+def margin_kl(weight: float, cap: float):
+    """`RetainTargets.kl` (the same computation, one forward pass) plus `weight` times the mean of
+    relu(min(base margin, cap) - tuned margin), where a margin is the log-probability of the base model's greedy
+    token minus the best other token's: zero at the base model, positive once a retained greedy token loses ground
+    it had (a near tie is kept by a small margin rather than flipped)."""
+    def kl(self, model, indices):
+        chosen = [self.targets[i] for i in indices]
+        device = model.get_input_embeddings().weight.device
+        batch = retain_module.collate([{"input_ids": t.ids, "labels": t.ids} for t in chosen], self.pad_token_id)
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
+        rows = torch.cat([torch.full_like(t.positions, i) for i, t in enumerate(chosen)]).to(device)
+        cols = torch.cat([t.positions for t in chosen]).to(device)
+        logq = torch.log_softmax(logits[rows, cols].float(), dim=-1)
+        top_ids = torch.cat([t.top_ids for t in chosen]).to(device)
+        top_logp = torch.cat([t.top_logp for t in chosen]).to(device)
+        rest_logp = torch.cat([t.rest_logp for t in chosen]).to(device)
+        logq_top = logq.gather(-1, top_ids)
+        logq_rest = retain_module._log1mexp(torch.logsumexp(logq_top, dim=-1))
+        value = ((top_logp.exp() * (top_logp - logq_top)).sum(-1) + rest_logp.exp() * (rest_logp - logq_rest)).mean()
+        top = top_ids[:, :1]
+        tuned_margin = logq_top[:, 0] - logq.scatter(-1, top, float("-inf")).amax(-1)
+        base_margin = (top_logp[:, 0] - top_logp[:, 1]).clamp(max=cap)
+        return value + weight * torch.relu(base_margin - tuned_margin).mean()
+    return kl
 
 
 def selection_for(model, tok, variant: dict, r: dict, attr, targets):
@@ -82,7 +112,7 @@ def main() -> None:
     t0 = time.time()
     base = suite.score(model, tok, progress=False)
     print(f"base scored in {time.time() - t0:.0f} s", flush=True)
-    real_adamw, real_encode = torch.optim.AdamW, TRAIN_MODULE.encode
+    real_adamw, real_encode, real_kl = torch.optim.AdamW, TRAIN_MODULE.encode, retain_module.RetainTargets.kl
     for variant in variants:
         r = {**demo.RECIPE, **{k: v for k, v in variant.items() if k in demo.RECIPE}}
         train_set = demo.fact_training_set(facts)
@@ -94,6 +124,8 @@ def main() -> None:
         t0 = time.time()
         targets = loki.retain_targets(model, tok, retain, progress=False)  # once: for the rows and for training
         torch.optim.AdamW, TRAIN_MODULE.encode = optimizer_factory(variant), object_only_encode
+        if "margin" in variant:
+            retain_module.RetainTargets.kl = margin_kl(variant["margin"], variant.get("margin_cap", 1.0))
         try:
             selection = selection_for(model, tok, variant, r, attr, targets)
             loki.prepare(model, selection, lora_rank=variant.get("lora_rank"))
@@ -103,7 +135,7 @@ def main() -> None:
             delta = loki.extract(model, name="lever")
         finally:
             loki.unprepare(model)
-            torch.optim.AdamW, TRAIN_MODULE.encode = real_adamw, real_encode
+            torch.optim.AdamW, TRAIN_MODULE.encode, retain_module.RetainTargets.kl = real_adamw, real_encode, real_kl
         seconds = time.time() - t0
         report = suite.report(model, tok, delta, base=base, progress=False).as_dict()
         with loki.implanted(model, delta):
