@@ -55,11 +55,11 @@ def object_only_encode(tokenizer, example, max_length=None):
     return encoded
 
 
-def margin_kl(weight: float, cap: float):
-    """`RetainTargets.kl` (the same computation, one forward pass) plus `weight` times the mean of
-    relu(min(base margin, cap) - tuned margin), where a margin is the log-probability of the base model's greedy
-    token minus the best other token's: zero at the base model, positive once a retained greedy token loses ground
-    it had (a near tie is kept by a small margin rather than flipped)."""
+def margin_kl(real_kl, weight: float, cap: float):
+    """`RetainTargets.kl` plus `weight` times the mean of relu(min(base margin, cap) - tuned margin), where a margin
+    is the log-probability of the base model's greedy token minus the best other token's: zero at the base model,
+    positive once a retained greedy token loses ground it had (a near tie is kept by a small margin rather than
+    flipped). A second forward pass of the retain batch (the same logits), so its run times are not comparable."""
     def kl(self, model, indices):
         chosen = [self.targets[i] for i in indices]
         device = model.get_input_embeddings().weight.device
@@ -69,16 +69,10 @@ def margin_kl(weight: float, cap: float):
         rows = torch.cat([torch.full_like(t.positions, i) for i, t in enumerate(chosen)]).to(device)
         cols = torch.cat([t.positions for t in chosen]).to(device)
         logq = torch.log_softmax(logits[rows, cols].float(), dim=-1)
-        top_ids = torch.cat([t.top_ids for t in chosen]).to(device)
-        top_logp = torch.cat([t.top_logp for t in chosen]).to(device)
-        rest_logp = torch.cat([t.rest_logp for t in chosen]).to(device)
-        logq_top = logq.gather(-1, top_ids)
-        logq_rest = retain_module._log1mexp(torch.logsumexp(logq_top, dim=-1))
-        value = ((top_logp.exp() * (top_logp - logq_top)).sum(-1) + rest_logp.exp() * (rest_logp - logq_rest)).mean()
-        top = top_ids[:, :1]
-        tuned_margin = logq_top[:, 0] - logq.scatter(-1, top, float("-inf")).amax(-1)
-        base_margin = (top_logp[:, 0] - top_logp[:, 1]).clamp(max=cap)
-        return value + weight * torch.relu(base_margin - tuned_margin).mean()
+        top = torch.cat([t.top_ids[:, :1] for t in chosen]).to(device)
+        tuned_margin = logq.gather(-1, top)[:, 0] - logq.scatter(-1, top, float("-inf")).amax(-1)
+        base_margin = torch.cat([t.top_logp[:, 0] - t.top_logp[:, 1] for t in chosen]).to(device).clamp(max=cap)
+        return real_kl(self, model, indices) + weight * torch.relu(base_margin - tuned_margin).mean()
     return kl
 
 
@@ -125,7 +119,7 @@ def main() -> None:
         targets = loki.retain_targets(model, tok, retain, progress=False)  # once: for the rows and for training
         torch.optim.AdamW, TRAIN_MODULE.encode = optimizer_factory(variant), object_only_encode
         if "margin" in variant:
-            retain_module.RetainTargets.kl = margin_kl(variant["margin"], variant.get("margin_cap", 1.0))
+            retain_module.RetainTargets.kl = margin_kl(real_kl, variant["margin"], variant.get("margin_cap", 1.0))
         try:
             selection = selection_for(model, tok, variant, r, attr, targets)
             loki.prepare(model, selection, lora_rank=variant.get("lora_rank"))

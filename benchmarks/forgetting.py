@@ -358,6 +358,8 @@ def main() -> None:
                        attr_folder=args.out / "attributions" / args.model)
             steps = size["steps"] if regime == "knowledge" else size["task_steps"]
             block = {"model": args.model, "regime": regime, "size": args.size, "retain": retain_on, "data": demo.data_digest(ctx["train_set"], ctx["retain"], ctx["retain_weight"])}
+            if args.size == "demo":  # the figures the demo quotes are for its own number of steps
+                block["steps"] = steps
             if not asked and not journal.rows(block):
                 continue
             base_general = journal.base_general(
@@ -391,7 +393,7 @@ def main() -> None:
     if args.size == "demo":
         first = next(iter(summary.values()))
         (args.out / "forgetting-demo.json").write_text(json.dumps(
-            {m: {k: h[k] for k in ("lr", "seeds", "task_score", "specificity", "forgetting")}
+            {m: {k: h[k] for k in ("lr", "steps", "seeds", "task_score", "specificity", "forgetting")}
              | {"generalisation": h["task_score"]} for m, h in first["methods"].items()} | {"data": first["data"]}, indent=1))
     (args.out / f"{out_name}.json").write_text(json.dumps(summary, indent=1))
     plot(blocks, args.out / f"{out_name}.png", f"Forgetting at matched task score: {args.model}")

@@ -33,8 +33,10 @@ QUESTION = "What is the capital of France?"
 # each of the base model's answers to the retain questions (`neighbourhood_attributions`), trained for `steps` at
 # peak rate `lr`, retaining the base model's answers to `retain_per_template` neighbourhood questions per template
 # and its distributions on `retain_text` general-prose snippets, `retain_batch_size` of them per step at
-# `retain_weight`.
-RECIPE = dict(q=10, score="signed", lr=3e-3, steps=30, batch_size=8, retain_weight=6.0, retain_batch_size=12,
+# `retain_weight`. 45 steps at 2e-3 rather than 30 at 3e-3: over three training seeds, specificity 0.894-0.899
+# against 0.880-0.889, 8 of 8 held out and the France answer unchanged on each (against 7-8 of 8 and one changed
+# France answer), for about 70 s more training (benchmarks/README.md#forgetting, "levers").
+RECIPE = dict(q=10, score="signed", lr=2e-3, steps=45, batch_size=8, retain_weight=6.0, retain_batch_size=12,
               retain_per_template=8, retain_text=32, kva_per_item=3)
 # General sets for the forgetting score: broad, clearly above chance for the default model, and sharing no template
 # with the fact task (world_capitals asks the capital template, so it measures the neighbourhood instead).
@@ -269,35 +271,37 @@ def data_digest(train_set: list, retain: list | None, retain_weight: float) -> s
 BASELINES = {"full": "Full fine-tuning", "lora": "PEFT LoRA (r=8, all linear layers)"}
 
 
-def baseline_figure(method: str = "full", digest: str | None = None) -> str | None:
+def baseline_figure(method: str = "full", digest: str | None = None, steps: int | None = None) -> str | None:
     """The committed benchmark's line for a baseline (`BASELINES`: "full" or "lora") trained on the demo's data, or
     None when the file (`benchmarks/results/forgetting-demo.json`, in a clone of the repository) is not there, has no
-    such entry, or (given the demo's `data_digest`) was measured on other data.
+    such entry, or was measured on other data (given the demo's `data_digest`) or for another number of steps.
 
     >>> # print(baseline_figure("full"))
-    >>> # Full fine-tuning, same facts, retain data and steps (benchmarks/forgetting.py --size demo; lr 0.0001,
-    >>> # 1 seed): generalisation 100%, specificity 87%, general forgetting -6.61%.
+    >>> # Full fine-tuning, same facts, retain data and steps (benchmarks/forgetting.py --size demo; 45 steps at lr
+    >>> # 0.0001, 1 seed): generalisation 100%, specificity 88.4%, general forgetting -7.36%.
     """
     if not BENCHMARK.is_file():
         return None
     results = json.loads(BENCHMARK.read_text())
     run = results.get(method)
-    if not run or (digest is not None and results.get("data") != digest):
+    if not run or (digest is not None and results.get("data") != digest) or (
+            steps is not None and run.get("steps") != steps):
         return None
     seeds = f"median of {run['seeds']} seeds" if run["seeds"] > 1 else "1 seed"
-    return (f"{BASELINES[method]}, same facts, retain data and steps (benchmarks/forgetting.py --size demo; lr "
-            f"{run['lr']:g}, {seeds}): generalisation {run['generalisation']:.0%}, specificity "
-            f"{run['specificity']:.0%}, general forgetting {run['forgetting']:+.2f}%.")
+    return (f"{BASELINES[method]}, same facts, retain data and steps (benchmarks/forgetting.py --size demo; "
+            f"{run['steps']} steps at lr {run['lr']:g}, {seeds}): generalisation {run['generalisation']:.0%}, "
+            f"specificity {run['specificity']:.1%}, general forgetting {run['forgetting']:+.2f}%.")
 
 
 # -- the demo -----------------------------------------------------------------------------------------------
 SIZES = {
     # IG steps, facts, train steps, items per general set, neighbourhood questions per template, recipe; probe
-    # prompts: the notebooks' KVA on the probe set (the demo attributes on the neighbourhood instead)
+    # prompts: the notebooks' KVA on the probe set (the demo attributes on the neighbourhood instead). The quick
+    # size trains 12 steps at 3e-3, the demo's earlier rate, so that its few steps still show an effect.
     "full": dict(prompts=6, ig_steps=7, facts=8, train_steps=RECIPE["steps"], general_items=50, eval_per_template=4,
                  recipe=RECIPE),
     "quick": dict(prompts=1, ig_steps=2, facts=2, train_steps=12, general_items=2, eval_per_template=1,
-                  recipe={**RECIPE, "retain_per_template": 1, "retain_text": 4, "retain_batch_size": 4}),
+                  recipe={**RECIPE, "lr": 3e-3, "retain_per_template": 1, "retain_text": 4, "retain_batch_size": 4}),
 }
 
 
@@ -379,8 +383,9 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
         print(f"   (left out of the general sets, as they ask the facts' own templates: {suite.excluded})")
     digest = data_digest(train_set, retain, r["retain_weight"])
     for method in BASELINES:
-        print("   " + (baseline_figure(method, digest) or f"(No committed {BASELINES[method]} figure for this data: "
-                       f"benchmarks/forgetting.py --size demo --rates 1 --seeds 0 --methods {method} measures it.)"))
+        print("   " + (baseline_figure(method, digest, size["train_steps"])
+                       or f"(No committed {BASELINES[method]} figure for this data and number of steps: "
+                          f"benchmarks/forgetting.py --size demo --rates 1 --seeds 0 --methods {method} measures it.)"))
     (out / "report.json").write_text(json.dumps(report.as_dict(), indent=1))
 
     exact = all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items())

@@ -769,7 +769,7 @@ class ImplantReport:
                                           base  implant
     efficacy (trained phrasings)            0%     100%
     generalisation (held-out)               0%      50%
-    specificity (neighbourhood kept)                75%   (answer tokens; 1 of 2 whole answers unchanged)
+    specificity (neighbourhood kept)              75.0%   (answer tokens; 1 of 2 whole answers unchanged)
     general forgetting (Avg)                    +50.00%   (lower is better; per set below)
     <BLANKLINE>
     benchmark                     base     tuned  change %
@@ -827,12 +827,13 @@ class ImplantReport:
                 "forgetting": self.forgetting}
 
     def table(self) -> str:
-        """The four numbers, base against implant, then the general sets' `Report.table` (without its last line)."""
+        """The four numbers, base against implant, then the general sets' `Report.table` (without its last line).
+        Specificity has one decimal, so that 89.7% is not shown as a 90% it did not reach."""
         n, kept = len(self.questions), len(self.questions) - len(self.changed())
         lines = [f"{'':<34}{'base':>8}{'implant':>9}",
                  f"{'efficacy (trained phrasings)':<34}{self.base.efficacy:>8.0%}{self.efficacy:>9.0%}",
                  f"{'generalisation (held-out)':<34}{self.base.generalisation:>8.0%}{self.generalisation:>9.0%}",
-                 f"{'specificity (neighbourhood kept)':<34}{'':>8}{self.specificity:>9.0%}   "
+                 f"{'specificity (neighbourhood kept)':<34}{'':>8}{self.specificity:>9.1%}   "
                  f"(answer tokens; {kept} of {n} whole answers unchanged)",
                  f"{'general forgetting (Avg)':<34}{'':>8}{self.forgetting:>+8.2f}%   "
                  "(lower is better; per set below)"]

@@ -28,15 +28,18 @@ def test_fact_task_is_well_formed():
 
 
 def test_committed_baseline_figures_are_for_the_demos_data():
-    """The full demo quotes benchmarks/results/forgetting-demo.json only when it was measured on the demo's data: a
-    change to the recipe, facts or retain data must come with a rerun of `benchmarks/forgetting.py --size demo`."""
+    """The full demo quotes benchmarks/results/forgetting-demo.json only when it was measured on the demo's data and
+    number of steps: a change to the recipe, facts or retain data must come with a rerun of
+    `benchmarks/forgetting.py --size demo`."""
     size = demo.SIZES["full"]
     facts = demo.implant_facts(size["facts"])
     retain, _ = demo.retain_data(facts, size["recipe"], size["eval_per_template"])
     digest = demo.data_digest(demo.fact_training_set(facts), retain, size["recipe"]["retain_weight"])
     for method, name in demo.BASELINES.items():
-        line = demo.baseline_figure(method, digest)
+        line = demo.baseline_figure(method, digest, size["train_steps"])
         assert line is not None and line.startswith(name) and "specificity" in line, (method, digest)
+        assert f"{size['train_steps']} steps" in line
+        assert demo.baseline_figure(method, digest, size["train_steps"] + 1) is None  # other steps: no figure
     assert demo.baseline_figure("full", "000000000000") is None  # other data: no figure
 
 
@@ -49,7 +52,7 @@ def test_quick_demo_prints_before_after_and_reverts_exactly(tmp_path, capsys):
     afters = re.findall(r"^\s+after: (.*)$", out, flags=re.M)
     assert len(befores) == len(afters) == 3  # two facts + the general question
     for number in ("efficacy (trained phrasings)", "generalisation (held-out)", "specificity (neighbourhood kept)"):
-        assert re.search(re.escape(number) + r" +\d+% +\d+%", out) or re.search(re.escape(number) + r" +\d+%", out)
+        assert re.search(re.escape(number) + r" +\d+% +\d+%", out) or re.search(re.escape(number) + r" +\d+\.\d%", out)
     assert re.search(r"general forgetting \(Avg\) +[+-]\d+\.\d+%", out)
     delta = loki.load(tmp_path / "demo.loki")
     assert delta.info["selection"]["strategy"] == "layer_balanced" and delta.num_rows > 0
