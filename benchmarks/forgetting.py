@@ -74,17 +74,20 @@ def _methods() -> dict[str, dict]:
 METHODS = _methods()
 LOKI = "loki_q10"  # the library's default configuration, compared in the last line
 SIZES = {
-    # facts/task examples, steps, batch, seeds for the headline rate, probe prompts for KVA, items per general set
+    # facts/task examples, steps, batch, seeds for the headline rate, probe prompts for KVA, items per general set,
+    # retain weight (6 for the fact blocks, as every journaled run was measured; the demo's size follows its recipe)
     "full": dict(facts=24, task_train=1200, task_test=200, steps=40, task_steps=150, batch=8, seeds=(0, 1, 2),
                  prompts=24, general_items=None, eval_per_template=4, retain_per_template=demo.RECIPE["retain_per_template"],
-                 regimes=("knowledge", "task")),
+                 retain_weight=6.0, regimes=("knowledge", "task")),
     "demo": dict(facts=8, steps=demo.RECIPE["steps"], batch=demo.RECIPE["batch_size"], seeds=(0, 1, 2), prompts=6,
                  general_items=demo.SIZES["full"]["general_items"], eval_per_template=4, retain_per_template=demo.RECIPE["retain_per_template"],
-                 regimes=("knowledge",)),
+                 retain_weight=demo.RECIPE["retain_weight"], regimes=("knowledge",)),
     "quick": dict(facts=8, task_train=200, task_test=40, steps=12, task_steps=20, batch=4, seeds=(0,), prompts=2,
-                  general_items=8, eval_per_template=1, retain_per_template=1, regimes=("knowledge", "task")),
+                  general_items=8, eval_per_template=1, retain_per_template=1, retain_weight=6.0,
+                  regimes=("knowledge", "task")),
     "smoke": dict(facts=1, task_train=4, task_test=2, steps=1, task_steps=1, batch=2, seeds=(0,), prompts=1,
-                  general_items=1, eval_per_template=1, retain_per_template=1, regimes=("knowledge", "task")),
+                  general_items=1, eval_per_template=1, retain_per_template=1, retain_weight=6.0,
+                  regimes=("knowledge", "task")),
 }
 LOADERS = {"smollm2": lambda: loki.load_default(), "qwen": lambda: loki.models.load_qwen_coder()}
 
@@ -302,7 +305,7 @@ def knowledge_context(model, tok, size, retain_on: bool) -> dict:
     suite = demo.implant_suite(facts, neighbours, size["general_items"])
     return dict(train_set=demo.fact_training_set(facts), suite=suite, retain=retain if retain_on else None,
                 retain_questions=[q for q in retain if isinstance(q, str)],
-                retain_weight=demo.RECIPE["retain_weight"], retain_batch_size=demo.RECIPE["retain_batch_size"])
+                retain_weight=size["retain_weight"], retain_batch_size=demo.RECIPE["retain_batch_size"])
 
 
 def task_context(model, tok, size) -> dict:
