@@ -33,10 +33,10 @@ QUESTION = "What is the capital of France?"
 # each of the base model's answers to the retain questions (`neighbourhood_attributions`), trained for `steps` at
 # peak rate `lr`, retaining the base model's answers to `retain_per_template` neighbourhood questions per template
 # and its distributions on `retain_text` general-prose snippets, `retain_batch_size` of them per step at
-# `retain_weight`. 45 steps at 2e-3 rather than 30 at 3e-3: over three training seeds, specificity 0.894-0.899
-# against 0.880-0.889, 8 of 8 held out and the France answer unchanged on each (against 7-8 of 8 and one changed
-# France answer), for about 70 s more training (benchmarks/README.md#forgetting, "levers").
-RECIPE = dict(q=10, score="signed", lr=2e-3, steps=45, batch_size=8, retain_weight=6.0, retain_batch_size=12,
+# `retain_weight`. 45 steps at 2e-3 with weight 8, rather than 30 at 3e-3 with weight 6: over three training seeds,
+# specificity 0.903-0.906 against 0.880-0.889, 8 of 8 held out and the France answer unchanged on each (against 7-8
+# of 8 and one changed France answer), for about 70 s more training (benchmarks/README.md#forgetting, "levers").
+RECIPE = dict(q=10, score="signed", lr=2e-3, steps=45, batch_size=8, retain_weight=8.0, retain_batch_size=12,
               retain_per_template=8, retain_text=32, kva_per_item=3)
 # General sets for the forgetting score: broad, clearly above chance for the default model, and sharing no template
 # with the fact task (world_capitals asks the capital template, so it measures the neighbourhood instead).
@@ -297,11 +297,12 @@ def baseline_figure(method: str = "full", digest: str | None = None, steps: int 
 SIZES = {
     # IG steps, facts, train steps, items per general set, neighbourhood questions per template, recipe; probe
     # prompts: the notebooks' KVA on the probe set (the demo attributes on the neighbourhood instead). The quick
-    # size trains 12 steps at 3e-3, the demo's earlier rate, so that its few steps still show an effect.
+    # size keeps the demo's earlier rate and retain weight (3e-3, 6) so that its 12 steps still show an effect.
     "full": dict(prompts=6, ig_steps=7, facts=8, train_steps=RECIPE["steps"], general_items=50, eval_per_template=4,
                  recipe=RECIPE),
     "quick": dict(prompts=1, ig_steps=2, facts=2, train_steps=12, general_items=2, eval_per_template=1,
-                  recipe={**RECIPE, "lr": 3e-3, "retain_per_template": 1, "retain_text": 4, "retain_batch_size": 4}),
+                  recipe={**RECIPE, "lr": 3e-3, "retain_weight": 6.0, "retain_per_template": 1, "retain_text": 4,
+                          "retain_batch_size": 4}),
 }
 
 
