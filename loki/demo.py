@@ -278,7 +278,7 @@ def baseline_figure(method: str = "full", digest: str | None = None, steps: int 
 
     >>> # print(baseline_figure("full"))
     >>> # Full fine-tuning, same facts, retain data and steps (benchmarks/forgetting.py --size demo; 45 steps at lr
-    >>> # 0.0001, 1 seed): generalisation 100%, specificity 88.4%, general forgetting -7.36%.
+    >>> # 0.0001, 1 seed): generalisation 100%, specificity 88.8%, general forgetting -7.41%.
     """
     if not BENCHMARK.is_file():
         return None
