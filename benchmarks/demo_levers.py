@@ -6,7 +6,7 @@ retain data, neighbourhood and general sets as `loki demo`). Rows come from KVA 
 demo's rows before 2026-12-01) unless a variant says otherwise. A variant is a JSON object of RECIPE keys to change
 (`q`, `score`, `lr`, `steps`, `retain_weight`, ...), `"attribute_on": "neighbours"` (rows scored by KVA on the base
 model's answers to the retain questions, `RetainTargets.prompts`, as `loki demo` now does; with `"per_item"`,
-`"and_probe"`), `"layers"`, `"lora_rank"` (LoKI*), `"seed"` (`loki.train`'s: batch order, retain batches), plus
+`"ig_steps"` (default 7), `"and_probe"`), `"layers"`, `"lora_rank"` (LoKI*), `"seed"` (`loki.train`'s: batch order, retain batches), plus
 two exploration switches that are not library options: `"optimizer"` ("adamw", the default, with `"eps"`; or "sgd"
 with `"momentum"`) replaces the AdamW that `loki.train` builds, and `"object_only": true` trains only each
 statement's tokens from its object on ("Solvis." of "The capital of ... is Solvis."), and `"margin": w` adds to the
@@ -81,7 +81,7 @@ def selection_for(model, tok, variant: dict, r: dict, attr, targets):
     questions (`RetainTargets.prompts(per_item)`, `"per_item"` default 3; plus the probe prompts when
     `"and_probe": true`); `"layers": [lo, hi]` keeps only layers lo..hi-1."""
     if variant.get("attribute_on") == "neighbours":
-        own = demo.neighbourhood_attributions(model, tok, targets, 7, variant.get("per_item", 3),
+        own = demo.neighbourhood_attributions(model, tok, targets, variant.get("ig_steps", 7), variant.get("per_item", 3),
                                               ROOT / "loki-demo" / "attributions", progress=False)
         values = torch.cat([attr.values, own.values]) if variant.get("and_probe") else own.values
         selection = loki.select(values, r["q"], score=r["score"])

@@ -228,7 +228,8 @@ def neighbourhood_attributions(model, tokenizer, targets, steps: int = 7, per_it
                                folder: str | Path | None = None, progress: bool = True):
     """KVA attributions on the base model's own answers to the retained neighbourhood questions
     (`RetainTargets.prompts`): scores whose lowest rows are the ones those answers rely on least, the rows the demo
-    trains (benchmarks/README.md#forgetting: specificity 0.871 with the probe set's rows, 0.889 with these).
+    trains (benchmarks/README.md#forgetting: specificity 0.871 with the probe set's rows, 0.889 with these, in the
+    demo's earlier 30-step recipe).
 
     Args:
         model: the base model.

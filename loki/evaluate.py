@@ -34,6 +34,9 @@ from .neighbourhood import shares_template
 DATA_DIR = Path(__file__).parent / "data"
 KINDS = ("perplexity", "choice", "generate")
 MATCH_MODES = ("exact", "prefix", "contains")
+# Greedy decoding of a small model is bound by per-step overhead, not arithmetic: 64 questions to the default model
+# take 25 s in batches of 8 and 11 s in batches of 32 on 2 CPU threads (same answers); larger batches gain little more.
+GENERATE_BATCH = 32
 
 
 # -- tokenisation helpers -----------------------------------------------------------------------------
@@ -262,7 +265,7 @@ def answer_matches(prediction: str, answers: Sequence[str], mode: str = "exact")
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, chat: bool = False, max_new_tokens: int = 16,
-             batch_size: int = 8, stop_at_newline: bool = True, progress: bool = True) -> list[str]:
+             batch_size: int = GENERATE_BATCH, stop_at_newline: bool = True, progress: bool = True) -> list[str]:
     """Greedy completions of `prompts`, batched with left padding.
 
     Args:
@@ -314,7 +317,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, chat: bool = False, ma
 
 
 def exact_match(model, tokenizer, items: Sequence[Mapping[str, Any]], *, mode: str = "exact", chat: bool = False,
-                max_new_tokens: int = 16, batch_size: int = 8, progress: bool = True) -> float:
+                max_new_tokens: int = 16, batch_size: int = GENERATE_BATCH, progress: bool = True) -> float:
     """Fraction of `items` whose greedy answer (`generate`) matches one of its answers (`answer_matches`).
 
     Args:

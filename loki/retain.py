@@ -38,9 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dataset import IGNORE, answer_positions, collate, encode, pad_token_id
+from .dataset import IGNORE, answer_positions, encode, pad_token_id
 from .errors import DatasetError
-from .evaluate import generate
+from .evaluate import GENERATE_BATCH, generate
+from .forward import logits_at
 
 __all__ = ["RetainLoss", "RetainTargets", "general_text", "retain_targets"]
 
@@ -138,11 +139,8 @@ class RetainTargets:
         """
         chosen = [self.targets[i] for i in indices]
         device = model.get_input_embeddings().weight.device
-        batch = collate([{"input_ids": t.ids, "labels": t.ids} for t in chosen], self.pad_token_id)
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        rows = torch.cat([torch.full_like(t.positions, i) for i, t in enumerate(chosen)]).to(device)
-        cols = torch.cat([t.positions for t in chosen]).to(device)
-        logq = torch.log_softmax(logits[rows, cols].float(), dim=-1)  # [P, V]
+        logits = logits_at(model, [t.ids for t in chosen], [t.positions for t in chosen], self.pad_token_id)
+        logq = torch.log_softmax(logits.float(), dim=-1)  # [P, V]
         top_ids = torch.cat([t.top_ids for t in chosen]).to(device)
         top_logp = torch.cat([t.top_logp for t in chosen]).to(device)
         rest_logp = torch.cat([t.rest_logp for t in chosen]).to(device)
@@ -185,7 +183,8 @@ class RetainTargets:
         spaced retained positions (a third, two thirds and the last but one answer token for 3), so
         `loki.attribute(model, tokenizer, targets.prompts())` scores every row by its contribution to the base
         model's own answers to the neighbourhood questions, and `loki.select` on those scores picks the rows these
-        answers rely on least (benchmarks/README.md#forgetting: specificity 0.871 -> 0.889 in the demo's recipe).
+        answers rely on least (benchmarks/README.md#forgetting: specificity 0.871 -> 0.889 in the demo's 30-step recipe
+        of 2026-12-01).
 
         This is a knowledge-editing adaptation of the LoKI paper's KVA (§3.1), which attributes on general
         multiple-choice prompts: here the prompts are the behaviour the implant must not move.
@@ -295,7 +294,7 @@ def retain_targets(
         top_k: tokens kept per position (the rest of the mass is one bucket).
         max_new_tokens: the longest greedy answer generated for a question item.
         max_length: tokens kept of each item (its start).
-        batch_size: items per forward pass (and per generation batch).
+        batch_size: items per forward pass (questions are answered `max(batch_size, 32)` at a time).
         progress: show a progress bar while answering questions.
 
     Returns:
@@ -323,7 +322,7 @@ def retain_targets(
     questions = [it for it in items if it["kind"] == "question"]
     if questions:
         answers = generate(model, tokenizer, [it["question"] for it in questions], chat=True,
-                           max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+                           max_new_tokens=max_new_tokens, batch_size=max(batch_size, GENERATE_BATCH), progress=progress)
         for it, a in zip(questions, answers):
             if not a:
                 raise DatasetError(f"The model gives an empty answer to retain question {it['question']!r}; drop it.")
@@ -346,21 +345,18 @@ def retain_targets(
 
     was_training = model.training
     model.eval()
-    device = model.get_input_embeddings().weight.device
     targets: list[_Target] = []
     try:
         for s in range(0, len(encoded), batch_size):
             chunk = encoded[s : s + batch_size]
-            batch = collate(chunk, pad)
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits
-            for row, e in enumerate(chunk):
-                positions = answer_positions(e["labels"])
-                logp = torch.log_softmax(logits[row, positions.to(device)].float(), dim=-1).cpu()
+            positions = [answer_positions(e["labels"]) for e in chunk]
+            with torch.no_grad():
+                logits = logits_at(model, [e["input_ids"] for e in chunk], positions, pad)
+            for e, p, logp in zip(chunk, positions, logits.float().log_softmax(-1).cpu().split([len(p) for p in positions])):
                 k = min(top_k, logp.shape[-1])
                 top_logp, top_ids = logp.topk(k, dim=-1)
                 rest = _log1mexp(torch.logsumexp(top_logp, dim=-1))
-                targets.append(_Target(e["input_ids"], positions, top_ids, top_logp, rest))
+                targets.append(_Target(e["input_ids"], p, top_ids, top_logp, rest))
     finally:
         model.train(was_training)
     digest = hashlib.sha256(json.dumps([e["input_ids"] for e in encoded]).encode()).hexdigest()

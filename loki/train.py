@@ -26,9 +26,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .dataset import IGNORE, collate, encode, pad_token_id
+from .dataset import IGNORE, answer_positions, encode, pad_token_id
 from .distributed import FSDP1_ADVICE, launched_rank_world, wrapper
 from .errors import DatasetError, PreparationError
+from .forward import logits_at
 from .implant import is_prepared, record_training
 from .retain import DEFAULT_TOP_K, RetainTargets, retain_targets
 from .targets import unwrap
@@ -309,12 +310,10 @@ def train(
             chunks += [(examples[:1], 0.0)] * (busiest - len(chunks))
         loss_sum = kl_sum = 0.0
         for chunk, weight in chunks:
-            batch = {k: v.to(device) for k, v in collate(chunk, pad).items()}
-            logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = weight * F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE,
-                reduction="sum",
-            ) / n_tokens
+            positions = [answer_positions(e["labels"]) for e in chunk]
+            logits = logits_at(net, [e["input_ids"] for e in chunk], positions, pad)
+            answers = torch.cat([torch.tensor(e["labels"])[p + 1] for e, p in zip(chunk, positions)]).to(device)
+            loss = weight * F.cross_entropy(logits.float(), answers, reduction="sum") / n_tokens
             (scale * loss).backward()
             loss_sum += loss.item()
         if retain is not None and retain_weight > 0:
