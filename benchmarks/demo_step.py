@@ -12,8 +12,8 @@ The competitors run in a new random order every round; figures are medians over 
 ratios. Clock: the process's CPU time with one thread (as benchmarks/train_step.py, which says why). The losses of
 the three must agree (printed), or the figures mean nothing.
 
-    .venv/bin/python benchmarks/demo_step.py            # 6 batches a round, 7 rounds
-    .venv/bin/python benchmarks/demo_step.py --quick    # 2 batches, 3 rounds
+    .venv/bin/python benchmarks/demo_step.py            # 3 batches a round, 5 rounds (about 7 minutes)
+    .venv/bin/python benchmarks/demo_step.py --quick    # 1 batch, 2 rounds
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    batches, rounds = (2, 3) if args.quick else (6, 7)
+    batches, rounds = (1, 2) if args.quick else (3, 5)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model, tok = loki.load_default()

@@ -32,12 +32,13 @@ QUESTION = "What is the capital of France?"
 # The demo's recipe (benchmarks/README.md#forgetting): q=10 rows, scored by KVA on `kva_per_item` prompts cut from
 # each of the base model's answers to the retain questions (`neighbourhood_attributions`), trained for `steps` at
 # peak rate `lr`, retaining the base model's answers to `retain_per_template` neighbourhood questions per template
-# and its distributions on `retain_text` general-prose snippets, `retain_batch_size` of them per step at
-# `retain_weight`. 45 steps at 2e-3 with weight 8, rather than 30 at 3e-3 with weight 6: over three training seeds,
-# specificity 0.903-0.906 against 0.880-0.889, 8 of 8 held out and the France answer unchanged on each (against 7-8
-# of 8 and one changed France answer), for about 70 s more training (benchmarks/README.md#forgetting, "levers").
+# and its distributions on `retain_text` general-prose snippets (their first `retain_chars` characters),
+# `retain_batch_size` of them per step at `retain_weight`. 45 steps at 2e-3 with weight 8, rather than 30 at 3e-3
+# with weight 6: over three training seeds, specificity 0.903-0.906 against 0.880-0.889, 8 of 8 held out and the
+# France answer unchanged on each (against 7-8 of 8 and one changed France answer), for about 70 s more training
+# (benchmarks/README.md#forgetting, "levers").
 RECIPE = dict(q=10, score="signed", lr=2e-3, steps=45, batch_size=8, retain_weight=8.0, retain_batch_size=12,
-              retain_per_template=8, retain_text=32, kva_per_item=3)
+              retain_per_template=8, retain_text=32, retain_chars=300, kva_per_item=3)
 # General sets for the forgetting score: broad, clearly above chance for the default model, and sharing no template
 # with the fact task (world_capitals asks the capital template, so it measures the neighbourhood instead).
 GENERAL = ("wiki_perplexity", "bb_general_knowledge")
@@ -158,7 +159,8 @@ def retain_data(facts: list[dict[str, Any]], recipe: dict[str, Any] = RECIPE,
 
     Args:
         facts: facts from `implant_facts`.
-        recipe: uses `retain_per_template` (questions per template) and `retain_text` (prose snippets).
+        recipe: uses `retain_per_template` (questions per template), `retain_text` (prose snippets) and
+            `retain_chars` (characters kept of each; 300 when absent).
         eval_per_template: evaluation questions per template.
 
     Returns:
@@ -169,7 +171,7 @@ def retain_data(facts: list[dict[str, Any]], recipe: dict[str, Any] = RECIPE,
     (3, "Candide, ou l'Optimisme is a F")
     """
     retain, neighbours = neighbourhood_questions(facts, recipe["retain_per_template"], eval_per_template)
-    return retain + general_text(recipe["retain_text"]), neighbours
+    return retain + general_text(recipe["retain_text"], recipe.get("retain_chars", 300)), neighbours
 
 
 def implant_suite(facts: list[dict[str, Any]], neighbourhood_eval: list[str], general_items: int | None = None,

@@ -13,7 +13,8 @@ vocabulary. `logits_at` returns the same logits, equal up to float summation ord
 - the LM head runs only over the span of requested positions (`logits_to_keep`, which every transformers causal
   LM takes).
 
-On the default model this makes a `loki demo` training step about a third cheaper (benchmarks/README.md#speed).
+On the default model this makes a `loki demo` training step 19% cheaper on one thread, 10% on two
+(benchmarks/README.md, "Demo step").
 
 >>> import loki.testing, torch
 >>> model = loki.testing.tiny_model("llama")
