@@ -70,3 +70,23 @@ def test_no_common_opening_or_a_position_inside_it_runs_in_full():
     handle.remove()
     assert seen == [(3, 26)]  # the opening is cut to the 3 tokens before position 3: too short to share
     assert torch.allclose(fast, reference(model, chat, early), atol=1e-5)
+
+
+def test_a_peft_lora_model_gets_the_same_logits_and_gradients():
+    """The LoRA baselines train through `loki.train(params=...)`, so through `logits_at` on a PeftModel."""
+    peft = pytest.importorskip("peft")
+    model = loki.testing.tiny_model("llama")
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    model.eval()
+    seqs, pos = batch(model.config.vocab_size)
+    seen = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    fast = logits_at(model, seqs, pos, pad_token_id=0)
+    handle.remove()
+    assert seen[0] == (1, 12)  # the shared opening's own pass: PEFT passes the cache through
+    slow = reference(model, seqs, pos)
+    assert torch.allclose(fast, slow, atol=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    w = torch.randn_like(slow)
+    for a, b in zip(torch.autograd.grad((fast * w).sum(), params), torch.autograd.grad((slow * w).sum(), params)):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
