@@ -312,9 +312,9 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.server_state
         split = urlsplit(self.path)
         raw_path, self.query = split.path, parse_qs(split.query)
+        self.logged = (method, raw_path)
         length = int(self.headers.get("Content-Length") or 0)
         self.body = self.rfile.read(length) if length else b""  # always drain the body, even to answer an error
-        status = 500
         try:
             failure = hub._injected(method, raw_path)
             if failure is not None:
@@ -325,23 +325,23 @@ class _Handler(BaseHTTPRequestHandler):
                     args = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
                     with hub.lock:
                         self.user = hub.user_of(self.headers)
-                    status = getattr(self, name)(**args)
+                    getattr(self, name)(**args)  # every answer goes through _send, which logs it
                     break
             else:
                 raise HubError(404, f"No route for {method} {raw_path}")
         except HubError as e:
-            status = e.status
             self._send(e.status, {"error": e.message, **e.body}, {
                 **({"X-Error-Code": e.code} if e.code else {}), "X-Error-Message": e.message, **e.headers,
             })
         except Exception as e:  # a bug in the server: answer 500 with the reason, keep serving
-            status = 500
             self._send(500, {"error": f"{type(e).__name__}: {e}"})
-        with hub.lock:
-            hub.requests.append((method, raw_path, status))
 
     def _send(self, status: int, payload: Any = None, headers: dict | None = None, raw: bytes | None = None) -> int:
         body = raw if raw is not None else json.dumps(payload).encode()
+        # logged before the client can read the answer: a test that clears the log right after a call must not
+        # see that call's entry arrive late
+        with self.server_state.lock:
+            self.server_state.requests.append((*self.logged, status))
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream" if raw is not None else "application/json")
         self.send_header("Content-Length", str(len(body)))

@@ -352,7 +352,8 @@ def retain_targets(
             positions = [answer_positions(e["labels"]) for e in chunk]
             with torch.no_grad():
                 logits = logits_at(model, [e["input_ids"] for e in chunk], positions, pad)
-            for e, p, logp in zip(chunk, positions, logits.float().log_softmax(-1).cpu().split([len(p) for p in positions])):
+            logps = logits.float().log_softmax(-1).cpu().split([len(p) for p in positions])
+            for e, p, logp in zip(chunk, positions, logps):
                 k = min(top_k, logp.shape[-1])
                 top_logp, top_ids = logp.topk(k, dim=-1)
                 rest = _log1mexp(torch.logsumexp(top_logp, dim=-1))
