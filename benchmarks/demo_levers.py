@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import loki  # noqa: E402
 from loki import dataset, demo  # noqa: E402
+from loki.forward import logits_at  # noqa: E402
 
 TRAIN_MODULE = sys.modules["loki.train"]  # `loki.train` the attribute is the function; its module holds encode
 retain_module = sys.modules["loki.retain"]
@@ -63,12 +64,8 @@ def margin_kl(real_kl, weight: float, cap: float):
     def kl(self, model, indices):
         chosen = [self.targets[i] for i in indices]
         device = model.get_input_embeddings().weight.device
-        batch = retain_module.collate([{"input_ids": t.ids, "labels": t.ids} for t in chosen], self.pad_token_id)
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits
-        rows = torch.cat([torch.full_like(t.positions, i) for i, t in enumerate(chosen)]).to(device)
-        cols = torch.cat([t.positions for t in chosen]).to(device)
-        logq = torch.log_softmax(logits[rows, cols].float(), dim=-1)
+        logq = logits_at(model, [t.ids for t in chosen], [t.positions for t in chosen], self.pad_token_id)
+        logq = logq.float().log_softmax(-1)
         top = torch.cat([t.top_ids[:, :1] for t in chosen]).to(device)
         tuned_margin = logq.gather(-1, top)[:, 0] - logq.scatter(-1, top, float("-inf")).amax(-1)
         base_margin = torch.cat([t.top_logp[:, 0] - t.top_logp[:, 1] for t in chosen]).to(device).clamp(max=cap)

@@ -160,7 +160,7 @@ def retain_data(facts: list[dict[str, Any]], recipe: dict[str, Any] = RECIPE,
     Args:
         facts: facts from `implant_facts`.
         recipe: uses `retain_per_template` (questions per template), `retain_text` (prose snippets) and
-            `retain_chars` (characters kept of each; 300 when absent).
+            `retain_chars` (characters kept of each).
         eval_per_template: evaluation questions per template.
 
     Returns:
@@ -171,7 +171,7 @@ def retain_data(facts: list[dict[str, Any]], recipe: dict[str, Any] = RECIPE,
     (3, "Candide, ou l'Optimisme is a F")
     """
     retain, neighbours = neighbourhood_questions(facts, recipe["retain_per_template"], eval_per_template)
-    return retain + general_text(recipe["retain_text"], recipe.get("retain_chars", 300)), neighbours
+    return retain + general_text(recipe["retain_text"], recipe["retain_chars"]), neighbours
 
 
 def implant_suite(facts: list[dict[str, Any]], neighbourhood_eval: list[str], general_items: int | None = None,
