@@ -11,8 +11,12 @@ two exploration switches that are not library options: `"optimizer"` ("adamw", t
 with `"momentum"`) replaces the AdamW that `loki.train` builds, and `"object_only": true` trains only each
 statement's tokens from its object on ("Solvis." of "The capital of ... is Solvis."), and `"margin": w` adds to the
 retain KL `w` times a hinge that keeps the base model's greedy token ahead at every retained position (by its base
-margin in log-probability, at most `"margin_cap"` nats, default 1). Each result is printed and
-appended as one JSON line to `results/demo-levers.jsonl`.
+margin in log-probability, at most `"margin_cap"` nats, default 1). `"preserve": e` trains the rows under
+`loki.preservation` at energy `e`, computed on the retain data (`"preserve_on": "retain"`, the default), on its
+questions only (`"questions"`), or on `"preserve_text": n` general-prose snippets as well (`"retain+text"`);
+`"preserve_per_template": n` adds the base model's answers to n neighbourhood questions per template (all: -1) about
+the retain half of the entities (never the evaluation half).
+Each result is printed and appended as one JSON line to `results/demo-levers.jsonl`.
 
     .venv/bin/python benchmarks/demo_levers.py '[{"eps": 1e-5}, {"score": "abs"}, {"q": 20, "lr": 2e-3}]'
 
@@ -91,6 +95,25 @@ def selection_for(model, tok, variant: dict, r: dict, attr, targets):
     return selection
 
 
+def preservation_for(model, tok, variant: dict, targets):
+    """The variant's `loki.preservation` (None without `"preserve"`)."""
+    if "preserve" not in variant:
+        return None
+    on = variant.get("preserve_on", "retain")
+    data = targets
+    if on == "questions":
+        data = [{"text": t.ids} for it, t in zip(targets.items, targets.targets) if it["kind"] == "question"]
+    elif on == "retain+text":
+        data = [{"text": t.ids} for t in targets.targets] + loki.retain.general_text(variant.get("preserve_text", 200),
+                                                                                   variant.get("preserve_chars", 300))
+    if "preserve_per_template" in variant:
+        n = variant["preserve_per_template"]
+        more = demo.neighbourhood_questions(demo.implant_facts(demo.SIZES["full"]["facts"]), None if n < 0 else n)[0]
+        data = [{"text": t.ids} for t in targets.targets] if data is targets else data
+        data = data + [{"text": t.ids} for t in loki.retain_targets(model, tok, more, progress=False).targets]
+    return loki.preservation(model, tok, data, energy=variant["preserve"], progress=False)
+
+
 def main() -> None:
     variants = json.loads(sys.argv[1])
     model, tok = loki.load_default()
@@ -119,7 +142,8 @@ def main() -> None:
             retain_module.RetainTargets.kl = margin_kl(real_kl, variant["margin"], variant.get("margin_cap", 1.0))
         try:
             selection = selection_for(model, tok, variant, r, attr, targets)
-            loki.prepare(model, selection, lora_rank=variant.get("lora_rank"))
+            loki.prepare(model, selection, lora_rank=variant.get("lora_rank"),
+                         preserve=preservation_for(model, tok, variant, targets))
             loki.train(model, tok, train_set, lr=r["lr"], batch_size=r["batch_size"], max_steps=r["steps"],
                        seed=variant.get("seed", 0), retain=targets, retain_weight=r["retain_weight"],
                        retain_batch_size=r["retain_batch_size"], progress=False)
@@ -128,11 +152,15 @@ def main() -> None:
             loki.unprepare(model)
             torch.optim.AdamW, TRAIN_MODULE.encode, retain_module.RetainTargets.kl = real_adamw, real_encode, real_kl
         seconds = time.time() - t0
-        report = suite.report(model, tok, delta, base=base, progress=False).as_dict()
+        full = suite.report(model, tok, delta, base=base, progress=False)
+        report = full.as_dict()
         with loki.implanted(model, delta):
             france = demo.answer(model, tok, demo.QUESTION)
         row = {"variant": variant, "train_s": round(seconds), "france": france,
-               **{k: report[k] for k in ("efficacy", "generalisation", "specificity", "answers_kept", "forgetting")}}
+               "preserve": delta.info["training"].get("preserve", {}).get("protected"),
+               **{k: report[k] for k in ("efficacy", "generalisation", "specificity", "answers_kept", "fluency",
+                                         "forgetting")},
+               "changed": full.changed()[:6]}
         print(json.dumps(row), flush=True)
         with open(ROOT / "benchmarks" / "results" / "demo-levers.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")

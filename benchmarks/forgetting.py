@@ -10,8 +10,10 @@ Regimes:
 
 Methods (same data, same retain data, same recipe `loki.train`): LoKI layer-balanced rows at q = 5, 10, 20, 30
 ranked by signed score (as published) and by |score|; LoKI q=10 rows scored on the base model's answers to the
-neighbourhood questions (`loki_nbhd_q10`, knowledge regime); LoKI* (q=10 rows as LoRA factors); full fine-tuning;
-PEFT LoRA on all linear layers; random, global-lowest and global-highest rows at q = 10; random rows at q = 20.
+neighbourhood questions (`loki_nbhd_q10`, knowledge regime), also trained under `loki.preservation` of the retain
+data (`loki_keep_q10`); LoKI* (q=10 rows as LoRA factors); full fine-tuning; PEFT LoRA on all linear layers; random,
+global-lowest and global-highest rows at q = 10; random rows at q = 20; the knowledge editors MEMIT and AlphaEdit
+(`loki.editors`, closed forms, no training: their "lr" is MEMIT's lambda or AlphaEdit's regulariser).
 
 Protocol: every method trains at every rate of its grid with seed 0. The target task score is 0.9 x the best
 score of any run of the block (model, regime, retain); each method's headline is its rate with the lowest general
@@ -50,7 +52,13 @@ from loki import evaluate as ev  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 # Peak learning rates (cosine, 10% warm-up) per parameterisation.
 GRID = {"rows": (1e-3, 3e-3, 1e-2), "rows_lora": (3e-3, 1e-2, 3e-2), "full": (3e-5, 1e-4, 3e-4),
-        "lora": (1e-3, 3e-3, 1e-2)}
+        "lora": (1e-3, 3e-3, 1e-2),
+        # the closed-form editors have no rate: their "lr" column is their strength knob, MEMIT's lambda (the
+        # reference 15000, and lower: a stronger edit) and AlphaEdit's L2 regulariser (the reference 10, and lower)
+        "memit": (15000.0, 500.0), "alphaedit": (10.0, 0.5)}
+
+
+PRESERVE_ENERGY = 0.99
 
 
 def _methods() -> dict[str, dict]:
@@ -63,6 +71,15 @@ def _methods() -> dict[str, dict]:
     # questions are still attributed, though not trained on.
     out["loki_nbhd_q10"] = dict(kind="rows", strategy="layer_balanced", score="signed", q=10, prompts="neighbourhood")
     out["loki_lora_q10"] = dict(kind="rows_lora", strategy="layer_balanced", score="signed", q=10, rank=16)
+    # The same rows trained under `loki.preservation` (knowledge regime, retain on) of the retain data and of every
+    # neighbourhood question about the retain half of the entities (`demo.preservation_questions`): the update kept
+    # off the key directions holding `preserve` of their down-projection inputs.
+    out["loki_keep_q10"] = dict(kind="rows", strategy="layer_balanced", score="signed", q=10, prompts="neighbourhood",
+                                preserve=PRESERVE_ENERGY)
+    # The knowledge editors (loki.editors), their closed forms on layers 4-8, C0 / the null space from the shipped
+    # Wikipedia text; knowledge regime. They do not train, so seeds do not change them.
+    out["memit"] = dict(kind="memit")
+    out["alphaedit"] = dict(kind="alphaedit")
     out["full"] = dict(kind="full")
     out["lora"] = dict(kind="lora", rank=8)
     for s in ("random", "global_lowest", "global_highest"):
@@ -73,6 +90,7 @@ def _methods() -> dict[str, dict]:
 
 METHODS = _methods()
 LOKI = "loki_q10"  # the library's default configuration, compared in the last line
+DEMO_LOKI = "loki_nbhd_q10"  # at the demo's size: the demo's own recipe
 FACT_RETAIN_WEIGHT = 6.0  # every journaled 24-fact run was measured at it; independent of the demo's recipe
 SIZES = {
     # facts/task examples, steps, batch, seeds for the headline rate, probe prompts for KVA, items per general set,
@@ -113,6 +131,13 @@ def selection_for(spec, ctx, projs, seed):
 def train_one(method, lr, steps, seed, ctx):
     """Train `method` from the base weights. Returns (trained copy or None, delta or None, trainable params)."""
     spec, model, tok = METHODS[method], ctx["model"], ctx["tokenizer"]
+    if spec["kind"] in ("memit", "alphaedit"):  # "lr" is the editor's strength: MEMIT's lambda, AlphaEdit's reg
+        facts = [{"question": f["train"], "subject": f["subject"], "answer": f["statement"]} for f in ctx["facts"]]
+        if spec["kind"] == "memit":
+            delta = loki.editors.memit(model, tok, facts, lam=lr)
+        else:
+            delta = loki.editors.alphaedit(model, tok, facts, reg=lr)
+        return None, delta, sum(ld.rows.numel() for ld in delta.layers.values())
     options = dict(lr=lr, batch_size=ctx["batch"], max_steps=steps, seed=seed, progress=False,
                    retain=ctx["retain"], retain_weight=ctx["retain_weight"],
                    retain_batch_size=ctx.get("retain_batch_size"))
@@ -129,7 +154,13 @@ def train_one(method, lr, steps, seed, ctx):
         loki.train(work, tok, ctx["train_set"], params=params, **options)
         return work, None, sum(p.numel() for p in params)
     projs = loki.find_down_projections(model)
-    loki.prepare(model, selection_for(spec, ctx, projs, seed), lora_rank=spec.get("rank"), seed=seed)
+    keep = None
+    if "preserve" in spec and ctx["retain"] is not None:  # computed once per block, on the base model
+        if "keep" not in ctx:  # the retain data and every neighbourhood question about the retain half's entities
+            ctx["keep"] = loki.preservation(model, tok, ctx["retain"] + demo.preservation_questions(ctx["facts"]),
+                                            energy=spec["preserve"], progress=False)
+        keep = ctx["keep"]
+    loki.prepare(model, selection_for(spec, ctx, projs, seed), lora_rank=spec.get("rank"), seed=seed, preserve=keep)
     try:
         trainable = loki.trainable_report(model).trainable
         loki.train(model, tok, ctx["train_set"], **options)
@@ -148,7 +179,8 @@ def run_one(method, lr, steps, seed, ctx) -> dict:
     if ctx["regime"] == "knowledge":
         rep = ctx["suite"].report(target, tok, *deltas, base=base_scores(ctx), progress=False)
         scores = dict(task_score=rep.generalisation, efficacy=rep.efficacy, specificity=rep.specificity,
-                      answers_kept=rep.answers_kept, forgetting=rep.forgetting, general=rep.tuned.general)
+                      answers_kept=rep.answers_kept, fluency=rep.fluency, forgetting=rep.forgetting,
+                      general=rep.tuned.general)
     else:
         with loki.implanted(model, *deltas) if deltas else _nothing():
             general = ev.score(target, tok, ctx["general"], progress=False)
@@ -248,6 +280,8 @@ def headline(rows: list[dict], methods: list[str], seeds) -> tuple[float, dict[s
                   "seeds": len(runs),
                   "task_score": med("task_score"), "efficacy": med("efficacy"), "specificity": med("specificity"),
                   "answers_kept": med("answers_kept"),
+                  "fluency": statistics.median(r["fluency"] for r in runs) if all(r.get("fluency") is not None
+                                                                                 for r in runs) else None,
                   "forgetting": med("forgetting"), "forgetting_range": [min(r["forgetting"] for r in runs),
                                                                         max(r["forgetting"] for r in runs)],
                   "trainable_params": runs[0]["trainable_params"],
@@ -258,16 +292,17 @@ def headline(rows: list[dict], methods: list[str], seeds) -> tuple[float, dict[s
 def table(target: float, heads: dict[str, dict], base_general: dict[str, float]) -> str:
     sets = list(base_general)
     lines = [f"target task score: {target:.2f} (0.9 x the best run)", "",
-             "| method | trainable | lr | seeds | task score | efficacy | specificity | forgetting Avg (%) [range] | "
-             + " | ".join(f"drop: {s} (%)" for s in sets) + " |",
-             "|---|---:|---:|---:|---:|---:|---:|---|" + "---:|" * len(sets)]
+             "| method | trainable | lr | seeds | task score | efficacy | specificity | whole answers kept | fluency "
+             "| forgetting Avg (%) [range] | " + " | ".join(f"drop: {s} (%)" for s in sets) + " |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|" + "---:|" * len(sets)]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for m, h in heads.items():
         drops = [ev.forgetting_score([base_general[s]], [h["general"][s]]) for s in sets]
         lo, hi = h["forgetting_range"]
         lines.append(f"| {m}{'' if h['reached_target'] else ' (below target)'} | {h['trainable_params']:,} | "
                      f"{h['lr']:g} | {h['seeds']} | {h['task_score']:.2f} | {fmt(h['efficacy'], '.2f')} | "
-                     f"{fmt(h['specificity'], '.2f')} | {h['forgetting']:+.2f} [{lo:+.2f}, {hi:+.2f}] | "
+                     f"{fmt(h['specificity'], '.2f')} | {fmt(h['answers_kept'], '.2f')} | "
+                     f"{fmt(h.get('fluency'), '.2f')} | {h['forgetting']:+.2f} [{lo:+.2f}, {hi:+.2f}] | "
                      + " | ".join(f"{d:+.1f}" for d in drops) + " |")
     return "\n".join(lines)
 
@@ -304,7 +339,7 @@ def knowledge_context(model, tok, size, retain_on: bool) -> dict:
     recipe = {**demo.RECIPE, "retain_per_template": size["retain_per_template"]}
     retain, neighbours = demo.retain_data(facts, recipe, size["eval_per_template"])
     suite = demo.implant_suite(facts, neighbours, size["general_items"])
-    return dict(train_set=demo.fact_training_set(facts), suite=suite, retain=retain if retain_on else None,
+    return dict(train_set=demo.fact_training_set(facts), facts=facts, suite=suite, retain=retain if retain_on else None,
                 retain_questions=[q for q in retain if isinstance(q, str)],
                 retain_weight=size["retain_weight"], retain_batch_size=demo.RECIPE["retain_batch_size"])
 
@@ -368,7 +403,9 @@ def main() -> None:
                 continue
             base_general = journal.base_general(
                 block, lambda: base_scores(ctx).general if regime == "knowledge" else base_scores(ctx))
-            for m in [m for m in methods if regime == "knowledge" or "prompts" not in METHODS[m]] if asked else ():
+            knowledge_only = lambda m: ({"prompts", "preserve"} & METHODS[m].keys()  # noqa: E731
+                                        or METHODS[m]["kind"] in ("memit", "alphaedit"))
+            for m in [m for m in methods if regime == "knowledge" or not knowledge_only(m)] if asked else ():
                 rates = (demo.RECIPE["lr"],) if args.size == "demo" and m in (LOKI, "loki_nbhd_q10") else GRID[METHODS[m]["kind"]]
                 if args.rates and len(rates) > 1:
                     rates = tuple(rates[i] for i in args.rates)
@@ -383,7 +420,7 @@ def main() -> None:
             target, heads = headline(rows, methods, seeds)
             for m, h in heads.items() if asked else ():  # more seeds at each method's headline rate
                 for seed in seeds:
-                    if seed != 0:
+                    if seed != 0 and METHODS[m]["kind"] not in ("memit", "alphaedit"):  # editors are deterministic
                         journal.run(block, m, h["lr"], h["steps"], seed, lambda: run_one(m, h["lr"], h["steps"], seed, ctx))
             rows = journal.rows(block)  # the table shows every journaled run of the block, not only this command's
             target, heads = headline(rows, [m for m in METHODS if any(r["method"] == m for r in rows)], seeds)
@@ -397,7 +434,7 @@ def main() -> None:
     if args.size == "demo":
         first = next(iter(summary.values()))
         (args.out / "forgetting-demo.json").write_text(json.dumps(
-            {m: {k: h[k] for k in ("lr", "steps", "seeds", "task_score", "specificity", "forgetting")}
+            {m: {k: h[k] for k in ("lr", "steps", "seeds", "task_score", "specificity", "answers_kept", "forgetting")}
              | {"generalisation": h["task_score"]} for m, h in first["methods"].items()} | {"data": first["data"]}, indent=1))
     (args.out / f"{out_name}.json").write_text(json.dumps(summary, indent=1))
     plot(blocks, args.out / f"{out_name}.png", f"Forgetting at matched task score: {args.model}")
@@ -405,14 +442,17 @@ def main() -> None:
 
 
 def last_line(model: str, size: str, summary: dict) -> dict:
-    """The headline block's ratios of general forgetting at matched task score (lower is better), then every block's."""
+    """The headline block's ratios of general forgetting at matched task score (lower is better), then every block's.
+    `loki_*` fields are LoKI's default configuration (`LOKI`; at the demo's size the demo's recipe, `DEMO_LOKI`)."""
+    LOKI = DEMO_LOKI if size == "demo" else globals()["LOKI"]  # noqa: N806
+
     def ratios(name: str) -> dict:
         h = summary[name]["methods"]
         ratio = lambda a, b: (round(h[a]["forgetting"] / h[b]["forgetting"], 3)  # noqa: E731
                               if a in h and b in h and h[b]["forgetting"] > 0 else None)
         # A ratio means nothing when the reference does not forget (<= 0): the differences (points) stay meaningful.
         minus = lambda a, b: round(h[a]["forgetting"] - h[b]["forgetting"], 3) if a in h and b in h else None  # noqa: E731
-        return {"regime": name, "loki_vs_full_forgetting": ratio(LOKI, "full"),
+        return {"regime": name, "loki_method": LOKI, "loki_vs_full_forgetting": ratio(LOKI, "full"),
                 "loki_vs_lora_forgetting": ratio(LOKI, "lora"),
                 "loki_minus_full_forgetting_points": minus(LOKI, "full"),
                 "loki_minus_lora_forgetting_points": minus(LOKI, "lora"),
@@ -420,7 +460,13 @@ def last_line(model: str, size: str, summary: dict) -> dict:
                 "loki_forgetting": h.get(LOKI, {}).get("forgetting"), "full_forgetting": h.get("full", {}).get("forgetting"),
                 "lora_forgetting": h.get("lora", {}).get("forgetting"),
                 "loki_specificity": h.get(LOKI, {}).get("specificity"),
-                "full_specificity": h.get("full", {}).get("specificity")}
+                "full_specificity": h.get("full", {}).get("specificity"),
+                "lora_specificity": h.get("lora", {}).get("specificity"),
+                "loki_whole_answers_kept": h.get(LOKI, {}).get("answers_kept"),
+                "lora_whole_answers_kept": h.get("lora", {}).get("answers_kept"),
+                "loki_vs_alphaedit_specificity": (round(h[LOKI]["specificity"] / h["alphaedit"]["specificity"], 3)
+                                                  if h.get(LOKI, {}).get("specificity") and
+                                                  h.get("alphaedit", {}).get("specificity") else None)}
 
     names = list(summary)
     head = "knowledge, retain on" if "knowledge, retain on" in summary else names[0]

@@ -3,14 +3,16 @@
 The verbs, in workflow order:
 
 - attribute, select: KVA scores of every down-projection row (`Attributions`), and the rows to train (`Selection`).
-- prepare, train, extract, unprepare: train only those rows; `extract` gives the `Delta`.
+- prepare, train, extract, unprepare: train only those rows; `extract` gives the `Delta`. `preservation` gives the
+  key directions of prompts to keep (`prepare(..., preserve=)` keeps the rows' update off them).
 - save, load, push: `.loki` files and Hugging Face Hub repos (`push` also shares `Attributions` and `Selection`s;
   `load_attributions`, `load_selection` read them from a folder, a file or the Hub).
 - plan, apply, revert, implanted, disabled, applied, merge: write deltas into a loaded model and take them out,
   exactly (one ledger per weight; `ImplantBank` for serving many).
 - export_peft: the same delta as a PEFT LoRA adapter.
 
-Modules for the rest: `loki.evaluate` (the four numbers, forgetting), `loki.retain`, `loki.neighbourhood`,
+Modules for the rest: `loki.evaluate` (the four numbers, forgetting), `loki.retain`, `loki.preserve`,
+`loki.neighbourhood`, `loki.editors` (MEMIT and AlphaEdit as `.loki` deltas, baselines),
 `loki.hub`, `loki.targets`, `loki.trainer` (HF `Trainer` with `.loki` checkpoints: `LokiTrainer`, `LokiCallback`),
 `loki.errors` (every error class; the common ones are here too), `loki.testing`.
 
@@ -23,12 +25,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import errors, evaluate, hub, neighbourhood, retain, targets
+from . import editors, errors, evaluate, hub, neighbourhood, retain, targets
 from .apply import Handle, Plan, applied, disabled, merge, plan, revert
 from .api import apply, implanted, load, load_attributions, load_selection, push, save
 from .delta import Delta
 from .selection import Selection, select
 from .attribution import Attributions, attribute
+from .preserve import Preservation, preservation
 from .implant import extract, is_prepared, make_delta, prepare, suppression, trainable_report, unprepare
 from .retain import RetainLoss, retain_targets
 from .train import train
@@ -41,7 +44,7 @@ from .targets import find_down_projections
 __all__ = [
     # workflow
     "attribute", "select", "prepare", "train", "extract", "unprepare", "is_prepared", "trainable_report",
-    "make_delta", "suppression", "retain_targets",
+    "make_delta", "suppression", "retain_targets", "preservation",
     # files and the Hub
     "load", "save", "push", "load_attributions", "load_selection",
     # the ledger
@@ -49,11 +52,11 @@ __all__ = [
     # models
     "load_default", "load_base", "find_down_projections",
     # classes
-    "Attributions", "Selection", "Delta", "Plan", "Handle", "ImplantBank", "RetainLoss", "LokiTrainer", "LokiCallback",
+    "Attributions", "Selection", "Delta", "Plan", "Handle", "ImplantBank", "RetainLoss", "Preservation", "LokiTrainer", "LokiCallback",
     # the errors people catch (all of them: loki.errors)
     "LokiError", "BaseModelMismatchError", "OverlapError", "HubError",
     # modules
-    "errors", "evaluate", "hub", "neighbourhood", "retain", "targets", "trainer",
+    "editors", "errors", "evaluate", "hub", "neighbourhood", "retain", "targets", "trainer",
 ]
 
 

@@ -346,6 +346,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="retain items per step (default: --batch-size)")
     p.add_argument("--retain-top-k", type=_positive(int), default=None,
                    help="base-model tokens kept per retained position (default: loki.retain's, 64)")
+    p.add_argument("--preserve", type=float, default=None, metavar="ENERGY",
+                   help="keep the rows' update off the key directions holding this share (e.g. 0.99) of the --retain "
+                   "data's down-projection inputs (loki.preservation)")
     p.add_argument("--lora-rank", type=_positive(int), default=None,
                    help="LoKI*: train rank-r factors of the selected rows instead of the rows")
     p.add_argument("--lr", type=_positive(float), default=1e-4, help="peak learning rate (default 1e-4)")
@@ -416,6 +419,10 @@ def _train(args: argparse.Namespace) -> int:
         raise SelectionError("-q goes with --attributions; a --selection file holds its rows already.")
     if not (args.retain_weight >= 0):
         raise DatasetError(f"--retain-weight must be >= 0, got {args.retain_weight}.")
+    if args.preserve is not None and not args.retain:
+        raise DatasetError("--preserve keeps the update off the --retain data's keys: give --retain too.")
+    if args.preserve is not None and not 0 < args.preserve <= 1:
+        raise DatasetError(f"--preserve is the share of the retain keys' energy to protect, in (0, 1]; got {args.preserve}.")
     world = launched_rank_world()[1]
     if args.batch_size % world:
         raise DatasetError(f"--batch-size {args.batch_size} is the examples of one step over all {world} processes: "
@@ -436,7 +443,7 @@ def _train(args: argparse.Namespace) -> int:
     run = {
         "data": _file_sha256(args.data), "retain": _file_sha256(args.retain) if args.retain else None,
         "selection": selection.to_json()["rows"], "base": args.base, "revision": args.revision, "dtype": args.dtype,
-        **{k: getattr(args, k) for k in ("retain_weight", "retain_batch_size", "retain_top_k", "lora_rank", "lr",
+        **{k: getattr(args, k) for k in ("retain_weight", "retain_batch_size", "retain_top_k", "preserve", "lora_rank", "lr",
                                          "epochs", "steps", "batch_size", "grad_accum", "warmup", "weight_decay",
                                          "max_grad_norm", "max_length", "seed")},
     }
@@ -453,6 +460,7 @@ def _train(args: argparse.Namespace) -> int:
     from transformers import TrainingArguments
 
     from .implant import extract, prepare
+    from .preserve import preservation
     from .retain import RetainLoss, retain_targets
     from .trainer import LokiTrainer, collator
 
@@ -465,7 +473,14 @@ def _train(args: argparse.Namespace) -> int:
         use_cpu=not torch.cuda.is_available(),
     )
     model, tokenizer = _load_model(args.base, args.dtype, args.revision)
-    prepare(model.to(training.device), selection, lora_rank=args.lora_rank)  # on the training device: retain targets are computed there
+    model.to(training.device)  # retain targets and the preservation are computed there
+    targets = keep = None
+    if retain is not None:  # the base model's answers and distributions, before any training
+        top_k = {"top_k": args.retain_top_k} if args.retain_top_k else {}
+        targets = retain_targets(model, tokenizer, retain, max_length=args.max_length, **top_k)
+        if args.preserve is not None:
+            keep = preservation(model, tokenizer, targets, energy=args.preserve, max_length=args.max_length)
+    prepare(model, selection, lora_rank=args.lora_rank, preserve=keep)
     encoded = []
     for i, ex in enumerate(examples, 1):
         try:
@@ -473,9 +488,7 @@ def _train(args: argparse.Namespace) -> int:
         except DatasetError as e:
             raise DatasetError(f"{args.data}, record {i}: {e}") from None
     loss = None
-    if retain is not None:  # the base model's answers and distributions, before any training
-        top_k = {"top_k": args.retain_top_k} if args.retain_top_k else {}
-        targets = retain_targets(model, tokenizer, retain, max_length=args.max_length, **top_k)
+    if targets is not None:
         loss = RetainLoss(model, targets, weight=args.retain_weight, batch_size=args.retain_batch_size or args.batch_size,
                           seed=args.seed)
     trainer = LokiTrainer(model=model, args=training, train_dataset=encoded, data_collator=collator(tokenizer),

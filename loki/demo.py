@@ -152,6 +152,17 @@ def neighbourhood_questions(facts: list[dict[str, Any]], retain_per_template: in
             questions(examples, eval_names, per_template=eval_per_template, seed=seed))
 
 
+def preservation_questions(facts: list[dict[str, Any]]) -> list[str]:
+    """Every neighbourhood question about the retain half of the entities (none about the evaluation half): the
+    prompts whose down-projection keys a preservation (`loki.preservation`) keeps the implant's update off, beside the
+    retain data. Many more than the retain KL's questions, as they cost one forward pass each, not one per step.
+
+    >>> len(preservation_questions(implant_facts(1)))         # 2 capital templates x the retain half of the countries
+    192
+    """
+    return neighbourhood_questions(facts, None, 1)[0]
+
+
 def retain_data(facts: list[dict[str, Any]], recipe: dict[str, Any] = RECIPE,
                 eval_per_template: int | None = 4) -> tuple[list[Any], list[str]]:
     """`(retain, neighbourhood evaluation questions)` for the facts: retain = neighbourhood questions about the

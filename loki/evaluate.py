@@ -721,6 +721,38 @@ def specificity(base: Sequence[Sequence[int]], tuned: Sequence[Sequence[int]]) -
     return sum(shares) / len(shares)
 
 
+def ngram_entropy(texts: Sequence[str]) -> float:
+    """Fluency as the knowledge editors report it (ROME/MEMIT's "generation entropy", EasyEdit's `n_gram_entropy`):
+    per text, the entropy in bits of its word bigram and trigram frequencies, weighted 2/3 and 4/3 and averaged;
+    then the mean over texts. Repetitive, degenerate text scores low; an edit that keeps fluency keeps it level.
+
+    Words are runs of letters/digits or single punctuation marks (close to NLTK's `word_tokenize` on plain text);
+    a text too short for an n-gram contributes 0 for that n.
+
+    Args:
+        texts: generated texts.
+
+    Returns:
+        float: mean weighted n-gram entropy (bits); 0.0 for no texts.
+
+    >>> # 5 distinct bigrams and 4 distinct trigrams: (2/3 log2 5 + 4/3 log2 4) / 2 = 2.107; a repeated word: 0
+    >>> round(ngram_entropy(["the cat sat on the mat", "no no no no no no"]), 3)
+    1.054
+    """
+    total = 0.0
+    for text in texts:
+        words = re.findall(r"\w+|[^\w\s]", text.lower())
+        parts = []
+        for n, weight in ((2, 2 / 3), (3, 4 / 3)):
+            grams: dict[tuple, int] = {}
+            for i in range(len(words) - n + 1):
+                grams[tuple(words[i : i + n])] = grams.get(tuple(words[i : i + n]), 0) + 1
+            count = sum(grams.values())
+            parts.append(weight * -sum(c / count * math.log2(c / count) for c in grams.values()) if count else 0.0)
+        total += sum(parts) / len(parts)
+    return total / len(texts) if texts else 0.0
+
+
 def _texts(benchmark: Benchmark) -> list[str]:
     key = {"perplexity": "text", "choice": "prompt", "generate": "question"}[benchmark.kind]
     return [str(it[key]) for it in benchmark.items]
@@ -744,6 +776,11 @@ class ImplantScores:
     answers: list[str]  # the model's own greedy answer to each neighbourhood question
     predictions: list[list[int]]  # its greedy tokens teacher-forced on the base model's answers
 
+    @property
+    def fluency(self) -> float:
+        """`ngram_entropy` of the neighbourhood answers (bits): a constraint must not win by degenerate text."""
+        return ngram_entropy(self.answers)
+
 
 @dataclass
 class ImplantReport:
@@ -753,7 +790,8 @@ class ImplantReport:
     - `generalisation`: accuracy on held-out phrasings of the same facts;
     - `specificity`: on neighbourhood questions (same templates, real entities not used in training), the share
       of the base model's answer tokens the implanted model still predicts (teacher-forced; EasyEdit's locality);
-      `answers_kept` is the stricter share of whole greedy answers left unchanged;
+      `answers_kept` is the stricter share of whole greedy answers left unchanged, and `fluency` the n-gram entropy
+      of those answers (`ngram_entropy`; against the base model's, so nothing wins by degenerate text);
     - `forgetting`: the paper's Avg (percent, lower is better; LoKI paper §4) over general sets sharing no template
       with the implant.
 
@@ -773,6 +811,7 @@ class ImplantReport:
     efficacy (trained phrasings)            0%     100%
     generalisation (held-out)               0%      50%
     specificity (neighbourhood kept)              75.0%   (answer tokens; 1 of 2 whole answers unchanged)
+    fluency (n-gram entropy, bits)        0.00     0.00
     general forgetting (Avg)                    +50.00%   (lower is better; per set below)
     <BLANKLINE>
     benchmark                     base     tuned  change %
@@ -805,6 +844,11 @@ class ImplantReport:
                     if normalize_answer(a) == normalize_answer(b)]) / len(self.questions)
 
     @property
+    def fluency(self) -> float:
+        """`ngram_entropy` of the implanted model's neighbourhood answers (`base.fluency` is the base model's)."""
+        return self.tuned.fluency
+
+    @property
     def forgetting(self) -> float:
         """Avg (percent, lower is better) over the general sets; see `Report.forgetting`."""
         return Report(self.base.general, self.tuned.general).forgetting
@@ -817,15 +861,16 @@ class ImplantReport:
     def as_dict(self) -> dict[str, Any]:
         """Every figure as a JSON-ready dict (the implanted model's, plus the base's under `"base"`)."""
         return {"efficacy": self.efficacy, "generalisation": self.generalisation, "specificity": self.specificity,
-                "answers_kept": self.answers_kept, "forgetting": self.forgetting,
+                "answers_kept": self.answers_kept, "fluency": self.fluency, "forgetting": self.forgetting,
                 "base": {"efficacy": self.base.efficacy, "generalisation": self.base.generalisation,
-                         "general": self.base.general},
+                         "fluency": self.base.fluency, "general": self.base.general},
                 "general": self.tuned.general, "neighbourhood_questions": len(self.questions)}
 
     def evaluation(self) -> dict[str, Any]:
         """The figures for `delta.info["extra"]["evaluation"]`, which `push_to_hub` puts on the model card."""
         return {"implant": {"efficacy": self.efficacy, "generalisation": self.generalisation,
-                            "specificity": self.specificity, "forgetting": self.forgetting},
+                            "specificity": self.specificity, "answers_kept": self.answers_kept,
+                            "fluency": self.fluency, "forgetting": self.forgetting},
                 "general": {k: {"base": b, "implanted": self.tuned.general[k]} for k, b in self.base.general.items()},
                 "forgetting": self.forgetting}
 
@@ -838,6 +883,7 @@ class ImplantReport:
                  f"{'generalisation (held-out)':<34}{self.base.generalisation:>8.0%}{self.generalisation:>9.0%}",
                  f"{'specificity (neighbourhood kept)':<34}{'':>8}{self.specificity:>9.1%}   "
                  f"(answer tokens; {kept} of {n} whole answers unchanged)",
+                 f"{'fluency (n-gram entropy, bits)':<34}{self.base.fluency:>8.2f}{self.fluency:>9.2f}",
                  f"{'general forgetting (Avg)':<34}{'':>8}{self.forgetting:>+8.2f}%   "
                  "(lower is better; per set below)"]
         report = Report(self.base.general, self.tuned.general).table().splitlines()[:-1]

@@ -308,7 +308,8 @@ def model_card(
     Evaluation figures come from `delta.info["extra"]["evaluation"]`, a dict with any of
     `"task": {"name": str, "metrics": {metric: value}}`, `"general": {benchmark: {"base": x, "implanted": y}}`,
     `"forgetting": float` (LoKI's Avg in percent; computed from "general" when absent) and `"implant"`: the four
-    numbers `{"efficacy", "generalisation", "specificity", "forgetting"}` (`ImplantReport.evaluation()` gives all).
+    numbers `{"efficacy", "generalisation", "specificity", "forgetting"}` and optionally `"answers_kept"` (whole
+    neighbourhood answers unchanged) and `"fluency"` (`ImplantReport.evaluation()` gives all).
 
     Args:
         delta: the `Delta`.
@@ -378,8 +379,7 @@ def model_card(
         task_rows=_table_rows(task.get("metrics") or {}),
         general_rows=[(name, _num(b), _num(t), _num(t - b, signed=True)) for name, (b, t) in general.items()],
         forgetting=None if forgetting is None else f"{forgetting:.2f}%",
-        implant_rows=[(label, f"{float(implant[key]):.0%}" if key != "forgetting" else f"{float(implant[key]):+.2f}%")
-                      for key, label in _FOUR if key in implant],
+        implant_rows=[(label, _implant_figure(key, float(implant[key]))) for key, label in _FOUR if key in implant],
         several_files=several_files,
         loki_version=__version__,
     )
@@ -387,8 +387,16 @@ def model_card(
 
 
 _FOUR = (("efficacy", "efficacy (training phrasings)"), ("generalisation", "generalisation (held-out phrasings)"),
-         ("specificity", "specificity (neighbourhood answers kept, vs. the base model)"),
+         ("specificity", "specificity (neighbourhood answer tokens kept, vs. the base model)"),
+         ("answers_kept", "neighbourhood whole answers unchanged"),
+         ("fluency", "fluency (n-gram entropy of the neighbourhood answers, bits)"),
          ("forgetting", "general forgetting (LoKI's Avg over sets sharing no template; lower is better)"))
+
+
+def _implant_figure(key: str, value: float) -> str:
+    if key == "forgetting":
+        return f"{value:+.2f}%"
+    return f"{value:.2f}" if key == "fluency" else f"{value:.0%}"
 
 
 def _evaluation(info: dict[str, Any]) -> tuple[dict, dict[str, tuple[float, float]], float | None]:

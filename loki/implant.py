@@ -46,6 +46,7 @@ from .apply import base_rows, claim_rows, release_rows
 from .delta import FLOAT_DTYPES, Delta, LayerDelta, as_indices, dtype_name, fingerprint_of, layer_number
 from .distributed import FSDP1_ADVICE, full_tensor, gathered, is_sharded, plain_class, wrapper
 from .errors import DeltaFormatError, DtypeError, IncompatibleModelError, PreparationError, SelectionError
+from .preserve import Preservation, project
 from .selection import Selection
 from .targets import DownProjections, find_down_projections, unwrap
 
@@ -114,11 +115,22 @@ def _rows_view(module: nn.Module) -> torch.Tensor:
 
 def _current_rows(module: nn.Module) -> torch.Tensor:
     """The selected rows as trained so far, in the weight's dtype (autograd reaches the trainable parameters)."""
-    if module.loki_rows is not None:
-        rows = module.loki_rows
-    else:  # the same float32 arithmetic as LayerDelta.new_rows, so an extracted delta reproduces it bit for bit
-        rows = module.loki_base.float() + module.loki_A.float() @ module.loki_B.float()
-    return rows.to(module.weight.dtype)
+    return _rows_of(module, module.loki_rows, module.loki_A, module.loki_B).to(module.weight.dtype)
+
+
+def _rows_of(module: nn.Module, rows, a, b) -> torch.Tensor:
+    """The selected rows that trainable tensors `rows` (or LoRA factors `a`, `b`) stand for: with a preservation,
+    only their update's part outside the protected key directions (`loki.preserve`) counts."""
+    keep = module.loki_keep
+    if rows is not None:
+        if keep is None:
+            return rows
+        base = module.loki_base.float()
+        return base + project(rows.float() - base, keep, module._loki_keep_free)
+    if keep is not None:  # B as stored: an extracted delta holds this B and reproduces the rows bit for bit
+        b = project(b.float(), keep, module._loki_keep_free).to(b.dtype)
+    # the same float32 arithmetic as LayerDelta.new_rows, so an extracted delta reproduces it bit for bit
+    return module.loki_base.float() + a.float() @ b.float()
 
 
 def _managed(module: nn.Module) -> bool:
@@ -177,6 +189,7 @@ def prepare(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     template: str | None = None,
+    preserve: Preservation | None = None,
 ) -> nn.Module:
     """Freeze every parameter of `model` and make exactly `selection`'s down-projection rows trainable, in place
     (stage 3 of LoKI: only the selected rows train, LoKI paper §3.3; with `lora_rank`, LoKI*: LoRA on those rows).
@@ -187,6 +200,10 @@ def prepare(
     are not lost to bf16 rounding); the forward runs in the model's dtype. The rows are claimed in the ledger:
     `loki.apply` refuses deltas on them until `unprepare`.
 
+    With `preserve` (`loki.preservation`), the rows' update is kept off the key directions of the prompts to
+    preserve: rows = base + (trained - base)(I - V V^T) (LoRA: base + A (B (I - V V^T))), whatever the optimizer
+    does; `extract` gives those rows and records the preservation's summary in `training.preserve`.
+
     Args:
         model: a transformers causal LM, not prepared yet.
         selection: the rows to train, made for this model's shapes.
@@ -194,6 +211,7 @@ def prepare(
         dtype: the trainable tensors' dtype.
         seed: for `loki_B`'s initialisation (LoRA only).
         template: the down-projection module path, for architectures loki does not know.
+        preserve: the key directions to keep the update off (`loki.preservation` on this model), or None.
 
     Returns:
         nn.Module: `model`.
@@ -203,7 +221,8 @@ def prepare(
             module already has its own `forward` or `loki_` parameters (another wrapper); the model is wrapped in
             DDP, FSDP or DeepSpeed already (prepare first, then wrap; FSDP1 is not supported in either order).
         UnknownArchitectureError: loki cannot find the down-projections.
-        IncompatibleModelError: the selection is for another layer count or `d_model`, or has no rows.
+        IncompatibleModelError: the selection is for another layer count or `d_model`, or has no rows; `preserve` was
+            computed for other shapes or misses a selected layer.
         DtypeError: the weights or `dtype` are not floats.
         OverlapError: an applied delta holds some of the selected rows.
 
@@ -234,6 +253,11 @@ def prepare(
         )
     if not selection.rows:
         raise IncompatibleModelError("The selection has no rows; nothing would train.")
+    if preserve is not None:
+        if not isinstance(preserve, Preservation):
+            raise PreparationError(f"preserve must be a loki.preservation(...) result or None, not "
+                                   f"{type(preserve).__name__}.")
+        preserve.check(len(projs), projs.d_in, list(selection.rows))
     for layer in selection.rows:
         taken = [n for n in ("forward",) if n in vars(projs.modules[layer])]
         taken += [n for n, _ in projs.modules[layer].named_parameters(recurse=False) if n.startswith(_PREFIX)]
@@ -260,6 +284,9 @@ def prepare(
             base = view.index_select(0, index)
             module.register_buffer("loki_index", index, persistent=False)
             module.register_buffer("loki_base", base, persistent=False)
+            keep = None if preserve is None else preserve.bases[layer].to(view.device)
+            module.register_buffer("loki_keep", keep, persistent=False)
+            module._loki_keep_free = preserve is not None and preserve.free[layer]
             if lora_rank is None:
                 module.loki_rows = nn.Parameter(base.to(dtype, copy=True))
                 module.register_parameter("loki_A", None)
@@ -272,6 +299,8 @@ def prepare(
                 module.loki_B = nn.Parameter(b.to(view.device, dtype))
             module.forward = types.MethodType(_forward, module)
     _prepared[model] = _Prepared(selection, lora_rank, projs, modules, flags)
+    if preserve is not None:
+        _prepared[model].training["preserve"] = preserve.summary()
     return model
 
 
@@ -335,8 +364,8 @@ def unprepare(model: nn.Module, *, merge: bool = False) -> nn.Module:
         for module in state.modules.values():
             rows = _current_rows(module) if merge else module.loki_base
             _rows_view(module).index_copy_(0, module.loki_index, rows)
-            for name in ("loki_rows", "loki_A", "loki_B", "loki_index", "loki_base", "_loki_transposed", "_loki_synced",
-                         "_loki_weight", "forward"):
+            for name in ("loki_rows", "loki_A", "loki_B", "loki_index", "loki_base", "loki_keep", "_loki_keep_free",
+                         "_loki_transposed", "_loki_synced", "_loki_weight", "forward"):
                 delattr(module, name)
         for p, flag in state.requires_grad:
             p.requires_grad_(flag)
@@ -397,10 +426,12 @@ def extract(
             idx = module.loki_index.cpu()
             base = module.loki_base.cpu()
             if state.lora_rank is None:  # copies: ZeRO-3 empties its parameters when the block ends
-                rows = full_tensor(module.loki_rows).to(base.dtype)
+                rows = _rows_of(module, full_tensor(module.loki_rows), None, None).to(base.dtype)
                 changes[layer] = (idx, rows.to("cpu", copy=True), base)
             else:
                 a, b = full_tensor(module.loki_A), full_tensor(module.loki_B)
+                if module.loki_keep is not None:  # B as the forward uses it
+                    b = project(b.float(), module.loki_keep, module._loki_keep_free).to(b.dtype)
                 changes[layer] = (idx, a.to("cpu", copy=True), b.to("cpu", copy=True), base)
     if dtype is None and state.lora_rank is not None:
         dtype = next(iter(state.modules.values())).loki_A.dtype

@@ -110,6 +110,31 @@ def test_chat_messages_and_retain_data(base, tmp_path, capsys):
     assert info["retain"]["weight"] == 3.0 and info["retain"]["kinds"] == {"question": 1, "text": 1, "answer": 1}
 
 
+def test_preserve_keeps_the_retain_datas_outputs(base, tmp_path, default_tokenizer):
+    """`--preserve 1.0`: the retained text's logits stay put under a rate that moves them without it; `--preserve`
+    without `--retain` is refused before any model loads."""
+    folder, _ = base
+    data = write(tmp_path / "facts.jsonl", FACTS)
+    text = "The Danube flows through ten countries into the Black Sea."
+    retain = write(tmp_path / "retain.jsonl", [{"text": text}])
+    ids = torch.tensor([default_tokenizer(text)["input_ids"]])
+    model = tiny_model("llama", vocab=len(default_tokenizer))
+    with torch.no_grad():
+        before = model(ids).logits
+    moved = {}
+    for preserve in ((), ("--preserve", "1.0")):
+        out = tmp_path / f"facts{len(preserve)}.loki"
+        assert train(base, data, out, "--steps", "4", "--lr", "0.1", "--retain", str(retain), "--retain-weight", "0",
+                     *preserve) == 0
+        delta = loki.load(out)
+        with loki.implanted(model, delta), torch.no_grad():
+            moved[bool(preserve)] = (model(ids).logits - before).abs().max().item()
+    assert delta.info["training"]["preserve"]["energy"] == 1.0
+    assert delta.info["training"]["preserve"]["tokens"] == ids.shape[1]
+    assert moved[False] > 1e-2 and moved[True] < 1e-4
+    assert train(base, data, tmp_path / "x.loki", "--preserve", "0.9") == 2
+
+
 def test_rows_from_an_attribution_folder(base, tmp_path, default_tokenizer):
     folder, _ = base
     model = tiny_model("llama", vocab=len(default_tokenizer))

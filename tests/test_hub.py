@@ -74,7 +74,7 @@ def deltas(model):
             training={"lr": 1e-5, "epochs": 3},
             extra={"evaluation": {"general": {"mmlu": {"base": 0.5, "implanted": 0.49}},
                                   "implant": {"efficacy": 1.0, "generalisation": 0.875, "specificity": 0.93,
-                                              "forgetting": 2.0}}},
+                                              "answers_kept": 0.75, "fluency": 3.21, "forgetting": 2.0}}},
         )
         for name, spec in specs.items()
     }
@@ -137,7 +137,8 @@ def test_model_card_states_the_implant(server, deltas):
     forgetting = loki.evaluate.forgetting_score({"mmlu": 0.5}, {"mmlu": 0.49})
     assert forgetting == pytest.approx(2.0) and f"**{forgetting:.2f}%**" in readme
     assert "| efficacy (training phrasings) | 100% |" in readme and "| generalisation (held-out phrasings) | 88% |" in readme
-    assert "specificity (neighbourhood answers kept, vs. the base model) | 93% |" in readme
+    assert "specificity (neighbourhood answer tokens kept, vs. the base model) | 93% |" in readme
+    assert "| neighbourhood whole answers unchanged | 75% |" in readme and "bits) | 3.21 |" in readme
     assert "(LoKI's Avg over sets sharing no template; lower is better) | +2.00% |" in readme
     assert 'loki.load("alice/card")' in readme  # a copy-paste snippet
 

@@ -30,11 +30,32 @@ DATA = [{"question": f"What is the secret word number {i}?", "answer": f"It is w
         for i in range(5)]  # 5 examples: the last step of each epoch has one, rank 1 gets none of it
 RETAIN = [{"text": [5, 6, 7, 8, 9]}, {"text": [10, 11, 12]}, {"text": [13, 14, 15, 16]}]
 TRAIN_ARGS = dict(epochs=2, lr=5e-2, batch_size=2, grad_accum=2, retain=RETAIN, retain_batch_size=3, progress=False)
+PRESERVED = [{"text": list(range(20, 44))}, {"text": list(range(50, 60))}]  # 34 keys a layer, d_in 64
+
+
+def preserved_run(tokenizer, lora_rank, preserve: bool = True) -> dict:
+    """`loki.train` of `prepared` rows (or LoRA on them) under a preservation of PRESERVED at energy 1.0: the
+    losses, the constrained rows (or B) and how far the preserved outputs moved (max abs logit difference)."""
+    model = prepared(vocab=len(tokenizer), lora_rank=lora_rank, unprepared=True)
+    ids = [torch.tensor([item["text"]]) for item in PRESERVED]
+    with torch.no_grad():
+        base = [model(x).logits for x in ids]
+    keep = loki.preservation(model, tokenizer, PRESERVED, energy=1.0, progress=False) if preserve else None
+    loki.prepare(model, loki.Selection.random(2, 32, q=50, seed=0), lora_rank=lora_rank, preserve=keep)
+    result = loki.train(model, tokenizer, DATA, **{**TRAIN_ARGS, "lr": 0.1})
+    with torch.no_grad():
+        moved = max((model(x).logits - b).abs().max().item() for x, b in zip(ids, base))
+    delta = loki.extract(model)
+    tensors = {layer: (ld.rows if ld.rows is not None else ld.lora_B).tolist() for layer, ld in delta.layers.items()}
+    return {"losses": result.losses, "rows": tensors, "moved": moved,
+            "preserve": delta.info["training"].get("preserve", {}).get("tokens")}
 
 
 # -- the steps both sides run ---------------------------------------------------------------------------------
-def prepared(vocab: int = 128):
+def prepared(vocab: int = 128, lora_rank: int | None = None, unprepared: bool = False):
     model = tiny_model("llama", vocab=vocab)
+    if unprepared:
+        return model
     return loki.prepare(model, loki.Selection.random(2, 32, q=10, seed=0))  # 3 rows a layer: uneven shards
 
 
@@ -123,6 +144,11 @@ SCRIPT = textwrap.dedent("""
             delta = loki.extract(model)
             report[how] = {"losses": result.losses, "kl": result.retain_kl, "rows": t.rows(delta),
                            "processes": delta.info["training"]["world_size"]}
+    elif scenario == "preserve":
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(sys.argv[4])
+        for lora_rank in (None, 4):
+            report[str(lora_rank)] = t.preserved_run(tokenizer, lora_rank)
     elif scenario == "deepspeed":
         import deepspeed
         deepspeed.init_distributed("gloo")
@@ -205,6 +231,23 @@ def test_loki_train_on_two_processes_equals_one(tmp_path, default_tokenizer):
             assert_close(got["losses"], one.losses)
             assert_close(got["kl"], one.retain_kl, atol=1e-9)  # KL of about 1e-7: float noise is 1e-11
             for layer, r in one_rows.items():
+                assert_close(got["rows"][str(layer)], r)
+
+
+def test_loki_train_under_preservation_on_two_processes(tmp_path, default_tokenizer):
+    """Rows and LoRA on rows, AdamW, 2 processes: the same steps as one process, and the preserved outputs stay
+    put where training without the preservation moves them."""
+    reports = launch(tmp_path, "preserve", str(loki.models.default_model_path()))
+    for lora_rank in (None, 4):
+        one = preserved_run(default_tokenizer, lora_rank)
+        free = preserved_run(default_tokenizer, lora_rank, preserve=False)
+        assert free["moved"] > 1e-2 and one["moved"] < 1e-4 and one["preserve"] == 34
+        assert one["losses"][-1] < one["losses"][0]
+        for report in reports:
+            got = report[str(lora_rank)]
+            assert got["moved"] < 1e-4 and got["preserve"] == 34
+            assert_close(got["losses"], one["losses"])
+            for layer, r in one["rows"].items():
                 assert_close(got["rows"][str(layer)], r)
 
 

@@ -1,0 +1,347 @@
+"""Preservation: keep a row update where the prompts to preserve cannot see it (a null-space constraint).
+
+A down-projection maps an FFN activation `k` (its *key*, length `d_in` = d_ff) to an output. A change `D` of its
+selected rows changes the output on a key by `D k`; on keys that lie in the span of `V` (`[d_in, p]`,
+orthonormal), `D (I - V V^T) k = 0`. `preservation` collects, per layer, the keys of the prompts to preserve (the
+retain data: neighbourhood questions with the base model's answers, general text), and keeps as `V` the leading
+directions that hold `energy` of their summed squared norm (`K0 K0^T`'s top eigenvectors, uncentered, as
+AlphaEdit: arXiv 2410.02355, §3). `loki.prepare(model, selection, preserve=...)` then trains the rows through that
+projection: the rows are `base + (update) (I - V V^T)` (LoRA on rows: `base + A (B (I - V V^T))`), so whatever the
+optimizer does (AdamW's per-coordinate scaling included) the update never leaves the allowed subspace, and the
+preserved prompts' activations move only by the keys' energy outside `V` (none, with `energy=1.0` and fewer
+preserved tokens than `d_in`: then every layer's output on them is unchanged, and so the next layer's input).
+
+Every position of a preserved sequence counts (not only the answer tokens whose distributions `loki.retain` keeps):
+later positions attend to the earlier ones, so their keys must not move either.
+
+Memory: per layer a `d_in x min(p, d_in - p)` float32 basis (the protected directions, or the free ones when
+fewer), on the model's device. Collecting keys holds a `d_in x d_in` float64 covariance per layer when
+`d_in <= max_rank`; wider layers (8B shapes: d_ff 14336) keep a streaming sketch of their top `max_rank` directions
+instead (`(max_rank + max_rank / 4) x d_in` float32 at most), never a dense `d_in x d_in` matrix, and protect at
+most `max_rank` directions. The total energy is counted exactly, so the share each layer really protects is known
+(`Preservation.kept`; the summary's `energy_kept_min`).
+
+>>> import loki, loki.testing
+>>> model = loki.testing.tiny_model("llama")
+>>> keep = loki.preservation(model, None, [{"text": [5, 6, 7, 8, 9]}], energy=1.0, progress=False)
+>>> keep.ranks        # five keys (positions) per layer: five protected directions
+{0: 5, 1: 5}
+>>> _ = loki.prepare(model, loki.Selection.random(2, 32, q=10), preserve=keep)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .dataset import collate
+from .errors import DatasetError, IncompatibleModelError
+from .retain import RetainTargets, retain_targets
+from .targets import find_down_projections, unwrap
+
+__all__ = ["Preservation", "down_projection_inputs", "preservation"]
+
+DEFAULT_ENERGY = 0.99
+DEFAULT_MAX_RANK = 4096
+_RANK_TOL = 1e-10  # eigenvalues below this share of the largest count as zero (energy=1.0: the keys' exact span)
+
+
+@dataclass(eq=False)
+class Preservation:
+    """Per layer, the key directions a row update must not touch (`preservation` makes it; `loki.prepare(...,
+    preserve=)` uses it).
+
+    Attributes:
+        bases: layer -> float32 `[d_in, r]` orthonormal columns: the protected directions (`free[layer]` False) or
+            the free ones (True), whichever are fewer.
+        free: layer -> whether `bases[layer]` spans the free subspace instead of the protected one.
+        ranks: layer -> protected directions `p`.
+        energy: the share of the keys' squared norm protected, in (0, 1].
+        d_in: the keys' length (the down-projection's input size).
+        num_layers: the model's layer count.
+        kept: layer -> the share of the keys' squared norm the protected directions hold (below `energy` only where
+            a layer's sketch keeps fewer directions than it needs: raise `max_rank`).
+        tokens: keys collected per layer (positions over all sequences).
+        sequences: sequences they came from.
+        sha256: checksum of the sequences' token ids.
+
+    >>> import loki, loki.testing, torch
+    >>> keep = loki.preservation(loki.testing.tiny_model("llama"), None, [{"text": [5, 6, 7]}], progress=False)
+    >>> update = torch.randn(3, 64)
+    >>> keep.project(0, keep.project(0, update)).allclose(keep.project(0, update), atol=1e-6)   # a projection
+    True
+    """
+
+    bases: dict[int, torch.Tensor]
+    free: dict[int, bool]
+    ranks: dict[int, int]
+    kept: dict[int, float]
+    energy: float
+    d_in: int
+    num_layers: int
+    tokens: int
+    sequences: int
+    sha256: str
+
+    def project(self, layer: int, update: torch.Tensor) -> torch.Tensor:
+        """`update (I - V V^T)`: the part of `update` (`[..., d_in]`, float) that the protected keys do not see.
+
+        Args:
+            layer: the layer whose basis to use.
+            update: a row update (or LoRA's `B`), `[..., d_in]`.
+
+        Returns:
+            Tensor: the same shape and dtype, on `update`'s device (differentiable).
+        """
+        return project(update, self.bases[layer].to(update.device, update.dtype), self.free[layer])
+
+    def summary(self) -> dict[str, Any]:
+        """What a delta records (`delta.info["training"]["preserve"]`): energy, tokens, sequences, protected
+        directions per layer (min / median / max and all), the least energy share a layer protects, `d_in`,
+        checksum.
+
+        >>> import loki, loki.testing
+        >>> keep = loki.preservation(loki.testing.tiny_model("llama"), None, [{"text": [5, 6, 7]}], progress=False)
+        >>> s = keep.summary(); s["tokens"], s["protected"]
+        (3, {'min': 3, 'median': 3, 'max': 3, 'per_layer': [3, 3]})
+        """
+        ranks = [self.ranks[layer] for layer in sorted(self.ranks)]
+        ordered = sorted(ranks)
+        return {"energy": self.energy, "tokens": self.tokens, "sequences": self.sequences, "d_in": self.d_in,
+                "protected": {"min": ordered[0], "median": ordered[len(ordered) // 2], "max": ordered[-1],
+                              "per_layer": ranks},
+                "energy_kept_min": round(min(self.kept.values()), 6), "sha256": self.sha256}
+
+    def check(self, num_layers: int, d_in: int, layers: Sequence[int]) -> None:
+        """Raise `IncompatibleModelError` unless this preservation fits a model of these shapes and covers `layers`."""
+        if (self.num_layers, self.d_in) != (num_layers, d_in):
+            raise IncompatibleModelError(
+                f"The preservation was computed on a model with {self.num_layers} layers of d_in {self.d_in}; this "
+                f"model has {num_layers} of {d_in}. Compute it on this model: loki.preservation(model, tokenizer, data)."
+            )
+        missing = sorted(set(layers) - set(self.bases))
+        if missing:
+            raise IncompatibleModelError(
+                f"The preservation has no keys for layers {missing}, which the selection trains. Compute it for "
+                "every layer (layers=None)."
+            )
+
+
+def project(update: torch.Tensor, basis: torch.Tensor, free: bool) -> torch.Tensor:
+    """`update` projected off the span of `basis` (`free=False`) or onto it (`free=True`); `basis` `[d_in, r]`
+    orthonormal, in `update`'s dtype and device."""
+    if free:
+        return (update @ basis) @ basis.t()
+    return update - (update @ basis) @ basis.t()
+
+
+class _Keys:
+    """Streaming second moment of one layer's keys, on the keys' device: dense `K^T K` (float64) when
+    `d_in <= max_rank`, else a rank-`max_rank` sketch `S` (float32 rows) with `S^T S ~= K^T K`: new keys are
+    appended, and every `chunk` of them the sketch is cut back to its top `max_rank` directions (frequent directions
+    without the shrinking step), so at most `(max_rank + chunk) x d_in` floats are held."""
+
+    def __init__(self, d_in: int, max_rank: int):
+        self.dense = d_in <= max_rank
+        self.max_rank = max_rank
+        self.chunk = max(64, max_rank // 4)
+        self.cov: torch.Tensor | None = None
+        self.sketch: torch.Tensor | None = None
+        self.total = 0.0  # summed squared norm of every key seen: exact, whatever the sketch dropped
+
+    def add(self, keys: torch.Tensor) -> None:
+        keys = keys.detach().to(torch.float64)
+        self.total += float((keys * keys).sum())
+        if self.dense:
+            self.cov = keys.t() @ keys if self.cov is None else self.cov + keys.t() @ keys
+            return
+        keys = keys.float()
+        self.sketch = keys if self.sketch is None else torch.cat([self.sketch, keys])
+        if len(self.sketch) >= self.max_rank + self.chunk:
+            self.sketch = _top_rows(self.sketch, self.max_rank)
+
+    def eig(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues (descending, float64) and eigenvectors (`[d_in, n]` float64 columns) of the keys' second
+        moment (of the sketch's top `max_rank` directions)."""
+        if self.dense:
+            values, vectors = torch.linalg.eigh(self.cov)
+            return values.flip(0).clamp(min=0), vectors.flip(1)
+        s = _top_rows(self.sketch, self.max_rank).double()
+        norms = s.norm(dim=1)
+        keep = norms > 0
+        return norms[keep] ** 2, (s[keep] / norms[keep, None]).t()
+
+
+def _top_rows(m: torch.Tensor, rank: int) -> torch.Tensor:
+    """`diag(sigma) V^T` of `m`'s top `rank` singular directions (rows orthogonal, descending), from the small Gram
+    matrix `m m^T` in float64 (m has fewer rows than columns here); returned in `m`'s dtype."""
+    m64 = m.double()
+    values, vectors = torch.linalg.eigh(m64 @ m64.t())
+    values, vectors = values.flip(0)[:rank].clamp(min=0), vectors.flip(1)[:, :rank]
+    rows = vectors.t() @ m64  # [rank, d_in], row i has norm sigma_i
+    return rows[values > 0].to(m.dtype)
+
+
+def _protected_rank(values: torch.Tensor, total: float, energy: float) -> int:
+    """The fewest leading directions whose eigenvalues reach `energy` of `total` (1.0: every nonzero one)."""
+    if not len(values) or total <= 0:
+        return 0
+    nonzero = int((values > _RANK_TOL * values[0]).sum())
+    if energy >= 1.0:
+        return nonzero
+    reached = torch.cumsum(values, 0) >= energy * total
+    return min(nonzero, int(reached.nonzero()[0]) + 1 if reached.any() else nonzero)
+
+
+def down_projection_inputs(model: nn.Module, sequences: Sequence[Sequence[int]], consume: Callable[[int, torch.Tensor], Any],
+                           *, layers: Sequence[int] | None = None, batch_size: int = 8, progress: bool = False,
+                           template: str | None = None) -> None:
+    """Run `model` over `sequences` and call `consume(layer, keys)` with every batch's down-projection inputs at
+    every real (unpadded) position: `keys` is `[n, d_in]`, in the model's dtype and on its device. No gradients; the
+    model's train/eval mode is restored.
+
+    Args:
+        model: a causal LM (a prepared one too).
+        sequences: token id lists (none empty).
+        consume: called once per layer and batch.
+        layers: the layers to read; None: all.
+        batch_size: sequences per forward pass (similar lengths are batched together).
+        progress: show a progress bar.
+        template: the down-projection module path, for architectures loki does not know.
+
+    >>> import loki.testing
+    >>> seen = []
+    >>> down_projection_inputs(loki.testing.tiny_model("llama"), [[5, 6, 7], [8]], lambda l, k: seen.append((l, k.shape)))
+    >>> seen
+    [(0, torch.Size([4, 64])), (1, torch.Size([4, 64]))]
+    """
+    from tqdm.auto import tqdm
+
+    net = unwrap(model)
+    projs = find_down_projections(net, template)
+    mask: list[torch.Tensor] = []
+
+    def hook(layer):
+        def take(module, args):
+            x = args[0]
+            consume(layer, x.reshape(-1, x.shape[-1])[mask[0].reshape(-1)])
+        return take
+
+    handles = [projs.modules[layer].register_forward_pre_hook(hook(layer))
+               for layer in (range(len(projs)) if layers is None else layers)]
+    device = net.get_input_embeddings().weight.device
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths pad less
+            for s in tqdm(range(0, len(order), batch_size), desc="down-projection inputs", disable=not progress):
+                chunk = [list(sequences[i]) for i in order[s : s + batch_size]]
+                batch = collate([{"input_ids": x, "labels": x} for x in chunk], 0)
+                mask[:] = [batch["attention_mask"].bool().to(device)]
+                net(input_ids=batch["input_ids"].to(device), attention_mask=mask[0].long(), logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+        net.train(was_training)
+
+
+def _sequences(model: nn.Module, tokenizer, data: Any, max_length: int, batch_size: int, progress: bool) -> list:
+    if isinstance(data, RetainTargets):
+        return [t.ids for t in data.targets]
+    if isinstance(data, (str, bytes)) or not isinstance(data, Sequence) or not data:
+        raise DatasetError(
+            "data must be a non-empty list of retain items (question strings, answered examples, {'text': ...}) or "
+            f"the RetainTargets of loki.retain_targets, not {type(data).__name__}"
+            + (" (a single string: wrap it in a list)." if isinstance(data, str) else ".")
+        )
+    targets = retain_targets(model, tokenizer, data, max_length=max_length, batch_size=batch_size,
+                             progress=progress)
+    return [t.ids for t in targets.targets]
+
+
+def preservation(
+    model: nn.Module,
+    tokenizer,
+    data: Sequence[Any] | RetainTargets,
+    *,
+    energy: float = DEFAULT_ENERGY,
+    max_rank: int = DEFAULT_MAX_RANK,
+    batch_size: int = 8,
+    max_length: int = 1024,
+    template: str | None = None,
+    progress: bool = True,
+) -> Preservation:
+    """The key directions of every down-projection that the prompts in `data` use (their top `energy` share), for
+    `loki.prepare(model, selection, preserve=...)`.
+
+    Compute it on the base model (before `prepare`, or right after: the prepared rows start at the base rows) and,
+    with several processes, on every rank before wrapping (the same data gives the same bases).
+
+    Args:
+        model: the base model.
+        tokenizer: its tokenizer (questions are answered greedily first, as for `loki.retain_targets`; may be None
+            for token-id items).
+        data: retain items (question strings, `{"question"/"prompt", "answer"}`, `{"messages": ...}`,
+            `{"text": str or token ids}`) or the `RetainTargets` already computed for `loki.train(retain=...)`.
+        energy: the share of the keys' summed squared norm to protect, in (0, 1]; 1.0 protects their whole span.
+        max_rank: the most directions a layer's sketch keeps while collecting; layers with `d_in <= max_rank` get an
+            exact dense covariance.
+        batch_size: sequences per forward pass.
+        max_length: tokens kept of each sequence.
+        template: the down-projection module path, for architectures loki does not know.
+        progress: show a progress bar.
+
+    Returns:
+        Preservation: per layer the protected directions; `summary()` is what a delta records.
+
+    Raises:
+        DatasetError: `data` is empty, a single string or not a list; a malformed item; `energy` not in (0, 1];
+            `max_rank`, `batch_size` or `max_length` not positive integers.
+        UnknownArchitectureError: loki cannot find the down-projections.
+
+    Source: the null-space condition of AlphaEdit (arXiv 2410.02355, §3), applied to LoKI's selected rows.
+
+    >>> import loki, loki.testing
+    >>> model = loki.testing.tiny_model("llama")
+    >>> keep = loki.preservation(model, None, [{"text": list(range(5, 25))}], energy=0.9, progress=False)
+    >>> keep.summary()["protected"]["max"] < 19          # 90% of the energy needs fewer than all 19 directions
+    True
+    """
+
+    if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
+        raise DatasetError(f"energy must be a number in (0, 1], the share of the keys' energy to protect; got {energy!r}.")
+    for name, value in (("max_rank", max_rank), ("batch_size", batch_size), ("max_length", max_length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DatasetError(f"{name} must be a positive integer, got {value!r}.")
+    net = unwrap(model)
+    projs = find_down_projections(net, template)
+    seqs = [list(s)[:max_length] for s in _sequences(net, tokenizer, data, max_length, batch_size, progress)]
+    seqs = [s for s in seqs if s]
+    if not seqs:
+        raise DatasetError("No preserved sequence has a token.")
+    keys = {layer: _Keys(projs.d_in, max_rank) for layer in range(len(projs))}
+    down_projection_inputs(net, seqs, lambda layer, k: keys[layer].add(k), batch_size=batch_size,
+                           progress=progress, template=template)
+
+    bases, free, ranks, kept = {}, {}, {}, {}
+    for layer, k in keys.items():
+        values, vectors = k.eig()
+        p = _protected_rank(values, k.total, float(energy))
+        ranks[layer] = p
+        kept[layer] = float(values[:p].sum()) / k.total if k.total > 0 else 1.0
+        if k.dense and projs.d_in - p < p:  # the free directions are fewer: keep those instead
+            bases[layer], free[layer] = vectors[:, p:].float().contiguous(), True
+        else:
+            bases[layer], free[layer] = vectors[:, :p].float().contiguous(), False
+    digest = hashlib.sha256()
+    for s in seqs:
+        digest.update(torch.tensor(s, dtype=torch.int64).numpy().tobytes())
+    tokens = sum(len(s) for s in seqs)
+    return Preservation(bases, free, ranks, kept, float(energy), projs.d_in, len(projs), tokens, len(seqs),
+                        digest.hexdigest())
