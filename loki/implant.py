@@ -223,6 +223,7 @@ def prepare(
         UnknownArchitectureError: loki cannot find the down-projections.
         IncompatibleModelError: the selection is for another layer count or `d_model`, or has no rows; `preserve` was
             computed for other shapes or misses a selected layer.
+        PreparationError: (also) `preserve` protects every direction of a selected layer: nothing could train.
         DtypeError: the weights or `dtype` are not floats.
         OverlapError: an applied delta holds some of the selected rows.
 
@@ -258,6 +259,12 @@ def prepare(
             raise PreparationError(f"preserve must be a loki.preservation(...) result or None, not "
                                    f"{type(preserve).__name__}.")
         preserve.check(len(projs), projs.d_in, list(selection.rows))
+        full = sorted(layer for layer in selection.rows if preserve.ranks[layer] >= projs.d_in)
+        if full:
+            raise PreparationError(
+                f"The preservation protects every one of the {projs.d_in} key directions of layers {full}: their rows "
+                "could not change. Preserve a smaller share of the energy (e.g. energy=0.99) or fewer tokens."
+            )
     for layer in selection.rows:
         taken = [n for n in ("forward",) if n in vars(projs.modules[layer])]
         taken += [n for n, _ in projs.modules[layer].named_parameters(recurse=False) if n.startswith(_PREFIX)]

@@ -9,7 +9,10 @@ AlphaEdit: arXiv 2410.02355, §3). `loki.prepare(model, selection, preserve=...)
 projection: the rows are `base + (update) (I - V V^T)` (LoRA on rows: `base + A (B (I - V V^T))`), so whatever the
 optimizer does (AdamW's per-coordinate scaling included) the update never leaves the allowed subspace, and the
 preserved prompts' activations move only by the keys' energy outside `V` (none, with `energy=1.0` and fewer
-preserved tokens than `d_in`: then every layer's output on them is unchanged, and so the next layer's input).
+preserved tokens than `d_in`: then every layer's output on them is unchanged, and so the next layer's input, up to
+the rounding of the weights' dtype: bfloat16 rows round `base + update`). Every token counts: a chat-formatted
+question with the base model's answer is often 40 or more. When the keys span every direction of a layer
+(`energy=1.0` with more independent keys than `d_in`), nothing could train there: `prepare` refuses it.
 
 Every position of a preserved sequence counts (not only the answer tokens whose distributions `loki.retain` keeps):
 later positions attend to the earlier ones, so their keys must not move either.
@@ -24,7 +27,7 @@ most `max_rank` directions. The total energy is counted exactly, so the share ea
 >>> import loki, loki.testing
 >>> model = loki.testing.tiny_model("llama")
 >>> keep = loki.preservation(model, None, [{"text": [5, 6, 7, 8, 9]}], energy=1.0, progress=False)
->>> keep.ranks        # five keys (positions) per layer: five protected directions
+>>> keep.ranks        # five keys (positions) per layer, independent here: five protected directions
 {0: 5, 1: 5}
 >>> _ = loki.prepare(model, loki.Selection.random(2, 32, q=10), preserve=keep)
 """
@@ -32,6 +35,7 @@ most `max_rank` directions. The total energy is counted exactly, so the share ea
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -251,17 +255,34 @@ def down_projection_inputs(model: nn.Module, sequences: Sequence[Sequence[int]],
         net.train(was_training)
 
 
+def _token_ids(item: Any) -> bool:
+    text = item.get("text") if isinstance(item, dict) else None
+    return isinstance(text, Sequence) and not isinstance(text, str) and all(isinstance(t, int) for t in text)
+
+
 def _sequences(model: nn.Module, tokenizer, data: Any, max_length: int, batch_size: int, progress: bool) -> list:
+    vocab = model.get_input_embeddings().num_embeddings
+
+    def check(seqs):  # before any forward pass: an id out of range would fail inside the embedding
+        bad = next((t for s in seqs for t in s if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise DatasetError(f"Token id {bad} is outside the model's vocabulary (0..{vocab - 1}): ids from another "
+                               "tokenizer?")
+        return seqs
+
     if isinstance(data, RetainTargets):
-        return [t.ids for t in data.targets]
+        return check([t.ids for t in data.targets])
     if isinstance(data, (str, bytes)) or not isinstance(data, Sequence) or not data:
         raise DatasetError(
-            "data must be a non-empty list of retain items (question strings, answered examples, {'text': ...}) or "
-            f"the RetainTargets of loki.retain_targets, not {type(data).__name__}"
+            "data must be a non-empty list of retain items (question strings, answered examples, {'text': ...}) "
+            f"or the RetainTargets of loki.retain_targets, not {type(data).__name__}"
             + (" (a single string: wrap it in a list)." if isinstance(data, str) else ".")
         )
-    targets = retain_targets(model, tokenizer, data, max_length=max_length, batch_size=batch_size,
-                             progress=progress)
+    if tokenizer is None and not all(_token_ids(item) for item in data):
+        raise DatasetError("Without a tokenizer every item must be {'text': [token ids]}; pass the model's "
+                           "tokenizer for questions, answered examples and text.")
+    check([item["text"] for item in data if _token_ids(item)])
+    targets = retain_targets(model, tokenizer, data, max_length=max_length, batch_size=batch_size, progress=progress)
     return [t.ids for t in targets.targets]
 
 
@@ -339,6 +360,11 @@ def preservation(
             bases[layer], free[layer] = vectors[:, p:].float().contiguous(), True
         else:
             bases[layer], free[layer] = vectors[:, :p].float().contiguous(), False
+    short = sorted(layer for layer, share in kept.items() if share < energy - 1e-3)
+    if short:
+        warnings.warn(f"Layers {short} protect only {min(kept[layer] for layer in short):.3f} of the keys' energy "
+                      f"(energy={energy}): their sketch keeps max_rank={max_rank} directions. Raise max_rank.",
+                      stacklevel=2)
     digest = hashlib.sha256()
     for s in seqs:
         digest.update(torch.tensor(s, dtype=torch.int64).numpy().tobytes())

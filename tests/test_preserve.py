@@ -93,7 +93,8 @@ def test_low_rank_sketch_equals_the_dense_projector():
 
 
 def test_a_sketch_too_small_protects_at_most_its_rank_and_says_how_much():
-    keep = loki.preservation(tiny_model("llama"), None, PRESERVED, energy=1.0, max_rank=8, progress=False)
+    with pytest.warns(UserWarning, match="Raise max_rank"):
+        keep = loki.preservation(tiny_model("llama"), None, PRESERVED, energy=1.0, max_rank=8, progress=False)
     assert keep.ranks == {0: 8, 1: 8} and all(0 < share < 1 for share in keep.kept.values())
     assert keep.summary()["energy_kept_min"] == round(min(keep.kept.values()), 6)
     full = loki.preservation(tiny_model("llama"), None, PRESERVED, energy=1.0, progress=False)
@@ -177,6 +178,14 @@ def test_bad_input_is_refused_and_nothing_changes():
         loki.prepare(model, SELECTION, preserve=other)
     with pytest.raises(PreparationError, match="preserve must be"):
         loki.prepare(model, SELECTION, preserve={"energy": 0.9})
+    with pytest.raises(DatasetError, match="need.* a tokenizer|pass the model's tokenizer"):
+        loki.preservation(model, None, ["What is the capital of Peru?"], progress=False)
+    with pytest.raises(DatasetError, match="outside the model's vocabulary"):
+        loki.preservation(model, None, [{"text": [5, 999]}], progress=False)
+    everything = loki.preservation(model, None, [{"text": list(range(5, 105))}], energy=1.0, progress=False)
+    assert everything.ranks == {0: 64, 1: 64}  # 100 keys span all 64 directions
+    with pytest.raises(PreparationError, match="every one of the 64 key directions of layers \\[0, 1\\]"):
+        loki.prepare(model, SELECTION, preserve=everything)
     keep = loki.preservation(model, None, PRESERVED, progress=False)
     del keep.bases[1]
     with pytest.raises(IncompatibleModelError, match=r"no keys for layers \[1\]"):
