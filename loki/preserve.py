@@ -126,7 +126,8 @@ class Preservation:
         if (self.num_layers, self.d_in) != (num_layers, d_in):
             raise IncompatibleModelError(
                 f"The preservation was computed on a model with {self.num_layers} layers of d_in {self.d_in}; this "
-                f"model has {num_layers} of {d_in}. Compute it on this model: loki.preservation(model, tokenizer, data)."
+                f"model has {num_layers} of {d_in}. Compute it on this model: "
+                "loki.preservation(model, tokenizer, data)."
             )
         missing = sorted(set(layers) - set(self.bases))
         if missing:
@@ -202,9 +203,9 @@ def _protected_rank(values: torch.Tensor, total: float, energy: float) -> int:
     return min(nonzero, int(reached.nonzero()[0]) + 1 if reached.any() else nonzero)
 
 
-def down_projection_inputs(model: nn.Module, sequences: Sequence[Sequence[int]], consume: Callable[[int, torch.Tensor], Any],
-                           *, layers: Sequence[int] | None = None, batch_size: int = 8, progress: bool = False,
-                           template: str | None = None) -> None:
+def down_projection_inputs(model: nn.Module, sequences: Sequence[Sequence[int]],
+                           consume: Callable[[int, torch.Tensor], Any], *, layers: Sequence[int] | None = None,
+                           batch_size: int = 8, progress: bool = False, template: str | None = None) -> None:
     """Run `model` over `sequences` and call `consume(layer, keys)` with every batch's down-projection inputs at
     every real (unpadded) position: `keys` is `[n, d_in]`, in the model's dtype and on its device. No gradients; the
     model's train/eval mode is restored.
@@ -220,7 +221,8 @@ def down_projection_inputs(model: nn.Module, sequences: Sequence[Sequence[int]],
 
     >>> import loki.testing
     >>> seen = []
-    >>> down_projection_inputs(loki.testing.tiny_model("llama"), [[5, 6, 7], [8]], lambda l, k: seen.append((l, k.shape)))
+    >>> model = loki.testing.tiny_model("llama")
+    >>> down_projection_inputs(model, [[5, 6, 7], [8]], lambda layer, k: seen.append((layer, k.shape)))
     >>> seen
     [(0, torch.Size([4, 64])), (1, torch.Size([4, 64]))]
     """
@@ -336,7 +338,8 @@ def preservation(
     """
 
     if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
-        raise DatasetError(f"energy must be a number in (0, 1], the share of the keys' energy to protect; got {energy!r}.")
+        raise DatasetError(f"energy must be a number in (0, 1], the share of the keys' energy to protect; "
+                           f"got {energy!r}.")
     for name, value in (("max_rank", max_rank), ("batch_size", batch_size), ("max_length", max_length)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise DatasetError(f"{name} must be a positive integer, got {value!r}.")
