@@ -422,7 +422,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.preserve is not None and not args.retain:
         raise DatasetError("--preserve keeps the update off the --retain data's keys: give --retain too.")
     if args.preserve is not None and not 0 < args.preserve <= 1:
-        raise DatasetError(f"--preserve is the share of the retain keys' energy to protect, in (0, 1]; got {args.preserve}.")
+        raise DatasetError(f"--preserve is the share of the retain keys' energy to protect, in (0, 1]; "
+                           f"got {args.preserve}.")
     world = launched_rank_world()[1]
     if args.batch_size % world:
         raise DatasetError(f"--batch-size {args.batch_size} is the examples of one step over all {world} processes: "
@@ -443,8 +444,8 @@ def _train(args: argparse.Namespace) -> int:
     run = {
         "data": _file_sha256(args.data), "retain": _file_sha256(args.retain) if args.retain else None,
         "selection": selection.to_json()["rows"], "base": args.base, "revision": args.revision, "dtype": args.dtype,
-        **{k: getattr(args, k) for k in ("retain_weight", "retain_batch_size", "retain_top_k", "preserve", "lora_rank", "lr",
-                                         "epochs", "steps", "batch_size", "grad_accum", "warmup", "weight_decay",
+        **{k: getattr(args, k) for k in ("retain_weight", "retain_batch_size", "retain_top_k", "preserve",
+                                         "lora_rank", "lr", "epochs", "steps", "batch_size", "grad_accum", "warmup", "weight_decay",
                                          "max_grad_norm", "max_length", "seed")},
     }
     partial = out.with_name(out.name + ".partial")

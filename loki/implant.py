@@ -127,10 +127,17 @@ def _rows_of(module: nn.Module, rows, a, b) -> torch.Tensor:
             return rows
         base = module.loki_base.float()
         return base + project(rows.float() - base, keep, module._loki_keep_free)
-    if keep is not None:  # B as stored: an extracted delta holds this B and reproduces the rows bit for bit
-        b = project(b.float(), keep, module._loki_keep_free).to(b.dtype)
+    b = _effective_b(module, b)
     # the same float32 arithmetic as LayerDelta.new_rows, so an extracted delta reproduces it bit for bit
     return module.loki_base.float() + a.float() @ b.float()
+
+
+def _effective_b(module: nn.Module, b: torch.Tensor) -> torch.Tensor:
+    """LoRA's `B` as the forward uses it: with a preservation, projected off the protected key directions, in `b`'s
+    dtype (an extracted delta holds this B and reproduces the rows bit for bit)."""
+    if module.loki_keep is None:
+        return b
+    return project(b.float(), module.loki_keep, module._loki_keep_free).to(b.dtype)
 
 
 def _managed(module: nn.Module) -> bool:
@@ -436,9 +443,7 @@ def extract(
                 rows = _rows_of(module, full_tensor(module.loki_rows), None, None).to(base.dtype)
                 changes[layer] = (idx, rows.to("cpu", copy=True), base)
             else:
-                a, b = full_tensor(module.loki_A), full_tensor(module.loki_B)
-                if module.loki_keep is not None:  # B as the forward uses it
-                    b = project(b.float(), module.loki_keep, module._loki_keep_free).to(b.dtype)
+                a, b = full_tensor(module.loki_A), _effective_b(module, full_tensor(module.loki_B))
                 changes[layer] = (idx, a.to("cpu", copy=True), b.to("cpu", copy=True), base)
     if dtype is None and state.lora_rank is not None:
         dtype = next(iter(state.modules.values())).loki_A.dtype
