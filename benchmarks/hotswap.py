@@ -4,10 +4,13 @@ Same process, same model (the default SmolLM2-135M-Instruct, float32, CPU or `--
 loki deltas exported with `loki.export_peft` (rank = rows per layer, on the same down-projections), so both sides
 compute the same implanted models. Competitors alternate within each repetition; medians are quoted.
 
-(a) switch latency, implant i -> implant j: loki `deactivate` + `activate`; PEFT unmerge + `set_adapter` + merge
-    and unmerge + `hotswap_adapter` + merge (both leave the model at base speed); PEFT `load_adapter` + `set_adapter`
-    (unmerged, slower forward); reloading the model with `from_pretrained`.
-(b) greedy generation, batch 1: base model vs loki implant active vs PEFT unmerged adapter.
+(a) switch latency, implant i -> implant j: loki `deactivate` + `activate`; PEFT's hotswap (`hotswap_adapter`:
+    the adapter's weights replaced in place in one loaded slot, unmerged, without recompiling; from state dicts held
+    in memory as loki's bank holds its deltas, and from the adapter's folder as `hotswap_adapter` reads it); PEFT
+    unmerge + `set_adapter` + merge and unmerge + `hotswap_adapter` + merge (both leave the model at base speed);
+    PEFT `load_adapter` + `set_adapter` (unmerged, slower forward); reloading the model with `from_pretrained`.
+(b) greedy generation, batch 1: base model vs loki implant active vs PEFT unmerged adapter (after `set_adapter`, and
+    in the hotswapped slot).
 (c) greedy generation, batch 8, each row its own implant: base vs loki mixed batch vs PEFT `adapter_names=`.
 
     .venv/bin/python benchmarks/hotswap.py [--quick] [--threads N] [--device cuda]
@@ -78,7 +81,7 @@ def main() -> None:
     n_implants = 8
 
     import peft
-    from peft.utils.hotswap import hotswap_adapter
+    from peft.utils.hotswap import _insert_adapter_name_into_state_dict, hotswap_adapter, hotswap_adapter_from_state_dict
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -133,7 +136,24 @@ def main() -> None:
         switch = medians({"loki": loki_switch}, reps * 20)
         switch.update(medians({"peft_merge": peft_merge_switch, "peft_hotswap_merge": peft_hotswap_merge}, reps * 2))
         pm.base_model.unmerge_adapter()
-        hotswap_adapter(pm, str(folders[0]), adapter_name=names[0])  # its own weights back, for (c)
+        hotswap_adapter(pm, str(folders[0]), adapter_name=names[0])  # its own weights back
+        pm.set_adapter(names[0])
+        # PEFT's hotswap as meant: one unmerged slot, the next adapter's weights copied in (what `hotswap_adapter`
+        # does after reading the folder), from state dicts in memory, and from the folder.
+        config = pm.peft_config[names[0]]
+        states = [_insert_adapter_name_into_state_dict(peft.load_peft_weights(str(f), device=str(DEVICE)),
+                                                       adapter_name=names[0], parameter_prefix="lora_") for f in folders]
+
+        def peft_hotswap():
+            hotswap_adapter_from_state_dict(pm, states[counter["i"] % n_implants], names[0], config)
+            counter["i"] += 1
+
+        def peft_hotswap_folder():
+            hotswap_adapter(pm, str(folders[counter["i"] % n_implants]), adapter_name=names[0], torch_device=str(DEVICE))
+            counter["i"] += 1
+
+        switch.update(medians({"peft_hotswap": peft_hotswap, "peft_hotswap_folder": peft_hotswap_folder}, reps * 4))
+        hotswap_adapter_from_state_dict(pm, states[0], names[0], config)  # its own weights back, for (c)
 
         def peft_load_set():
             pm.load_adapter(folders[counter["i"] % n_implants], adapter_name="loaded")
@@ -157,12 +177,20 @@ def main() -> None:
     pm.set_adapter(names[1])
     assert not any(getattr(m, "merged", False) for m in pm.modules())
 
+    def hotswapped(i: int):  # implant i's weights in the slot of adapter 0 (PEFT's hotswap), then generate
+        def setup():
+            hotswap_adapter_from_state_dict(pm, states[i], names[0], config)
+            pm.set_adapter(names[0])
+        return setup
+
     with torch.no_grad():
         model.generate(prompt, **gen), pm.generate(input_ids=prompt, **gen)  # warm up
         one = medians({"base": (bank.deactivate, lambda: model.generate(prompt, **gen)),
                        "loki_active": (lambda: bank.activate(names[1]), lambda: model.generate(prompt, **gen)),
-                       "peft_unmerged": lambda: pm.generate(input_ids=prompt, **gen)}, 2 * reps + 1)
+                       "peft_unmerged": (lambda: pm.set_adapter(names[1]), lambda: pm.generate(input_ids=prompt, **gen)),
+                       "peft_hotswapped": (hotswapped(1), lambda: pm.generate(input_ids=prompt, **gen))}, 2 * reps + 1)
         bank.deactivate()
+        hotswap_adapter_from_state_dict(pm, states[0], names[0], config)  # adapter 0's own weights, for (c)
     print(f"\n(b) greedy generation, batch 1, {new_tokens} new tokens, tokens/s (median)")
     best_one = {k: BEST[k] for k in one}
     for k, v in one.items():
@@ -190,6 +218,11 @@ def main() -> None:
         "device": str(DEVICE),
         "switch_speedup_vs_peft_merge": round(switch["peft_merge"] / switch["loki"], 2),
         "switch_speedup_vs_peft_hotswap_merge": round(switch["peft_hotswap_merge"] / switch["loki"], 2),
+        # PEFT's hotswap (in place, unmerged, no recompile) over loki's switch: the goal is >= 1
+        "switch_vs_peft_hotswap": round(switch["peft_hotswap"] / switch["loki"], 3),
+        "switch_vs_peft_hotswap_folder": round(switch["peft_hotswap_folder"] / switch["loki"], 3),
+        # generation after the switch, loki's throughput over PEFT's hotswapped slot: the goal is >= 1
+        "active_vs_peft_hotswap_throughput": round(one["peft_hotswapped"] / one["loki_active"], 3),
         "active_vs_base_throughput": round(one["base"] / one["loki_active"], 3),
         "active_vs_base_throughput_best_runs": round(best_one["base"] / best_one["loki_active"], 3),
         "peft_unmerged_vs_base_throughput": round(one["base"] / one["peft_unmerged"], 3),

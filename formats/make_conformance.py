@@ -86,6 +86,7 @@ def main() -> None:
 
     good = to_bytes(rows)
     (n,) = struct.unpack("<Q", good[:8])
+    head = good[8 : 8 + n].rstrip(b" ")  # the JSON object alone
     invalid = {
         "empty.loki": (b"", "DeltaFormatError"),
         "truncated_length.loki": (good[:5], "DeltaFormatError"),
@@ -103,6 +104,13 @@ def main() -> None:
         "missing_tensor.loki": (rewrite(good, meta_edit(lambda i: i.update(form="lora"))), "DeltaFormatError"),
         "layer_out_of_range.loki": (rewrite(good, meta_edit(lambda i: i["target"].update(num_layers=1))), "DeltaFormatError"),
         "rows_shape_mismatch.loki": (rewrite(good, meta_edit(lambda i: i["target"].update(d_in=D_FF + 1))), "DeltaFormatError"),
+        "version_not_decimal.loki": (rewrite(good, lambda h: h["__metadata__"].update(format_version="+1")),
+                                     "DeltaFormatError"),
+        "metadata_nan.loki": (rewrite(good, meta_edit(lambda i: i["extra"].update(loss=float("nan")))),
+                              "DeltaFormatError"),
+        "header_duplicate_key.loki": (_with_header(good, head[:-1] + b',"__metadata__":' + _meta(good) + b"}"),
+                                      "DeltaFormatError"),
+        "header_newline_padded.loki": (_with_header(good, head + b"\n"), "DeltaFormatError"),
     }
     for name, (tensors, error) in {
         "indices_unsorted.loki": ({0: [6, 1]}, "InvalidIndicesError"),
@@ -128,6 +136,18 @@ def _retype(name, dtype):
         h[name]["data_offsets"] = [begin, h[name]["data_offsets"][1]]
 
     return edit
+
+
+def _with_header(data: bytes, text: bytes) -> bytes:
+    """`data` with its header replaced by `text` verbatim (no padding): headers a JSON writer would not produce."""
+    (n,) = struct.unpack("<Q", data[:8])
+    return struct.pack("<Q", len(text)) + text + data[8 + n :]
+
+
+def _meta(data: bytes) -> bytes:
+    """The `__metadata__` object of `data`'s header, as compact JSON."""
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.dumps(json.loads(data[8 : 8 + n])["__metadata__"], separators=(",", ":")).encode()
 
 
 def _with_indices(good: bytes, indices: dict[int, list[int]]) -> bytes:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ from .errors import (
     LedgerError,
     LokiError,
     ModelChangedError,
+    OffloadedWeightsError,
+    ReplacedWeightsWarning,
     OverlapError,
     RevertError,
     StalePlanError,
@@ -87,6 +90,7 @@ class _Write:
     new: torch.Tensor  # [k, d_in]: this delta's rows over the base rows (dtype/device of that time)
     written: torch.Tensor  # [k, d_in]: what was written (differs from `new` for on_overlap="add")
     change: torch.Tensor | None  # float32 change, for "add" on rows an earlier delta touched
+    record: "_Record"  # the weight's (a weak-keyed lookup costs more than the rest of a small write)
     probe: tuple | None = None  # cached by _probe
 
 
@@ -166,11 +170,12 @@ class Handle:
     False
     """
 
-    def __init__(self, model: nn.Module, delta: Delta, on_overlap: str):
+    def __init__(self, model: nn.Module, delta: Delta, on_overlap: str, template: str | None = None):
         self.delta = delta
         self.on_overlap = on_overlap
         self.applied = True
         self._model = weakref.ref(model)
+        self._template = template  # the one that found the down-projections
         self._writes: dict[int, _Write] = {}
         self._seq = next(_SEQ)
 
@@ -188,6 +193,57 @@ class Handle:
             KeyError: `layer` is not one of `delta.layer_indices`.
         """
         return self._writes[layer].saved
+
+    @property
+    def lost(self) -> bool:
+        """True when the model it was applied through no longer computes with (some of) the weights this delta was
+        written into: they were replaced (`load_state_dict(..., assign=True)`, a new `nn.Parameter`, a swapped
+        module), so its rows are no longer in the model although it is `applied`. `revert` then restores the old
+        weights where they still exist; `loki.ImplantBank` re-applies lost implants on the new weights.
+
+        >>> import loki, loki.testing, torch
+        >>> model = loki.testing.tiny_model("llama")
+        >>> h = loki.apply(model, loki.testing.random_delta(model))
+        >>> h.lost
+        False
+        >>> model.load_state_dict(loki.testing.tiny_model("llama").state_dict(), assign=True)
+        <All keys matched successfully>
+        >>> h.lost
+        True
+        """
+        model = self._model()
+        if model is None or not self.applied:
+            return self.applied
+        try:
+            return bool(_replaced(self, find_down_projections(model, self._template)))
+        except LokiError:
+            return True
+
+    def check(self) -> None:
+        """Raise `ModelChangedError` when something other than loki wrote into rows only this delta holds since it
+        was applied (an optimizer step, `load_state_dict` copying a checkpoint in): what `revert` checks first. Costs
+        nothing while the weights' versions say only loki wrote them.
+
+        Raises:
+            ModelChangedError: as `loki.revert`.
+            RevertError: it was reverted or merged.
+
+        >>> import loki, loki.testing, torch
+        >>> model = loki.testing.tiny_model("llama")
+        >>> h = loki.apply(model, loki.testing.random_delta(model, seed=1))
+        >>> h.check()
+        >>> with torch.no_grad():
+        ...     _ = model.model.layers[0].mlp.down_proj.weight.zero_()
+        >>> h.check()
+        Traceback (most recent call last):
+        ...
+        loki.errors.ModelChangedError: Layer(s) [0]: the rows this delta wrote were changed since it was applied ...
+        """
+        with _LOCK, torch.no_grad():
+            if not self.applied:
+                raise RevertError("This handle was already reverted or merged.")
+            live = {layer: w for layer, w in self._writes.items() if w.weight() is not None}
+            _check_unchanged(live, {layer: w.record for layer, w in live.items()})
 
     def revert(self, *, force: bool = False) -> None:
         """`loki.revert(model, handle)` on the model it was applied through (same `force`, same errors).
@@ -246,6 +302,7 @@ class _Planned:
     saved: torch.Tensor | None  # the rows' values at planning time
     change: torch.Tensor | None
     overlap: np.ndarray | None  # rows other applied deltas wrote, at planning time
+    record: "_Record"  # the weight's ledger record
 
 
 class Plan:
@@ -260,13 +317,14 @@ class Plan:
     """
 
     def __init__(self, model: nn.Module, delta: Delta, on_overlap: str, layers: dict[int, _Planned], stamp: dict,
-                 check_base: bool = True):
+                 check_base: bool = True, template: str | None = None):
         self._model = weakref.ref(model)
         self.delta = delta
         self.on_overlap = on_overlap
         self._layers = layers
         self._stamp = stamp  # id(weight) -> (generation, version, dtype, device) at planning time
         self._check_base = check_base
+        self._template = template  # the one that found the down-projections
 
     @property
     def layers(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -292,9 +350,12 @@ class Plan:
             Handle: reverts what this commit wrote.
 
         Raises:
-            StalePlanError: the model no longer exists; its down-projections changed dtype or device since planning;
-                or, with `on_overlap` "replace" or "add", applied deltas now hold some of the plan's rows and the
-                ledger or the weights changed since the plan computed them (make a new plan).
+            StalePlanError: the model no longer exists; its down-projections changed dtype or device since planning,
+                or the model no longer computes with the weights planned for (`load_state_dict(..., assign=True)`, a
+                swapped module: `replaced`); or, with `on_overlap` "replace" or "add", applied deltas now hold some
+                of the plan's rows and the ledger or the weights changed since the plan computed them (make a new
+                plan).
+            OffloadedWeightsError: the model was offloaded since planning.
             OverlapError: with `on_overlap="error"`, applied deltas now hold some of the plan's rows (this plan's
                 own handle too, while it is applied); or a prepared model now trains some of them.
             LedgerError: inside `loki.disabled(model)`, on a weight that holds applied deltas.
@@ -316,17 +377,18 @@ class Plan:
             raise StalePlanError("The model this plan was made for no longer exists.")
         with _LOCK, torch.no_grad():
             writes = self._check()
-            handle = Handle(model, self.delta, self.on_overlap)
+            handle = Handle(model, self.delta, self.on_overlap, self._template)
             for layer, (p, values, saved) in writes.items():
                 _view(p.weight, p.transposed).index_copy_(0, p.idx, values)
-                record = _record(p.weight, _view(p.weight, p.transposed).shape[0])
+                record = p.record
                 record.counts[p.idx_np] += 1
                 record.generation += 1
-                w = _Write(handle, layer, weakref.ref(p.weight), p.transposed, p.idx, p.idx_np, saved, p.new, values, p.change)
+                w = _Write(handle, layer, weakref.ref(p.weight), p.transposed, p.idx, p.idx_np, saved, p.new, values,
+                           p.change, record)
                 record.writes.append(w)
                 handle._writes[layer] = w
             for p in self._layers.values():
-                _records[p.weight].version = p.weight._version
+                p.record.version = p.weight._version
             self._drop_snapshot()
         return handle
 
@@ -359,9 +421,32 @@ class Plan:
         return self
 
     @property
+    def replaced(self) -> list[int]:
+        """Layers whose planned weight the model no longer computes with: the weight was replaced
+        (`load_state_dict(..., assign=True)`, `module.weight = nn.Parameter(...)`) or a module on the way swapped
+        since planning; every layer when the model no longer exists or its down-projections cannot be found.
+
+        >>> import loki, loki.testing, torch
+        >>> model = loki.testing.tiny_model("llama")
+        >>> p = loki.plan(model, loki.testing.random_delta(model))
+        >>> model.model.layers[1].mlp.down_proj.weight = torch.nn.Parameter(torch.zeros(32, 64))
+        >>> p.replaced
+        [1]
+        """
+        model = self._model()
+        try:
+            projs = find_down_projections(model, self._template) if model is not None else None
+        except LokiError:
+            projs = None
+        if projs is None or len(projs) <= max(self._layers, default=0):
+            return list(self._layers)
+        return [layer for layer, p in self._layers.items() if projs.modules[layer].weight is not p.weight]
+
+    @property
     def current(self) -> bool:
-        """False once the model's down-projections changed dtype or device since planning: `commit` would raise
-        `StalePlanError`, make a new plan. (Overlaps are checked by `commit`, not here.)
+        """False once the model's down-projections changed dtype or device since planning, or the model no longer
+        computes with the planned weights (`replaced`): `commit` would raise `StalePlanError`, make a new plan.
+        (Overlaps are checked by `commit`, not here.)
 
         >>> import loki, loki.testing, torch
         >>> model = loki.testing.tiny_model("llama")
@@ -375,7 +460,7 @@ class Plan:
             view = _view(p.weight, p.transposed)
             if (view.dtype, view.device) != self._stamp[id(p.weight)][2:]:
                 return False
-        return True
+        return not self.replaced
 
     def _drop_snapshot(self) -> None:
         for p in self._layers.values():
@@ -384,6 +469,14 @@ class Plan:
 
     def _check(self) -> dict[int, tuple[_Planned, torch.Tensor, torch.Tensor]]:
         """Validate against the ledger now; returns per layer (planned, values to write, current rows)."""
+        replaced = self.replaced
+        if replaced:
+            find_down_projections(self._model(), self._template)  # an offloaded model says so
+            raise StalePlanError(
+                f"Layer(s) {replaced}: the model no longer computes with the weights this plan was made for (replaced "
+                "by load_state_dict(..., assign=True), a new nn.Parameter or a swapped module). Make a new plan "
+                "(loki.plan / loki.apply), which checks the new weights against the delta's base model."
+            )
         fresh = True
         for p in self._layers.values():
             view = _view(p.weight, p.transposed)
@@ -393,23 +486,23 @@ class Plan:
                     f"The model's down-projections are now {view.dtype} on {view.device}; this plan was made for "
                     f"{dtype} on {device}. Make a new plan (loki.plan / loki.apply)."
                 )
-            record = _records.get(p.weight)
+            record = p.record
             _refuse_if_disabled(record, "apply")
-            now = record.generation if record is not None else 0
+            now = record.generation
             fresh &= now == generation and p.weight._version == version
         if fresh:
             return {layer: (p, p.values, p.saved) for layer, p in self._layers.items()}
         out = {}
         for layer, p in self._layers.items():
-            record = _records.get(p.weight)
-            known = record.version if record is not None and record.version is not None else self._stamp[id(p.weight)][1]
-            if record is not None and (record.counts[p.idx_np] > 0).any():
+            record = p.record
+            known = record.version if record.version is not None else self._stamp[id(p.weight)][1]
+            if (record.counts[p.idx_np] > 0).any():
                 if self.on_overlap == "error":
                     raise _overlap_error(layer, int((record.counts[p.idx_np] > 0).sum()), len(p.idx_np))
                 raise StalePlanError(
                     f"Layer {layer}: applied deltas changed this plan's rows since it was made; make a new plan."
                 )
-            if record is not None and record.training[p.idx_np].any():
+            if record.training[p.idx_np].any():
                 raise _training_error(layer)
             view = _view(p.weight, p.transposed)
             current = view.index_select(0, p.idx)
@@ -490,19 +583,19 @@ def _plan(model: nn.Module, projs: DownProjections, delta: Delta, on_overlap: st
                     "Apply deltas to an unquantized model (float32, bfloat16 or float16)."
                 )
             _check_tied(seen, weight, layer, idx_np)
-            record = _records.get(weight)
+            record = _record(weight, view.shape[0])
             _refuse_if_disabled(record, "apply")
-            if record is not None and record.training[idx_np].any():
+            if record.training[idx_np].any():
                 raise _training_error(layer)
-            stamp[id(weight)] = (record.generation if record else 0, weight._version, view.dtype, view.device)
+            stamp[id(weight)] = (record.generation, weight._version, view.dtype, view.device)
             if view.dtype == dtype:
                 current = torch.index_select(view, 0, idx, out=saved[offset : offset + ld.k * ld.d_in].view(ld.k, ld.d_in))
             else:
                 current, in_block = view.index_select(0, idx), False
-            overlap = record.counts[idx_np] > 0 if record is not None else None
-            if overlap is None or not overlap.any():
+            overlap = record.counts[idx_np] > 0
+            if not overlap.any():
                 new = ld.new_rows(current).to(view.device, view.dtype)
-                layers[layer] = _Planned(weight, projs.transposed, idx, idx_np, new, new, current, None, None)
+                layers[layer] = _Planned(weight, projs.transposed, idx, idx_np, new, new, current, None, None, record)
                 continue
             if on_overlap == "error":
                 raise _overlap_error(layer, int(overlap.sum()), ld.k)
@@ -513,7 +606,7 @@ def _plan(model: nn.Module, projs: DownProjections, delta: Delta, on_overlap: st
                 change = ld.change(base).to(view.device)
                 mask = torch.from_numpy(overlap).to(view.device)
                 values = torch.where(mask[:, None], (current.float() + change).to(view.dtype), new)
-            layers[layer] = _Planned(weight, projs.transposed, idx, idx_np, new, values, current, change, overlap)
+            layers[layer] = _Planned(weight, projs.transposed, idx, idx_np, new, values, current, change, overlap, record)
         if check_base:
             sampled = torch.take(saved, group.samples) if in_block and not bases else _samples(group, layers, bases)
             bad_samples.append((group, (sampled.float() - group.expected).abs() > group.tolerance))
@@ -532,7 +625,7 @@ def _plan(model: nn.Module, projs: DownProjections, delta: Delta, on_overlap: st
                 f"Layer {layer}: the delta's rows overflow float16 (|value| > 65504). Load the model in "
                 "bfloat16 or float32 to apply this delta."
             )
-    return Plan(model, delta, on_overlap, layers, stamp, check_base)
+    return Plan(model, delta, on_overlap, layers, stamp, check_base, projs.template)
 
 
 def _check_tied(seen: dict, weight: torch.Tensor, layer: int, idx_np: np.ndarray) -> None:
@@ -738,10 +831,14 @@ def revert(model: nn.Module, handle: Handle, *, force: bool = False) -> None:
         ModelChangedError: something else wrote into rows only this delta holds since it was applied (an
             optimizer step, `load_state_dict`), unless `force`.
         LedgerError: inside `loki.disabled(model)`.
-        UnknownArchitectureError: `model` is not the object the delta was applied through, and loki cannot find
-            its down-projections.
+        UnknownArchitectureError: loki cannot find the model's down-projections (any more).
+        OffloadedWeightsError: the model was offloaded since the apply (its weights are on the meta device).
+        DtypeError: replaying `on_overlap="add"` deltas applied after this one onto the base rows overflows a
+            float16 model (revert those first).
 
-    Nothing is written when one is raised.
+    Nothing is written when one is raised. Where the model no longer computes with some of the weights the delta
+    was written into (replaced since: `Handle.lost`), revert restores those old tensors and warns
+    (`ReplacedWeightsWarning`): the model's current weights hold whatever was loaded into them.
 
     >>> import loki, loki.testing, torch
     >>> model = loki.testing.tiny_model("llama")
@@ -760,35 +857,98 @@ def revert(model: nn.Module, handle: Handle, *, force: bool = False) -> None:
     with _LOCK, torch.no_grad():
         if not handle.applied:
             raise RevertError("This handle was already reverted or merged; nothing to revert.")
-        if handle._model() is not model:
-            projs = find_down_projections(model)
-            mine = {id(w) for w in _weights(projs)}
-            if not all(id(w.weight()) in mine for w in handle._writes.values()):
+        projs = find_down_projections(model, handle._template)  # an offloaded model says so
+        replaced = _replaced(handle, projs)
+        owner = handle._model()
+        if owner is not model and replaced:  # another model, or another path to this one whose weights were replaced
+            try:
+                theirs = find_down_projections(owner, handle._template).weights if owner is not None else ()
+                same = len(theirs) == len(projs.weights) and all(a is b for a, b in zip(theirs, projs.weights))
+            except LokiError:
+                same = False
+            if not same:
                 raise RevertError("This handle belongs to another model; nothing to revert.")
+        # Weights that no longer exist were replaced in the model and dropped: nothing of them can be seen, so
+        # nothing to restore there.
+        live = {layer: w for layer, w in handle._writes.items() if w.weight() is not None}
         records = {}
-        for layer, w in handle._writes.items():
-            weight = w.weight()
-            if weight is None:
-                raise RevertError("The weights this delta was applied to no longer exist.")
-            record = records[layer] = _records[weight]
+        for layer, w in live.items():
+            if w.weight().device.type == "meta":
+                raise OffloadedWeightsError(
+                    f"Layer {layer}'s weight was offloaded to the meta device since this delta was applied; revert "
+                    "writes into weights in memory. Load the weights back (or reload the model). Nothing was reverted."
+                )
+            record = records[layer] = w.record
             _refuse_if_disabled(record, "revert")
         if not force:
-            _check_unchanged(handle, records)
-        before = {id(w.weight()): w.weight()._version for w in handle._writes.values()}
-        for layer, w in handle._writes.items():
+            _check_unchanged(live, records)
+        carried = _carried(handle, projs, replaced)
+        writes = {}  # validate (compute everything) first, write last
+        for layer, w in live.items():
             record, view = records[layer], _view(w.weight(), w.transposed)
             idx = w.idx if w.idx.device == view.device else torch.from_numpy(w.idx_np).to(view.device)
-            record.counts[w.idx_np] -= 1
-            if record.counts[w.idx_np].any():
-                _replay(record, view, w, idx)
+            if (record.counts[w.idx_np] > 1).any():
+                values, updates = _replay(record, view, w, idx)
+                if view.dtype == torch.float16 and updates and not bool(torch.isfinite(values).all()):
+                    raise DtypeError(
+                        f"Layer {layer}: reverting this delta re-adds an on_overlap='add' delta applied after it onto "
+                        "the base rows, which overflows float16 (|value| > 65504). Revert the later deltas first, or "
+                        "convert the model to bfloat16 or float32. Nothing was reverted."
+                    )
             else:
-                view.index_copy_(0, idx, _like(w.saved, view))
+                values, updates = _like(w.saved, view), []
+            writes[layer] = (record, view, idx, values, updates)
+        before = {id(w.weight()): w.weight()._version for w in live.values()}
+        for layer, (record, view, idx, values, updates) in writes.items():
+            w = live[layer]
+            view.index_copy_(0, idx, values)
+            for o, saved, written in updates:
+                o.saved, o.written = saved, written
+            record.counts[w.idx_np] -= 1
             record.writes.remove(w)
-            w.handle = None
             record.generation += 1
-        for layer, w in handle._writes.items():
+        for layer, view in carried.items():
+            w = handle._writes[layer]
+            view.index_copy_(0, torch.from_numpy(w.idx_np).to(view.device), _like(w.saved, view))
+        for w in handle._writes.values():
+            w.handle = None
+        for layer, w in live.items():
             _wrote(records[layer], w.weight(), before[id(w.weight())])
         handle.applied = False
+    left = [layer for layer in replaced if layer not in carried]
+    if left:
+        warnings.warn(
+            f"Layer(s) {left}: the model no longer computes with the weights this delta was written into (they were "
+            "replaced: load_state_dict(..., assign=True), a new nn.Parameter, a swapped module), and the new weights "
+            "do not hold its rows. revert restored the old tensors where they still exist and left the model's "
+            "current weights as they are, holding whatever was loaded into them.", ReplacedWeightsWarning, stacklevel=2,
+        )
+
+
+def _replaced(handle: Handle, projs: DownProjections) -> list[int]:
+    """Layers of `handle` whose written weight is not the one `projs` (the model now) computes with."""
+    return [layer for layer, w in handle._writes.items()
+            if layer >= len(projs) or projs.modules[layer].weight is not w.weight()]
+
+
+def _carried(handle: Handle, projs: DownProjections, replaced: list[int]) -> dict[int, torch.Tensor]:
+    """Replaced layers whose new weight carries this delta's rows (a copy or conversion of the implanted weight:
+    `.to()` making new Parameters, `load_state_dict` of the model's own state with `assign=True`): the new weight holds
+    what the delta wrote at every fingerprint position, and no other delta shares those rows, old or new. Revert
+    restores the saved rows there too. Returns `{layer: [d_out, d_in] view of the new weight}`."""
+    carried = {}
+    for layer in replaced:
+        w = handle._writes[layer]
+        if layer >= len(projs) or (w.record.counts[w.idx_np] != 1).any():
+            continue
+        now = _records.get(projs.modules[layer].weight)
+        view = projs.rows(layer)
+        if (now is not None and now.counts[w.idx_np].any()) or view.shape[1] != w.written.shape[1]:
+            continue
+        rows, cols, want = _probe(w, view)
+        if bool((view[rows, cols] == want).all()):
+            carried[layer] = view
+    return carried
 
 
 def _wrote(record: _Record, weight: torch.Tensor, before: int) -> None:
@@ -797,12 +957,12 @@ def _wrote(record: _Record, weight: torch.Tensor, before: int) -> None:
     record.version = weight._version if record.version in (None, before) else -1
 
 
-def _check_unchanged(handle: Handle, records: dict[int, _Record]) -> None:
-    """Raise ModelChangedError when rows only this handle wrote no longer hold what it wrote. Compares the
-    fingerprint positions (up to 256 entries per layer, spread over all its rows; SPEC.md section 6): what an
-    optimizer step or `load_state_dict` changes, at the cost of a gather of 256 values. One sync per call."""
+def _check_unchanged(writes: dict[int, _Write], records: dict[int, _Record]) -> None:
+    """Raise ModelChangedError when rows only these writes (of one handle) wrote no longer hold what they wrote.
+    Compares the fingerprint positions (up to 256 entries per layer, spread over all its rows; SPEC.md section 6):
+    what an optimizer step or `load_state_dict` changes, at the cost of a gather of 256 values. One sync per call."""
     flags = []
-    for layer, w in handle._writes.items():
+    for layer, w in writes.items():
         if w.weight()._version == records[layer].version:  # nothing but loki wrote this weight since its last write
             continue
         alone = records[layer].counts[w.idx_np] == 1
@@ -851,34 +1011,38 @@ def _positions(k: int, d_in: int, device: torch.device) -> tuple[torch.Tensor, t
     return found
 
 
-def _replay(record: _Record, view: torch.Tensor, w: _Write, idx: torch.Tensor) -> None:
-    """Revert `w` on rows other deltas share: restore the base values of its rows, then re-apply the remaining
-    deltas on those rows in order, updating what each of them saved and wrote."""
-    view.index_copy_(0, idx, _base(record, w.idx_np, view.index_select(0, idx)))
+def _replay(record: _Record, view: torch.Tensor, w: _Write, idx: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """What reverting `w` writes on rows other deltas share, computed without writing: the base values of its rows,
+    with the remaining deltas on those rows re-applied in order. Returns `(values [k, d_in], updates)`, updates
+    being `(other write, its new saved rows, its new written rows)` to record once `values` is written."""
+    work = _base(record, w.idx_np, view.index_select(0, idx))
     touched = np.zeros(len(w.idx_np), dtype=bool)  # rows of `w` already written by a remaining delta
+    updates = []
     for o in record.writes:
         if o is w:
             continue
         hit = np.isin(o.idx_np, w.idx_np)
         if not hit.any():
             continue
-        positions = torch.from_numpy(np.nonzero(hit)[0])
-        rows = torch.from_numpy(o.idx_np[hit]).to(view.device)
-        current = view.index_select(0, rows)
-        o.saved = _like(o.saved, view).clone()
-        o.saved[positions.to(view.device)] = current
+        positions = torch.from_numpy(np.nonzero(hit)[0]).to(view.device)
         in_w = np.searchsorted(w.idx_np, o.idx_np[hit])
-        values = _like(o.new, view)[positions.to(view.device)]
+        at = torch.from_numpy(in_w).to(view.device)
+        current = work.index_select(0, at)
+        saved = _like(o.saved, view).clone()
+        saved[positions] = current
+        values = _like(o.new, view)[positions]
         if o.change is not None:
             earlier = torch.from_numpy(touched[in_w]).to(view.device)
-            values = torch.where(earlier[:, None], (current.float() + o.change.to(view.device)[positions.to(view.device)]).to(view.dtype), values)
-        view.index_copy_(0, rows, values)
-        o.written = _like(o.written, view).clone()
-        o.written[positions.to(view.device)] = values
+            added = (current.float() + o.change.to(view.device)[positions]).to(view.dtype)
+            values = torch.where(earlier[:, None], added, values)
+        work.index_copy_(0, at, values)
+        written = _like(o.written, view).clone()
+        written[positions] = values
+        updates.append((o, saved, written))
         touched[in_w] = True
+    return work, updates
 
 
-# -- rows being trained -----------------------------------------------------------------------------------------
 def claim_rows(projs: DownProjections, rows: Mapping[int, torch.Tensor]) -> None:
     """Record that `rows` are being trained, so that `plan`/`apply` refuse to write them (`loki.prepare` calls this).
 

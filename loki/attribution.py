@@ -31,11 +31,14 @@ import torch
 from torch import nn
 
 from . import __version__
+from .dataset import check_number
+from .delta import fingerprint_of
 from .distributed import launched_rank_world
-from .errors import AttributionError
+from .format import atomic_write
+from .errors import AttributionError, AttributionMismatchError
 from .kva import ENGINES, MEASURES, kva
 from .prompts import PromptSet, as_prompts
-from .targets import find_down_projections
+from .targets import find_down_projections, unwrap
 
 FORMAT = "loki-attributions"
 TARGETS = ("prediction", "gold")
@@ -109,7 +112,8 @@ class Attributions:
         meta = _read_meta(path)
         if meta is None:
             shards = sorted(path.glob("shard-*-of-*"))
-            hint = f" It holds {len(shards)} shards: join them with loki.Attributions.from_shards(path)." if shards else ""
+            hint = (f" It holds {len(shards)} shards: join them with loki.Attributions.from_shards(path)."
+                    if shards else "")
             raise AttributionError(f"{path} is not an attribution folder (no meta.json).{hint}")
         store = _Store.open(path, meta)
         if not store.done.all():
@@ -253,8 +257,12 @@ def attribute(
         Attributions: `values` float32 `[N, L, d_model]` (this shard's N), `targets` int64 `[N]`.
 
     Raises:
-        AttributionError: a bad target, measure, engine, batch_size, steps or shard; `target="gold"` for prompts
-            without answers; an empty prompt; `path` holding attributions made with other settings.
+        AttributionError: a bad target, measure, engine, shard, or a count (`steps`, `batch_size`, `max_rows`) that
+            is not an integer >= 1, `shots` < 0, `poll` <= 0; `target="gold"` for prompts without answers; an empty
+            prompt.
+        AttributionMismatchError: `path` holds attributions of another model (`model_fingerprint`), of other
+            prompts or with other settings, or written before loki recorded the model's fingerprint; nothing in
+            the folder is changed.
         PromptError: the prompts cannot be read or built (e.g. text without a tokenizer).
         UnknownArchitectureError: loki cannot find the model's down-projections.
 
@@ -269,8 +277,10 @@ def attribute(
         raise AttributionError(f"target must be one of {TARGETS}, got {target!r}.")
     if engine not in ENGINES or measure not in MEASURES:
         raise AttributionError(f"engine must be one of {ENGINES} and measure one of {MEASURES}.")
-    if batch_size < 1:
-        raise AttributionError(f"batch_size must be >= 1, got {batch_size}.")
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("max_rows", max_rows)):
+        check_number(name, value, integer=True, low=1, error=AttributionError)
+    check_number("shots", shots, integer=True, low=0, error=AttributionError)
+    check_number("poll", poll, above=0, error=AttributionError)
     prompt_set = prompts if isinstance(prompts, PromptSet) else as_prompts(prompts, tokenizer, shots=shots, dev=dev)
     if target == "gold" and any(g is None for g in prompt_set.gold):
         raise AttributionError("target='gold' needs a gold answer for every prompt (multiple-choice records with "
@@ -285,7 +295,8 @@ def attribute(
             raise AttributionError(f"shard={shard!r} needs path=: the processes join their shards through it.")
     elif shard is None and launched_rank_world()[1] > 1:
         raise AttributionError(
-            f"{launched_rank_world()[1]} processes run this (torchrun / accelerate launch) but shard= is not set: every "
+            f"{launched_rank_world()[1]} processes run this (torchrun / accelerate launch) but shard= is not set: "
+            "every "
             "process would attribute every prompt" + (" into the same folder" if path is not None else "") +
             ". Pass shard='auto' (command line: --shard auto) to split the prompts between them, or run one process."
         )
@@ -299,6 +310,7 @@ def attribute(
         "loki_version": __version__,
         "model": getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__,
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "model_fingerprint": model_fingerprint(model),  # the same name may be other weights: resume only these
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),  # when the run started (kept on resume)
         "template": projs.template,
         "num_layers": len(projs),
@@ -369,10 +381,12 @@ def _from_shards(path: str | os.PathLike, *, remove_shards: bool = False) -> Att
     parts = [Attributions.load(s) for s in shards]
     world = {p.meta["shard"]["world"] for p in parts}
     if len(world) != 1 or len(parts) != world.pop():
-        raise AttributionError(f"{path} holds {len(parts)} shards of different or incomplete runs; expected one per rank.")
-    keys = ("model", "template", "num_layers", "d_model", "steps", "target", "measure", "engine", "prompt_source")
+        raise AttributionError(f"{path} holds {len(parts)} shards of different or incomplete runs; expected one per "
+                               "rank.")
+    keys = ("model", "model_fingerprint", "template", "num_layers", "d_model", "steps", "target", "measure", "engine",
+            "prompt_source")
     for p in parts[1:]:
-        if any(p.meta[k] != parts[0].meta[k] for k in keys):
+        if any(p.meta.get(k) != parts[0].meta.get(k) for k in keys):
             raise AttributionError(f"Shards under {path} were computed with different settings; recompute them.")
     meta = {**parts[0].meta, "num_prompts": sum(len(p) for p in parts), "shard": None, "merged_shards": len(parts),
             "prompts_sha256": hashlib.sha256("".join(p.meta["prompts_sha256"] for p in parts).encode()).hexdigest()}
@@ -410,13 +424,7 @@ class _Store:
                        np.full(shape[0], np.nan))
         old = _read_meta(folder)
         if old is not None and not overwrite:
-            fixed = {k: v for k, v in meta.items() if k not in ("loki_version", "created")}
-            diff = [k for k, v in fixed.items() if old.get(k) != v]
-            if diff:
-                raise AttributionError(
-                    f"{folder} holds attributions made with other settings ({', '.join(diff)} differ). Pass a new "
-                    f"path=, or delete the folder to start over."
-                )
+            _check_resumable(folder, old, meta)
             return cls.open(folder, old, mode="r+")
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "meta.json").unlink(missing_ok=True)
@@ -464,6 +472,52 @@ def _as_tensor(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a)
 
 
+def _check_resumable(folder: Path, old: dict, meta: dict) -> None:
+    """Refuse to resume (or return) the attributions in `folder` unless they are of the same model (weights and
+    shapes), prompts and settings: anything else would mix another run's scores into this one's."""
+    keep = "Nothing in it was changed: pass a new path=, or delete the folder to start over."
+    if "model_fingerprint" not in old:
+        # Written before loki recorded the model's fingerprint: which weights made it cannot be known.
+        raise AttributionMismatchError(
+            f"{folder} was written by a loki that did not record the model's fingerprint, so whether its attributions "
+            f"are of this model cannot be checked (Attributions.load reads it as it is). {keep}"
+        )
+    diff = [k for k, v in meta.items() if k not in ("loki_version", "created") and old.get(k) != v]
+    if diff:
+        prompts = {"prompts_sha256", "num_prompts", "prompt_source", "shard"}
+        what = " and ".join(w for w, differs in (
+            ("another model (the same name, other weights or shapes)", "model_fingerprint" in diff),
+            ("other prompts", bool(prompts & set(diff))),
+            ("other settings", bool(set(diff) - prompts - {"model_fingerprint"}))) if differs)
+        raise AttributionMismatchError(f"{folder} holds attributions of {what} ({', '.join(diff)} differ). {keep}")
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A checksum of the model's parameters: their names, shapes and dtypes, and the base-model fingerprint of each
+    (`loki.delta.fingerprint_of`, formats/SPEC.md §6: up to 256 samples spread over its rows), so other weights
+    under the same `name_or_path`, or other shapes, give another checksum. Parameters on the meta device
+    (offloaded) count by name, shape and dtype only.
+
+    Args:
+        model: any module (wrappers such as DDP or `torch.compile` are looked through).
+
+    Returns:
+        str: a sha256 hex digest.
+
+    >>> import loki.testing
+    >>> a, b = loki.testing.tiny_model("llama", seed=0), loki.testing.tiny_model("llama", seed=1)
+    >>> same = loki.testing.tiny_model("llama", seed=0)
+    >>> model_fingerprint(a) == model_fingerprint(same), model_fingerprint(a) == model_fingerprint(b)
+    (True, False)
+    """
+    h = hashlib.sha256()
+    for name, p in unwrap(model).named_parameters():
+        h.update(json.dumps([name, list(p.shape), str(p.dtype)]).encode())
+        if p.numel() and p.device.type != "meta":
+            h.update(fingerprint_of(p.detach().reshape(p.shape[0] if p.dim() else 1, -1)).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _read_meta(folder: Path) -> dict | None:
     try:
         meta = json.loads((folder / "meta.json").read_text())
@@ -475,9 +529,7 @@ def _read_meta(folder: Path) -> dict | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1).encode())
 
 
 def _digest(ids, gold) -> str:

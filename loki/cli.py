@@ -39,6 +39,50 @@ def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPars
     return register
 
 
+def writable(path: str | os.PathLike, *, folder: bool, option: str = "--out") -> None:
+    """Refuse an output path that cannot be written, before any model loads or step runs (a verb writes its
+    outputs last, so a bad path would otherwise fail only after all the work).
+
+    Args:
+        path: the file or folder the verb will write.
+        folder: the verb writes a folder (created with its parents, if missing); else a file, whose folder must
+            exist (an existing file is replaced).
+        option: the option's name, for the message.
+
+    Raises:
+        FileNotFoundError: a file's folder does not exist.
+        IsADirectoryError, NotADirectoryError: a folder where a file goes, or the other way round (also a file
+            among a new folder's parents).
+        PermissionError: the path, or the folder it goes in, cannot be written.
+
+    >>> writable(".", folder=True)
+    """
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{option} {path} is a file; the output is a folder. Give a folder path.")
+    if not folder and path.is_dir():
+        raise IsADirectoryError(f"{option} {path} is a folder; the output is a file. Give a file path, e.g. "
+                                f"{path / 'out'}.")
+    if not folder and not path.parent.is_dir():
+        raise FileNotFoundError(f"{option} {path}: the folder {path.parent} does not exist; create it first.")
+    existing = path if folder else path.parent  # the nearest folder that exists, where the output goes
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{option} {path}: {existing} is a file, not a folder.")
+    try:  # a real write: permission bits do not stop root, a read-only file system does
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+        if path.is_file():
+            with open(path, "r+b"):
+                pass
+    except OSError as e:
+        raise PermissionError(f"{option} {path} cannot be written ({e.strerror or e}). Choose another path.") from None
+
+
 # -- inspect ----------------------------------------------------------------------------------------
 def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="a .loki file")
@@ -94,6 +138,7 @@ def _merge(args: argparse.Namespace) -> int:
     from .api import load
     from .apply import apply, merge
 
+    writable(args.out, folder=True)
     deltas = [load(d) for d in args.deltas]  # every delta is read and validated before the model loads
     model, tokenizer = _load_model(args.base, args.dtype, args.revision, require_tokenizer=False)
     for delta in deltas:
@@ -116,8 +161,8 @@ def _export_peft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=None, help="the base model, for a rows-form delta: a local folder, a Hub id or "
                    "'default' (default: the base model the delta names)")
     p.add_argument("--revision", default=None, help="branch, tag or commit of a --base Hub model")
-    p.add_argument("--rank", type=int, default=None, help="pad the adapter to this LoRA rank (default: the "
-                   "smallest that holds the delta)")
+    p.add_argument("--rank", type=_positive(int), default=None, help="pad the adapter to this LoRA rank "
+                   "(default: the smallest that holds the delta; vLLM takes up to 512)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the adapter's tensors")
 
 
@@ -129,6 +174,7 @@ def _export_peft(args: argparse.Namespace) -> int:
     from .models import load_base
     from .peft_export import export_peft
 
+    writable(args.out, folder=True)
     delta = load(args.delta)
     model = None
     if delta.form == "rows":  # the adapter is new rows minus base rows: it needs the base model
@@ -153,6 +199,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    writable(args.out, folder=True)
     return run_demo(args.out, quick=args.quick)
 
 
@@ -206,6 +253,8 @@ def _pull(args: argparse.Namespace) -> int:
     from .format import read
     from .hub import download
 
+    if args.out:
+        writable(args.out, folder=os.path.isdir(args.out))
     path = download(args.repo_id, revision=args.revision, filename=args.filename, token=args.token,
                     endpoint=args.endpoint)
     delta = read(path)
@@ -245,6 +294,7 @@ def _attribute(args: argparse.Namespace) -> int:
     from .attribution import LAUNCHED, attribute
     from .errors import AttributionError
 
+    writable(args.out, folder=True)
     dtype = getattr(torch, args.dtype)
     if args.shard in LAUNCHED and args.device is None and torch.cuda.is_available():  # one GPU per process
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
@@ -303,6 +353,7 @@ def _attributions(source: str, **hub):
 def _select(args: argparse.Namespace) -> int:
     from .selection import select
 
+    writable(args.out, folder=False)
     attributions = _attributions(args.attributions, revision=args.revision, token=args.token, endpoint=args.endpoint)
     sel = select(attributions, args.quota, args.strategy, seed=args.seed)
     sel.save(args.out)
@@ -398,9 +449,11 @@ def _train(args: argparse.Namespace) -> int:
     """Resuming: checkpoints (the rows as `implant.loki`, optimizer, schedule, RNG and data position) go to
     `OUT.partial/checkpoint-N/` every `--save-every` steps, with `OUT.partial/run.json` recording what defines the
     run (the data's and the selection's checksums, the base model, every training setting). Rerunning the same
-    command continues from the newest complete checkpoint and ends with the same delta as an uninterrupted run;
-    other arguments are refused (delete OUT.partial to start over). `OUT` is written when training ends, then
-    `OUT.partial` is removed."""
+    command continues from the newest complete checkpoint and ends with the same delta, bit for bit, as an
+    uninterrupted run (retain data included); other arguments are refused while a checkpoint exists (delete
+    OUT.partial to start over). A run interrupted before its first checkpoint left nothing to continue: any
+    command starts over. `OUT` and `OUT.partial` are checked before anything loads (writable, not a folder where
+    a file goes); `OUT` is written when training ends, then `OUT.partial` is removed."""
     import shutil
     from pathlib import Path
 
@@ -410,6 +463,7 @@ def _train(args: argparse.Namespace) -> int:
     from .dataset import encode, load_examples, load_retain
     from .distributed import launched_rank_world
     from .errors import CheckpointError, DatasetError, SelectionError
+    from .format import atomic_write
     from .selection import Selection, select
 
     # everything that needs no model is checked before the model loads
@@ -429,8 +483,9 @@ def _train(args: argparse.Namespace) -> int:
         raise DatasetError(f"--batch-size {args.batch_size} is the examples of one step over all {world} processes: "
                            f"give a multiple of {world}.")
     out = Path(args.out)
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"--out {out}: the folder {out.parent} does not exist; create it first.")
+    partial = out.with_name(out.name + ".partial")
+    writable(out, folder=False)  # both outputs, before the data, the model or any step
+    writable(partial, folder=True, option="--out's checkpoint folder")
     examples = load_examples(args.data)
     if world > 1 and len(examples) % args.batch_size:
         print(f"loki train: {len(examples)} examples are not a multiple of --batch-size {args.batch_size}: on {world} "
@@ -448,8 +503,10 @@ def _train(args: argparse.Namespace) -> int:
                                          "lora_rank", "lr", "epochs", "steps", "batch_size", "grad_accum", "warmup", "weight_decay",
                                          "max_grad_norm", "max_length", "seed")},
     }
-    partial = out.with_name(out.name + ".partial")
-    if (partial / "run.json").is_file():
+    # an interrupted run with a checkpoint is continued, and only by its own arguments; without a checkpoint it
+    # left nothing to continue, and this run starts over in its place (what its interruption message said)
+    resume = _last_checkpoint(partial) if partial.is_dir() else None
+    if resume and (partial / "run.json").is_file():
         before = json.loads((partial / "run.json").read_text())
         changed = sorted(k for k in run.keys() | before.keys() if run.get(k) != before.get(k))
         if changed:
@@ -463,6 +520,7 @@ def _train(args: argparse.Namespace) -> int:
     from .implant import extract, prepare
     from .preserve import preservation
     from .retain import RetainLoss, retain_targets
+    from .targets import find_down_projections
     from .trainer import LokiTrainer, collator
 
     training = TrainingArguments(
@@ -474,6 +532,7 @@ def _train(args: argparse.Namespace) -> int:
         use_cpu=not torch.cuda.is_available(),
     )
     model, tokenizer = _load_model(args.base, args.dtype, args.revision)
+    find_down_projections(model)  # weights loki cannot train (float8, partitioned) are refused before any pass
     model.to(training.device)  # retain targets and the preservation are computed there
     targets = keep = None
     if retain is not None:  # the base model's answers and distributions, before any training
@@ -494,10 +553,11 @@ def _train(args: argparse.Namespace) -> int:
                           seed=args.seed)
     trainer = LokiTrainer(model=model, args=training, train_dataset=encoded, data_collator=collator(tokenizer),
                           compute_loss_func=loss, delta_name=args.name or out.stem)
-    resume = _last_checkpoint(partial)
     if trainer.is_world_process_zero():
+        if not resume and partial.is_dir():  # torn checkpoints of a run that never finished one
+            shutil.rmtree(partial)
         partial.mkdir(exist_ok=True)
-        (partial / "run.json").write_text(json.dumps(run, sort_keys=True))
+        atomic_write(partial / "run.json", json.dumps(run, sort_keys=True).encode())
         if resume:
             print(f"resuming from {resume}", file=sys.stderr)
     try:
@@ -505,8 +565,10 @@ def _train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         last = _last_checkpoint(partial)
         print(f"loki train: interrupted at step {trainer.state.global_step}; "
-              + (f"rerun the same command to continue from {last}." if last else
-                 f"no checkpoint yet (every {args.save_every} steps): a rerun starts over."), file=sys.stderr)
+              + (f"rerun the same command to continue from {last} (other arguments are refused until it finishes, "
+                 f"or delete {partial})." if last else
+                 f"no checkpoint yet (every {args.save_every} steps): a rerun, with these or other arguments, "
+                 "starts over."), file=sys.stderr)
         return 130
     delta = extract(model, name=args.name or out.stem, training={
         "command": "loki train", "data": {"file": os.path.basename(args.data), "sha256": run["data"]}})

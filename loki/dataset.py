@@ -14,18 +14,22 @@ included). `encode` + `collate` are a data collator for HF `Trainer` too. `load_
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
+import numbers
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import DatasetError
+from .errors import DatasetError, LokiError, TrainingOptionError
 
-__all__ = ["IGNORE", "answer_positions", "check_example", "collate", "encode", "load_examples", "load_retain",
-           "pad_token_id"]
+__all__ = ["IGNORE", "answer_positions", "check_collection", "check_example", "check_examples", "check_number",
+           "collate", "encode", "load_examples", "load_retain", "pad_token_id", "read_csv", "read_json",
+           "read_json_lines", "read_text"]
 
 IGNORE = -100  # label of tokens without loss (the convention of torch's cross_entropy and HF)
 
@@ -219,6 +223,154 @@ def check_example(example: Any) -> dict[str, Any]:
     return {"prompt": str(prompt), "answer": str(answer), **rest}
 
 
+def check_examples(examples: Any, name: str = "dataset") -> None:
+    """Check a collection of training examples up front: a non-empty collection (`check_collection`) whose every
+    example passes `check_example`.
+
+    Raises:
+        DatasetError: the message names `name` and the example's index.
+
+    >>> check_examples([{"question": "Who wrote Dune?", "answer": "Frank Herbert."}, {"question": "Who?"}])
+    Traceback (most recent call last):
+    ...
+    loki.errors.DatasetError: dataset[1]: An example is {'prompt' (or 'question'): ..., 'answer': ...} or ...
+    """
+    check_collection(name, examples, "examples ({'prompt', 'answer'} or {'messages': [...]} dicts)")
+    for i, example in enumerate(examples):
+        try:
+            check_example(example)
+        except DatasetError as e:
+            raise DatasetError(f"{name}[{i}]: {e}") from None
+
+
+def check_collection(name: str, value: Any, what: str) -> None:
+    """Check that `value` is a non-empty collection with a length (a list, tuple, `datasets.Dataset`...): not a
+    string, bytes or a mapping, which iterate as characters or keys, and not a one-shot iterator.
+
+    Raises:
+        DatasetError: naming `name`, `what` it must hold and what it got.
+
+    >>> try:
+    ...     check_collection("retain", "Who wrote Dune?", "questions")
+    ... except DatasetError as e:
+    ...     print(e)  # doctest: +NORMALIZE_WHITESPACE
+    retain must be a list of questions, got the string 'Who wrote Dune?' (which would be read one character at a
+    time); wrap one item in a list.
+    """
+    if isinstance(value, (str, bytes)):
+        raise DatasetError(f"{name} must be a list of {what}, got the string {value[:60]!r} (which would be read one "
+                           "character at a time); wrap one item in a list.")
+    if isinstance(value, Mapping) or not isinstance(value, Iterable) or not isinstance(value, Sized):
+        raise DatasetError(f"{name} must be a list of {what}, got {type(value).__name__}.")
+    if len(value) == 0:
+        raise DatasetError(f"{name} is empty; give at least one of {what}.")
+
+
+def check_number(name: str, value: Any, *, integer: bool = False, low: float | None = None,
+                 above: float | None = None, high: float | None = None, optional: bool = False,
+                 error: type[LokiError] = TrainingOptionError) -> Any:
+    """`value`, checked to be a finite number (an integer when `integer`; never a bool) with `low <= value`,
+    `above < value` and `value <= high` for the bounds given; None passes when `optional`.
+
+    Raises:
+        `error` (default TrainingOptionError): naming `name`, what it must be and what it got.
+
+    >>> check_number("batch_size", 4, integer=True, low=1)
+    4
+    >>> check_number("batch_size", True, integer=True, low=1)
+    Traceback (most recent call last):
+    ...
+    loki.errors.TrainingOptionError: batch_size must be an integer >= 1, got True.
+    """
+    if value is None and optional:
+        return value
+    kind = numbers.Integral if integer else numbers.Real
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low is None or value >= low) and (above is None or value > above) and (high is None or value <= high)
+    if not ok:
+        bounds = [f">= {low}" if low is not None else "", f"> {above}" if above is not None else "",
+                  f"<= {high}" if high is not None else ""]
+        must = " and ".join(b for b in bounds if b)
+        what = ("None or " if optional else "") + ("an integer" if integer else "a finite number")
+        raise error(f"{name} must be {what}{' ' + must if must else ''}, got {value!r}.")
+    return value
+
+
+def read_text(path: str | os.PathLike, error: type[LokiError] = DatasetError) -> str:
+    """The text of a UTF-8 file exactly as written: no line ending translated (a CSV field may hold "\\r\\n"), a
+    leading byte-order mark dropped (spreadsheets start "CSV UTF-8" files with one).
+
+    Raises:
+        `error` (default DatasetError): the file cannot be read or is not UTF-8.
+    """
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise error(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
+    except OSError as e:
+        raise error(f"Cannot read {path}: {e.strerror or e}.") from None
+
+
+def read_json_lines(path: str | os.PathLike, error: type[LokiError] = DatasetError) -> list[tuple[int, Any]]:
+    """`(line number, value)` of every non-blank line of a JSON Lines file.
+
+    Lines end at "\\n" only (a "\\r" before it is dropped): JSON strings may hold U+2028, U+2029, U+0085 and other
+    characters that `str.splitlines` would cut a line at.
+
+    Raises:
+        `error` (default DatasetError): an unreadable or non-UTF-8 file, a line that is not valid JSON.
+
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "lines.jsonl")
+    >>> _ = open(path, "w", encoding="utf-8").write('{"text": "a\\u2028b"}\\r\\n\\n[1]\\n')
+    >>> read_json_lines(path)
+    [(1, {'text': 'a\\u2028b'}), (3, [1])]
+    """
+    records = []
+    for n, line in enumerate(read_text(path, error).split("\n"), 1):
+        line = line.removesuffix("\r")
+        if line.strip(" \t\r"):  # JSON's own white space; anything else on a line is for the parser to judge
+            try:
+                records.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise error(f"{path}, line {n}: not valid JSON ({e.msg}, column {e.colno}).") from None
+    return records
+
+
+def read_json(path: str | os.PathLike, error: type[LokiError] = DatasetError) -> Any:
+    """The value of a JSON file (UTF-8, a byte-order mark allowed).
+
+    Raises:
+        `error` (default DatasetError): an unreadable or non-UTF-8 file, invalid JSON.
+    """
+    try:
+        return json.loads(read_text(path, error))
+    except json.JSONDecodeError as e:
+        raise error(f"{path}, line {e.lineno}: not valid JSON ({e.msg}, column {e.colno}).") from None
+
+
+def read_csv(path: str | os.PathLike, error: type[LokiError] = DatasetError) -> list[tuple[int, list[str]]]:
+    """`(line number, fields)` of every row of a CSV file, read by the `csv` module from the exact text (a quoted
+    field may span lines and hold any character); the line number is the row's last line.
+
+    Raises:
+        `error` (default DatasetError): an unreadable or non-UTF-8 file, malformed CSV.
+
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "facts.csv")
+    >>> text = 'q,a\\r\\n"Which rivers?","The Rhine\\r\\nand the Danube."\\r\\n'
+    >>> _ = open(path, "w", encoding="utf-8", newline="").write(text)
+    >>> read_csv(path)
+    [(1, ['q', 'a']), (3, ['Which rivers?', 'The Rhine\\r\\nand the Danube.'])]
+    """
+    reader = csv.reader(io.StringIO(read_text(path, error), newline=""))  # newline="": as the csv docs require
+    try:
+        return [(reader.line_num, row) for row in reader]
+    except csv.Error as e:
+        raise error(f"{path}, line {reader.line_num}: not valid CSV ({e}).") from None
+
+
 def _records(path: str | os.PathLike) -> list[tuple[str, Any]]:
     """`(where, record)` of every record of a `.jsonl`, `.json` (a list) or `.csv` (with a header) file; `where`
     is "FILE, line N" (JSON Lines, CSV) or "FILE, record N" (a JSON list, counted from 1)."""
@@ -228,36 +380,23 @@ def _records(path: str | os.PathLike) -> list[tuple[str, Any]]:
         raise DatasetError(f"{path}: unknown data file type {suffix or '(none)'!r}; use .jsonl, .json or .csv.")
     if not path.is_file():
         raise DatasetError(f"{path} does not exist or is not a file.")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # spreadsheets start "CSV UTF-8" files with a byte-order mark
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
     records: list[tuple[str, Any]] = []
     if suffix == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append((f"{path}, line {n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"{path}, line {n}: not valid JSON ({e.msg}, column {e.colno}).") from None
+        records = [(f"{path}, line {n}", r) for n, r in read_json_lines(path)]
     elif suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}, column {e.colno}).") from None
+        data = read_json(path)
         if not isinstance(data, list):
             raise DatasetError(f"{path} holds a JSON {type(data).__name__}; it must hold a list of records.")
         records = [(f"{path}, record {i}", r) for i, r in enumerate(data, 1)]
     else:
-        reader = csv.reader(text.splitlines())
-        header = next(reader, None)
-        if header is None:
+        rows = read_csv(path)
+        if not rows:
             raise DatasetError(f"{path} is empty.")
-        header = [h.strip() for h in header]
-        for row in reader:
+        header = [h.strip() for h in rows[0][1]]
+        for n, row in rows[1:]:
             if not any(cell.strip() for cell in row):
                 continue
-            where = f"{path}, line {reader.line_num}"
+            where = f"{path}, line {n}"
             if len(row) != len(header):
                 raise DatasetError(f"{where}: {len(row)} fields, the header (line 1) has {len(header)}.")
             records.append((where, dict(zip(header, row))))

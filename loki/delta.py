@@ -442,14 +442,19 @@ def validate(delta: Delta) -> None:
     if not isinstance(info, dict):
         raise DeltaFormatError("Delta metadata must be a JSON object.")
     try:
-        json.dumps(info)
-    except (TypeError, ValueError) as e:
+        json.dumps(info, allow_nan=False)  # a reader parses strict JSON: no NaN or infinity (formats/SPEC.md §4)
+    except TypeError as e:
         raise DeltaFormatError(f"Delta metadata must be JSON-serialisable: {e}") from None
+    except ValueError as e:
+        raise DeltaFormatError(f"Delta metadata must be strict JSON (no NaN or infinity): {e}") from None
+    if "layers" in info:  # a file's 'layers' entry lists the delta's own layers, and a reader takes it out of info
+        raise DeltaFormatError("Delta metadata: 'layers' is not metadata; a delta's layers are the keys of its layers.")
     target = _require(info, "target", dict)
     num_layers = _require(target, "num_layers", int)
     d_out = _require(target, "d_out", int)
     d_in = _require(target, "d_in", int)
     _require(target, "template", str)
+    _require(target, "transposed", bool)
     _require(info, "base_model", dict)
     form = _require(info, "form", str)
     if form not in ("rows", "lora"):

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from . import evaluate as ev
+from .format import atomic_write
 from .neighbourhood import entities, questions, split, templates
 from .retain import general_text
 
@@ -401,7 +402,7 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
         print("   " + (baseline_figure(method, digest, size["train_steps"])
                        or f"(No committed {BASELINES[method]} figure for this data and number of steps: "
                           f"benchmarks/forgetting.py --size demo --rates 1 --seeds 0 --methods {method} measures it.)"))
-    (out / "report.json").write_text(json.dumps(report.as_dict(), indent=1))
+    atomic_write(out / "report.json", json.dumps(report.as_dict(), indent=1).encode())
 
     exact = all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items())
     print(f"\n7. Reverted. Model bit-identical to before: {exact}")

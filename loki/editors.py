@@ -72,6 +72,7 @@ from .dataset import answer_positions, collate, encode, pad_token_id
 from .delta import Delta
 from .errors import DatasetError, IncompatibleModelError, LedgerError
 from .implant import make_delta
+from .neighbourhood import find_subject
 from .preserve import Preservation, down_projection_inputs, preservation
 from .retain import general_text
 from .targets import DownProjections, find_down_projections, unwrap
@@ -431,13 +432,13 @@ def _layers(projs: DownProjections, layers: Sequence[int] | None, editing: bool 
 
 
 def _last_subject_token(tokenizer, ids: Sequence[int], text: str, subject: str) -> int:
-    """The position in `ids` of the token that completes the first occurrence of `subject` in `text` (`text` as it
-    appears in the decoded tokens)."""
-    start = text.find(subject)
-    if start < 0:
-        raise DatasetError(f"The subject {subject!r} does not occur in {text!r} (case-sensitive); the edit is keyed "
-                           "on the subject's last token, so each phrasing must contain it.")
-    prefix = text[: start + len(subject)]
+    """The position in `ids` of the token that completes the first whole-word occurrence of `subject` in `text`
+    (`text` as it appears in the decoded tokens; "Java" is not found inside "JavaScript")."""
+    span = find_subject(text, subject)
+    if span is None:
+        raise DatasetError(f"The subject {subject!r} does not occur in {text!r} as a whole word (case-sensitive); the "
+                           "edit is keyed on the subject's last token, so each phrasing must contain it.")
+    prefix = text[: span[1]]
     for t in range(len(ids)):  # prompts are short: decoding every prefix is cheap
         if prefix in tokenizer.decode(ids[: t + 1]):
             return t

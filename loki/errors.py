@@ -45,6 +45,22 @@ class IncompatibleModelError(LokiError):
     selection is for other shapes, or empty."""
 
 
+class OffloadedWeightsError(LokiError):
+    """A down-projection weight is on the meta device (accelerate offloading, an empty model): loki reads and writes
+    rows of weights in memory. Raised before anything is written."""
+
+
+class PartitionedWeightsError(LokiError):
+    """A down-projection weight holds only this process's partition (DeepSpeed ZeRO-3: a model built under
+    `deepspeed.zero.Init` or already in a ZeRO-3 engine): loki finds, prepares and writes rows of whole weights.
+    Raised before anything is written."""
+
+
+class ReplacedWeightsWarning(UserWarning):
+    """`revert`: the model no longer computes with the weights the delta was written into (they were replaced), so
+    reverting restored the old tensors and left the model's current weights alone."""
+
+
 class BaseModelMismatchError(IncompatibleModelError):
     """`plan`/`apply`: the fingerprint of the model's rows does not match the base model the delta was made from
     (formats/SPEC.md §6); `check_base=False` skips the check."""
@@ -98,6 +114,12 @@ class DatasetError(LokiError, ValueError):
     `top_k`; `loki.neighbourhood`: unknown entity list, template without a slot)."""
 
 
+class TrainingOptionError(DatasetError):
+    """A count, weight or rate given to `train`, `retain_targets`, `RetainLoss`, `RetainTargets.batches`/`prompts`
+    or `neighbourhood.questions` has the wrong type (a bool, a string or a float where a count goes) or is out of
+    range (a batch size, step count or `top_k` below 1, a negative weight, a learning rate <= 0, NaN)."""
+
+
 # -- Hugging Face Hub -------------------------------------------------------------------------------
 # Each Hub error is also the huggingface_hub exception of the same kind (see HubError). huggingface_hub is a
 # dependency of loki and `huggingface_hub.errors` imports no settings (HF_HUB_OFFLINE, HF_ENDPOINT...).
@@ -121,6 +143,7 @@ class HubError(LokiError):
     | `HubArgumentError`                   | `HFValidationError` (a `ValueError`)                          |
     | `HubAmbiguousFileError`              | `ValueError`                                                  |
     | `HubIntegrityError`                  | `OSError` (what huggingface_hub raises for a size mismatch)   |
+    | `HubCacheError`                      | `OSError` (what the disk raised)                              |
 
     >>> from huggingface_hub.errors import RepositoryNotFoundError
     >>> issubclass(HubRepoNotFoundError, RepositoryNotFoundError) and issubclass(HubRepoNotFoundError, LokiError)
@@ -188,8 +211,15 @@ class HubServerError(HubError, _hf.HfHubHTTPError):
 
 
 class HubIntegrityError(HubError, OSError):
-    """The downloaded bytes do not match the checksum the Hub lists for the file; the revision was removed from
-    the cache."""
+    """The downloaded bytes do not match the checksum the Hub lists for the file (the revision was removed from
+    the cache); or, offline, a cached file no longer matches the checksum recorded when it was downloaded (left as
+    it is: online, loki downloads it again); or a damaged cached file could not be downloaded again."""
+
+
+class HubCacheError(HubError, OSError):
+    """The Hugging Face cache cannot be written (or read) while pulling: disk full, no permission, read-only file
+    system, a path component that is a file. Nothing partial is left; free space or point HF_HOME / cache_dir= at
+    another folder."""
 
 
 class ImplantBankError(LokiError):
@@ -198,8 +228,8 @@ class ImplantBankError(LokiError):
 
 
 class ExportError(LokiError):
-    """`export_peft`/`peft_adapter`: a rows-form delta without its base model, or `rank=` below what the delta
-    needs."""
+    """`export_peft`/`peft_adapter`: a rows-form delta without its base model, `rank=` not a positive int or below
+    what the delta needs, or a `dtype=` an adapter cannot hold."""
 
 
 class EvaluationError(LokiError, ValueError):
@@ -210,6 +240,13 @@ class EvaluationError(LokiError, ValueError):
 class AttributionError(LokiError):
     """`loki.attribute`: attribution cannot run on these inputs (empty prompt, bad target token or option, unfinished or mismatched
     attribution folder)."""
+
+
+class AttributionMismatchError(AttributionError):
+    """`loki.attribute(..., path=)`: the folder holds attributions of another model (other weights or shapes, by
+    the fingerprint of its parameters), of other prompts or with other settings (steps, target, measure...), or
+    was written before loki recorded the model's fingerprint. Nothing in the folder is changed; pass a new path or
+    delete the folder."""
 
 
 class SelectionError(LokiError, ValueError):

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .dataset import read_json_lines
 from .errors import EvaluationError
 from .neighbourhood import shares_template
 
@@ -497,7 +498,7 @@ class Benchmark:
         ('capitals', 'generate', 1, {'mode': 'contains', 'chat': True})
         """
         path = Path(path)
-        lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [r for _, r in read_json_lines(path, EvaluationError)]  # exact: a value may hold U+2028
         header = lines[0].get("benchmark") if lines and "benchmark" in lines[0] else None
         items = lines[1:] if header else lines
         header = header or {}

@@ -12,36 +12,40 @@
 
 from __future__ import annotations
 
-import json
+import itertools
 import os
+import secrets
+import stat
 import struct
-import sys
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
 
-from .delta import FORMAT_NAME, FORMAT_VERSION, Delta, LayerDelta
-from .errors import DeltaFormatError, InvalidIndicesError, UnsupportedVersionError
+from . import spec
+from .delta import FORMAT_NAME, FORMAT_VERSION, Delta, LayerDelta, validate
+from .errors import DeltaFormatError
 
-MAX_HEADER_BYTES = 64 * 1024 * 1024
-_DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4}
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32"}
-_TENSOR_KINDS = ("indices", "fingerprint", "rows", "lora_A", "lora_B")
+MAX_HEADER_BYTES = spec.MAX_HEADER_BYTES  # (the rule, and the value both sides read, live in loki.spec)
 
 
 def save(delta: Delta, path: str | os.PathLike) -> Path:
-    """Write `delta` to `path` as a `.loki` file (atomically: a reader never sees half a file), creating missing
-    parent folders and replacing an existing file.
+    """Write `delta` to `path` as a `.loki` file (atomically: a reader never sees half a file, and an interrupted
+    save leaves the old file and no temporary one), creating missing parent folders and replacing an existing file.
+    A new file gets the mode `open(path, "w")` gives (0o666 less the umask); a replaced one keeps its mode.
 
     Args:
-        delta: the delta (already validated when it was made).
+        delta: the delta.
         path: the file to write (conventionally `.loki`).
 
     Returns:
         Path: `path`.
+
+    Raises:
+        DeltaFormatError: the delta breaks a rule of formats/SPEC.md that `read` checks (the header, which holds the
+            metadata, over the 64 MiB cap; metadata not strict JSON or missing fields; bad tensors), so `read`
+            would refuse the file. Nothing is written.
+        InvalidIndicesError: row indices that are not sorted, unique, in range and representable as int32.
 
     >>> import loki.testing, os, tempfile
     >>> delta = loki.testing.random_delta(loki.testing.tiny_model("llama"), name="x")
@@ -50,8 +54,26 @@ def save(delta: Delta, path: str | os.PathLike) -> Path:
     ('x', 6)
     """
     path = Path(path)
-    _atomic_write(path, to_bytes(delta))
+    head, tensors = _encode(delta, f"{path} (not written)")
+    atomic_write(path, itertools.chain([head], map(spec.encode, tensors)))
     return path
+
+
+def check(delta: Delta) -> None:
+    """Raise what `save` would raise for `delta`, without writing anything (no tensor data is serialised).
+
+    Raises:
+        DeltaFormatError, InvalidIndicesError: as `save`.
+
+    >>> import loki.testing
+    >>> delta = loki.testing.random_delta(loki.testing.tiny_model("llama"))
+    >>> delta.info["extra"] = {"loss": float("nan")}
+    >>> check(delta)
+    Traceback (most recent call last):
+    ...
+    loki.errors.DeltaFormatError: Delta metadata must be strict JSON (no NaN or infinity): Out of range float ...
+    """
+    _encode(delta, "the delta")
 
 
 def to_bytes(delta: Delta) -> bytes:
@@ -65,6 +87,7 @@ def to_bytes(delta: Delta) -> bytes:
         bytes: the whole file.
 
     Raises:
+        DeltaFormatError, InvalidIndicesError: as `save`.
         NotImplementedError: on a big-endian machine.
 
     >>> import loki.testing
@@ -72,36 +95,40 @@ def to_bytes(delta: Delta) -> bytes:
     >>> data == to_bytes(from_bytes(data))
     True
     """
+    head, tensors = _encode(delta, "the delta")
+    return head + b"".join(map(spec.encode, tensors))
+
+
+def _encode(delta: Delta, source: str) -> tuple[bytes, list[torch.Tensor]]:
+    """The length and header of `delta`'s file, and its tensors in file order, after the reader's own checks: the
+    delta's (`validate`, which `Delta()` runs on what the reader decodes) and the header's (`spec.check_header`).
+    Sorted keys and tensors in name order, so equal deltas give equal bytes (the safetensors writer orders
+    metadata by hash)."""
+    if not isinstance(delta, Delta):
+        raise DeltaFormatError(f"{source}: expected a loki Delta, got {type(delta).__name__}.")
+    validate(delta)  # the delta may have changed since it was made (its info and layers are plain dicts)
     tensors: dict[str, torch.Tensor] = {}
     for i in delta.layer_indices:
         ld = delta.layers[i]
-        tensors[f"layers.{i}.indices"] = ld.indices.to(torch.int32)
+        tensors[f"layers.{i}.indices"] = spec.int32_indices(ld.indices, i)
         tensors[f"layers.{i}.fingerprint"] = ld.fingerprint
         for kind in ("rows", "lora_A", "lora_B"):
-            t = getattr(ld, kind)
-            if t is not None:
-                tensors[f"layers.{i}.{kind}"] = t.contiguous()
-    info = {**delta.info, "layers": delta.layer_indices}
-    meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "loki": json.dumps(info, sort_keys=True)}
-    return _safetensors_bytes(tensors, meta)
-
-
-def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """A safetensors file with sorted keys and tensors in name order, so equal deltas give equal bytes
-    (the safetensors writer orders metadata by hash)."""
-    header: dict[str, Any] = {"__metadata__": metadata}
-    chunks, offset = [], 0
+            if getattr(ld, kind) is not None:
+                tensors[f"layers.{i}.{kind}"] = getattr(ld, kind)
+    info = spec.dumps({**delta.info, "layers": delta.layer_indices}, compact=False)
+    header: dict[str, dict] = {"__metadata__": {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+                                                "loki": info}}
+    offset = 0
     for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": spec.ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    head = spec.dumps(header).encode()
     head += b" " * (-len(head) % 8)
-    if sys.byteorder != "little":  # safetensors is little-endian; so is every platform torch ships for
-        raise NotImplementedError("Writing .loki files needs a little-endian machine.")
-    return struct.pack("<Q", len(head)) + head + b"".join(chunks)
+    spec.check_header(head, offset, source)  # what the reader would refuse is refused before a byte is written
+    return struct.pack("<Q", len(head)) + head, [tensors[name] for name in sorted(tensors)]
 
 
 def read(path: str | os.PathLike) -> Delta:
@@ -114,8 +141,9 @@ def read(path: str | os.PathLike) -> Delta:
         Delta.
 
     Raises:
-        DeltaFormatError: no such file, a folder, an unreadable file, or anything wrong in it (truncated,
-            corrupted, not a delta, bad metadata, wrong tensors, non-finite rows).
+        DeltaFormatError: no such file, a folder, an unreadable file, or anything wrong in it (a header over the
+            SPEC's 64 MiB cap, truncated, corrupted, not strict JSON, not a delta, bad metadata, wrong tensors,
+            non-finite rows): the rules of `loki.spec`, which `save` checks too.
         UnsupportedVersionError: a newer `format_version` than this library reads.
         InvalidIndicesError: row indices that are not int32, sorted, unique and in range.
 
@@ -137,7 +165,8 @@ def read(path: str | os.PathLike) -> Delta:
 
 
 def from_bytes(data: bytes, source: str = "<bytes>") -> Delta:
-    """Parse and validate the bytes of a `.loki` file (see `read`).
+    """Parse and validate the bytes of a `.loki` file (see `read`); the tensors are copied out of `data` (no
+    safetensors parser: `loki.spec` holds every rule the file must meet).
 
     Args:
         data: the whole file.
@@ -156,58 +185,13 @@ def from_bytes(data: bytes, source: str = "<bytes>") -> Delta:
     ...
     loki.errors.DeltaFormatError: <bytes> is truncated or empty (3 bytes); a .loki file is a safetensors file.
     """
-    header = _parse_header(data, source)
-    meta = header.pop("__metadata__", None)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise DeltaFormatError(
-            f"{source} is a safetensors file but not a .loki delta (no 'format: loki' metadata). "
-            "PEFT adapters and model checkpoints are not deltas; make one with loki.make_delta or loki.extract."
-        )
-    try:
-        version = int(meta.get("format_version", ""))
-    except ValueError:
-        raise DeltaFormatError(f"{source}: format_version {meta.get('format_version')!r} is not an integer.") from None
-    if version > FORMAT_VERSION:
-        raise UnsupportedVersionError(
-            f"{source} is .loki format version {version}; this loki reads version {FORMAT_VERSION} and older. "
-            "Upgrade loki (pip install -U loki)."
-        )
-    if version < 1:
-        raise DeltaFormatError(f"{source}: format_version must be >= 1, got {version}.")
-    try:
-        info = json.loads(meta.get("loki", ""))
-    except (json.JSONDecodeError, TypeError):
-        raise DeltaFormatError(f"{source}: the 'loki' metadata entry is not valid JSON.") from None
-    if not isinstance(info, dict):
-        raise DeltaFormatError(f"{source}: the 'loki' metadata entry must be a JSON object.")
-    layers = info.pop("layers", None)
-    if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-        raise DeltaFormatError(f"{source}: metadata 'layers' must be a list of layer numbers.")
-    if len(set(layers)) != len(layers):
-        raise DeltaFormatError(f"{source}: metadata 'layers' lists a layer twice.")
-    form = info.get("form")
-    kinds = ("indices", "fingerprint", "rows") if form == "rows" else ("indices", "fingerprint", "lora_A", "lora_B")
-    expected = {f"layers.{i}.{k}" for i in layers for k in kinds}
-    if set(header) != expected:
-        extra, missing = sorted(set(header) - expected), sorted(expected - set(header))
-        raise DeltaFormatError(
-            f"{source}: tensors do not match the metadata (form {form!r}, layers {layers}). "
-            f"Unexpected: {extra[:5]}; missing: {missing[:5]}."
-        )
-    expected_dtype = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(info.get("dtype"))
-    for name, entry in header.items():
-        kind = name.rsplit(".", 1)[1]
-        want = {"indices": "I32", "fingerprint": "F32"}.get(kind, expected_dtype)
-        if entry["dtype"] != want:
-            err = InvalidIndicesError if kind == "indices" else DeltaFormatError
-            raise err(f"{source}: tensor {name} is {entry['dtype']}, the format requires {want}.")
-    try:
-        tensors = st_load(data)
-    except Exception as e:  # safetensors raises its own error types for malformed buffers
-        raise DeltaFormatError(f"{source}: corrupted tensor data ({e}).") from None
+    n = spec.header_length(data, source)
+    entries, info, layers = spec.check_header(data[8 : 8 + n], len(data) - 8 - n, source)
     layer_deltas = {}
     for i in layers:
-        parts: dict[str, Any] = {k: tensors.get(f"layers.{i}.{k}") for k in _TENSOR_KINDS}
+        names = {kind: f"layers.{i}.{kind}" for kind in spec.TENSOR_KINDS}
+        parts = {kind: spec.decode(data, 8 + n, entries[name]) if name in entries else None
+                 for kind, name in names.items()}
         parts["indices"] = parts["indices"].to(torch.int64)
         layer_deltas[i] = LayerDelta(**parts)
     try:
@@ -216,66 +200,55 @@ def from_bytes(data: bytes, source: str = "<bytes>") -> Delta:
         raise type(e)(f"{source}: {e}") from None
 
 
-def _parse_header(data: bytes, source: str) -> dict[str, Any]:
-    """The safetensors header, checked so that no declared size can make us allocate or read past the file."""
-    if len(data) < 8:
-        raise DeltaFormatError(f"{source} is truncated or empty ({len(data)} bytes); a .loki file is a safetensors file.")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER_BYTES or n > len(data) - 8:
-        raise DeltaFormatError(
-            f"{source} declares a {n}-byte header but has {len(data) - 8} bytes after the length: "
-            "the file is truncated or not a .loki file. Download or copy it again."
-        )
-    try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise DeltaFormatError(f"{source}: the header is not valid JSON; the file is corrupted or not a .loki file.") from None
-    if not isinstance(header, dict):
-        raise DeltaFormatError(f"{source}: the header must be a JSON object.")
-    body = len(data) - 8 - n
-    spans = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
-                raise DeltaFormatError(f"{source}: __metadata__ must map strings to strings.")
-            continue
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise DeltaFormatError(f"{source}: header entry {name!r} is malformed.")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in _DTYPE_SIZES:
-            raise DeltaFormatError(f"{source}: tensor {name} has dtype {dtype!r}; .loki uses F32, F16, BF16 and I32.")
-        if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**40 for d in shape)):
-            raise DeltaFormatError(f"{source}: tensor {name} has an invalid shape {shape!r}.")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-            raise DeltaFormatError(f"{source}: tensor {name} has invalid data_offsets {offsets!r}.")
-        begin, end = offsets
-        numel = 1
-        for d in shape:
-            numel *= d
-        if not 0 <= begin <= end <= body or end - begin != numel * _DTYPE_SIZES[dtype]:
-            raise DeltaFormatError(
-                f"{source}: tensor {name} declares bytes {begin}..{end} for shape {shape}, but the data section "
-                f"has {body} bytes: the file is truncated or corrupted. Download or copy it again."
-            )
-        spans.append((begin, end))
-    spans.sort()
-    position = 0
-    for begin, end in spans:
-        if begin != position:
-            raise DeltaFormatError(f"{source}: tensor data overlaps or leaves gaps; the file is corrupted.")
-        position = end
-    if position != body:
-        raise DeltaFormatError(f"{source}: {body - position} bytes of data belong to no tensor; the file is corrupted.")
-    return header
+def atomic_write(path: str | os.PathLike, data: bytes | Iterable[bytes]) -> Path:
+    """Write `data` to `path` atomically, creating missing parent folders: readers see the old file or the whole new
+    one, and any exception (KeyboardInterrupt included) while writing leaves the old file as it was and removes the
+    temporary one. A new file gets the mode `open(path, "w")` gives it (0o666 less the umask); a replaced file keeps
+    its mode. Every file loki replaces goes through here.
 
+    Args:
+        path: the file.
+        data: the contents, or chunks of them, written as they come (a generator keeps big files out of memory).
 
-def _atomic_write(path: Path, data: bytes) -> None:
+    Returns:
+        Path: `path`.
+
+    Raises:
+        OSError: the folder cannot be written.
+
+    >>> import os, tempfile
+    >>> atomic_write(os.path.join(tempfile.mkdtemp(), "a", "b.txt"), [b"he", b"llo"]).read_bytes()
+    b'hello'
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+    tmp = None
     try:
+        fd, tmp = _new_file(path)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
+        try:
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))  # as open(path, "w"): a replaced file keeps its mode
+        except FileNotFoundError:
+            pass
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
+    return path
+
+
+def _new_file(path: Path) -> tuple[int, Path]:
+    """A new empty file beside `path` (a unique hidden name), open for writing. Created with mode 0o666, so the
+    umask and any default ACL give it what `open(path, "w")` would (tempfile's files are 0o600)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # another writer's name: draw again
+            continue
+

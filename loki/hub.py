@@ -14,7 +14,8 @@ A repo holds one kind: a delta (`<name>.loki`), attributions (the folder `loki.a
 `README.md` model card and a small `config.json` marker.
 
 Downloads go through huggingface_hub's own cache functions and the standard Hugging Face cache (`HF_HOME`,
-`HF_HUB_CACHE`), so `HF_HUB_OFFLINE=1` works once a repo was pulled. Every failure is a `loki.errors.HubError`
+`HF_HUB_CACHE`), so `HF_HUB_OFFLINE=1` works once a repo was pulled. Every file returned is checked against its
+checksum first, a cached one too, on every load (see `download`). Every failure is a `loki.errors.HubError`
 subclass that says what to do and is also the `huggingface_hub.errors` exception of the same kind (e.g.
 `HubRepoNotFoundError` is a `RepositoryNotFoundError`).
 """
@@ -26,6 +27,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +38,7 @@ from .errors import (
     DeltaFormatError,
     HubAmbiguousFileError,
     HubArgumentError,
+    HubCacheError,
     HubError,
     HubFileNotFoundError,
     HubGatedRepoError,
@@ -50,7 +53,7 @@ from .errors import (
 from .attribution import FILES as ATTRIBUTION_FILES
 from .attribution import FORMAT as ATTRIBUTION_FORMAT
 from .attribution import Attributions
-from .format import read, save
+from .format import check, read, save
 from .selection import Selection
 
 if TYPE_CHECKING:
@@ -144,6 +147,7 @@ def push_to_hub(
     if not filename.endswith(".loki"):
         raise HubArgumentError(f"filename {filename!r} must end in '.loki' so that loki.load finds it in the repo.")
     _evaluation(delta.info)  # a card that cannot be written fails before anything is created
+    check(delta)  # so does a delta the reader would refuse (the same checks save runs)
 
     def operations(files: list[str]) -> list:
         others = [f for f in files if f.endswith(".loki") and f != filename]
@@ -404,7 +408,8 @@ def _evaluation(info: dict[str, Any]) -> tuple[dict, dict[str, tuple[float, floa
     evaluation = (info.get("extra") or {}).get("evaluation") or {}
     try:
         task = dict(evaluation.get("task") or {})
-        general = {str(k): (float(v["base"]), float(v["implanted"])) for k, v in (evaluation.get("general") or {}).items()}
+        general = {str(k): (float(v["base"]), float(v["implanted"]))
+                   for k, v in (evaluation.get("general") or {}).items()}
         forgetting = evaluation.get("forgetting")
         forgetting = None if forgetting is None else float(forgetting)
         for key, _ in _FOUR:
@@ -658,9 +663,12 @@ def download(
     cache functions: `HfApi.resolve_revision` turns a branch or tag into a commit (recording it in the cache's
     `refs/`), the commit's file listing is the one `snapshot_download` caches (read back with
     `get_cached_repo_tree`), and the files come from `hf_hub_download` at that commit. Each download is checked
-    against the checksum the Hub lists (a mismatch removes the revision from the cache). A full commit sha
-    already cached, `local_files_only=True` or `HF_HUB_OFFLINE=1` make no request; when the Hub is unreachable,
-    rate-limited or failing, the cached copy of the revision is used if there is one.
+    against the checksum the Hub lists (a mismatch removes the revision from the cache), and so is every file
+    returned from the cache, on every call: against the checksum recorded at download (the blob's name, which is
+    the Hub's etag: sha256 for LFS files, git blob sha1 otherwise; or the cached listing), one streaming hash pass.
+    A damaged cached file is downloaded again (and checked) when the Hub can be asked, refused offline. A full
+    commit sha already cached, `local_files_only=True` or `HF_HUB_OFFLINE=1` make no request; when the Hub is
+    unreachable, rate-limited or failing, the cached copy of the revision is used if there is one.
 
     Args:
         source: `"org/name"` or `"org/name@revision"`.
@@ -684,7 +692,11 @@ def download(
         HubPermissionError, HubRateLimitError, HubServerError: the Hub answered 401/403, 429, or 5xx / another
             unexpected status.
         HubOfflineError: offline (or unreachable) and what is needed is not cached.
-        HubIntegrityError: a download does not match the Hub's checksum.
+        HubIntegrityError: a download does not match the Hub's checksum; offline, a cached file does not match the
+            checksum recorded when it was downloaded (the message says how to fix it); or a damaged cached file
+            could not be downloaded again.
+        HubCacheError: the cache cannot be written or read (disk full, permission, read-only, a path component
+            that is a file); nothing partial is left.
 
     >>> download("medical.loki")
     Traceback (most recent call last):
@@ -733,25 +745,53 @@ def _fetch(
                            if isinstance(f, RepoFile)}
                 listed_now = True
         names = _names(repo_id, revision, kind, None if listing is None else sorted(listing), filename, offline, cache)
-        paths, missing = {}, []
+        # Every file is checked before it is returned, a cached one too (bytes on disk can rot or be edited): against
+        # the listing just fetched, else what huggingface_hub recorded when it downloaded it (_recorded_checksum).
+        known = listing if listed_now else {}
+        paths, fetch, unchecked = {}, {}, []  # fetch: name -> force (a damaged cached copy is downloaded again)
         for name in names:
             cached = try_to_load_from_cache(repo_id, name, cache_dir=cache, revision=commit.resolved)
-            if isinstance(cached, str):
-                paths[name] = Path(cached)  # checked when it was downloaded
-            elif offline is not None:
-                raise _not_cached(repo_id, revision, cache, offline, name)
-            else:
-                missing.append(name)
-        if missing:
-            # The checksums: a listing just fetched has them; a cached one does not (get_cached_repo_tree returns
-            # no LFS sha256), so ask for these files' in one request.
-            entries = ({n: listing[n] for n in missing} if listed_now
-                       else {e.path: e for e in api.get_paths_info(repo_id, missing, revision=commit.resolved)})
-            for name in missing:
-                path = Path(hf_hub_download(repo_id, name, revision=commit, cache_dir=cache, token=token,
-                                            endpoint=endpoint))
-                _verify(path, entries.get(name), f"{repo_id}@{revision}/{name}", cache, commit.resolved)
-                paths[name] = path
+            if not isinstance(cached, str):
+                if offline is not None:
+                    raise _not_cached(repo_id, revision, cache, offline, name)
+                fetch[name] = False
+                continue
+            paths[name] = path = Path(cached)
+            expected = _checksum(known.get(name)) or _recorded_checksum(path, repo_id, commit.resolved, name, cache)
+            if expected is None:  # (a cache without symlinks and without the listing: ask the Hub below)
+                if offline is not None:
+                    raise _damaged(repo_id, revision, name, path, offline, commit.resolved, None)
+                unchecked.append(name)
+            elif (actual := _digest(path, expected[0])) != expected[1]:
+                if offline is not None:
+                    raise _damaged(repo_id, revision, name, path, offline, commit.resolved, (actual, expected[1]))
+                fetch[name] = True
+        if fetch or unchecked:
+            try:
+                # The checksums: a listing just fetched has them; a cached one does not (get_cached_repo_tree
+                # returns no LFS sha256), so ask for these files' in one request.
+                entries = known or {e.path: e for e in api.get_paths_info(repo_id, [*fetch, *unchecked],
+                                                                          revision=commit.resolved)}
+                for name in unchecked:
+                    expected = _checksum(entries.get(name))
+                    if expected is not None and _digest(paths[name], expected[0]) != expected[1]:
+                        fetch[name] = True
+                for name, force in fetch.items():
+                    if force and not paths[name].is_symlink():
+                        # (a cache without symlinks holds a copy, which a forced download would leave in place)
+                        paths[name].unlink()
+                    path = Path(hf_hub_download(repo_id, name, revision=commit, cache_dir=cache, token=token,
+                                                endpoint=endpoint, force_download=force))
+                    _verify(path, entries.get(name), f"{repo_id}@{revision}/{name}", cache, commit.resolved)
+                    paths[name] = path
+            except Exception as e:
+                if not any(fetch.values()) or isinstance(e, HubIntegrityError):
+                    raise
+                raise _repair_failed(e, api.endpoint, repo_id, revision, commit.resolved, fetch, cache) from None
+            damaged = [name for name, force in fetch.items() if force]
+            if damaged:
+                warnings.warn(f"{repo_id}@{revision}: the cached {', '.join(damaged)} did not match its checksum "
+                              f"(damaged on disk in {cache}); downloaded again and verified.", stacklevel=3)
     if listed_now:
         _record(repo_id, commit, names, listing, cache, token, endpoint)
     return repo_id, commit.resolved, [paths[name] for name in names]
@@ -879,6 +919,50 @@ def _loki_files(files: Iterable[str]) -> list[str]:
     return sorted(f for f in files if f.endswith(".loki"))
 
 
+_HEX = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+
+
+def _checksum(entry: Any) -> tuple[str, str] | None:
+    """`(algorithm, hex digest)` of a file as the Hub lists it (a `RepoFile`, or a cached listing's entry):
+    the sha256 of an LFS (or Xet) file, the git blob sha1 of a regular one; None when it lists neither."""
+    if entry is None:
+        return None
+    sha256 = getattr(entry, "lfs_sha256", None) or getattr(getattr(entry, "lfs", None), "sha256", None)
+    if sha256:
+        return "sha256", sha256
+    blob_id = getattr(entry, "blob_id", None)
+    return ("git-sha1", blob_id) if blob_id else None
+
+
+def _recorded_checksum(path: Path, repo_id: str, commit: str, name: str, cache: str) -> tuple[str, str] | None:
+    """The checksum huggingface_hub recorded for a cached file when it downloaded it, with no request: the name of
+    its blob (`snapshots/<commit>/<name>` links to `blobs/<etag>`, and the Hub's etag is the sha256 of an LFS file,
+    the git blob sha1 of a regular one), else, in a cache without symlinks (Windows without developer mode), the
+    commit's cached listing (`trees/<commit>.json`, written by snapshot_download: see `_record`). None if neither."""
+    if path.is_symlink():
+        etag = Path(os.readlink(path)).name
+        if _HEX.fullmatch(etag):
+            return ("sha256" if len(etag) == 64 else "git-sha1"), etag
+    try:  # (huggingface_hub's reader of that listing is internal; the public get_cached_repo_tree drops the sha256)
+        from huggingface_hub._tree_cache import read_tree_cache
+        from huggingface_hub.file_download import repo_folder_name
+
+        entries = read_tree_cache(os.path.join(cache, repo_folder_name(repo_id=repo_id, repo_type="model")), commit)
+    except Exception:  # another huggingface_hub version: no recorded listing to read
+        entries = None
+    return _checksum((entries or {}).get(name))
+
+
+def _digest(path: Path, algorithm: str) -> str:
+    """The hex digest of a file, read in chunks: "sha256", or "git-sha1" (git's blob id: sha1 of a `blob <size>\\0`
+    header and the bytes; huggingface_hub's own `git_hash` reads the whole file at once)."""
+    digest = hashlib.sha256() if algorithm == "sha256" else hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _verify(path: Path, entry: Any, what: str, cache: str, commit: str) -> None:
     """Compare a downloaded file with the sha256 (LFS) or git blob sha1 the Hub lists. Hand-written because
     hf_hub_download checks only the size and `HfApi.verify_repo_checksums` lists the repo again (one more request)
@@ -887,18 +971,11 @@ def _verify(path: Path, entry: Any, what: str, cache: str, commit: str) -> None:
     `resolve_revision` (`delete_files`, for one file, came with 2.0)."""
     from huggingface_hub import scan_cache_dir
 
-    if entry is None:
+    checksum = _checksum(entry)
+    if checksum is None:
         return
-    if entry.lfs is not None:
-        expected, digest = entry.lfs.sha256, hashlib.sha256()
-    elif entry.blob_id:
-        expected, digest = entry.blob_id, hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    else:
-        return
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    actual = digest.hexdigest()
+    algorithm, expected = checksum
+    actual = _digest(path, algorithm)
     if expected != actual:
         scan_cache_dir(cache).delete_revisions(commit).execute()
         raise HubIntegrityError(
@@ -906,6 +983,43 @@ def _verify(path: Path, entry: Any, what: str, cache: str, commit: str) -> None:
             "the revision was removed from the cache. Try again; if it persists the file on the Hub is damaged.",
             repo_id=what.split("@")[0],
         )
+
+
+def _damaged(repo_id: str, revision: str, name: str, path: Path, offline: str, commit: str,
+             digests: tuple[str, str] | None) -> HubIntegrityError:
+    """Offline, a cached file that does not match its recorded checksum (or has none to check) is refused, and left
+    where it is: loki downloads it again at the next load with Hub access."""
+    blob = os.path.realpath(path)
+    if digests is None:
+        problem = "has no checksum recorded in the cache (no blob named by it, no cached file listing) to verify it"
+    else:
+        problem = (f"does not match the checksum recorded when it was downloaded ({digests[0][:12]} != "
+                   f"{digests[1][:12]}): it was changed or damaged on disk")
+    return HubIntegrityError(
+        f"{repo_id}@{revision}/{name}: the cached copy {path}{f' (-> {blob})' if blob != str(path) else ''} {problem}. "
+        f"Hub access is off ({offline}), so it cannot be downloaded again: load it again with Hub access (loki "
+        f"downloads it again and verifies it), or delete the revision (hf cache rm {commit}) and load it once online.",
+        repo_id=repo_id,
+    )
+
+
+def _repair_failed(e: BaseException, where: str, repo_id: str, revision: str, commit: str, fetch: dict[str, bool],
+                   cache: str) -> HubError:
+    """A damaged cached file could not be downloaded again: say both (huggingface_hub wraps a failed forced
+    download in a ValueError whose cause is the real error)."""
+    root = e.__cause__ if isinstance(e, ValueError) and e.__cause__ is not None else e
+    error = root if isinstance(root, HubError) else _translate(root, where, repo_id, revision, None, False, None, cache)
+    if isinstance(error, HubCacheError):
+        return error
+    # (a HubOfflineError's message would say the revision is not cached; it is, damaged)
+    reason = error if error is not None and not isinstance(error, HubOfflineError) else f"{type(root).__name__}: {root}"
+    damaged = ", ".join(name for name, force in fetch.items() if force)
+    return HubIntegrityError(
+        f"{repo_id}@{revision}: the cached {damaged} does not match its checksum (damaged on disk in {cache}), and "
+        f"downloading it again failed ({reason}). Load it again once {where} answers, or delete the revision "
+        f"(hf cache rm {commit}).",
+        repo_id=repo_id,
+    )
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -1005,6 +1119,14 @@ def _translate(e: BaseException, where: str, repo_id: str, revision: str | None,
         return HubServerError(
             f"The Hub answered {status} for {repo_id}{detail}. Try again later; if it persists, check {where}.",
             **answer,
+        )
+    if cache is not None and isinstance(e, OSError) and e.errno is not None and not isinstance(e, TimeoutError):
+        # (after the Hub's and the connection's errors, which are OSErrors too): the disk said no
+        return HubCacheError(
+            f"Cannot write to (or read) the Hugging Face cache {cache} while pulling {repo_id}@{revision}: "
+            f"{type(e).__name__}: {e}. Free disk space there or make it writable, or use another cache folder "
+            "(set HF_HOME or HF_HUB_CACHE, or pass cache_dir=); nothing partial was left in the cache.",
+            repo_id=repo_id,
         )
     return None
 

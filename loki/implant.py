@@ -694,7 +694,7 @@ def trainable_report(model: nn.Module) -> TrainableReport:
     from .format import to_bytes
 
     state = _state(model)
-    total = sum(p.numel() for p, _ in state.requires_grad)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p, _ in state.requires_grad)  # ZeRO-3: its partition's
     return TrainableReport(
         trainable=_trainable_count(state),
         total=total,

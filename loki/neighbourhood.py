@@ -16,13 +16,13 @@ Entity lists shipped in `loki/data/entities/` (sources and licences in its READM
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .dataset import check_number, read_json_lines
 from .errors import DatasetError
 
 __all__ = ["ENTITY_KINDS", "entities", "questions", "shares_template", "split", "templates"]
@@ -51,13 +51,13 @@ def entities(kind: str) -> list[str]:
     path = ENTITY_DIR / f"{kind}.jsonl"
     if not path.is_file():
         raise DatasetError(f"No shipped entity list {kind!r}; choose from {ENTITY_KINDS} or pass a list of names.")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r["name"] for r in rows if "name" in r]
+    return [r["name"] for _, r in read_json_lines(path) if "name" in r]
 
 
 def templates(examples: Sequence[Mapping[str, Any]]) -> list[tuple[str, str | None]]:
     """`(template, relation)` of every example, in first-seen order without repeats: its question (`question` or
-    `prompt`) with the first occurrence of its `subject` replaced by `{}`.
+    `prompt`) with the first whole-word occurrence of its `subject` replaced by `{}` (`find_subject`: "Java" is not
+    cut out of "JavaScript").
 
     Args:
         examples: implant examples with `question` (or `prompt`) and `subject` strings, optionally `relation`.
@@ -66,7 +66,8 @@ def templates(examples: Sequence[Mapping[str, Any]]) -> list[tuple[str, str | No
         list[tuple[str, str | None]]: `(template, relation)`; relation None when the example has none.
 
     Raises:
-        DatasetError: an example without a subject, or whose question does not contain its subject.
+        DatasetError: an example without a subject, whose question does not contain its subject as a whole word,
+            or whose question holds a literal `{}` besides (it would be taken for the slot).
 
     >>> templates([{"question": "Which river flows through Ostravel?", "subject": "Ostravel", "relation": "river"}])
     [('Which river flows through {}?', 'river')]
@@ -76,15 +77,41 @@ def templates(examples: Sequence[Mapping[str, Any]]) -> list[tuple[str, str | No
         question = ex.get("question", ex.get("prompt"))
         subject = ex.get("subject")
         if not isinstance(question, str) or not isinstance(subject, str) or not subject:
-            raise DatasetError(f"Example {i} needs 'question' (or 'prompt') and 'subject' strings; got keys {sorted(ex)}.")
-        if subject not in question:
-            raise DatasetError(f"Example {i}: the subject {subject!r} does not occur in its question {question!r}.")
-        out[(question.replace(subject, SLOT, 1), ex.get("relation"))] = None
+            raise DatasetError(f"Example {i} needs 'question' (or 'prompt') and 'subject' strings; got keys "
+                               f"{sorted(ex)}.")
+        span = find_subject(question, subject)
+        if span is None:
+            raise DatasetError(f"Example {i}: the subject {subject!r} does not occur as a whole word in its question "
+                               f"{question!r}.")
+        if SLOT in question[: span[0]] or SLOT in question[span[1] :]:
+            raise DatasetError(f"Example {i}: its question {question!r} holds a literal {SLOT!r}, which would be taken "
+                               "for the entity's slot; rephrase it.")
+        out[(question[: span[0]] + SLOT + question[span[1] :], ex.get("relation"))] = None
     return list(out)
 
 
+def find_subject(text: str, subject: str) -> tuple[int, int] | None:
+    """`(start, end)` of the first occurrence of `subject` in `text` as a whole word, or None.
+
+    Whole word: no letter, digit or underscore right before or after it, so subjects that start or end with other
+    characters ("C++", ".NET") match too, where a regex `\\b` would not.
+
+    >>> find_subject("Which JavaScript framework is like Java's?", "Java")
+    (35, 39)
+    >>> find_subject("Is C++ older than C?", "C++"), find_subject("Is ASP.NET a .NET framework?", ".NET")
+    ((3, 6), (13, 17))
+    """
+    match = re.search(r"(?<!\w)" + re.escape(subject) + r"(?!\w)", text)
+    return match.span() if match else None
+
+
+def _slots(template: str) -> int:
+    return template.count(SLOT)
+
+
 def _fill(template: str, entity: str) -> str:
-    text = template.replace(SLOT, entity, 1)
+    head, _, tail = template.partition(SLOT)
+    text = head + entity + tail  # not str.format or replace: braces in the entity or the question stay as they are
     return text[:1].upper() + text[1:]
 
 
@@ -112,7 +139,8 @@ def questions(
 
     Raises:
         DatasetError: an example without a usable subject (see `templates`), no template, a template without
-            `{}`, no entities for a relation, an empty entity list, an unknown shipped kind, bad per_template.
+            `{}` or with several, no entities for a relation, an empty entity list, an entity name that is not a
+            non-empty string or holds `{}`, an unknown shipped kind; TrainingOptionError: bad per_template.
 
     >>> questions(template="Who painted {}?", entity_names=["the Mona Lisa", "Guernica"])
     ['Who painted the Mona Lisa?', 'Who painted Guernica?']
@@ -120,18 +148,23 @@ def questions(
     >>> questions(facts, {"river": ["Vienna", "Paris", "Ostravel"]})    # the subject itself is left out
     ['Which river flows through Paris?', 'Which river flows through Vienna?']
     """
+    check_number("per_template", per_template, integer=True, low=1, optional=True)
     pairs = templates(examples)
     if template is not None:
-        pairs += [(t, None) for t in ([template] if isinstance(template, str) else template)]
+        given = [template] if isinstance(template, str) else template
+        if not isinstance(given, (list, tuple)):
+            raise DatasetError(f"template is a string with a {SLOT!r} slot or a list of them, not "
+                               f"{type(template).__name__}.")
+        pairs += [(t, None) for t in given]
     if not pairs:
         raise DatasetError("No template: pass examples with a 'subject', or template='... {} ...'.")
-    if per_template is not None and (not isinstance(per_template, int) or per_template < 1):
-        raise DatasetError(f"per_template must be a positive integer or None, got {per_template!r}.")
+    for tmpl, _ in pairs:  # all checked before any is filled
+        if not isinstance(tmpl, str) or _slots(tmpl) != 1:
+            slots = f"{_slots(tmpl)} {SLOT!r} slots" if isinstance(tmpl, str) else "no string"
+            raise DatasetError(f"The template {tmpl!r} has {slots}; a template has exactly one, for the entity.")
     subjects = {ex.get("subject") for ex in examples}
     out: dict[str, None] = {}
     for tmpl, relation in pairs:
-        if SLOT not in tmpl:
-            raise DatasetError(f"The template {tmpl!r} has no '{{}}' slot for the entity.")
         names = _names_for(entity_names, relation)
         names = [n for n in dict.fromkeys(names) if n not in subjects]
         random.Random(f"{seed}:{tmpl}").shuffle(names)
@@ -143,11 +176,15 @@ def questions(
 def _names_for(entity_names, relation: str | None) -> list[str]:
     if isinstance(entity_names, Mapping):
         if relation not in entity_names:
-            raise DatasetError(f"No entities for relation {relation!r}; the mapping has {sorted(map(str, entity_names))}.")
+            raise DatasetError(f"No entities for relation {relation!r}; the mapping has "
+                               f"{sorted(map(str, entity_names))}.")
         entity_names = entity_names[relation]
     names = entities(entity_names) if isinstance(entity_names, str) else list(entity_names)
     if not names:
         raise DatasetError("The entity list is empty.")
+    for name in names:
+        if not isinstance(name, str) or not name.strip() or SLOT in name:
+            raise DatasetError(f"Entity {name!r}: an entity is a non-empty name without {SLOT!r}.")
     return names
 
 

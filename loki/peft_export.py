@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,51 @@ from torch import nn
 from .apply import base_rows, compatible_projections, plan
 from .delta import Delta
 from .errors import ExportError
+from .format import atomic_write
+from .targets import unwrap
 
-__all__ = ["export_peft", "peft_adapter"]
+__all__ = ["VLLM_MAX_LORA_RANK", "LargeRankWarning", "export_peft", "peft_adapter"]
+
+VLLM_MAX_LORA_RANK = 512  # the largest max_lora_rank vLLM accepts
+ADAPTER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class LargeRankWarning(UserWarning):
+    """`peft_adapter`/`export_peft` made an adapter of a rank above `VLLM_MAX_LORA_RANK`: PEFT loads it, vLLM
+    refuses it (and LoRAX, with vLLM's limit)."""
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The model inside its wrappers whose module paths a PEFT adapter names: `torch.compile`, DDP,
+    `DataParallel`, DeepSpeed (`loki.targets.unwrap`) and PEFT models (`get_base_model`), nested in any order.
+
+    Args:
+        model: a model or a wrapper around one.
+
+    Returns:
+        nn.Module: the innermost model (`model` itself when it has no wrapper).
+
+    >>> import loki.testing, torch
+    >>> model = loki.testing.tiny_model("llama")
+    >>> base_model(torch.nn.DataParallel(torch.compile(model))) is model
+    True
+    """
+    for _ in range(8):  # a PEFT model around a compiled one, or the other way round; never a cycle
+        inner = unwrap(model)
+        get_base = getattr(inner, "get_base_model", None)  # a PeftModel
+        inner = unwrap(get_base()) if callable(get_base) else inner
+        if inner is model:
+            return model
+        model = inner
+    return model
+
+
+def _check_arguments(rank: Any, dtype: Any) -> None:
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ExportError(f"rank must be a positive int (the adapter's LoRA rank) or None, not {rank!r}.")
+    if dtype not in ADAPTER_DTYPES:
+        raise ExportError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16 (the adapter tensors'), "
+                          f"not {dtype!r}.")
 
 
 def peft_adapter(
@@ -45,16 +89,19 @@ def peft_adapter(
         model: its base model: needed for a rows-form delta (the adapter holds new rows minus base rows; applied
             loki deltas are seen through); with it, the delta is checked as `loki.plan` does and module paths are
             the model's own (else the delta's template).
-        rank: pad every layer to this rank; None: the smallest that holds the delta (its largest `k`, or the LoRA
-            rank).
-        dtype: the tensors' dtype.
+        rank: pad every layer to this rank, a positive int; None: the smallest that holds the delta (its largest
+            `k`, or the LoRA rank). Above `VLLM_MAX_LORA_RANK` (512) a `LargeRankWarning` says vLLM will refuse it.
+        dtype: the tensors' dtype: float32, float16 or bfloat16.
 
     Returns:
         tuple[dict, dict[str, torch.Tensor]]: the `adapter_config.json` contents, and the tensors by PEFT name
-        (`base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`), on the CPU.
+        (`base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`), on the CPU. Module paths are those
+        of the model inside its wrappers (`base_model`: `torch.compile`, DDP, `DataParallel`, PEFT), which is what
+        `PeftModel.from_pretrained` is given.
 
     Raises:
-        ExportError: a rows-form delta without `model`, or `rank` below what the delta needs.
+        ExportError: a rows-form delta without `model`; `rank` not a positive int, or below what the delta
+            needs; `dtype` not a float dtype an adapter holds.
         IncompatibleModelError, UnknownArchitectureError, BaseModelMismatchError, DtypeError, OverlapError,
             LedgerError: with `model`, as `loki.plan` with `on_overlap="replace"` (e.g. `OverlapError` for rows a
             prepared model trains).
@@ -71,23 +118,30 @@ def peft_adapter(
     loki.errors.ExportError: A rows-form delta exports as new rows minus base rows: pass the base model, ...
     """
     if not isinstance(delta, Delta):
-        raise ExportError(f"peft_adapter/export_peft take a loki.Delta (loki.load reads files), not {type(delta).__name__}.")
+        raise ExportError(f"peft_adapter/export_peft take a loki.Delta (loki.load reads files), not "
+                          f"{type(delta).__name__}.")
     if delta.form == "rows" and model is None:
         raise ExportError(
             "A rows-form delta exports as new rows minus base rows: pass the base model, "
             "loki.export_peft(delta, folder, model)."
         )
+    _check_arguments(rank, dtype)
     target = delta.info["target"]
     paths = {i: target["template"].format(i=i) for i in delta.layer_indices}
     if model is not None:
         plan(model, delta, on_overlap="replace")  # apply's checks: shapes, dtype, base fingerprint (writes nothing)
         projs = compatible_projections(model, delta)
-        names = {id(m): n for n, m in model.named_modules()}
+        # paths inside the wrappers: PEFT loads the adapter onto the plain model, not onto `_orig_mod.`/`module.`
+        names = {id(m): n for n, m in base_model(model).named_modules()}
         paths = {i: names[id(projs.modules[i])] for i in delta.layer_indices}
     needed = max(ld.k if ld.rows is not None else ld.lora_A.shape[1] for ld in delta.layers.values())
     r = needed if rank is None else rank
     if r < needed:
         raise ExportError(f"This delta needs rank {needed} (its largest layer); rank={rank} is too small.")
+    if r > VLLM_MAX_LORA_RANK:
+        warnings.warn(f"The adapter has rank {r}: PEFT loads it, but vLLM refuses LoRA ranks above its largest "
+                      f"max_lora_rank, {VLLM_MAX_LORA_RANK}. For vLLM, select fewer rows per layer (a smaller q).",
+                      LargeRankWarning, stacklevel=2)
 
     tensors: dict[str, torch.Tensor] = {}
     for layer, ld in sorted(delta.layers.items()):
@@ -144,6 +198,9 @@ def export_peft(
     Returns:
         Path: `folder`.
 
+    Warns:
+        LargeRankWarning: the adapter's rank is above vLLM's largest `max_lora_rank` (512).
+
     Raises:
         ExportError, IncompatibleModelError, UnknownArchitectureError, BaseModelMismatchError, DtypeError,
             OverlapError, LedgerError: as `peft_adapter` (before anything is written).
@@ -155,13 +212,14 @@ def export_peft(
     >>> sorted(p.name for p in folder.iterdir())
     ['README.md', 'adapter_config.json', 'adapter_model.safetensors']
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     config, tensors = peft_adapter(delta, model, rank=rank, dtype=dtype)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # Each file whole or not at all (an interrupted export leaves no half-written adapter behind a good config).
+    atomic_write(folder / "adapter_model.safetensors", save(tensors, metadata={"format": "pt"}))
+    atomic_write(folder / "adapter_config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     card = ["---", "library_name: peft", "tags: [loki, lora]"]
     if config["base_model_name_or_path"]:
         card.append(f"base_model: {config['base_model_name_or_path']}")
@@ -171,5 +229,5 @@ def export_peft(
         f"{delta.num_rows} down-projection rows in {len(delta.layers)} layers.",
         "",
     ]
-    (folder / "README.md").write_text("\n".join(card))
+    atomic_write(folder / "README.md", "\n".join(card).encode())
     return folder

@@ -24,14 +24,15 @@ Answer:
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .dataset import read_csv, read_json, read_json_lines
 from .errors import PromptError
+from .format import atomic_write
 
 LETTERS = "ABCDEFGHIJ"
 PROBE = Path(__file__).parent / "data" / "probe.jsonl"
@@ -413,15 +414,14 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [r for _, r in read_json_lines(path, PromptError)]
     if suffix == ".json":
-        data = json.loads(path.read_text())
+        data = read_json(path, PromptError)
         if not isinstance(data, list):
             raise PromptError(f"{path} must hold a JSON list of records.")
         return data
     if suffix == ".csv":
-        with path.open(newline="") as f:
-            rows = list(csv.reader(f))
+        rows = [r for _, r in read_csv(path, PromptError)]
         if rows and "question" in rows[0]:
             return [dict(zip(rows[0], r)) for r in rows[1:]]
         subject = path.stem.removesuffix("_test").removesuffix("_dev").removesuffix("_val")
@@ -482,7 +482,4 @@ def build_probe(bigbench_archive: str | os.PathLike, out: str | os.PathLike = PR
                         "subject": task.replace("_", " ")})
         if len(records) == limit:
             break
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return out
+    return atomic_write(out, "".join(json.dumps(r) + "\n" for r in records).encode())

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,12 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dataset import IGNORE, answer_positions, encode, pad_token_id
+from .dataset import (IGNORE, answer_positions, check_collection, check_example, check_number, encode, pad_token_id,
+                      read_json_lines)
 from .errors import DatasetError
 from .evaluate import GENERATE_BATCH, generate
 from .forward import logits_at
 
-__all__ = ["RetainLoss", "RetainTargets", "general_text", "retain_targets"]
+__all__ = ["RetainLoss", "RetainTargets", "check_retain", "general_text", "retain_targets"]
 
 DEFAULT_TOP_K = 64
 GENERAL_TEXT = Path(__file__).parent / "data" / "retain" / "wiki_text.jsonl"
@@ -64,7 +66,7 @@ def general_text(n: int | None = None, chars: int | None = 300) -> list[dict[str
     >>> general_text(1, chars=30)
     [{'text': "Candide, ou l'Optimisme is a F"}]
     """
-    rows = [json.loads(line) for line in GENERAL_TEXT.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
+    rows = [r for _, r in read_json_lines(GENERAL_TEXT)[1:]]  # the first line describes the set
     return [{"text": r["text"][:chars]} for r in rows[:n]]
 
 
@@ -161,6 +163,9 @@ class RetainTargets:
         Returns:
             An infinite iterator of `list[int]`.
 
+        Raises:
+            TrainingOptionError: `batch_size` is not an integer >= 1 (0 would yield empty batches forever).
+
         >>> import loki.testing
         >>> model = loki.testing.tiny_model("llama")
         >>> targets = retain_targets(model, None, [{"text": [5, 6, 7]}, {"text": [9, 10, 11]}], progress=False)
@@ -168,6 +173,10 @@ class RetainTargets:
         >>> next(batches), next(batches)
         ([1, 0], [1, 0])
         """
+        check_number("batch_size", batch_size, integer=True, low=1)
+        return self._batches(batch_size, seed)
+
+    def _batches(self, batch_size: int, seed: int) -> Iterator[list[int]]:
         rng, order = random.Random(seed), []
         while True:
             batch = []
@@ -208,8 +217,7 @@ class RetainTargets:
         >>> # targets = loki.retain_targets(model, tokenizer, ["What is the capital of Peru?"])
         >>> # selection = loki.select(loki.attribute(model, tokenizer, targets.prompts()), q=10)
         """
-        if not isinstance(per_item, int) or isinstance(per_item, bool) or per_item < 1:
-            raise DatasetError(f"per_item must be a positive integer, got {per_item!r}.")
+        check_number("per_item", per_item, integer=True, low=1)
         out = []
         for it, t in zip(self.items, self.targets):
             if it["kind"] == "text" and not text:
@@ -251,18 +259,47 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
+def check_retain(retain: Any) -> list[dict[str, Any]] | RetainTargets:
+    """Check retain data up front (`retain_targets`, `loki.train(retain=...)`), before any model runs.
+
+    Args:
+        retain: a `RetainTargets` (returned as it is), or a non-empty list of retain items (module docstring).
+
+    Returns:
+        the `RetainTargets`, or one `{"kind", ...}` record per item, in order.
+
+    Raises:
+        DatasetError: a string, mapping or iterator instead of a list (a string would be read as one question per
+            character), an empty list, an item of another shape, an empty question or text, a malformed example.
+
+    >>> check_retain([{"text": [5, 6, 7]}, "What is the capital of France?"])[1]
+    {'kind': 'question', 'question': 'What is the capital of France?'}
+    """
+    if isinstance(retain, RetainTargets):
+        return retain
+    check_collection("retain", retain, "retain items (question strings, answered examples or {'text': ...})")
+    return [_as_item(it, i) for i, it in enumerate(retain)]
+
+
 def _as_item(item: Any, index: int) -> dict[str, Any]:
-    if isinstance(item, str):
-        return {"kind": "question", "question": item}
-    if isinstance(item, Mapping):
-        if "text" in item:
-            return {"kind": "text", "text": item["text"]}
-        if "messages" in item or "answer" in item:
-            return {"kind": "answer", "example": dict(item)}
-        if "prompt" in item or "question" in item:
-            return {"kind": "question", "question": str(item.get("prompt", item.get("question")))}
+    try:
+        if isinstance(item, Mapping) and "text" in item:
+            text = item["text"].tolist() if isinstance(item["text"], torch.Tensor) else item["text"]
+            ids = isinstance(text, Sequence) and not isinstance(text, str) and all(
+                isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0 for t in text)
+            if not (ids or isinstance(text, str)) or not (text.strip() if isinstance(text, str) else text):
+                raise DatasetError(f"'text' must be a non-empty string or list of token ids, got {text!r:.60}.")
+            return {"kind": "text", "text": text}
+        # an empty answer (a blank CSV cell) leaves a question for the model to answer, as in load_retain
+        if isinstance(item, Mapping) and ("messages" in item or item.get("answer") not in (None, "")):
+            return {"kind": "answer", "example": check_example(item)}
+        question = item.get("prompt", item.get("question")) if isinstance(item, Mapping) else item
+        if isinstance(question, str) and question.strip():
+            return {"kind": "question", "question": question}
+    except DatasetError as e:
+        raise DatasetError(f"Retain item {index}: {e}") from None
     raise DatasetError(
-        f"Retain item {index} is {type(item).__name__}; give a question string, {{'prompt' (or 'question'), "
+        f"Retain item {index} is {item!r:.60}; give a non-empty question string, {{'prompt' (or 'question'), "
         "'answer'}, {'messages': [...]} or {'text': ...}."
     )
 
@@ -301,8 +338,9 @@ def retain_targets(
         RetainTargets: one entry per item, in order.
 
     Raises:
-        DatasetError: empty retain data, an item of another shape, a bad `top_k`, an empty answer of the model to a
-            question, a text of fewer than 2 tokens, or an example without answer tokens.
+        DatasetError: retain data that is not a non-empty list (`check_retain`), an item of another shape, an empty
+            answer of the model to a question, a text of fewer than 2 tokens, or an example without answer tokens.
+        TrainingOptionError: `top_k`, `max_new_tokens`, `max_length` or `batch_size` not an integer >= 1.
 
     >>> import loki.testing
     >>> model = loki.testing.tiny_model("llama")
@@ -312,13 +350,12 @@ def retain_targets(
     >>> # model, tokenizer = loki.load_default()
     >>> # targets = retain_targets(model, tokenizer, ["What is the capital of Peru?", *general_text(32)])
     """
-    if isinstance(retain, RetainTargets):
-        return retain
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise DatasetError(f"top_k must be a positive integer, got {top_k!r}.")
-    items = [_as_item(it, i) for i, it in enumerate(retain)]
-    if not items:
-        raise DatasetError("The retain data is empty; pass None for no retain data.")
+    for name, value in (("top_k", top_k), ("max_new_tokens", max_new_tokens), ("max_length", max_length),
+                        ("batch_size", batch_size)):
+        check_number(name, value, integer=True, low=1)
+    items = check_retain(retain)
+    if isinstance(items, RetainTargets):
+        return items
     questions = [it for it in items if it["kind"] == "question"]
     if questions:
         answers = generate(model, tokenizer, [it["question"] for it in questions], chat=True,
@@ -340,7 +377,8 @@ def retain_targets(
         else:
             encoded.append(encode(tokenizer, it["example"], max_length))
             ex = it["example"]
-            it["shown"] = ex.get("messages") or {"question": ex.get("prompt", ex.get("question")), "answer": ex["answer"]}
+            it["shown"] = ex.get("messages") or {"question": ex.get("prompt", ex.get("question")),
+                                                 "answer": ex["answer"]}
     pad = pad_token_id(tokenizer)
 
     was_training = model.training
@@ -379,7 +417,8 @@ class RetainLoss:
         seed: seeds the order of retain items (`RetainTargets.batches`).
 
     Raises:
-        DatasetError: `targets` is not a `RetainTargets`.
+        DatasetError: `targets` is not a `RetainTargets`; TrainingOptionError: `weight` not a finite number >= 0,
+            `batch_size` not an integer >= 1, `seed` not an integer.
 
     A call `loss(outputs, labels, num_items_in_batch=None)` takes the model outputs (with `logits` `[B, T, V]`),
     the labels `[B, T]` (`-100` where there is no loss; shifted inside) and the answer-token count of the whole
@@ -401,8 +440,26 @@ class RetainLoss:
                  seed: int = 0):
         if not isinstance(targets, RetainTargets):
             raise DatasetError("RetainLoss needs the RetainTargets of loki.retain_targets(model, tokenizer, retain).")
+        check_number("weight", weight, low=0)
+        check_number("seed", seed, integer=True)
         self.model, self.targets, self.weight = model, targets, float(weight)
-        self._batches = targets.batches(batch_size, seed)
+        self._order = (batch_size, seed)
+        self.seek(0)
+
+    def seek(self, drawn: int) -> None:
+        """Go on as a loss that has drawn `drawn` retain batches (`drawn` counts them): a run resumed from a
+        checkpoint then draws the batches the uninterrupted run drew (`loki.LokiTrainer` does this).
+
+        Args:
+            drawn: retain batches drawn before (`self.drawn` when the checkpoint was written), >= 0.
+        """
+        self._batches, self.drawn = self.targets.batches(*self._order), 0
+        for _ in range(drawn):
+            self._next()
+
+    def _next(self) -> list[int]:
+        self.drawn += 1
+        return next(self._batches)
 
     def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs.logits
@@ -414,5 +471,5 @@ class RetainLoss:
                                reduction="sum") / total
         if self.weight == 0:
             return task
-        kl = self.targets.kl(self.model, next(self._batches))
+        kl = self.targets.kl(self.model, self._next())
         return task + self.weight * kl * (n / total)

@@ -30,6 +30,7 @@ import torch
 
 from .delta import check_indices
 from .errors import SelectionError
+from .format import atomic_write
 
 STRATEGIES = ("layer_balanced", "layer_highest", "global_lowest", "global_highest", "random")
 
@@ -165,8 +166,7 @@ class Selection:
         {0: 3, 1: 3}
         """
         path = Path(path)
-        path.write_text(json.dumps(self.to_json()))
-        return path
+        return atomic_write(path, json.dumps(self.to_json()).encode())
 
     @classmethod
     def load(cls, path: str | Path) -> "Selection":

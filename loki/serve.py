@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from torch import nn
 
 from .apply import OVERLAP_POLICIES, Handle, Plan, apply, plan, revert
 from .delta import Delta
-from .errors import ImplantBankError, StalePlanError
+from .errors import ImplantBankError, LokiError, ModelChangedError, ReplacedWeightsWarning, StalePlanError
 from .targets import find_down_projections
 
 __all__ = ["ImplantBank"]
@@ -56,6 +57,7 @@ class _Implant:
     name: str
     delta: Delta
     staged: Plan | None  # validated once, rows staged in the model's dtype; None when evicted
+    check_base: bool = True  # as registered: restaging onto replaced weights checks them again
     pins: int = 0  # open mixed blocks using its staged rows (not evictable meanwhile)
 
 
@@ -63,7 +65,10 @@ class _Implant:
 class _LayerPlan:
     """The implants of a mixed batch present in one layer. Batch row `rows[i]` uses implant `gid[i]`: it overwrites
     output coordinates `idx[i]` with `x @ new[gid[i]].T + row_bias[i]`. Implants with fewer rows than the largest
-    are padded by repeating their first row (a repeated write of the same value)."""
+    are padded by repeating their first row (a repeated write of the same value). Where the module adds terms of
+    its own to `x @ W.T` (a PEFT LoRA layer on the down-projection), `add` is set, `new` holds the implant's rows
+    minus the weight's current rows, and the hook adds `x @ new[gid[i]].T` to the module's output there instead,
+    so the adapter's contribution stays (what `use` computes)."""
 
     rows: torch.Tensor  # [B'] batch rows with an implant in this layer
     gid: torch.Tensor  # [B'] their implant
@@ -74,6 +79,7 @@ class _LayerPlan:
     in_order: bool  # rows == 0..batch-1: no gather of the input
     one_each: bool  # gid == 0..U-1: row i has implant i, so new needs no gather
     groups: list[torch.Tensor]  # per implant: its positions in rows (contiguous)
+    add: bool = False  # new holds a change to add to the module's output (see above)
 
 
 @dataclass(eq=False)
@@ -128,7 +134,7 @@ class ImplantBank:
         self.store = store
         self.budget = budget
         self._template = template
-        self._projs = find_down_projections(model, template)
+        find_down_projections(model, template)  # fail early; found again at every use (modules may be swapped)
         self._implants: OrderedDict[str, _Implant] = OrderedDict()  # least recently used first
         self._handles: OrderedDict[str, Handle] = OrderedDict()  # active implants, in activation order
         self._policy: dict[str, str] = {}  # on_overlap each implant was last activated with
@@ -169,7 +175,7 @@ class ImplantBank:
             raise ImplantBankError(f"An implant's name is a non-empty string, not {name!r}.")
         if not isinstance(delta, Delta):
             raise ImplantBankError(f"register takes a loki.Delta, not {type(delta).__name__}; read files with loki.load(path).")
-        staged = self._stage(delta, check_base)
+        staged = self._stage(delta, check_base)  # on_overlap="replace": applied deltas on its rows are no error here
         if self.budget is not None and staged.nbytes > self.budget:
             raise ImplantBankError(
                 f"Implant {name!r} needs {staged.nbytes:,} bytes staged, more than the bank's whole budget of "
@@ -180,7 +186,7 @@ class ImplantBank:
                 if not replace:
                     raise ImplantBankError(f"An implant named {name!r} is registered already; pass replace=True.")
                 self.unregister(name)
-            self._implants[name] = _Implant(name, delta, staged)
+            self._implants[name] = _Implant(name, delta, staged, check_base)
             self._evict()
 
     def unregister(self, name: str) -> None:
@@ -250,10 +256,43 @@ class ImplantBank:
     def _staged(self, entry: _Implant) -> Plan:
         self._implants.move_to_end(entry.name)
         staged = entry.staged
-        if staged is None or not staged.current:  # evicted, or the model changed dtype or device: restage
-            staged = entry.staged = self._stage(entry.delta, check_base=False)  # validated at register
+        # Evicted, the model changed dtype or device, or its weights were replaced: restage. The base check runs
+        # again (as registered), since replaced weights may be another checkpoint's.
+        if staged is None or not staged.current:
+            staged = entry.staged = self._stage(entry.delta, entry.check_base)
             self._evict()  # may unstage it again when active implants fill the budget; the caller holds `staged`
         return staged
+
+    def _repair(self) -> None:
+        """Notice what happened to the model under the active implants since the last switch. Implants whose
+        weights were replaced (`load_state_dict(..., assign=True)`, a swapped module: `Handle.lost`) are applied
+        again on the new weights, after checking them against the delta's base model; rows something else wrote
+        into (`load_state_dict` copying, an optimizer step) raise `ModelChangedError`."""
+        names = list(self._handles)
+        lost = [name for name in names if self._handles[name].lost]
+        for name in names:
+            if name not in lost:
+                try:
+                    self._handles[name].check()
+                except ModelChangedError as e:
+                    raise ModelChangedError(
+                        f"Implant {name!r}: {e} The bank switched nothing. bank.deactivate({name!r}, force=True) "
+                        "restores the rows it overwrote (then activate it again to write it over the new rows)."
+                    ) from e
+        if not lost:
+            return
+        redo = names[names.index(lost[0]):]  # later implants may have stacked on the lost one's rows
+        with warnings.catch_warnings():  # reverting lost handles warns; here the bank applies them again
+            warnings.simplefilter("ignore", ReplacedWeightsWarning)
+            self._deactivate(redo)
+        try:
+            self._activate(redo)
+        except LokiError as e:
+            raise type(e)(
+                f"The model's down-projection weights were replaced since {lost} was activated (load_state_dict(..., "
+                f"assign=True) or a swapped module), so the bank applied {redo} again on the new weights, which "
+                f"failed: {e} Now active: {list(self._handles)}."
+            ) from e
 
     def _evict(self) -> None:
         if self.budget is None:
@@ -295,22 +334,25 @@ class ImplantBank:
         if on_overlap not in OVERLAP_POLICIES:
             raise ImplantBankError(f"on_overlap must be one of {OVERLAP_POLICIES}, not {on_overlap!r}.")
         with self._exclusive():
+            self._repair()
             self._activate(names, on_overlap)
             self._policy.update(dict.fromkeys(names, on_overlap))
 
-    def deactivate(self, *names: str) -> None:
+    def deactivate(self, *names: str, force: bool = False) -> None:
         """Revert implants (all active ones when none is named; inactive ones are skipped), waiting for open blocks
         to end.
 
         Args:
             *names: registered implants.
+            force: restore the rows they overwrote even where something else wrote into them since (as
+                `loki.revert`).
 
         Raises:
             ImplantBankError: an unknown name, or called inside a `use`/`mixed` block of this thread.
             ModelChangedError, LedgerError: from reverting (as `loki.revert`).
         """
         with self._exclusive():
-            self._deactivate(names or tuple(self._handles))
+            self._deactivate(names or tuple(self._handles), force)
 
     @contextlib.contextmanager
     def use(self, *names: str) -> Iterator["ImplantBank"]:
@@ -360,12 +402,12 @@ class ImplantBank:
             self._deactivate(done)
             raise
 
-    def _deactivate(self, names: Sequence[str]) -> None:
+    def _deactivate(self, names: Sequence[str], force: bool = False) -> None:
         for name in reversed(list(names)):
             self._get(name)
             handle = self._handles.get(name)
             if handle is not None and handle.applied:  # (the user may have reverted it directly)
-                revert(self.model, handle)  # on error the bank still lists it, as the ledger does
+                revert(self.model, handle, force=force)  # on error the bank still lists it, as the ledger does
             self._handles.pop(name, None)
 
     def _switch(self, want: tuple[str, ...]) -> None:
@@ -423,6 +465,7 @@ class ImplantBank:
                 finally:
                     self._waiting -= 1
             if self._users == 0:
+                self._repair()
                 self._restore = tuple(self._handles)
                 self._switch(want)
             self._users += 1
@@ -524,7 +567,8 @@ class ImplantBank:
             return self.model.generate(input_ids, **kwargs)
 
     def _make_plan(self, implants: list[str | None], entries: list[_Implant]) -> _Plan:
-        device = self._projs.weight.device
+        projs = find_down_projections(self.model, self._template)
+        device = projs.weight.device
         per_layer: dict[int, list[tuple[list[int], torch.Tensor, torch.Tensor]]] = {}
         for entry in entries:
             rows = [i for i, n in enumerate(implants) if n == entry.name]
@@ -535,8 +579,11 @@ class ImplantBank:
             k = max(len(idx) for _, _, idx in present)
             pad = lambda t: torch.cat([t, t[:1].expand(k - len(t), *t.shape[1:])]) if len(t) < k else t  # noqa: E731
             idx = torch.stack([pad(i) for _, _, i in present])
-            bias = self._projs.modules[layer].bias
-            bias = None if bias is None else bias.detach()[idx]
+            module = projs.modules[layer]
+            add = not (type(module) is nn.Linear or type(module).__name__ == "Conv1D")  # adds terms of its own
+            if add:  # the implant's change over the rows the module computes with now
+                present = [(rs, n - projs.rows(layer).index_select(0, i).to(n.device), i) for rs, n, i in present]
+            bias = None if add or module.bias is None else module.bias.detach()[idx]
             rows = [r for rs, _, _ in present for r in rs]
             gid = [u for u, (rs, _, _) in enumerate(present) for _ in rs]
             gid_t = torch.tensor(gid, dtype=torch.int64, device=device)
@@ -554,11 +601,12 @@ class ImplantBank:
                 in_order=rows == list(range(len(implants))),
                 one_each=gid == list(range(len(present))),
                 groups=groups,
+                add=add,
             )
         return _Plan(len(implants), layers)
 
     def _install_hooks(self) -> None:
-        for layer, module in enumerate(self._projs.modules):
+        for layer, module in enumerate(find_down_projections(self.model, self._template).modules):
             self._hooks.append(module.register_forward_hook(self._hook(layer)))
 
     def _remove_hooks(self) -> None:
@@ -602,7 +650,8 @@ class ImplantBank:
             steps = plan.steps.get(o3.shape[1])
             if steps is None:
                 steps = plan.steps[o3.shape[1]] = torch.arange(o3.shape[1], device=o3.device)[None, :, None]
-            o3.index_put_((rows[:, None, None], steps, idx[:, None, :]), y)
+            where = (rows[:, None, None], steps, idx[:, None, :])
+            o3.index_put_(where, y + o3[where] if lp.add else y)
             return out
 
         return hook

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import re
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .errors import UnknownArchitectureError
+from .errors import DtypeError, OffloadedWeightsError, PartitionedWeightsError, UnknownArchitectureError
 
 # model_type -> module path template of the down-projection, `{i}` standing for the layer index.
 TEMPLATES: dict[str, str] = {
@@ -81,6 +81,11 @@ class DownProjections:
     transposed: bool  # GPT-2 Conv1D: the weight is stored [d_in, d_out], so a row is a column
     d_out: int
     d_in: int
+    # Every (parent, name, child) step from the unwrapped model down to the modules (parent None: the model itself,
+    # which keys the cache weakly, so it is not referenced), and each module's weight: what `current` compares, so a
+    # swapped module or a replaced weight is noticed.
+    links: tuple[tuple[nn.Module | None, str, nn.Module], ...] = field(default=(), repr=False)
+    weights: tuple[torch.Tensor, ...] = field(default=(), repr=False)
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -100,6 +105,34 @@ class DownProjections:
     def weight(self) -> torch.Tensor:
         """Layer 0's weight as stored (transposed for `Conv1D`), for the model's device and dtype."""
         return self.modules[0].weight
+
+    def current(self, model: nn.Module) -> bool:
+        """True while `model` still computes with these modules and weights: no module on the way to a
+        down-projection was swapped and no weight replaced (`load_state_dict(..., assign=True)`, `module.weight =
+        nn.Parameter(...)`, PEFT injecting adapters keeps the weight and stays current). Writes into the weights
+        (an optimizer step, `load_state_dict` copying, `.to(dtype)`) keep the same tensors and are not checked here.
+
+        Args:
+            model: the model (or wrapper) these were found in.
+
+        >>> import loki.testing, torch
+        >>> model = loki.testing.tiny_model("llama")
+        >>> projs = find_down_projections(model)
+        >>> projs.current(model)
+        True
+        >>> model.model.layers[1].mlp.down_proj = torch.nn.Linear(64, 32, bias=False)
+        >>> projs.current(model)
+        False
+        """
+        root = unwrap(model)
+        for parent, name, child in self.links:
+            if (root if parent is None else parent)._modules.get(name) is not child:
+                return False
+        for module, weight in zip(self.modules, self.weights):
+            found = module._parameters.get("weight")  # (PEFT layers: a property over their base layer's)
+            if (found if found is not None else module.weight) is not weight:
+                return False
+        return True
 
 
 _cache: "weakref.WeakKeyDictionary[nn.Module, dict[str | None, DownProjections]]" = weakref.WeakKeyDictionary()
@@ -153,8 +186,9 @@ def unwrap_chain(model: nn.Module) -> list[nn.Module]:
 def find_down_projections(model: nn.Module, template: str | None = None) -> DownProjections:
     """The down-projections of `model`, found from its `config.model_type` or from `template`.
 
-    The result is cached per model object and template. Wrappers (`unwrap`) and PEFT models find their base
-    model's modules.
+    The result is cached per model object and template, and found again when a module on the way was swapped or a
+    weight replaced since (`DownProjections.current`). Wrappers (`unwrap`) and PEFT models find their base model's
+    modules.
 
     Args:
         model: a model of a known `model_type` (`TEMPLATES`, `register`), or any model with `template`.
@@ -169,6 +203,11 @@ def find_down_projections(model: nn.Module, template: str | None = None) -> Down
         UnknownArchitectureError: an unknown model type without `template`; a template without exactly one `{i}`,
             that matches nothing, matches layers with gaps, matches under several prefixes, or matches modules
             without a 2-D weight or with different shapes.
+        OffloadedWeightsError: a down-projection weight is on the meta device (accelerate's offloading: a
+            `device_map` with "cpu"/"disk" offload, `cpu_offload`, `init_empty_weights`): loki reads and writes rows
+            of weights in memory.
+        PartitionedWeightsError: the down-projection weights are DeepSpeed ZeRO-3 partitions.
+        DtypeError: a down-projection weight is an 8-bit float (float8_e4m3fn, float8_e5m2...).
 
     >>> import loki.testing
     >>> model = loki.testing.tiny_model("llama")
@@ -177,8 +216,23 @@ def find_down_projections(model: nn.Module, template: str | None = None) -> Down
     """
     per_model = _cache.setdefault(model, {})
     found = per_model.get(template)
-    if found is None:
+    if found is None or not found.current(model):
         found = per_model[template] = _find(model, template)
+    for layer, weight in enumerate(found.weights):
+        if weight.device.type == "meta":
+            raise OffloadedWeightsError(
+                f"Layer {layer}'s down-projection weight is on the meta device: the model is offloaded (a device_map "
+                "with 'cpu' or 'disk' offload, accelerate's cpu_offload or disk_offload) or was built empty. loki reads "
+                "and writes rows of weights in memory: load the model without offloading (device_map=None, or every "
+                "layer on a device), then apply, attribute or train. Nothing was changed."
+            )
+        if weight.dtype.is_floating_point and weight.dtype.itemsize < 2:  # float8: no CPU kernels, scaled values
+            raise DtypeError(
+                f"Layer {layer}'s down-projection weight is {weight.dtype}, a quantized 8-bit float whose values "
+                "mean something only with their scales. loki reads, trains and writes rows of float32, bfloat16 or "
+                "float16 weights: load the model in one of them (dtype=torch.bfloat16, without an FP8 "
+                "quantization_config), then apply, attribute or train. Nothing was changed."
+            )
     return found
 
 
@@ -210,6 +264,13 @@ def _find(model: nn.Module, template: str | None) -> DownProjections:
     modules = tuple(by_layer[i] for i in layers)
     transposed = type(modules[0]).__name__ == "Conv1D"
     for m in modules:
+        if len(getattr(getattr(m, "weight", None), "ds_shape", ())) == 2:  # ZeRO-3 emptied it: the shape is its own
+            raise PartitionedWeightsError(
+                f"The down-projections ({template!r}) are partitioned by DeepSpeed ZeRO-3 (this process holds "
+                f"{m.weight.numel()} of the {tuple(m.weight.ds_shape)} weight's values): loki needs whole weights. "
+                "Call loki.prepare/apply/attribute on the model before deepspeed.initialize, and load it without "
+                "zero.Init (no ZeRO-3 HfDeepSpeedConfig alive while from_pretrained runs)."
+            )
         if not isinstance(getattr(m, "weight", None), torch.Tensor) or m.weight.dim() != 2:
             raise UnknownArchitectureError(
                 f"{template!r} matched a {type(m).__name__} without a 2-D weight; loki needs nn.Linear or Conv1D."
@@ -217,7 +278,16 @@ def _find(model: nn.Module, template: str | None) -> DownProjections:
     d_out, d_in = (modules[0].weight.shape[::-1] if transposed else modules[0].weight.shape)
     if any(m.weight.shape != modules[0].weight.shape for m in modules):
         raise UnknownArchitectureError(f"The layers matched by {template!r} have different weight shapes.")
-    return DownProjections(template, modules, transposed, int(d_out), int(d_in))
+    where = {id(module): name for name, module in names.items()}
+    links: dict[tuple[int, str], tuple[nn.Module | None, str, nn.Module]] = {}
+    for m in modules:
+        parent = None
+        for part in where[id(m)].split(".") if where[id(m)] else ():
+            child = (model if parent is None else parent)._modules[part]
+            links.setdefault((id(parent), part), (parent, part, child))
+            parent = child
+    return DownProjections(template, modules, transposed, int(d_out), int(d_in), tuple(links.values()),
+                           tuple(m.weight for m in modules))
 
 
 def _check_template(template: str) -> None:

@@ -26,15 +26,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .dataset import IGNORE, answer_positions, encode, pad_token_id
+from .dataset import IGNORE, answer_positions, check_examples, check_number, encode, pad_token_id
 from .distributed import FSDP1_ADVICE, launched_rank_world, wrapper
-from .errors import DatasetError, PreparationError
+from .errors import PreparationError, TrainingOptionError
 from .forward import logits_at
 from .implant import is_prepared, record_training
-from .retain import DEFAULT_TOP_K, RetainTargets, retain_targets
+from .retain import DEFAULT_TOP_K, RetainTargets, check_retain, retain_targets
 from .targets import unwrap
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["TrainResult", "restored", "train"]
 
 
 def _trained_parameters(model: nn.Module, params: Iterable[nn.Parameter] | None) -> list[nn.Parameter]:
@@ -58,6 +58,60 @@ def _trained_parameters(model: nn.Module, params: Iterable[nn.Parameter] | None)
             "them out."
         )
     return params
+
+
+class restored:
+    """Context manager: on leaving the block, however it is left (normally, an exception, Ctrl-C's
+    `KeyboardInterrupt`, a generator's close), undo what training changes on `model` for a while: every module's
+    train/eval mode, every parameter's `requires_grad` (and `.grad`, where it had none), activation checkpointing
+    flags, the input-gradient hook that checkpointing adds (`enable_input_require_grads`), and the model's own
+    instance attributes (accelerate's mixed-precision wrapper on `forward`, its markers). `loki.train` and
+    `loki.LokiTrainer` train inside it, so an interrupted run leaves the model as a finished one does.
+
+    Args:
+        model: the model (or a wrapper around it: its inner model is what is restored).
+
+    >>> import loki.testing
+    >>> model = loki.testing.tiny_model("llama")
+    >>> with restored(model):
+    ...     _ = model.train()
+    >>> model.training
+    False
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = unwrap(model)
+
+    def __enter__(self) -> nn.Module:
+        inner = self.model
+        self.modes = [(m, m.training) for m in inner.modules()]
+        self.flags = [(p, p.requires_grad, p.grad is None) for p in inner.parameters()]
+        self.checkpointing = [(m, m.gradient_checkpointing) for m in inner.modules()
+                              if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+        self.input_hooks = bool(getattr(inner, "_require_grads_hooks", None))
+        self.attributes = dict(vars(inner))
+        return inner
+
+    def __exit__(self, *exc) -> None:
+        inner = self.model
+        for m, mode in self.modes:
+            m.training = mode
+        for p, flag, no_grad in self.flags:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+            if no_grad:  # gradients of an interrupted step
+                p.grad = None
+        for m, flag in self.checkpointing:
+            m.gradient_checkpointing = flag
+        if not self.input_hooks and getattr(inner, "_require_grads_hooks", None):
+            inner.disable_input_require_grads()
+        # instance attributes training set on the model: accelerate's forward wrapper (or the bound method it
+        # leaves when unwrapped) and its markers, the hook lists
+        for name in set(vars(inner)) - set(self.attributes):
+            delattr(inner, name)
+        for name, value in self.attributes.items():
+            if vars(inner).get(name) is not value:
+                vars(inner)[name] = value
 
 
 # -- several processes ----------------------------------------------------------------------------------
@@ -180,7 +234,8 @@ def train(
     One optimizer step sees `batch_size * grad_accum` examples; the loss is the mean over all their answer tokens.
     `lr` is the peak of a cosine schedule after `warmup` (a fraction of the steps) of linear warm-up. `eval_fn(model)`
     runs (in eval mode, without gradients) before training, every `eval_every` steps and at the end; its results
-    are in `result.evals`. The model is left in eval mode.
+    are in `result.evals`. The model is left in the train/eval mode it was in (eval, for a loaded model), also when
+    training stops early (an exception, Ctrl-C): `restored`.
 
     Retain data (`loki.retain`): `retain` names prompts whose behaviour must be kept (question strings, answered
     examples, `{"text": ...}`, or the `RetainTargets` of `loki.retain_targets` computed earlier on the base model).
@@ -231,8 +286,12 @@ def train(
     Raises:
         PreparationError: nothing to train (an unprepared model without `params`, frozen or foreign `params`); a
             model in FSDP1 or a DeepSpeed engine.
-        DatasetError: an empty dataset, a negative retain weight, a malformed example or retain item, an example
-            without answer tokens.
+        DatasetError: a dataset or retain data that is not a non-empty list (a string, a dict, an iterator), a
+            malformed example or retain item, an example without answer tokens.
+        TrainingOptionError: a count (`epochs`, `batch_size`, `grad_accum`, `max_length`, `max_steps`,
+            `retain_batch_size`, `retain_top_k`, `eval_every`) that is not an integer >= 1 (a bool, a float, 0), a
+            negative or non-finite `retain_weight` or `weight_decay`, `lr` or `max_grad_norm` <= 0, `warmup`
+            outside [0, 1], a non-integer `seed`, an `eval_fn` that is not callable. All raised before anything runs.
 
     >>> # model, tokenizer = loki.load_default()
     >>> # loki.prepare(model, loki.Selection.random(30, 576, q=10))   # or loki.select(attributions, q=10)
@@ -244,6 +303,24 @@ def train(
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
+    # Every argument is checked before anything runs: a bad one leaves the model, its rows and the data as they were.
+    check_examples(dataset)
+    if retain is not None:
+        check_retain(retain)
+    for name, value in (("retain_top_k", retain_top_k), ("epochs", epochs), ("batch_size", batch_size),
+                        ("grad_accum", grad_accum), ("max_length", max_length)):
+        check_number(name, value, integer=True, low=1)
+    for name, value in (("retain_batch_size", retain_batch_size), ("max_steps", max_steps), ("eval_every", eval_every)):
+        check_number(name, value, integer=True, low=1, optional=True)
+    check_number("retain_weight", retain_weight, low=0)
+    check_number("lr", lr, above=0)
+    check_number("warmup", warmup, low=0, high=1)
+    check_number("weight_decay", weight_decay, low=0)
+    check_number("max_grad_norm", max_grad_norm, above=0, optional=True)
+    check_number("seed", seed, integer=True)
+    if eval_fn is not None and not callable(eval_fn):
+        raise TrainingOptionError(f"eval_fn must be None or called as eval_fn(model), got {type(eval_fn).__name__}.")
+
     kind = wrapper(model)
     if kind == "fsdp1":
         raise PreparationError(FSDP1_ADVICE)
@@ -253,10 +330,6 @@ def train(
             "(engine(...), engine.backward(loss), engine.step()), or give loki.train the model without DeepSpeed."
         )
     params = _trained_parameters(model, params)
-    if not dataset:
-        raise DatasetError("The dataset is empty.")
-    if not (isinstance(retain_weight, (int, float)) and retain_weight >= 0):
-        raise DatasetError(f"retain_weight must be a number >= 0, got {retain_weight!r}.")
     encoded = [encode(tokenizer, ex, max_length) for ex in dataset]
     pad = pad_token_id(tokenizer)
     device = unwrap(model).get_input_embeddings().weight.device
@@ -293,56 +366,57 @@ def train(
 
     result = TrainResult(steps=0, losses=[])
     start = time.perf_counter()
-    model.train()
-    run_eval(0)
-    bar = tqdm(total=total, desc="loki.train", disable=not progress)
-    batches = step_batches()
-    # Several processes: each rank takes its share of every step's examples (and retain items) and weighs its
-    # tokens by the step's total, so the summed gradient is one process's (FSDP2 averages: scaled by world).
-    scale = ranks.world if ranks.by_wrapper else 1
-    for step in range(1, total + 1):
-        examples = next(batches)
-        n_tokens = sum(sum(label != IGNORE for label in e["labels"][1:]) for e in examples)
-        mine = ranks.share(examples)
-        chunks = [(mine[s : s + batch_size], 1.0) for s in range(0, len(mine), batch_size)]
-        if ranks.by_wrapper:  # every rank runs as many forwards as the busiest (zero-weighted stand-ins)
-            busiest = math.ceil(math.ceil(len(examples) / ranks.world) / batch_size)
-            chunks += [(examples[:1], 0.0)] * (busiest - len(chunks))
-        loss_sum = kl_sum = 0.0
-        for chunk, weight in chunks:
-            positions = [answer_positions(e["labels"]) for e in chunk]
-            logits = logits_at(net, [e["input_ids"] for e in chunk], positions, pad)
-            answers = torch.cat([torch.tensor(e["labels"])[p + 1] for e, p in zip(chunk, positions)]).to(device)
-            loss = weight * F.cross_entropy(logits.float(), answers, reduction="sum") / n_tokens
-            (scale * loss).backward()
-            loss_sum += loss.item()
-        if retain is not None and retain_weight > 0:
-            items = next(retain_batches)
-            positions = sum(len(retain.targets[i].positions) for i in items)
-            share = ranks.share(items)
-            if share or ranks.by_wrapper:  # kl() is the mean over its positions: weigh by their share
-                weight = sum(len(retain.targets[i].positions) for i in share) / positions
-                kl = weight * retain.kl(net, share or items[:1])
-                (scale * retain_weight * kl).backward()
-                kl_sum = kl.item()
-        ranks.sum_grads(params)
-        loss_sum, kl_sum = ranks.sum([loss_sum, kl_sum])
-        if retain is not None and retain_weight > 0:
-            result.retain_kl.append(kl_sum)
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        result.losses.append(loss_sum)
-        result.steps = step
-        bar.set_postfix(loss=f"{loss_sum:.4f}", **({"kl": f"{result.retain_kl[-1]:.4f}"} if result.retain_kl else {}))
-        bar.update()
-        if eval_every and step % eval_every == 0 and step != total:
-            run_eval(step)
-    bar.close()
-    run_eval(total)
-    model.eval()
+    # every exit (an exception, Ctrl-C, an eval_fn that raises) leaves the model's modes and flags as they were
+    with restored(model), tqdm(total=total, desc="loki.train", disable=not progress) as bar:
+        model.train()
+        run_eval(0)
+        batches = step_batches()
+        # Several processes: each rank takes its share of every step's examples (and retain items) and weighs its
+        # tokens by the step's total, so the summed gradient is one process's (FSDP2 averages: scaled by world).
+        scale = ranks.world if ranks.by_wrapper else 1
+        for step in range(1, total + 1):
+            examples = next(batches)
+            n_tokens = sum(sum(label != IGNORE for label in e["labels"][1:]) for e in examples)
+            mine = ranks.share(examples)
+            chunks = [(mine[s : s + batch_size], 1.0) for s in range(0, len(mine), batch_size)]
+            if ranks.by_wrapper:  # every rank runs as many forwards as the busiest (zero-weighted stand-ins)
+                busiest = math.ceil(math.ceil(len(examples) / ranks.world) / batch_size)
+                chunks += [(examples[:1], 0.0)] * (busiest - len(chunks))
+            loss_sum = kl_sum = 0.0
+            for chunk, weight in chunks:
+                positions = [answer_positions(e["labels"]) for e in chunk]
+                logits = logits_at(net, [e["input_ids"] for e in chunk], positions, pad)
+                answers = torch.cat([torch.tensor(e["labels"])[p + 1] for e, p in zip(chunk, positions)]).to(device)
+                loss = weight * F.cross_entropy(logits.float(), answers, reduction="sum") / n_tokens
+                (scale * loss).backward()
+                loss_sum += loss.item()
+            if retain is not None and retain_weight > 0:
+                items = next(retain_batches)
+                positions = sum(len(retain.targets[i].positions) for i in items)
+                share = ranks.share(items)
+                if share or ranks.by_wrapper:  # kl() is the mean over its positions: weigh by their share
+                    weight = sum(len(retain.targets[i].positions) for i in share) / positions
+                    kl = weight * retain.kl(net, share or items[:1])
+                    (scale * retain_weight * kl).backward()
+                    kl_sum = kl.item()
+            ranks.sum_grads(params)
+            loss_sum, kl_sum = ranks.sum([loss_sum, kl_sum])
+            if retain is not None and retain_weight > 0:
+                result.retain_kl.append(kl_sum)
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(loss_sum)
+            result.steps = step
+            kl_shown = {"kl": f"{result.retain_kl[-1]:.4f}"} if result.retain_kl else {}
+            bar.set_postfix(loss=f"{loss_sum:.4f}", **kl_shown)
+            bar.update()
+            if eval_every and step % eval_every == 0 and step != total:
+                run_eval(step)
+        bar.close()
+        run_eval(total)
     result.seconds = time.perf_counter() - start
     if is_prepared(model):
         record_training(model, {

@@ -16,9 +16,10 @@ rate, steps, batch size, epochs, seed, schedule, optimizer, and the retain data 
 Mixed precision (`bf16=True`, TRL's default): accelerate runs the model's forward under `torch.autocast` by
 wrapping `model.forward`, and leaves that wrapper on the model after training, so the model in memory goes on
 computing in bfloat16 while the extracted delta, applied to the same model, computes in the model's own dtype. At
-the end of `train` (and in `LokiCallback.on_train_end`) loki removes the wrapper: afterwards the model computes
-exactly what the base model with `loki.extract(model)` applied computes. A checkpoint stores the trainable tensors
-exactly (the float32 master rows, also for a bfloat16 model), so resuming loses nothing to rounding.
+the end of `train`, however it ends (and in `LokiCallback.on_train_end`), loki removes the wrapper: afterwards
+the model computes exactly what the base model with `loki.extract(model)` applied computes. A checkpoint stores
+the trainable tensors exactly (the float32 master rows, also for a bfloat16 model), so resuming loses nothing to
+rounding.
 
 >>> import loki
 >>> # loki.prepare(model, selection)
@@ -33,6 +34,7 @@ exactly (the float32 master rows, also for a bfloat16 model), so resuming loses 
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import Any
 
@@ -47,11 +49,13 @@ from .errors import CheckpointError
 from .implant import extract, prepared_modules, record_training
 from .retain import RetainLoss
 from .targets import unwrap
+from .train import restored
 
-__all__ = ["CHECKPOINT_FILE", "LokiCallback", "LokiCheckpoints", "LokiTrainer", "checkpoint_delta", "collator",
-           "restore_rows", "strip_autocast", "trainer_settings"]
+__all__ = ["CHECKPOINT_FILE", "RETAIN_FILE", "LokiCallback", "LokiCheckpoints", "LokiTrainer", "checkpoint_delta",
+           "collator", "restore_rows", "strip_autocast", "trainer_settings"]
 
 CHECKPOINT_FILE = "implant.loki"  # the delta in each checkpoint-N folder
+RETAIN_FILE = "retain.json"  # with a loki.RetainLoss: how many retain batches the run had drawn
 
 
 def collator(tokenizer) -> functools.partial:
@@ -208,7 +212,8 @@ def trainer_settings(args, state, *, trainer: str = "transformers.Trainer", exam
         "max_steps": state.max_steps or None, "lr": args.learning_rate, "schedule": _value(args.lr_scheduler_type),
         "warmup": args.warmup_steps, "optimizer": _value(args.optim), "weight_decay": args.weight_decay,
         # as loki.train: examples per forward over all processes (a step is batch_size x grad_accum examples)
-        "batch_size": args.per_device_train_batch_size * args.world_size, "grad_accum": args.gradient_accumulation_steps,
+        "batch_size": args.per_device_train_batch_size * args.world_size,
+        "grad_accum": args.gradient_accumulation_steps,
         "world_size": args.world_size, "seed": args.seed, "max_grad_norm": args.max_grad_norm,
         "mixed_precision": precision, "final_loss": round(float(losses[-1]), 6) if losses else None,
         "retain": None,
@@ -237,9 +242,13 @@ class LokiCheckpoints:
     weights instead (from a plain Trainer) is loaded the Trainer's way.
     Single process or DDP (rank 0 writes); not FSDP or DeepSpeed ZeRO-3, which shard the rows.
 
-    Resuming reproduces the uninterrupted run (the same rows to float32 round-off: the Trainer restores the
-    optimizer, schedule, RNG and data order). One exception: a `loki.RetainLoss` draws its retain batches from its
-    own iterator, which starts again from the first batch after a resume.
+    Resuming reproduces the uninterrupted run bit for bit: the Trainer restores the optimizer, schedule, RNG and
+    data order, and a `loki.RetainLoss` as `compute_loss_func` goes on with the retain batches the uninterrupted
+    run drew (the checkpoint's `retain.json` counts them).
+
+    `train` leaves the model as it found it, however it ends (finished, stopped by a callback, an exception or
+    Ctrl-C's `KeyboardInterrupt`): no autocast wrapper, every module's train/eval mode, `requires_grad` flags and
+    activation checkpointing as before (`loki.train.restored`); only the trained tensors keep their new values.
 
     Args:
         *args, **kwargs: the Trainer's.
@@ -271,7 +280,20 @@ class LokiCheckpoints:
         save(checkpoint_delta(model, name=self.delta_name), os.path.join(output_dir, CHECKPOINT_FILE))
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        if isinstance(self.compute_loss_func, RetainLoss) and self.args.should_save:
+            # written before the Trainer's files (trainer_state.json last), so a complete checkpoint has it
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, RETAIN_FILE), "w") as f:
+                json.dump({"drawn": self.compute_loss_func.drawn}, f)
+        super()._save_checkpoint(model, trial)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        retain = os.path.join(resume_from_checkpoint, RETAIN_FILE)
+        if isinstance(self.compute_loss_func, RetainLoss) and os.path.isfile(retain):
+            with open(retain) as f:
+                self.compute_loss_func.seek(json.load(f)["drawn"])
         path = os.path.join(resume_from_checkpoint, CHECKPOINT_FILE)
         if not os.path.isfile(path):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -284,8 +306,11 @@ class LokiCheckpoints:
         restore_rows(self.model, load(path))
 
     def train(self, *args, **kwargs):
-        output = super().train(*args, **kwargs)
-        strip_autocast(self.model)
+        with restored(self.model):  # whatever ends the run, the model's modes and flags come back
+            try:
+                output = super().train(*args, **kwargs)
+            finally:
+                strip_autocast(self.model)
         record_training(self.accelerator.unwrap_model(self.model, keep_torch_compile=False), self.loki_settings())
         return output
 
@@ -311,7 +336,9 @@ class LokiCallback(TrainerCallback):
     and record the settings for `loki.extract`.
 
     The Trainer still writes its full model checkpoints (and resumes from them); `LokiTrainer` (or
-    `LokiCheckpoints`) writes only the delta.
+    `LokiCheckpoints`) writes only the delta. A callback is not called when training raises (an exception, Ctrl-C):
+    then call `strip_autocast(model)` yourself, or train with `LokiTrainer`/`LokiCheckpoints`, which undo every
+    change on every exit.
 
     Args:
         retain: the `loki.RetainLoss` passed as `compute_loss_func`, to record the retain data (callbacks do not see

@@ -11,6 +11,7 @@ import torch
 
 import loki
 from loki.attribution import Attributions, attribute
+from loki.errors import AttributionMismatchError
 from loki.kva import AttributionError, alphas, kva
 from loki.prompts import PromptError, as_prompts, mc_text, probe_records, read_records
 from loki.testing import tiny_model
@@ -258,3 +259,52 @@ def test_datasets_dataset_as_source(default_tokenizer):
     datasets = pytest.importorskip("datasets")
     mmlu_like = datasets.Dataset.from_list([{**RECORD, "choices": RECORD["choices"]}])
     assert as_prompts(mmlu_like, default_tokenizer).ids == as_prompts([RECORD], default_tokenizer).ids
+
+
+def test_attribution_store_refuses_another_model(tmp_path):
+    """A folder resumes only for the same model (weights and shapes, under the same name), prompts and settings;
+    anything else is refused with the folder left byte for byte as it was."""
+    model = tiny_model("llama")
+    prompts = [[5, 6, 7], [8, 9, 10], [11, 12]]
+    folder = tmp_path / "run"
+    first = attribute(model, None, prompts, steps=2, path=folder, progress=False)
+
+    def files():
+        return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+
+    before = files()
+    reseeded = tiny_model("llama", seed=1)  # other weights
+    tuned = tiny_model("llama")
+    with torch.no_grad():
+        tuned.model.layers[0].self_attn.q_proj.weight.mul_(1.01)  # a fine-tune that leaves the down-projections
+    wider = tiny_model("llama", d_ff=48)  # other shapes, same number of layers and d_model
+    for other in (reseeded, tuned, wider):
+        other.config.name_or_path = model.config.name_or_path
+        with pytest.raises(AttributionMismatchError, match=r"another model .*model_fingerprint.*new path="):
+            attribute(other, None, prompts, steps=2, path=folder, progress=False)
+    with pytest.raises(AttributionMismatchError, match="other prompts"):
+        attribute(model, None, prompts[:2] + [[13, 14]], steps=2, path=folder, progress=False)
+    same_prompts = loki.prompts.PromptSet(prompts, [6, 7, 8], "list (token ids)")
+    for settings in ({"steps": 3}, {"measure": "logit"}, {"target": "gold"}):
+        with pytest.raises(AttributionMismatchError, match="other settings"):
+            attribute(model, None, same_prompts, **{"steps": 2, **settings}, path=folder, progress=False)
+    assert files() == before
+    assert torch.equal(attribute(model, None, prompts, steps=2, path=folder, progress=False).values, first.values)
+
+    # A folder from before the fingerprint was recorded: refused for resuming, still readable as it is.
+    meta = json.loads((folder / "meta.json").read_text())
+    del meta["model_fingerprint"]
+    (folder / "meta.json").write_text(json.dumps(meta))
+    before = files()
+    with pytest.raises(AttributionMismatchError, match="did not record the model's fingerprint"):
+        attribute(model, None, prompts, steps=2, path=folder, progress=False)
+    assert files() == before and torch.equal(Attributions.load(folder).values, first.values)
+
+
+@pytest.mark.parametrize("bad", [{"steps": 0}, {"steps": True}, {"steps": 2.0}, {"batch_size": 0},
+                                 {"batch_size": "4"}, {"max_rows": 0}, {"shots": -1}, {"poll": 0}])
+def test_every_attribute_argument_is_validated(tmp_path, bad):
+    with pytest.raises(AttributionError, match=next(iter(bad))):
+        attribute(tiny_model("llama"), None, [[5, 6, 7]], **{"steps": 2, **bad}, path=tmp_path / "run",
+                  progress=False)
+    assert not (tmp_path / "run").exists()

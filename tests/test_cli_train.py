@@ -299,3 +299,88 @@ def test_training_options_reach_the_trainer_and_the_delta(base, tmp_path, capsys
         with pytest.raises(SystemExit):
             train(base, data, out, option, value)
         assert "must be" in capsys.readouterr().err
+
+
+def interrupted(base, data, out, *options, at):
+    """`loki train` with Ctrl-C (a KeyboardInterrupt) at the end of step `at`, before that step's checkpoint."""
+    flow = transformers.trainer_callback.DefaultFlowCallback
+    on_step_end = flow.on_step_end
+
+    def interrupt(self, args, state, control, **kwargs):
+        if state.global_step == at:
+            raise KeyboardInterrupt
+        return on_step_end(self, args, state, control, **kwargs)
+
+    flow.on_step_end = interrupt
+    try:
+        return train(base, data, out, *options)
+    finally:
+        flow.on_step_end = on_step_end
+
+
+def test_resume_with_retain_is_bit_identical(base, tmp_path, capsys):
+    """Interrupted and resumed with retain data (whose batches come from their own stream) equals the
+    uninterrupted run exactly."""
+    data, retain = write(tmp_path / "facts.jsonl", FACTS), write(tmp_path / "retain.jsonl", RETAIN)
+    options = ("--steps", "4", "--save-every", "2", "--retain", str(retain), "--retain-batch-size", "1",
+               "--retain-weight", "5", "--lr", "0.1")
+    assert train(base, data, tmp_path / "straight.loki", *options) == 0
+    out = tmp_path / "run.loki"
+    assert interrupted(base, data, out, *options, at=3) == 130  # checkpoint-2 written, step 3 lost
+    assert "rerun the same command to continue from" in capsys.readouterr().err
+    assert train(base, data, out, *options) == 0
+    assert "resuming from" in capsys.readouterr().err
+    assert torch.equal(rows(loki.load(out)), rows(loki.load(tmp_path / "straight.loki")))
+
+
+def test_an_interruption_before_any_checkpoint_starts_over_with_any_arguments(base, tmp_path, capsys):
+    """No checkpoint yet: the message says a rerun starts over, and a rerun with other arguments does."""
+    data = write(tmp_path / "facts.jsonl", FACTS)
+    out = tmp_path / "run.loki"
+    assert interrupted(base, data, out, "--steps", "3", "--save-every", "2", at=1) == 130
+    assert "no checkpoint yet (every 2 steps): a rerun, with these or other arguments, starts over" in (
+        capsys.readouterr().err)
+    assert train(base, data, out, "--steps", "2", "--save-every", "5", "--seed", "3") == 0
+    assert "resuming" not in capsys.readouterr().err and loki.load(out).info["training"]["seed"] == 3
+
+
+def test_cli_checks_outputs_before_work(base, tmp_path, capsys, default_tokenizer):
+    """Every verb's output path that cannot be written (a folder where a file goes, a file where a folder goes,
+    a missing parent, a path that cannot be written) is refused with one line before any data or model loads,
+    and nothing is written."""
+    data = write(tmp_path / "facts.jsonl", FACTS)
+    folder, selection = base
+    (tmp_path / "a-folder.loki").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "busy.loki.partial").write_text("x")
+    unwritable = tmp_path / "locked"
+    unwritable.mkdir()
+    unwritable.chmod(0o500)
+    if os.geteuid() == 0:  # root writes through permission bits: /sys is not writable even for root
+        unwritable = "/sys"
+    delta = tmp_path / "d.loki"
+    loki.save(loki.testing.random_delta(tiny_model("llama", vocab=len(default_tokenizer))), delta)
+    cases = [
+        (["train", str(data), "--base", str(folder), "--selection", str(selection), "--out",
+          str(tmp_path / "a-folder.loki")], "IsADirectoryError"),
+        (["train", str(data), "--base", str(folder), "--selection", str(selection), "--out",
+          str(tmp_path / "busy.loki")], "NotADirectoryError"),
+        (["train", str(data), "--base", str(folder), "--selection", str(selection), "--out",
+          str(tmp_path / "none" / "x.loki")], "FileNotFoundError"),
+        (["train", str(data), "--base", str(folder), "--selection", str(selection), "--out",
+          f"{unwritable}/x.loki"], "PermissionError"),
+        (["merge", str(folder), str(delta), "--out", str(tmp_path / "a-file")], "NotADirectoryError"),
+        (["merge", str(folder), str(delta), "--out", f"{unwritable}/merged"], "PermissionError"),
+        (["export-peft", str(delta), "--out", str(tmp_path / "a-file" / "adapter")], "NotADirectoryError"),
+        (["select", str(tmp_path / "no-attributions"), "-q", "10", "--out", str(tmp_path / "a-folder.loki")],
+         "IsADirectoryError"),
+        (["attribute", "probe", "--out", str(tmp_path / "a-file")], "NotADirectoryError"),
+        (["demo", "--out", str(tmp_path / "a-file")], "NotADirectoryError"),
+    ]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for argv, error in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"loki {argv[0]}: {error}: ") and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "a-file").read_text() == "x" and not any((tmp_path / "a-folder.loki").iterdir())

@@ -164,6 +164,8 @@ def test_editors_reject_bad_input(default_tokenizer):
     model = tiny_model("llama", vocab=len(tok))
     with pytest.raises(DatasetError, match="does not occur"):
         editors.memit(model, tok, [{"question": "Who wrote Dune?", "subject": "Hamlet", "answer": "Frank."}])
+    with pytest.raises(DatasetError, match="whole word"):  # the subject inside another word is not the subject
+        editors.memit(model, tok, [{"question": "Who made JavaScript?", "subject": "Java", "answer": "Brendan."}])
     with pytest.raises(DatasetError, match="subject"):
         editors.memit(model, tok, [{"question": "Who wrote Dune?", "answer": "Frank."}])
     with pytest.raises(DatasetError, match="non-empty list"):

@@ -7,8 +7,10 @@ round trip against the real Hub when LOKI_HUB_TEST_TOKEN and LOKI_HUB_TEST_REPO 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pytest
@@ -90,7 +92,9 @@ def pull(server, source, token=None, **kw):
 
 def cached_files(repo_id: str) -> list[str]:
     storage = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
-    return sorted(p.relative_to(storage).as_posix() for p in storage.rglob("*") if p.is_file()) if storage.exists() else []
+    if not storage.exists():
+        return []
+    return sorted(p.relative_to(storage).as_posix() for p in storage.rglob("*") if p.is_file())
 
 
 def same(a: loki.Delta, b: loki.Delta) -> bool:
@@ -136,7 +140,8 @@ def test_model_card_states_the_implant(server, deltas):
     assert "| mmlu | 0.5 | 0.49 | -0.01 |" in readme
     forgetting = loki.evaluate.forgetting_score({"mmlu": 0.5}, {"mmlu": 0.49})
     assert forgetting == pytest.approx(2.0) and f"**{forgetting:.2f}%**" in readme
-    assert "| efficacy (training phrasings) | 100% |" in readme and "| generalisation (held-out phrasings) | 88% |" in readme
+    assert "| efficacy (training phrasings) | 100% |" in readme
+    assert "| generalisation (held-out phrasings) | 88% |" in readme
     assert "specificity (neighbourhood answer tokens kept, vs. the base model) | 93% |" in readme
     assert "| neighbourhood whole answers unchanged | 75% |" in readme and "bits) | 3.21 |" in readme
     assert "(LoKI's Avg over sets sharing no template; lower is better) | +2.00% |" in readme
@@ -410,6 +415,215 @@ def test_corrupted_download_is_rejected_and_removed(server, deltas):
     assert not [f for f in cached_files("alice/corrupt") if f.startswith(("blobs/", "snapshots/"))]
     assert not [r for r in scan_cache_dir(constants.HF_HUB_CACHE).repos if r.repo_id == "alice/corrupt" and r.revisions]
     assert same(pull(server, "alice/corrupt"), deltas["one"])
+
+
+# -- what the cache holds is checked at every read --------------------------------------------------
+@pytest.fixture(scope="module")
+def every_kind(server, deltas):
+    """One repo of each kind on the module's server, each tagged v1 at its only commit: `{kind: (repo, commit)}`."""
+    attributions = loki.attribute(tiny_model("llama"), None, [[5, 6, 7], [8, 9]], steps=2, progress=False)
+    with pytest.MonkeyPatch.context() as patch:  # (hf_env's patch is per test: after module fixtures)
+        patch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        pushed = {"delta": push(server, deltas["one"], "alice/every-delta"),
+                  "attributions": push(server, attributions, "alice/every-kva"),
+                  "selection": push(server, loki.Selection.random(num_layers=2, d_out=32, q=10, seed=1),
+                                    "alice/every-q10")}
+    api = HfApi(endpoint=server.url, token=server.alice)
+    repos = {"delta": "alice/every-delta", "attributions": "alice/every-kva", "selection": "alice/every-q10"}
+    for kind, repo in repos.items():
+        api.create_tag(repo, tag="v1", revision=pushed[kind].oid)
+    return {kind: (repo, pushed[kind].oid) for kind, repo in repos.items()}
+
+
+class CliFailed(Exception):
+    """`loki.cli.main` exited 2; the message is its stderr line (`loki VERB: ErrorClass: message`)."""
+
+
+def cli(server, capsys, *argv: str) -> str:
+    from loki.cli import main
+
+    capsys.readouterr()
+    code = main([*argv, "--endpoint", server.url, "--token", server.alice])
+    out, err = capsys.readouterr()
+    if code:
+        raise CliFailed(err)
+    return out
+
+
+def as_bytes(value) -> bytes:
+    return to_bytes(value) if isinstance(value, loki.Delta) else value
+
+
+def cli_pull(s, capsys, source, tmp):
+    return Path(cli(s, capsys, "pull", source).strip()).read_bytes()
+
+
+def cli_select(s, capsys, source, tmp):
+    cli(s, capsys, "select", source, "-q", "25", "--out", str(tmp / "q.json"))
+    return (tmp / "q.json").read_bytes()
+
+
+def model_card_of(s, capsys, source, tmp):
+    return download(source, filename="README.md", token=s.alice, endpoint=s.url).read_bytes()
+
+
+def attributions_of(s, capsys, source, tmp):
+    kw = dict(token=s.alice, endpoint=s.url, cache_dir=constants.HF_HUB_CACHE)
+    return loki.load_attributions(source, **kw).values.numpy().tobytes()
+
+
+def selection_of(s, capsys, source, tmp):
+    kw = dict(token=s.alice, endpoint=s.url, cache_dir=constants.HF_HUB_CACHE)
+    return json.dumps(loki.load_selection(source, **kw).to_json()).encode()
+
+
+def delta_of(s, capsys, source, tmp):
+    return pull(s, source)
+
+
+# load path -> (repo kind, revision in the source, the cached file it reads, read(server, capsys, source, tmp_path))
+READS = {
+    "load by branch": ("delta", "", "every-delta.loki", delta_of),
+    "load by tag": ("delta", "@v1", "every-delta.loki", delta_of),
+    "load by commit": ("delta", "@{commit}", "every-delta.loki", delta_of),
+    "load without symlinks": ("delta", "", "every-delta.loki", delta_of),
+    "cli pull": ("delta", "", "every-delta.loki", cli_pull),
+    "model card": ("delta", "", "README.md", model_card_of),
+    "attributions": ("attributions", "", "attributions.npy", attributions_of),
+    "cli select": ("attributions", "@v1", "attributions.npy", cli_select),
+    "selection": ("selection", "", "selection.json", selection_of),
+}
+
+
+def damage(path: Path) -> Path:
+    """Change one byte of the real cached file in place (through the snapshot's link, so the blob itself), keeping
+    it well-formed where possible: a byte of a delta's row values, the last value of an .npy array, a digit of a
+    text file. Returns the blob's path."""
+    blob = Path(os.path.realpath(path))
+    data = bytearray(blob.read_bytes())
+    if path.suffix == ".loki":
+        n = int.from_bytes(data[:8], "little")
+        start, end = next(v["data_offsets"] for k, v in json.loads(data[8:8 + n]).items() if k.endswith(".rows"))
+        at = 8 + n + (start + end) // 2
+        data[at] ^= 0x01
+    elif path.suffix == ".npy":
+        data[-1] ^= 0x01
+    else:
+        at = max(i for i, b in enumerate(data) if chr(b).isdigit())
+        data[at] = ord(str((int(chr(data[at])) + 1) % 10))
+    with open(blob, "r+b") as f:  # in place, as bit rot or a stray write would
+        f.write(data)
+    return blob
+
+
+@pytest.mark.parametrize("offline", [True, False], ids=["offline", "online"])
+@pytest.mark.parametrize("way", list(READS))
+def test_every_cached_read_is_verified(server, every_kind, way, offline, monkeypatch, capsys, tmp_path):
+    """Whatever loki returns from the Hugging Face cache matches the checksum recorded when it was downloaded, by
+    every load path: offline a damaged file is refused (and left as it is, with the way to fix it); online it is
+    downloaded again, checked against the Hub's checksum, and the good bytes are returned."""
+    kind, at, name, read = READS[way]
+    repo, commit = every_kind[kind]
+    source = repo + at.format(commit=commit)
+    if way == "load without symlinks":  # (Windows without developer mode): the blob name is not there to check
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_SYMLINKS", True)
+    good = as_bytes(read(server, capsys, source, tmp_path))
+    cached = Path(try_to_load_from_cache(repo, name, revision=commit))
+    assert cached.is_symlink() != (way == "load without symlinks")
+    pristine = cached.read_bytes()
+    blob = damage(cached)
+    damaged = blob.read_bytes()
+    assert damaged != pristine and len(damaged) == len(pristine)
+    server.clear()
+
+    if offline:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        with pytest.raises((errors.HubIntegrityError, CliFailed), match="does not match the checksum recorded") as info:
+            read(server, capsys, source, tmp_path)
+        assert isinstance(info.value, errors.HubIntegrityError) or "HubIntegrityError" in str(info.value)
+        assert "HF_HUB_OFFLINE=1" in str(info.value) and f"hf cache rm {commit}" in str(info.value)
+        assert blob.read_bytes() == damaged  # refused, not deleted: the next online load replaces it
+        assert server.count() == 0
+    else:
+        with pytest.warns(UserWarning, match="did not match its checksum"):
+            assert as_bytes(read(server, capsys, source, tmp_path)) == good
+        assert cached.read_bytes() == pristine  # repaired in place, in huggingface_hub's cache
+        assert server.count("GET", "/resolve/") == 1  # that file only, once
+        server.clear()
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # and now offline too
+        assert as_bytes(read(server, capsys, source, tmp_path)) == good
+        assert server.count() == 0
+
+
+def test_a_damaged_cached_file_that_cannot_be_fetched_again_says_both(server, every_kind):
+    repo, commit = every_kind["delta"]
+    pull(server, repo)
+    damage(Path(try_to_load_from_cache(repo, "every-delta.loki", revision=commit)))
+    with HubServer() as gone:
+        dead = gone.url  # a port nothing listens on once this block ends
+    with pytest.raises(errors.HubIntegrityError, match=r"does not match its checksum.*downloading it again failed "
+                       r"\(ConnectError.*hf cache rm"):
+        loki.load(repo, endpoint=dead, cache_dir=constants.HF_HUB_CACHE)
+
+
+# -- the cache's disk -------------------------------------------------------------------------------
+@contextmanager
+def file_size_limit(nbytes: int):
+    """Files stop growing at `nbytes`: a write past it fails with EFBIG, the same short write as a full disk
+    (ENOSPC), where no small file system can be mounted. Progress bars off, so that only the download grows."""
+    resource = pytest.importorskip("resource")
+    import signal
+
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (else the kernel ends the process at the limit)
+    disable_progress_bars()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+        enable_progress_bars()
+
+
+def file_in_the_way(tmp_path: Path):
+    (tmp_path / "a-file").write_text("not a folder")
+    return tmp_path / "a-file" / "hf-cache", nullcontext()
+
+
+def read_only_folder(tmp_path: Path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a read-only folder (the other cases fail the same way for root too)")
+    (tmp_path / "read-only").mkdir(mode=0o500)
+    return tmp_path / "read-only" / "hf-cache", nullcontext()
+
+
+def disk_full_while_downloading(tmp_path: Path):
+    return tmp_path / "hf-cache", file_size_limit(1024)  # the delta is a few kB; refs/ and locks stay below
+
+
+DISKS = {"a file in the cache path": file_in_the_way, "read-only cache folder": read_only_folder,
+         "disk full while downloading": disk_full_while_downloading}
+
+
+@pytest.mark.parametrize("disk", list(DISKS))
+def test_a_cache_that_cannot_be_written_is_a_hub_cache_error(server, every_kind, deltas, disk, tmp_path):
+    """Any OSError of the cache's disk while pulling (full, not writable, not a folder) is a HubCacheError that
+    names the cache and what to do, and leaves no partial file there."""
+    repo, _ = every_kind["delta"]
+    cache, disk_state = DISKS[disk](tmp_path)
+    with disk_state, pytest.raises(errors.HubCacheError, match="HF_HOME") as info:
+        loki.load(repo, token=server.alice, endpoint=server.url, cache_dir=cache)
+    assert isinstance(info.value, OSError) and isinstance(info.value, errors.HubError)
+    assert str(cache) in str(info.value) and "Free disk space" in str(info.value)
+    if cache.is_dir():
+        left = [p for p in cache.rglob("*") if p.is_file() and (
+            p.name.endswith(".incomplete") or {"blobs", "snapshots"} & set(p.relative_to(cache).parts))]
+        assert not left
+    assert same(loki.load(repo, token=server.alice, endpoint=server.url, cache_dir=tmp_path / "elsewhere"),
+                deltas["one"])  # another cache folder, as the message says
 
 
 def test_local_paths_stay_local(tmp_path, deltas):

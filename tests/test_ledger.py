@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import loki
-from loki.errors import LedgerError, LokiError, ModelChangedError, OverlapError, RevertError, StalePlanError
+from loki.errors import (LedgerError, LokiError, ModelChangedError, OverlapError, ReplacedWeightsWarning, RevertError,
+                         StalePlanError)
 from loki.testing import random_delta, tiny_model
 
 from conftest import assert_state_equal, state_dict_copy
@@ -314,3 +315,144 @@ def test_wrong_types_are_loki_errors():
     bank = loki.ImplantBank(model)
     with pytest.raises(loki.errors.ImplantBankError, match="on_overlap"):
         bank.activate(on_overlap="bogus")
+
+
+# -- the model changed under loki: weights replaced, moved, offloaded (issue 28) -----------------------------------
+def _replace_by_assign(model):
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+
+
+def _replace_parameter(model):
+    for layer in range(2):
+        m = model.model.layers[layer].mlp.down_proj
+        m.weight = nn.Parameter(m.weight.detach().clone())
+
+
+def _swap_module(model):
+    for layer in range(2):
+        old = model.model.layers[layer].mlp.down_proj
+        new = nn.Linear(old.in_features, old.out_features, bias=False)
+        new.weight.data.copy_(old.weight.detach())
+        model.model.layers[layer].mlp.down_proj = new
+
+
+def _swap_layer_block(model):
+    import copy
+    for layer in range(2):
+        model.model.layers[layer] = copy.deepcopy(model.model.layers[layer])
+
+
+REPLACEMENTS = {"load_state_dict_assign": _replace_by_assign, "new_parameter": _replace_parameter,
+                "module_swap": _swap_module, "decoder_layer_swap": _swap_layer_block}
+
+
+@pytest.mark.parametrize("replace", list(REPLACEMENTS))
+def test_every_weight_replacement_is_noticed(replace):
+    """Plans, handles and the projections cache notice a weight the model no longer computes with, however it was
+    replaced; loki then writes into the weights the model uses."""
+    model, ref = tiny_model("llama"), tiny_model("llama")
+    delta = random_delta(model, seed=1, noise=1.0)
+    staged = loki.plan(model, delta).stage()
+    handle = loki.apply(model, delta)
+    REPLACEMENTS[replace](model)  # the model now computes with new tensors holding the implanted values
+    assert handle.lost and not staged.current and staged.replaced
+    loki.apply(ref, delta)
+    assert_state_equal(model, state_dict_copy(ref))  # (the replacements hold the implanted values)
+    loki.revert(ref, loki.applied(ref)[0])
+    with pytest.raises(StalePlanError, match="no longer computes with the weights"):
+        staged.commit()
+    loki.revert(model, handle)  # the new weights carry the implant (copies): restored there too
+    assert_state_equal(model, state_dict_copy(ref))
+    fresh = tiny_model("llama")
+    h = loki.apply(model, delta)  # found again: written where the model computes
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with loki.implanted(fresh, delta):
+        expected = fresh(ids).logits
+    assert torch.equal(model(ids).logits, expected)
+    loki.revert(model, h)
+    assert_state_equal(model, state_dict_copy(tiny_model("llama")))
+
+
+def test_revert_after_the_weights_were_replaced_by_other_values_leaves_them():
+    model = tiny_model("llama")
+    handle = loki.apply(model, random_delta(model, seed=1))
+    model.load_state_dict(tiny_model("llama", seed=4).state_dict(), assign=True)  # the old weights are dropped
+    import gc
+    gc.collect()
+    expected = state_dict_copy(model)
+    with pytest.warns(ReplacedWeightsWarning, match="do not hold its rows"):
+        loki.revert(model, handle)
+    assert not handle.applied and loki.applied(model) == []
+    assert_state_equal(model, expected)
+
+
+def test_revert_after_the_weights_were_dropped_restores_the_copies():
+    model = tiny_model("llama")
+    handle = loki.apply(model, random_delta(model, seed=1))
+    _replace_by_assign(model)  # copies of the implanted weights; the old ones are dropped
+    import gc
+    gc.collect()
+    loki.revert(model, handle)
+    assert_state_equal(model, state_dict_copy(tiny_model("llama")))
+
+
+def _offload(model, layers=(0, 1)):
+    from accelerate import cpu_offload
+    for layer in layers:
+        cpu_offload(model.model.layers[layer].mlp, execution_device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("layers", [(0, 1), (1,)], ids=["all", "one_layer"])
+def test_offloaded_weights_refused_before_writing(layers):
+    from loki.errors import OffloadedWeightsError
+    model = tiny_model("llama")
+    delta = random_delta(model, seed=1)
+    _offload(model, layers)
+    before = {k: v.clone() for k, v in model.state_dict().items() if v.device.type != "meta"}
+    for call in (lambda: loki.apply(model, delta, check_base=False), lambda: loki.plan(model, delta),
+                 lambda: loki.ImplantBank(model), lambda: loki.prepare(model, loki.Selection.random(2, 32, 25, seed=1))):
+        with pytest.raises(OffloadedWeightsError, match="meta device"):
+            call()
+    after = {k: v for k, v in model.state_dict().items() if v.device.type != "meta"}
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_revert_and_bank_after_offloading_refuse():
+    from loki.errors import OffloadedWeightsError
+    model = tiny_model("llama")
+    delta = random_delta(model, seed=1)
+    bank = loki.ImplantBank(model)
+    bank.register("a", delta)
+    handle = loki.apply(model, random_delta(model, seed=2, q=5))
+    _offload(model)
+    with pytest.raises(OffloadedWeightsError):
+        loki.revert(model, handle)
+    assert handle.applied
+    with pytest.raises(OffloadedWeightsError):
+        with bank.use("a"):
+            pass
+    assert bank.active == ()
+
+
+def test_reverting_under_add_deltas_checks_the_float16_range():
+    """A revert that replays later `add` deltas onto the base rows refuses an overflow, writing nothing."""
+    from loki.errors import DtypeError
+    model = tiny_model("llama", dtype=torch.float16)
+    with torch.no_grad():
+        down(model, 0)[:4] = 30000.0
+    first = delta_on(model, {0: [0, 1, 2, 3]}, -30000.0, "first")
+    second = delta_on(model, {0: [0, 1, 2, 3]}, 60000.0, "second")  # +30000 over the base rows
+    h1 = loki.apply(model, first)
+    h2 = loki.apply(model, second, on_overlap="add")
+    h3 = loki.apply(model, second, on_overlap="add")  # base - 30000 + 30000 + 30000: fine
+    assert torch.isfinite(down(model, 0)).all()
+    expected, handles = state_dict_copy(model), loki.applied(model)
+    with pytest.raises(DtypeError, match="overflows float16"):
+        loki.revert(model, h1)  # would replay: 30000 + 30000 + 30000
+    assert_state_equal(model, expected)
+    assert loki.applied(model) == handles and h1.applied
+    loki.revert(model, h3)
+    loki.revert(model, h1)  # now base + 30000: fine
+    assert torch.isfinite(down(model, 0)).all()
+    loki.revert(model, h2)
+    assert float(down(model, 0)[0, 0]) == 30000.0

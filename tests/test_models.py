@@ -82,3 +82,72 @@ def test_qwen_coder_shapes(qwen_coder):
         logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], model.config.vocab_size)
     assert torch.isfinite(logits).all()
+
+
+def fp8_model():
+    return loki.testing.tiny_model("llama").to(torch.float8_e4m3fn)
+
+
+def test_unsupported_dtypes_refused_before_writing(tmp_path, capsys, default_tokenizer):
+    """A model in float8 (quantized weights, which torch cannot compute with on the CPU) is refused by every verb
+    with a DtypeError naming the dtype and what to do, before anything is written: weights, folders, files."""
+    from loki.cli import main
+    from loki.errors import DtypeError
+
+    delta = loki.testing.random_delta(loki.testing.tiny_model("llama"), q=25)
+    selection = loki.Selection.random(2, 32, q=25)
+    model = fp8_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = {
+        "plan": lambda: loki.plan(model, delta),
+        "apply": lambda: loki.apply(model, delta),
+        "prepare": lambda: loki.prepare(model, selection),
+        "attribute": lambda: loki.attribute(model, None, [[5, 6, 7, 8]], 2, path=tmp_path / "attr", progress=False),
+        "export_peft": lambda: loki.export_peft(delta, tmp_path / "adapter", model),
+    }
+    for name, call in calls.items():
+        with pytest.raises(DtypeError, match=r"float8_e4m3fn.*load the model in one of them"):
+            call()
+    assert not loki.implant.is_prepared(model) and not list(tmp_path.iterdir())
+    assert all(v.view(torch.uint8).equal(before[k].view(torch.uint8)) for k, v in model.state_dict().items())
+
+    # the command line: a float8 checkpoint as --base, with retain data (computed before the rows are prepared)
+    base = tmp_path / "fp8"
+    loki.testing.tiny_model("llama", vocab=len(default_tokenizer)).to(torch.float8_e4m3fn).save_pretrained(base)
+    default_tokenizer.save_pretrained(base)
+    data, retain = tmp_path / "facts.jsonl", tmp_path / "retain.jsonl"
+    data.write_text('{"question": "a?", "answer": "b"}\n')
+    retain.write_text('{"text": "Rivers flow to the sea."}\n')
+    selection.save(tmp_path / "selection.json")
+    written = sorted(tmp_path.iterdir())
+    assert main(["train", str(data), "--base", str(base), "--selection", str(tmp_path / "selection.json"),
+                 "--retain", str(retain), "--out", str(tmp_path / "x.loki")]) == 2
+    assert "loki train: DtypeError: " in (err := capsys.readouterr().err) and "float8_e4m3fn" in err
+    assert sorted(tmp_path.iterdir()) == written
+
+
+
+def partition(model):
+    """What DeepSpeed ZeRO-3 does to a model's parameters in each process: the tensor is emptied (this process's
+    partition lives elsewhere) and `ds_shape`/`ds_numel` keep the whole shape. Not `ds_id`, which would make loki
+    gather through deepspeed (not installed here)."""
+    for p in model.parameters():
+        p.ds_shape, p.ds_numel = p.shape, p.numel()
+        p.data = torch.empty(0, dtype=p.dtype)
+    return model
+
+
+def test_partitioned_weights_are_named_as_such():
+    """ZeRO-3 partitioned weights: a model whose architecture loki knows is not called unknown, and the trainable
+    report of a model prepared before partitioning counts whole parameters."""
+    with pytest.raises(loki.errors.PartitionedWeightsError, match="partitioned by DeepSpeed ZeRO-3.*before "
+                       "deepspeed.initialize"):
+        loki.find_down_projections(partition(loki.testing.tiny_model("llama")))
+    model = loki.testing.tiny_model("llama")
+    expected = loki.trainable_report(loki.prepare(model, loki.Selection.random(2, 32, q=25)))
+    frozen = [p for n, p in model.named_parameters() if "loki_" not in n]
+    for p in frozen:
+        p.ds_shape, p.ds_numel = p.shape, p.numel()
+        p.data = torch.empty(0, dtype=p.dtype)
+    report = loki.trainable_report(model)
+    assert (report.trainable, report.total, report.share) == (expected.trainable, expected.total, expected.share)

@@ -114,3 +114,46 @@ def test_bad_input(tmp_path):
     with pytest.raises(loki.errors.IncompatibleModelError):
         loki.peft_export.peft_adapter(delta, tiny_model("opt"))
     assert not list(tmp_path.iterdir())
+
+
+WRAPPERS = {
+    "torch.compile": torch.compile,
+    "DataParallel": torch.nn.DataParallel,
+    "PEFT": lambda m: peft.get_peft_model(m, peft.LoraConfig(r=2, target_modules=["q_proj"])),
+    "compiled DataParallel": lambda m: torch.compile(torch.nn.DataParallel(m)),
+}
+
+
+@pytest.mark.parametrize("wrap", list(WRAPPERS))
+def test_export_through_every_wrapper(tmp_path, wrap):
+    """The adapter exported through a wrapper names the plain model's modules: it loads in PEFT on the unwrapped
+    base model and computes the applied delta's logits."""
+    base = tiny_model("llama")
+    delta = random_delta(base, q=25, noise=0.5)
+    folder = loki.export_peft(delta, tmp_path / "adapter", WRAPPERS[wrap](tiny_model("llama")))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert all(k.startswith("base_model.model.model.layers.") for k in load_file(folder / "adapter_model.safetensors"))
+    assert_peft_reproduces("llama", base, delta, folder)
+
+
+def test_export_arguments_are_checked_before_writing(tmp_path):
+    """A rank that is not a positive int, or a dtype an adapter cannot hold, is an ExportError and writes nothing;
+    a rank above vLLM's largest max_lora_rank (512) exports with a warning that says so."""
+    import warnings
+
+    base = tiny_model("llama")
+    delta = random_delta(base, q=25)
+    for rank in (32.0, "8", True, 0, -1):
+        with pytest.raises(loki.errors.ExportError, match="rank must be a positive int"):
+            loki.export_peft(delta, tmp_path / "a", base, rank=rank)
+    for dtype in (torch.int8, torch.float8_e4m3fn, "float32"):
+        with pytest.raises(loki.errors.ExportError, match="dtype"):
+            loki.export_peft(delta, tmp_path / "a", base, dtype=dtype)
+    assert not list(tmp_path.iterdir())
+    with pytest.warns(loki.peft_export.LargeRankWarning, match="max_lora_rank, 512"):
+        config, _ = loki.peft_export.peft_adapter(delta, base, rank=513)
+    assert config["r"] == 513
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert loki.peft_export.peft_adapter(delta, base, rank=512)[0]["r"] == 512

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import pytest
 import torch
 
@@ -255,6 +258,65 @@ def test_neighbourhood_errors():
         questions(EXAMPLES, {"capital": ["France"]})
     with pytest.raises(loki.errors.DatasetError, match="shipped"):
         questions(EXAMPLES, "no-such-kind")
+
+
+def test_subjects_replaced_on_word_boundaries_only():
+    """The subject is cut out where it stands as a whole word, also when it starts or ends with a character that is
+    not a letter (where a regex \\b would not match), never from inside another word."""
+    facts = [{"question": "Which JavaScript framework did the Java team write?", "subject": "Java"},
+             {"question": "Which company maintains C++ compilers?", "subject": "C++"},
+             {"question": "Is ASP.NET built on .NET?", "subject": ".NET"},
+             {"question": "What does {name} mean in Python?", "subject": "{name}"}]
+    assert [t for t, _ in templates(facts)] == ["Which JavaScript framework did the {} team write?",
+                                                "Which company maintains {} compilers?", "Is ASP.NET built on {}?",
+                                                "What does {} mean in Python?"]
+    asked = questions(facts[:1], ["Python", "Rust"])
+    assert sorted(asked) == ["Which JavaScript framework did the Python team write?",
+                             "Which JavaScript framework did the Rust team write?"]
+    with pytest.raises(loki.errors.DatasetError, match="whole word"):
+        templates([{"question": "Which JavaScript framework is fastest?", "subject": "Java"}])
+
+
+def test_template_fills_never_leave_a_placeholder():
+    """Braces in questions, templates and entity names are text: a fill never crashes, never leaves a `{}` slot and
+    never fills a literal one; what would leave one is refused before any question is made."""
+    filled = questions(template="Is {0} in {}?", entity_names=["a {b} c", "}{"])
+    assert filled == ["Is {0} in a {b} c?", "Is {0} in }{?"]
+    refused = [
+        ({"examples": [{"question": "Is {} a set in Peru?", "subject": "Peru"}], "entity_names": ["Chile"]}, "literal"),
+        ({"template": "Is {} next to {}?", "entity_names": ["Chile"]}, "2 '{}' slots"),
+        ({"template": ["Who painted {}?", "Who?"], "entity_names": ["Guernica"]}, "0 '{}' slots"),
+        ({"template": "Who painted {}?", "entity_names": ["Guernica", "{}"]}, "without '{}'"),
+        ({"template": "Who painted {}?", "entity_names": ["Guernica", ""]}, "non-empty"),
+        ({"template": "Who painted {}?", "entity_names": ["Guernica"], "per_template": True}, "per_template"),
+    ]
+    for kwargs, match in refused:
+        with pytest.raises(loki.errors.DatasetError, match=re.escape(match)):
+            questions(**kwargs)
+
+
+def test_every_retain_argument_is_validated_before_use(default_tokenizer):
+    """Retain data of the wrong shape and bad counts are refused before the model runs (retain_targets,
+    RetainTargets.batches, RetainLoss): a string is not one question per character, 0 items per batch is not
+    "no retain"."""
+    model = tiny_model("llama", vocab=len(default_tokenizer))
+    for bad, match in [("What is the capital of France?", "one character"), ({"text": "Rivers."}, "dict"),
+                       (iter(["Who?"]), "list_iterator"), ([" "], "question string"), ([{"text": 5}], "token ids"),
+                       ([{"question": "Who?", "answer": "A", "messages": []}], "Retain item 0")]:
+        with pytest.raises(loki.errors.DatasetError, match=match):
+            retain_targets(model, default_tokenizer, bad, progress=False)
+    for option in ("top_k", "max_new_tokens", "max_length", "batch_size"):
+        for value in (0, True, 2.0):
+            with pytest.raises(loki.errors.TrainingOptionError, match=option):
+                retain_targets(model, default_tokenizer, RETAIN, progress=False, **{option: value})
+    targets = retain_targets(model, None, [{"text": [5, 6, 7]}], progress=False)
+    with pytest.raises(loki.errors.TrainingOptionError, match="batch_size"):
+        targets.batches(0)
+    for kwargs, match in [({"weight": -1.0}, "weight"), ({"weight": math.nan}, "weight"),
+                          ({"batch_size": 0}, "batch_size"), ({"batch_size": False}, "batch_size"),
+                          ({"seed": "0"}, "seed")]:
+        with pytest.raises(loki.errors.TrainingOptionError, match=match):
+            RetainLoss(model, targets, **kwargs)
 
 
 def test_shipped_entity_lists_name_their_source():

@@ -350,3 +350,114 @@ def test_cuda(store):
         expected = rows_alone(model, bank, ids, ["d0", None, "d1"])
         with bank.mixed(["d0", None, "d1"]):
             torch.testing.assert_close(model(ids).logits, expected, atol=5e-2, rtol=5e-2)
+
+
+# -- the model changed under the bank (issue 28) ------------------------------------------------------------------
+def _assign_checkpoint(model, seed=0):
+    model.load_state_dict(tiny_model("llama", seed=seed).state_dict(), assign=True)
+
+
+def _swap_down_projections(model):
+    base = tiny_model("llama")
+    for layer, original in zip(model.model.layers, base.model.layers):
+        old = layer.mlp.down_proj
+        layer.mlp.down_proj = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+        layer.mlp.down_proj.weight.data.copy_(original.mlp.down_proj.weight)
+
+
+@pytest.mark.parametrize("replace", ["load_state_dict_assign", "module_swap"])
+@pytest.mark.parametrize("how", ["use", "mixed"])
+def test_replaced_weights_noticed_at_the_next_switch(replace, how):
+    """After the model's weights are replaced by the base checkpoint's (not written), the bank serves its implants
+    on the new weights: `use` re-applies the active ones and stages again, `mixed` hooks the new modules."""
+    model = tiny_model("llama")
+    bank, deltas = bank_with(model, n=2)
+    bank.activate("d0")
+    (_assign_checkpoint if replace == "load_state_dict_assign" else _swap_down_projections)(model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    if how == "use":
+        with bank.use("d0"):
+            assert_state_equal(model, applied_state("llama", torch.float32, deltas["d0"]))
+        with bank.use("d1"):
+            assert_state_equal(model, applied_state("llama", torch.float32, deltas["d1"]))
+        assert bank.active == ("d0",)
+    else:
+        ref = tiny_model("llama")
+        with loki.implanted(ref, deltas["d1"]):
+            expected = ref(ids).logits
+        with bank.mixed(["d1"]):
+            got = model(ids).logits
+        assert torch.allclose(got, expected, **tol(torch.float32))
+        assert_state_equal(model, applied_state("llama", torch.float32, deltas["d0"]))  # d0 restored after the block
+    bank.deactivate()
+    assert_state_equal(model, state_dict_copy(tiny_model("llama")))
+
+
+def test_replaced_by_another_checkpoint_refused_at_the_next_switch():
+    model = tiny_model("llama")
+    bank, _ = bank_with(model, n=2)
+    bank.activate("d0")
+    _assign_checkpoint(model, seed=3)  # another model's weights
+    expected = state_dict_copy(model)
+    with pytest.raises(loki.BaseModelMismatchError, match="were replaced since"):
+        with bank.use("d1"):
+            pass
+    assert_state_equal(model, expected)
+    assert bank.active == ()
+    with pytest.raises(loki.BaseModelMismatchError):
+        bank.activate("d1")
+    assert_state_equal(model, expected)
+
+
+def test_rows_overwritten_under_an_active_implant_raise_at_the_next_switch():
+    """`load_state_dict` copying the base checkpoint in (the same tensors, written) under an active implant: the
+    bank does not serve the base as if the implant were there."""
+    model = tiny_model("llama")
+    bank, deltas = bank_with(model, n=2)
+    bank.activate("d0")
+    model.load_state_dict(tiny_model("llama").state_dict())
+    with pytest.raises(loki.errors.ModelChangedError, match="force=True"):
+        with bank.use("d0"):
+            pass
+    assert bank.active == ("d0",)
+    bank.deactivate("d0", force=True)
+    with bank.use("d0"):
+        assert_state_equal(model, applied_state("llama", torch.float32, deltas["d0"]))
+
+
+@pytest.mark.parametrize("names", [["d0"], [None, "d0"], ["d1", "d0", None]])
+def test_mixed_batches_keep_every_adapter_term(names):
+    """A PEFT LoRA on the down-projections adds its term on the implant's rows too: a mixed batch equals `use`."""
+    peft = pytest.importorskip("peft")
+    base = tiny_model("llama")
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["down_proj", "q_proj"], lora_dropout=0.0,
+                                                      init_lora_weights=False)).eval()
+    bank, _ = bank_with(model, n=2)
+    ids = torch.tensor([[5, 6, 7, 8]] * len(names))
+    ids[:, -1] = torch.arange(len(names)) + 10
+    with torch.no_grad(), bank.mixed(names):
+        mixed = model(ids).logits
+    for i, name in enumerate(names):
+        with torch.no_grad(), bank.use(*([name] if name else [])):
+            alone = model(ids[i : i + 1]).logits
+        assert torch.allclose(mixed[i], alone[0], **tol(torch.float32)), (i, name)
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["to", "to_with_new_parameters"])
+def test_moved_weights_noticed_at_the_next_switch(overwrite):
+    """`model.to(dtype)`, also with torch's `set_overwrite_module_params_on_conversion` (new Parameter objects)."""
+    model = tiny_model("llama")
+    bank, deltas = bank_with(model, n=2)
+    bank.activate("d0")
+    previous = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+    try:
+        model.to(torch.bfloat16)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(previous)
+    with bank.use("d1"):
+        assert_state_equal(model, applied_state("llama", torch.bfloat16, deltas["d1"]))
+    with bank.use("d0"):
+        assert_state_equal(model, applied_state("llama", torch.bfloat16, deltas["d0"]))
+    bank.deactivate()
+    assert_state_equal(model, state_dict_copy(tiny_model("llama", dtype=torch.bfloat16)))

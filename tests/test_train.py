@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -135,6 +136,40 @@ def test_train_needs_a_prepared_model_or_params(default_tokenizer):
     assert_state_equal(model, before)
     with pytest.raises(loki.errors.DatasetError):
         loki.train(loki.prepare(model, loki.Selection.random(2, 32, 10)), default_tokenizer, [], progress=False)
+
+
+BAD_ARGUMENTS = [  # (the bad argument, what the error names)
+    ({"dataset": DATA[0]["question"]}, "one character"), ({"dataset": DATA[0]}, "dict"), ({"dataset": []}, "empty"),
+    ({"dataset": iter(DATA)}, "list_iterator"), ({"dataset": [DATA[0], "Who?"]}, r"dataset\[1\]"),
+    ({"dataset": [{"question": "Who?", "answer": " "}]}, r"dataset\[0\]"),
+    ({"retain": "What is the capital of France?"}, "one character"), ({"retain": []}, "empty"),
+    ({"retain": iter(["Who?"])}, "list_iterator"), ({"retain": ["Who?", {"text": ""}]}, "Retain item 1"),
+    ({"retain": [{"question": "Who?", "answer": 3.5, "messages": "x"}]}, "Retain item 0"),
+    ({"retain_batch_size": 0}, "retain_batch_size"), ({"retain_batch_size": True}, "retain_batch_size"),
+    ({"retain_weight": -1}, "retain_weight"), ({"retain_weight": math.nan}, "retain_weight"),
+    ({"retain_top_k": 0}, "retain_top_k"), ({"epochs": 0}, "epochs"), ({"epochs": 1.5}, "epochs"),
+    ({"batch_size": 0}, "batch_size"), ({"batch_size": True}, "batch_size"), ({"batch_size": "4"}, "batch_size"),
+    ({"grad_accum": 0}, "grad_accum"), ({"lr": 0}, "lr"), ({"lr": -1e-3}, "lr"), ({"lr": math.inf}, "lr"),
+    ({"warmup": 1.5}, "warmup"), ({"warmup": -0.1}, "warmup"), ({"weight_decay": -0.1}, "weight_decay"),
+    ({"max_grad_norm": 0}, "max_grad_norm"), ({"max_length": 0}, "max_length"), ({"max_steps": 0}, "max_steps"),
+    ({"max_steps": False}, "max_steps"), ({"seed": 1.0}, "seed"), ({"eval_every": 0}, "eval_every"),
+    ({"eval_fn": "accuracy"}, "eval_fn"),
+]
+
+
+@pytest.mark.parametrize("bad, match", BAD_ARGUMENTS, ids=[f"{next(iter(b))}={next(iter(b.values()))!r:.20}"
+                                                           for b, _ in BAD_ARGUMENTS])
+def test_every_argument_is_validated_before_training(default_tokenizer, bad, match):
+    """A bad argument is a DatasetError (data) or TrainingOptionError (a number; also a ValueError), raised before
+    anything runs: the weights, the train/eval mode and the training record stay as they were."""
+    model = tiny_for(default_tokenizer)
+    before, mode, record = state_dict_copy(model), model.training, loki.extract(model).info["training"]
+    args = {"dataset": DATA, "retain": ["What is the capital of France?"], "max_steps": 1, "progress": False, **bad}
+    error = loki.errors.DatasetError if {"dataset", "retain"} & set(bad) else loki.errors.TrainingOptionError
+    with pytest.raises(error, match=match):
+        loki.train(model, default_tokenizer, args.pop("dataset"), **args)
+    assert_state_equal(model, before)
+    assert model.training == mode and loki.extract(model).info["training"] == record  # no run recorded
 
 
 def test_train_params_is_plain_adamw_sft(default_tokenizer):

@@ -240,3 +240,76 @@ def test_two_processes_checkpoint_and_resume_equal_one_process(default_tokenizer
         assert CHECKPOINT_FILE in report["checkpoint"]  # adapter-only checkpoints on several processes too
         assert not any(f.endswith(".safetensors") for f in report["checkpoint"])
     assert max_row_difference(expected, checkpoint_delta(prepared(tok))) > 1e-3  # it trained
+
+
+class Raise(TrainerCallback):
+    """Raises `error` after optimizer step 1, as a crash or Ctrl-C in the middle of a run does."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            raise self.error
+
+
+def model_state(model):
+    """What training may change on a model besides its trained values: forward wrappers and other instance
+    attributes, hooks, train/eval modes, requires_grad, gradients, activation checkpointing."""
+    return {
+        "attributes": sorted(vars(model)),
+        "hooks": [(n, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+                  for n, m in model.named_modules()],
+        "modes": [(n, m.training) for n, m in model.named_modules()],
+        "flags": [(n, p.requires_grad, p.grad is None) for n, p in model.named_parameters()],
+        "checkpointing": [(n, getattr(m, "gradient_checkpointing", None)) for n, m in model.named_modules()],
+    }
+
+
+@pytest.mark.parametrize("ending", ["finished", "early stop", "exception", "KeyboardInterrupt"])
+def test_training_undoes_every_change_on_every_exit(default_tokenizer, tmp_path, ending):
+    """Whatever ends a LokiTrainer run (bf16 autocast and activation checkpointing on), the model is left as it
+    was, with only its trained rows changed: it computes bit for bit what a fresh model with those rows computes."""
+    tok = default_tokenizer
+    ids = torch.tensor([encode(tok, DATA[0])["input_ids"]])
+    model = prepared(tok)
+    before = model_state(model)
+    trainer = trainer_for(model, tok, tmp_path, bf16=True, max_steps=3, save_strategy="no", warmup_steps=0,
+                          gradient_checkpointing=True)
+    callback = {"finished": None, "early stop": StopAt(1), "exception": Raise(RuntimeError("disk full")),
+                "KeyboardInterrupt": Raise(KeyboardInterrupt())}[ending]
+    if callback is not None:
+        trainer.add_callback(callback)
+    if isinstance(callback, Raise):
+        with pytest.raises(type(callback.error)):
+            trainer.train()
+    else:
+        trainer.train()
+    assert trainer.state.global_step >= 1
+    assert model_state(model) == before
+    fresh = prepared(tok)
+    restore_rows(fresh, checkpoint_delta(model))
+    assert max_row_difference(checkpoint_delta(fresh), checkpoint_delta(prepared(tok))) > 0  # it trained
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, fresh(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_loki_train_undoes_its_changes_on_every_exit(default_tokenizer, error):
+    """loki.train stopped by an exception or Ctrl-C in the middle of a step (a forward in train mode, after the
+    step's first backward) restores modes, flags and gradients."""
+    tok = default_tokenizer
+    model = prepared(tok)
+    before = model_state(model)
+    forwards = []
+
+    def interrupt(module, args):
+        forwards.append(module.training)
+        if len(forwards) == 4:  # step 2's second batch
+            raise error()
+
+    hook = model.model.embed_tokens.register_forward_pre_hook(interrupt)
+    with pytest.raises(error):
+        loki.train(model, tok, DATA, max_steps=3, batch_size=2, grad_accum=2, lr=1e-2, progress=False)
+    hook.remove()
+    assert forwards == [True] * 4 and model_state(model) == before
