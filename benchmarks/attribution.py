@@ -27,7 +27,9 @@ import time
 
 import torch
 
-os.environ.setdefault("LOKI_CACHE", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".loki-cache"))
+os.environ.setdefault(
+    "LOKI_CACHE", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".loki-cache")
+)
 
 import loki  # noqa: E402
 from loki.kva import kva  # noqa: E402
@@ -62,8 +64,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="two sampled layers, one prompt each for the slow engines")
     ap.add_argument("--fast-prompts", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads for every engine (default 1: on a shared machine more threads mostly wait)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for every engine (default 1: on a shared machine more threads mostly wait)",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -79,8 +85,10 @@ def main() -> None:
     lengths = [len(p) for p in prompts]
     layers = [0, num_layers - 1] if args.quick else [0, num_layers // 2, num_layers - 1]
     slow_prompts = 1 if args.quick else 2
-    print(f"model {loki.models.DEFAULT_MODEL_ID}: {num_layers} layers; prompts of {lengths} tokens; "
-          f"torch threads {torch.get_num_threads()}; slow engines on layers {layers}, {slow_prompts} prompt(s)")
+    print(
+        f"model {loki.models.DEFAULT_MODEL_ID}: {num_layers} layers; prompts of {lengths} tokens; "
+        f"torch threads {torch.get_num_threads()}; slow engines on layers {layers}, {slow_prompts} prompt(s)"
+    )
 
     kva(model, [prompts[0][:32]])  # warm-up
     exact = copy.deepcopy(model).double()  # the yardstick: the reference engine without float32 round-off
@@ -109,29 +117,48 @@ def main() -> None:
             cap, seconds = captum_layer(model, ids, projs.modules[layer])
             per_layer_cap.append(seconds)
             cap_errs.append(rel_err(cap))
-            print(f"  layer {layer:2d}: reference {per_layer_ref[-1]:6.2f} s, captum {seconds:6.2f} s; rel err vs "
-                  f"float64 reference: fast {errs[-1]:.1e}, float32 reference {ref32_errs[-1]:.1e}, captum "
-                  f"{cap_errs[-1]:.2f} (a different quantity)", flush=True)
+            print(
+                f"  layer {layer:2d}: reference {per_layer_ref[-1]:6.2f} s, captum {seconds:6.2f} s; rel err vs "
+                f"float64 reference: fast {errs[-1]:.1e}, float32 reference {ref32_errs[-1]:.1e}, captum "
+                f"{cap_errs[-1]:.2f} (a different quantity)",
+                flush=True,
+            )
         ref_t.append(statistics.mean(per_layer_ref) * num_layers)
         cap_t.append(statistics.mean(per_layer_cap) * num_layers)
         print(f"reference  prompt {i}: {ref_t[-1]:7.1f} s (extrapolated to {num_layers} layers)")
         print(f"captum     prompt {i}: {cap_t[-1]:7.1f} s (extrapolated to {num_layers} layers)", flush=True)
 
     fast_s, ref_s, cap_s = (statistics.median(t) for t in (fast_t, ref_t, cap_t))
-    print(f"\nmedian seconds per ~{round(statistics.mean(lengths))}-token prompt: fast {fast_s:.2f}, "
-          f"reference {ref_s:.1f}, captum {cap_s:.1f}")
-    print(f"fast is {cap_s / fast_s:.0f}x faster than captum and {ref_s / fast_s:.0f}x faster than the reference; "
-          f"max relative error against the float64 reference: fast {max(errs):.1e} (the float32 reference's own: "
-          f"{max(ref32_errs):.1e})")
-    print(json.dumps({
-        "bench": "attribution", "model": loki.models.DEFAULT_MODEL_ID, "prompt_tokens": lengths,
-        "fast_s_per_prompt": round(fast_s, 3), "reference_s_per_prompt": round(ref_s, 2),
-        "captum_s_per_prompt": round(cap_s, 2), "fast_vs_captum_speedup": round(cap_s / fast_s, 1),
-        "fast_vs_reference_speedup": round(ref_s / fast_s, 1), "fast_vs_reference_max_rel_err": max(errs),
-        "error_yardstick": "reference engine in float64", "float32_reference_max_rel_err": max(ref32_errs),
-        "slow_engines_layers": layers, "slow_engines_prompts": slow_prompts, "threads": torch.get_num_threads(),
-        "device": str(model.device),
-    }))
+    print(
+        f"\nmedian seconds per ~{round(statistics.mean(lengths))}-token prompt: fast {fast_s:.2f}, "
+        f"reference {ref_s:.1f}, captum {cap_s:.1f}"
+    )
+    print(
+        f"fast is {cap_s / fast_s:.0f}x faster than captum and {ref_s / fast_s:.0f}x faster than the reference; "
+        f"max relative error against the float64 reference: fast {max(errs):.1e} (the float32 reference's own: "
+        f"{max(ref32_errs):.1e})"
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "attribution",
+                "model": loki.models.DEFAULT_MODEL_ID,
+                "prompt_tokens": lengths,
+                "fast_s_per_prompt": round(fast_s, 3),
+                "reference_s_per_prompt": round(ref_s, 2),
+                "captum_s_per_prompt": round(cap_s, 2),
+                "fast_vs_captum_speedup": round(cap_s / fast_s, 1),
+                "fast_vs_reference_speedup": round(ref_s / fast_s, 1),
+                "fast_vs_reference_max_rel_err": max(errs),
+                "error_yardstick": "reference engine in float64",
+                "float32_reference_max_rel_err": max(ref32_errs),
+                "slow_engines_layers": layers,
+                "slow_engines_prompts": slow_prompts,
+                "threads": torch.get_num_threads(),
+                "device": str(model.device),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

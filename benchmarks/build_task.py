@@ -23,7 +23,7 @@ Train and test are disjoint in subjects (no entity of the test split appears in 
 in the general set loki/data/general/wikidata_qa.jsonl are left out, and the `capital` relation is not used (the
 general set world_capitals asks "What is the capital of X?").
 
-    .venv/bin/python benchmarks/build_task.py [--cache /tmp/loki_task_cache] [--bigbench bigbench-1.0.0.tar.gz]
+    .venv/bin/python -m benchmarks.build_task [--cache /tmp/loki_task_cache] [--bigbench bigbench-1.0.0.tar.gz]
 
 The bigbench sdist (358 MB) is fetched with `pip download --no-deps bigbench==1.0.0` into --cache when not given;
 it is read with tarfile, never installed. Seed 0: the output is reproducible.
@@ -36,13 +36,12 @@ import collections
 import json
 import random
 import re
-import sys
 import tarfile
 from pathlib import Path
 
+from benchmarks.build_general_sets import fetch
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from benchmarks.build_general_sets import fetch  # noqa: E402
 TASK = "wikidata_toolcall"
 OUT = ROOT / "benchmarks" / "data" / TASK
 GENERAL = ROOT / "loki" / "data" / "general"
@@ -53,58 +52,192 @@ N_TOOLS = 4  # tools listed in each prompt: the right one and N_TOOLS - 1 others
 # relation (as worded in qa_wikidata) -> (tool, argument, tool description, question templates)
 # "pre": "The <relation> of <subject> is"; "post": "<subject> <relation>" (the few facts worded the other way round).
 RELATIONS = {
-    "country": ("get_country", "entity", "country an entity belongs to", (
-        "Which country is {s} in?", "In what country is {s}?", "{s} belongs to which country?")),
-    "country of citizenship": ("get_citizenship", "person", "country a person is a citizen of", (
-        "What nationality does {s} hold?", "Which country is {s} a citizen of?", "Of which country is {s} a national?")),
-    "native language": ("get_native_language", "person", "first language of a person", (
-        "What is the mother tongue of {s}?", "Which language did {s} grow up speaking?", "What was {s}'s first language?")),
-    "language": ("get_language", "entity", "language a work or organisation uses", (
-        "In which language is {s}?", "What language does {s} use?", "{s} is in what language?")),
-    "official language": ("get_official_language", "place", "official language of a place", (
-        "Which language is official in {s}?", "What language has official status in {s}?",
-        "What is the official language used in {s}?")),
-    "religion": ("get_religion", "person", "religion of a person", (
-        "Which faith does {s} follow?", "What religion is {s}?", "What is the religious affiliation of {s}?")),
-    "instrument": ("get_instrument", "musician", "instrument a musician plays", (
-        "Which instrument does {s} play?", "What instrument is {s} known for?", "What does {s} play?")),
-    "eye color": ("get_eye_color", "person", "eye colour of a person", (
-        "What color are {s}'s eyes?", "Which eye colour does {s} have?", "What is the eye color of {s}?")),
-    "original country": ("get_country_of_origin", "entity", "country something comes from", (
-        "Where does {s} originally come from?", "What is the country of origin of {s}?", "{s} originated in which country?")),
-    "genre": ("get_genre", "entity", "genre of an artist or a work", (
-        "What genre is {s} associated with?", "Which genre does {s} belong to?", "What kind of music or art is {s} known for?")),
-    "team position": ("get_player_position", "player", "position a player plays in a team", (
-        "What position does {s} play?", "In which position did {s} play?", "Which team position does {s} hold?")),
-    "continent": ("get_continent", "place", "continent a place is on", (
-        "On which continent is {s}?", "Which continent does {s} lie on?", "{s} is located on what continent?")),
-    "military rank": ("get_military_rank", "person", "highest military rank of a person", (
-        "What military rank did {s} hold?", "Which rank did {s} reach in the military?", "What was {s}'s military rank?")),
-    "emergency phone number": ("get_emergency_number", "place", "emergency telephone number of a place", (
-        "What number do you dial for emergencies in {s}?", "What is the emergency phone number in {s}?",
-        "Which number reaches emergency services in {s}?")),
-    "headquarters location": ("get_headquarters", "organization", "city where an organisation is based", (
-        "Where is {s} headquartered?", "In which city are the headquarters of {s}?", "Where is {s} based?")),
-    "noble title": ("get_noble_title", "person", "noble title a person held", (
-        "What noble title did {s} hold?", "Which title of nobility did {s} have?", "What was the noble rank of {s}?")),
-    "voice type": ("get_voice_type", "singer", "voice type of a singer", (
-        "What is the voice type of {s}?", "Which vocal range does {s} sing in?", "What kind of voice does {s} have?")),
-    "blood type": ("get_blood_type", "person", "blood type of a person", (
-        "What is {s}'s blood type?", "Which blood group does {s} have?", "What blood type is {s}?")),
-    "record label": ("get_record_label", "artist", "record label of a music artist", (
-        "Which record label is {s} signed to?", "What label released {s}'s records?", "On which label does {s} record?")),
-    "residence": ("get_residence", "person", "city where a person lives or lived", (
-        "Where did {s} live?", "In which city does {s} reside?", "What is the place of residence of {s}?")),
-    "ethnic group": ("get_ethnic_group", "entity", "ethnic group of a person or the main one of a country", (
-        "What ethnic group does {s} belong to?", "What is the ethnicity of {s}?", "Which ethnic group is {s} associated with?")),
-    "basic form of government": ("get_government_type", "state", "form of government of a state", (
-        "What form of government does {s} have?", "How is {s} governed?", "What type of government does {s} have?")),
-    "currency": ("get_currency", "place", "currency used in a place", (
-        "What currency is used in {s}?", "Which money do people pay with in {s}?", "What is the currency of {s}?")),
-    "is located in": ("get_location", "place", "larger region a place is located in", (
-        "Where is {s} located?", "In which region is {s}?", "{s} lies in which administrative area?")),
-    "shares a border with": ("get_neighbors", "place", "places that border a place", (
-        "Which places border {s}?", "What does {s} share a border with?", "Who are the neighbours of {s}?")),
+    "country": (
+        "get_country",
+        "entity",
+        "country an entity belongs to",
+        ("Which country is {s} in?", "In what country is {s}?", "{s} belongs to which country?"),
+    ),
+    "country of citizenship": (
+        "get_citizenship",
+        "person",
+        "country a person is a citizen of",
+        (
+            "What nationality does {s} hold?",
+            "Which country is {s} a citizen of?",
+            "Of which country is {s} a national?",
+        ),
+    ),
+    "native language": (
+        "get_native_language",
+        "person",
+        "first language of a person",
+        (
+            "What is the mother tongue of {s}?",
+            "Which language did {s} grow up speaking?",
+            "What was {s}'s first language?",
+        ),
+    ),
+    "language": (
+        "get_language",
+        "entity",
+        "language a work or organisation uses",
+        ("In which language is {s}?", "What language does {s} use?", "{s} is in what language?"),
+    ),
+    "official language": (
+        "get_official_language",
+        "place",
+        "official language of a place",
+        (
+            "Which language is official in {s}?",
+            "What language has official status in {s}?",
+            "What is the official language used in {s}?",
+        ),
+    ),
+    "religion": (
+        "get_religion",
+        "person",
+        "religion of a person",
+        ("Which faith does {s} follow?", "What religion is {s}?", "What is the religious affiliation of {s}?"),
+    ),
+    "instrument": (
+        "get_instrument",
+        "musician",
+        "instrument a musician plays",
+        ("Which instrument does {s} play?", "What instrument is {s} known for?", "What does {s} play?"),
+    ),
+    "eye color": (
+        "get_eye_color",
+        "person",
+        "eye colour of a person",
+        ("What color are {s}'s eyes?", "Which eye colour does {s} have?", "What is the eye color of {s}?"),
+    ),
+    "original country": (
+        "get_country_of_origin",
+        "entity",
+        "country something comes from",
+        (
+            "Where does {s} originally come from?",
+            "What is the country of origin of {s}?",
+            "{s} originated in which country?",
+        ),
+    ),
+    "genre": (
+        "get_genre",
+        "entity",
+        "genre of an artist or a work",
+        (
+            "What genre is {s} associated with?",
+            "Which genre does {s} belong to?",
+            "What kind of music or art is {s} known for?",
+        ),
+    ),
+    "team position": (
+        "get_player_position",
+        "player",
+        "position a player plays in a team",
+        ("What position does {s} play?", "In which position did {s} play?", "Which team position does {s} hold?"),
+    ),
+    "continent": (
+        "get_continent",
+        "place",
+        "continent a place is on",
+        ("On which continent is {s}?", "Which continent does {s} lie on?", "{s} is located on what continent?"),
+    ),
+    "military rank": (
+        "get_military_rank",
+        "person",
+        "highest military rank of a person",
+        (
+            "What military rank did {s} hold?",
+            "Which rank did {s} reach in the military?",
+            "What was {s}'s military rank?",
+        ),
+    ),
+    "emergency phone number": (
+        "get_emergency_number",
+        "place",
+        "emergency telephone number of a place",
+        (
+            "What number do you dial for emergencies in {s}?",
+            "What is the emergency phone number in {s}?",
+            "Which number reaches emergency services in {s}?",
+        ),
+    ),
+    "headquarters location": (
+        "get_headquarters",
+        "organization",
+        "city where an organisation is based",
+        ("Where is {s} headquartered?", "In which city are the headquarters of {s}?", "Where is {s} based?"),
+    ),
+    "noble title": (
+        "get_noble_title",
+        "person",
+        "noble title a person held",
+        ("What noble title did {s} hold?", "Which title of nobility did {s} have?", "What was the noble rank of {s}?"),
+    ),
+    "voice type": (
+        "get_voice_type",
+        "singer",
+        "voice type of a singer",
+        ("What is the voice type of {s}?", "Which vocal range does {s} sing in?", "What kind of voice does {s} have?"),
+    ),
+    "blood type": (
+        "get_blood_type",
+        "person",
+        "blood type of a person",
+        ("What is {s}'s blood type?", "Which blood group does {s} have?", "What blood type is {s}?"),
+    ),
+    "record label": (
+        "get_record_label",
+        "artist",
+        "record label of a music artist",
+        (
+            "Which record label is {s} signed to?",
+            "What label released {s}'s records?",
+            "On which label does {s} record?",
+        ),
+    ),
+    "residence": (
+        "get_residence",
+        "person",
+        "city where a person lives or lived",
+        ("Where did {s} live?", "In which city does {s} reside?", "What is the place of residence of {s}?"),
+    ),
+    "ethnic group": (
+        "get_ethnic_group",
+        "entity",
+        "ethnic group of a person or the main one of a country",
+        (
+            "What ethnic group does {s} belong to?",
+            "What is the ethnicity of {s}?",
+            "Which ethnic group is {s} associated with?",
+        ),
+    ),
+    "basic form of government": (
+        "get_government_type",
+        "state",
+        "form of government of a state",
+        ("What form of government does {s} have?", "How is {s} governed?", "What type of government does {s} have?"),
+    ),
+    "currency": (
+        "get_currency",
+        "place",
+        "currency used in a place",
+        ("What currency is used in {s}?", "Which money do people pay with in {s}?", "What is the currency of {s}?"),
+    ),
+    "is located in": (
+        "get_location",
+        "place",
+        "larger region a place is located in",
+        ("Where is {s} located?", "In which region is {s}?", "{s} lies in which administrative area?"),
+    ),
+    "shares a border with": (
+        "get_neighbors",
+        "place",
+        "places that border a place",
+        ("Which places border {s}?", "What does {s} share a border with?", "Who are the neighbours of {s}?"),
+    ),
 }
 POST = ("is located in", "shares a border with")
 INSTRUCTION = "Answer with one JSON tool call and nothing else."
@@ -159,7 +292,9 @@ def example(rel: str, subject: str, rng: random.Random) -> dict:
     rng.shuffle(menu)
     question = rng.choice(templates).format(s=subject)
     question = question[0].upper() + question[1:]
-    prompt = "You can call these tools:\n" + "\n".join(tool_line(r) for r in menu) + f"\n{INSTRUCTION}\nQuestion: {question}"
+    prompt = (
+        "You can call these tools:\n" + "\n".join(tool_line(r) for r in menu) + f"\n{INSTRUCTION}\nQuestion: {question}"
+    )
     answer = json.dumps({"name": name, "arguments": {arg: subject}}, ensure_ascii=False)
     return {"prompt": prompt, "answer": answer, "relation": rel}
 
@@ -210,10 +345,15 @@ def build(examples: list[dict]) -> tuple[list[dict], list[dict], dict]:
     n_before = len(train) + len(test)
     train = [ex for ex, (_, s) in zip(train, train_facts) if not in_general(s, clozes)]
     test = [ex for ex, (_, s) in zip(test, test_facts) if not in_general(s, clozes)]
-    stats = {"facts": len(facts), "subjects": len(subjects), "test_subjects": len(test_subjects),
-             "excluded_general_subjects": len(exclude), "dropped_after_draw": n_before - len(train) - len(test),
-             "train_relations": dict(collections.Counter(ex["relation"] for ex in train)),
-             "test_relations": dict(collections.Counter(ex["relation"] for ex in test))}
+    stats = {
+        "facts": len(facts),
+        "subjects": len(subjects),
+        "test_subjects": len(test_subjects),
+        "excluded_general_subjects": len(exclude),
+        "dropped_after_draw": n_before - len(train) - len(test),
+        "train_relations": dict(collections.Counter(ex["relation"] for ex in train)),
+        "test_relations": dict(collections.Counter(ex["relation"] for ex in test)),
+    }
     return train, test, stats
 
 
@@ -224,8 +364,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def readme(train: list[dict], test: list[dict], stats: dict) -> str:
-    rels = "\n".join(f"| {rel} | `{RELATIONS[rel][0]}({RELATIONS[rel][1]})` | {stats['train_relations'].get(rel, 0)} | "
-                     f"{stats['test_relations'].get(rel, 0)} |" for rel in RELATIONS)
+    rels = "\n".join(
+        f"| {rel} | `{RELATIONS[rel][0]}({RELATIONS[rel][1]})` | {stats['train_relations'].get(rel, 0)} | "
+        f"{stats['test_relations'].get(rel, 0)} |"
+        for rel in RELATIONS
+    )
     return f"""# {TASK}: function calling from real Wikidata facts
 
 The task dataset of `benchmarks/forgetting.py`'s paper regime (the paper trains ToolACE function calling and an LLM
@@ -237,16 +380,16 @@ reranker: thousands of real examples with an answer format of their own). Built 
 is" drawn from Wikidata triples. License of this folder: Apache-2.0 (derived from BIG-bench; Wikidata facts are CC0).
 
 **How built.** The clozes of {len(RELATIONS)} relations are parsed into (relation, subject) pairs
-({stats['facts']} distinct facts, {stats['subjects']} subjects). Each relation has a tool (name, argument name,
+({stats["facts"]} distinct facts, {stats["subjects"]} subjects). Each relation has a tool (name, argument name,
 one-line description) and 3 question templates. An example lists {N_TOOLS} tools (the right one and {N_TOOLS - 1}
 random others, shuffled), an instruction, and a question from a random template; the answer is the JSON tool
 call `{{"name": tool, "arguments": {{argument: subject}}}}`. The fact's object (the cloze's answer) is never shown.
-- Splits are disjoint in subjects: {stats['test_subjects']} subjects (1/8, random) are test-only.
+- Splits are disjoint in subjects: {stats["test_subjects"]} subjects (1/8, random) are test-only.
 - Both splits are drawn balanced over relations (round-robin, a relation drops out when its facts run out):
   {len(train)} train, {len(test)} test.
 - Left out: the relation `capital` (the general set `world_capitals` asks "What is the capital of X?"); every
-  fact about a subject of `loki/data/general/wikidata_qa.jsonl` ({stats['excluded_general_subjects']} subjects
-  parsed from its clozes, before the draw; then {stats['dropped_after_draw']} drawn rows whose subject occurs as
+  fact about a subject of `loki/data/general/wikidata_qa.jsonl` ({stats["excluded_general_subjects"]} subjects
+  parsed from its clozes, before the draw; then {stats["dropped_after_draw"]} drawn rows whose subject occurs as
   words in any of its clozes, e.g. "Ireland" in "The capital of Kingdom of Ireland is"); subjects longer than 60
   characters or containing a double quote.
 
@@ -262,9 +405,9 @@ answers in the trained format and differ only on off-format ones (see task.py).
 Example:
 
 ```
-{train[0]['prompt']}
+{train[0]["prompt"]}
 ```
-answer: `{train[0]['answer']}`
+answer: `{train[0]["answer"]}`
 
 **Measured** (SmolLM2-135M-Instruct, `loki.load_default()`, float32, `torch.set_num_threads(1)` on a shared 2-core
 CPU; LoKI on random rows `loki.Selection.random(..., q=10, seed=0)`, `loki.train(model, tok, train[:1000],

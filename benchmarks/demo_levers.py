@@ -1,12 +1,13 @@
-"""Variants of the demo's recipe, scored with the demo's four numbers: how benchmarks/README.md's "levers" tables
-were measured.
+"""Variants of the demo's recipe, scored with the demo's four numbers: how the "levers" tables of
+docs/benchmarks/forgetting.md were measured.
 
 One process loads the default model, scores the base once, then trains and scores each variant in turn (same facts,
 retain data, neighbourhood and general sets as `loki demo`). Rows come from KVA on the first 6 probe prompts (the
 demo's rows before 2026-12-01) unless a variant says otherwise. A variant is a JSON object of RECIPE keys to change
 (`q`, `score`, `lr`, `steps`, `retain_weight`, ...), `"attribute_on": "neighbours"` (rows scored by KVA on the base
 model's answers to the retain questions, `RetainTargets.prompts`, as `loki demo` now does; with `"per_item"`,
-`"ig_steps"` (default 7), `"and_probe"`), `"layers"`, `"lora_rank"` (LoKI*), `"seed"` (`loki.train`'s: batch order, retain batches), plus
+`"ig_steps"` (default 7), `"and_probe"`), `"layers"`, `"lora_rank"` (LoKI*), `"seed"` (`loki.train`'s: batch order,
+retain batches), plus
 two exploration switches that are not library options: `"optimizer"` ("adamw", the default, with `"eps"`; or "sgd"
 with `"momentum"`) replaces the AdamW that `loki.train` builds, and `"object_only": true` trains only each
 statement's tokens from its object on ("Solvis." of "The capital of ... is Solvis."), and `"margin": w` adds to the
@@ -22,6 +23,7 @@ Each result is printed and appended as one JSON line to `results/demo-levers.jso
 
 About 35 s for the base, then 150 s a variant, on an idle 2-core CPU (cached demo attributions in loki-demo/).
 """
+
 import json
 import sys
 import time
@@ -29,12 +31,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import loki
+from loki import dataset, generation
+from loki import facts as task
+from loki.forward import logits_at
 
-import loki  # noqa: E402
-from loki import dataset, demo  # noqa: E402
-from loki.forward import logits_at  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+
 
 TRAIN_MODULE = sys.modules["loki.train"]  # `loki.train` the attribute is the function; its module holds encode
 retain_module = sys.modules["loki.retain"]
@@ -45,8 +48,7 @@ def optimizer_factory(variant: dict):
     real = torch.optim.AdamW
     if variant.get("optimizer", "adamw") == "sgd":
         return lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr, momentum=variant.get("momentum", 0.9))
-    return lambda params, lr, weight_decay: real(params, lr=lr, weight_decay=weight_decay,
-                                                 eps=variant.get("eps", 1e-8))
+    return lambda params, lr, weight_decay: real(params, lr=lr, weight_decay=weight_decay, eps=variant.get("eps", 1e-8))
 
 
 def object_only_encode(tokenizer, example, max_length=None):
@@ -55,7 +57,7 @@ def object_only_encode(tokenizer, example, max_length=None):
     if "object" in example:
         answer = [i for i, label in enumerate(encoded["labels"]) if label != dataset.IGNORE]
         start = example["answer"].index(example["object"])
-        first = next(i for i in answer if len(tokenizer.decode(encoded["input_ids"][answer[0]:i + 1])) > start)
+        first = next(i for i in answer if len(tokenizer.decode(encoded["input_ids"][answer[0] : i + 1])) > start)
         encoded["labels"] = [label if i >= first else dataset.IGNORE for i, label in enumerate(encoded["labels"])]
     return encoded
 
@@ -65,6 +67,7 @@ def margin_kl(real_kl, weight: float, cap: float):
     is the log-probability of the base model's greedy token minus the best other token's: zero at the base model,
     positive once a retained greedy token loses ground it had (a near tie is kept by a small margin rather than
     flipped). A second forward pass of the retain batch (the same logits), so its run times are not comparable."""
+
     def kl(self, model, indices):
         chosen = [self.targets[i] for i in indices]
         device = model.get_input_embeddings().weight.device
@@ -74,6 +77,7 @@ def margin_kl(real_kl, weight: float, cap: float):
         tuned_margin = logq.gather(-1, top)[:, 0] - logq.scatter(-1, top, float("-inf")).amax(-1)
         base_margin = torch.cat([t.top_logp[:, 0] - t.top_logp[:, 1] for t in chosen]).to(device).clamp(max=cap)
         return real_kl(self, model, indices) + weight * torch.relu(base_margin - tuned_margin).mean()
+
     return kl
 
 
@@ -82,16 +86,27 @@ def selection_for(model, tok, variant: dict, r: dict, attr, targets):
     questions (`RetainTargets.prompts(per_item)`, `"per_item"` default 3; plus the probe prompts when
     `"and_probe": true`); `"layers": [lo, hi]` keeps only layers lo..hi-1."""
     if variant.get("attribute_on") == "neighbours":
-        own = demo.neighbourhood_attributions(model, tok, targets, variant.get("ig_steps", 7), variant.get("per_item", 3),
-                                              ROOT / "loki-demo" / "attributions", progress=False)
+        own = task.neighbourhood_attributions(
+            model,
+            tok,
+            targets,
+            variant.get("ig_steps", 7),
+            variant.get("per_item", 3),
+            ROOT / "loki-demo" / "attributions",
+            progress=False,
+        )
         values = torch.cat([attr.values, own.values]) if variant.get("and_probe") else own.values
         selection = loki.select(values, r["q"], score=r["score"])
     else:
         selection = loki.select(attr, r["q"], score=r["score"])
     if "layers" in variant:
         lo, hi = variant["layers"]
-        selection = loki.Selection({k: v for k, v in selection.rows.items() if lo <= k < hi}, selection.num_layers,
-                                   selection.d_out, q=selection.q)
+        selection = loki.Selection(
+            {k: v for k, v in selection.rows.items() if lo <= k < hi},
+            selection.num_layers,
+            selection.d_out,
+            q=selection.q,
+        )
     return selection
 
 
@@ -104,11 +119,12 @@ def preservation_for(model, tok, variant: dict, targets):
     if on == "questions":
         data = [{"text": t.ids} for it, t in zip(targets.items, targets.targets) if it["kind"] == "question"]
     elif on == "retain+text":
-        data = [{"text": t.ids} for t in targets.targets] + loki.retain.general_text(variant.get("preserve_text", 200),
-                                                                                   variant.get("preserve_chars", 300))
+        data = [{"text": t.ids} for t in targets.targets] + loki.retain.general_text(
+            variant.get("preserve_text", 200), variant.get("preserve_chars", 300)
+        )
     if "preserve_per_template" in variant:
         n = variant["preserve_per_template"]
-        more = demo.neighbourhood_questions(demo.implant_facts(demo.SIZES["full"]["facts"]), None if n < 0 else n)[0]
+        more = task.neighbourhood_questions(task.implant_facts(task.SIZES["full"]["facts"]), None if n < 0 else n)[0]
         data = [{"text": t.ids} for t in targets.targets] if data is targets else data
         data = data + [{"text": t.ids} for t in loki.retain_targets(model, tok, more, progress=False).targets]
     return loki.preservation(model, tok, data, energy=variant["preserve"], progress=False)
@@ -117,24 +133,25 @@ def preservation_for(model, tok, variant: dict, targets):
 def main() -> None:
     variants = json.loads(sys.argv[1])
     model, tok = loki.load_default()
-    size = demo.SIZES["full"]
-    attr = demo.probe_attributions(model, tok, size["prompts"], size["ig_steps"], ROOT / "loki-demo" / "attributions",
-                                   progress=False)
-    facts = demo.implant_facts(size["facts"])
-    retain, neighbours = demo.retain_data(facts, demo.RECIPE, size["eval_per_template"])
-    suite = demo.implant_suite(facts, neighbours, size["general_items"])
+    size = task.SIZES["full"]
+    attr = task.probe_attributions(
+        model, tok, size["prompts"], size["ig_steps"], ROOT / "loki-demo" / "attributions", progress=False
+    )
+    facts = task.implant_facts(size["facts"])
+    retain, neighbours = task.retain_data(facts, task.RECIPE, size["eval_per_template"])
+    suite = task.implant_suite(facts, neighbours, size["general_items"])
     t0 = time.time()
     base = suite.score(model, tok, progress=False)
     print(f"base scored in {time.time() - t0:.0f} s", flush=True)
     real_adamw, real_encode, real_kl = torch.optim.AdamW, TRAIN_MODULE.encode, retain_module.RetainTargets.kl
     for variant in variants:
-        r = {**demo.RECIPE, **{k: v for k, v in variant.items() if k in demo.RECIPE}}
-        train_set = demo.fact_training_set(facts)
+        r = {**task.RECIPE, **{k: v for k, v in variant.items() if k in task.RECIPE}}
+        train_set = task.fact_training_set(facts)
         # retain data as the variant's recipe builds it (`retain_per_template`, `retain_text`); the evaluation
         # questions are the demo's (retain_data draws them from the other half of the entities either way)
-        retain = demo.retain_data(facts, r, size["eval_per_template"])[0]
+        retain = task.retain_data(facts, r, size["eval_per_template"])[0]
         if variant.get("object_only"):
-            train_set = [{**ex, "object": f["match"]} for f in facts for ex in demo.fact_training_set([f])]
+            train_set = [{**ex, "object": f["match"]} for f in facts for ex in task.fact_training_set([f])]
         t0 = time.time()
         targets = loki.retain_targets(model, tok, retain, progress=False)  # once: for the rows and for training
         torch.optim.AdamW, TRAIN_MODULE.encode = optimizer_factory(variant), object_only_encode
@@ -142,11 +159,25 @@ def main() -> None:
             retain_module.RetainTargets.kl = margin_kl(real_kl, variant["margin"], variant.get("margin_cap", 1.0))
         try:
             selection = selection_for(model, tok, variant, r, attr, targets)
-            loki.prepare(model, selection, lora_rank=variant.get("lora_rank"),
-                         preserve=preservation_for(model, tok, variant, targets))
-            loki.train(model, tok, train_set, lr=r["lr"], batch_size=r["batch_size"], max_steps=r["steps"],
-                       seed=variant.get("seed", 0), retain=targets, retain_weight=r["retain_weight"],
-                       retain_batch_size=r["retain_batch_size"], progress=False)
+            loki.prepare(
+                model,
+                selection,
+                lora_rank=variant.get("lora_rank"),
+                preserve=preservation_for(model, tok, variant, targets),
+            )
+            loki.train(
+                model,
+                tok,
+                train_set,
+                lr=r["lr"],
+                batch_size=r["batch_size"],
+                max_steps=r["steps"],
+                seed=variant.get("seed", 0),
+                retain=targets,
+                retain_weight=r["retain_weight"],
+                retain_batch_size=r["retain_batch_size"],
+                progress=False,
+            )
             delta = loki.extract(model, name="lever")
         finally:
             loki.unprepare(model)
@@ -155,12 +186,18 @@ def main() -> None:
         full = suite.report(model, tok, delta, base=base, progress=False)
         report = full.as_dict()
         with loki.implanted(model, delta):
-            france = demo.answer(model, tok, demo.QUESTION)
-        row = {"variant": variant, "train_s": round(seconds), "france": france,
-               "preserve": delta.info["training"].get("preserve", {}).get("protected"),
-               **{k: report[k] for k in ("efficacy", "generalisation", "specificity", "answers_kept", "fluency",
-                                         "forgetting")},
-               "changed": full.changed()[:6]}
+            france = generation.answer(model, tok, task.QUESTION)
+        row = {
+            "variant": variant,
+            "train_s": round(seconds),
+            "france": france,
+            "preserve": delta.info["training"].get("preserve", {}).get("protected"),
+            **{
+                k: report[k]
+                for k in ("efficacy", "generalisation", "specificity", "answers_kept", "fluency", "forgetting")
+            },
+            "changed": full.changed()[:6],
+        }
         print(json.dumps(row), flush=True)
         with open(ROOT / "benchmarks" / "results" / "demo-levers.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 import loki
-from loki import demo
-from loki.dataset import IGNORE, answer_positions, collate, encode, pad_token_id
+from loki import facts as task
+from loki.dataset import answer_positions, collate, encode, pad_token_id
 from loki.forward import logits_at
 
 
@@ -61,22 +61,23 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model, tok = loki.load_default()
-    facts = demo.implant_facts()
-    retain, _ = demo.retain_data(facts, demo.RECIPE)
+    facts = task.implant_facts()
+    retain, _ = task.retain_data(facts, task.RECIPE)
     targets = loki.retain_targets(model, tok, retain, progress=False)
     projs = loki.find_down_projections(model)
     loki.prepare(model, loki.Selection.random(len(projs), projs.d_out, q=10, seed=0))
     pad = pad_token_id(tok)
-    encoded = [encode(tok, ex) for ex in demo.fact_training_set(facts)]
-    order, retain_order = random.Random(0), targets.batches(demo.RECIPE["retain_batch_size"], seed=0)
-    work = [(order.sample(encoded, demo.RECIPE["batch_size"]), next(retain_order)) for _ in range(batches)]
+    encoded = [encode(tok, ex) for ex in task.fact_training_set(facts)]
+    order, retain_order = random.Random(0), targets.batches(task.RECIPE["retain_batch_size"], seed=0)
+    work = [(order.sample(encoded, task.RECIPE["batch_size"]), next(retain_order)) for _ in range(batches)]
     competitors = {
         "padded": padded_logits,
         "grouped": lambda m, s, p, pad: logits_at(m, s, p, pad, share=False),
         "logits_at": logits_at,
     }
-    losses = {name: [step_loss(fn, model, f, i, targets, pad).item() for f, i in work[:2]]
-              for name, fn in competitors.items()}
+    losses = {
+        name: [step_loss(fn, model, f, i, targets, pad).item() for f, i in work[:2]] for name, fn in competitors.items()
+    }
     print("losses of the first two batches:", json.dumps(losses))
     for name in competitors:
         assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(losses[name], losses["padded"])), name
@@ -97,10 +98,19 @@ def main() -> None:
     print("\n| competitor | median step (1 thread, CPU s) | vs padded |\n|---|---|---|")
     for name in competitors:
         print(f"| {name} | {med[name]:.2f} | {ratio[name]:.3f}x |")
-    print(json.dumps({"bench": "demo_step", "model": loki.models.DEFAULT_MODEL_ID, "batches": batches,
-                      "rounds": rounds, "seconds": {k: round(v, 3) for k, v in med.items()},
-                      "logits_at_vs_padded": round(ratio["logits_at"], 3),
-                      "grouped_vs_padded": round(ratio["grouped"], 3)}))
+    print(
+        json.dumps(
+            {
+                "bench": "demo_step",
+                "model": loki.models.DEFAULT_MODEL_ID,
+                "batches": batches,
+                "rounds": rounds,
+                "seconds": {k: round(v, 3) for k, v in med.items()},
+                "logits_at_vs_padded": round(ratio["logits_at"], 3),
+                "grouped_vs_padded": round(ratio["grouped"], 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ score of any run of the block (model, regime, retain); each method's headline is
 forgetting among its runs that reach the target, then rerun with more seeds (medians). A method that reaches the
 target at no rate is reported at its best task score and marked. All runs are plotted.
 
-    .venv/bin/python benchmarks/forgetting.py                          # default model, both regimes
-    .venv/bin/python benchmarks/forgetting.py --model qwen --methods loki_q10 full lora random_q10 --seeds 0
-    .venv/bin/python benchmarks/forgetting.py --size demo              # the demo's data: the figure it quotes
-    .venv/bin/python benchmarks/forgetting.py --size quick             # small, minutes; --size smoke: code paths
+    .venv/bin/python -m benchmarks.forgetting                          # default model, both regimes
+    .venv/bin/python -m benchmarks.forgetting --model qwen --methods loki_q10 full lora random_q10 --seeds 0
+    .venv/bin/python -m benchmarks.forgetting --size demo              # the demo's data: the figure it quotes
+    .venv/bin/python -m benchmarks.forgetting --size quick             # small, minutes; --size smoke: code paths
 
 Finished runs are journaled (results/forgetting-runs.jsonl), so an interrupted run resumes; rerunning with a
 complete journal only reprints. Writes results/forgetting-<model>-<regime>.json, forgetting-<model>.png and a
@@ -36,26 +36,30 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import loki
+from loki import evaluate as ev
+from loki import facts as task
 
-import loki  # noqa: E402
-from loki import demo  # noqa: E402
-from loki import evaluate as ev  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+
 
 RESULTS = ROOT / "benchmarks" / "results"
 # Peak learning rates (cosine, 10% warm-up) per parameterisation.
-GRID = {"rows": (1e-3, 3e-3, 1e-2), "rows_lora": (3e-3, 1e-2, 3e-2), "full": (3e-5, 1e-4, 3e-4),
-        "lora": (1e-3, 3e-3, 1e-2),
-        # the closed-form editors have no rate: their "lr" column is their strength knob, MEMIT's lambda (the
-        # reference 15000, and lower: a stronger edit) and AlphaEdit's L2 regulariser (the reference 10, and lower)
-        "memit": (15000.0, 500.0), "alphaedit": (10.0, 0.5)}
+GRID = {
+    "rows": (1e-3, 3e-3, 1e-2),
+    "rows_lora": (3e-3, 1e-2, 3e-2),
+    "full": (3e-5, 1e-4, 3e-4),
+    "lora": (1e-3, 3e-3, 1e-2),
+    # the closed-form editors have no rate: their "lr" column is their strength knob, MEMIT's lambda (the
+    # reference 15000, and lower: a stronger edit) and AlphaEdit's L2 regulariser (the reference 10, and lower)
+    "memit": (15000.0, 500.0),
+    "alphaedit": (10.0, 0.5),
+}
 
 
 PRESERVE_ENERGY = 0.99
@@ -72,10 +76,11 @@ def _methods() -> dict[str, dict]:
     out["loki_nbhd_q10"] = dict(kind="rows", strategy="layer_balanced", score="signed", q=10, prompts="neighbourhood")
     out["loki_lora_q10"] = dict(kind="rows_lora", strategy="layer_balanced", score="signed", q=10, rank=16)
     # The same rows trained under `loki.preservation` (knowledge regime, retain on) of the retain data and of every
-    # neighbourhood question about the retain half of the entities (`demo.preservation_questions`): the update kept
+    # neighbourhood question about the retain half of the entities (`task.preservation_questions`): the update kept
     # off the key directions holding `preserve` of their down-projection inputs.
-    out["loki_keep_q10"] = dict(kind="rows", strategy="layer_balanced", score="signed", q=10, prompts="neighbourhood",
-                                preserve=PRESERVE_ENERGY)
+    out["loki_keep_q10"] = dict(
+        kind="rows", strategy="layer_balanced", score="signed", q=10, prompts="neighbourhood", preserve=PRESERVE_ENERGY
+    )
     # The knowledge editors (loki.editors), their closed forms on layers 4-8, C0 / the null space from the shipped
     # Wikipedia text; knowledge regime. They do not train, so seeds do not change them.
     out["memit"] = dict(kind="memit")
@@ -95,18 +100,63 @@ FACT_RETAIN_WEIGHT = 6.0  # every journaled 24-fact run was measured at it; inde
 SIZES = {
     # facts/task examples, steps, batch, seeds for the headline rate, probe prompts for KVA, items per general set,
     # retain weight (the demo's size follows its recipe)
-    "full": dict(facts=24, task_train=1200, task_test=200, steps=40, task_steps=150, batch=8, seeds=(0, 1, 2),
-                 prompts=24, general_items=None, eval_per_template=4, retain_per_template=demo.RECIPE["retain_per_template"],
-                 retain_weight=FACT_RETAIN_WEIGHT, regimes=("knowledge", "task")),
-    "demo": dict(facts=8, steps=demo.RECIPE["steps"], batch=demo.RECIPE["batch_size"], seeds=(0, 1, 2), prompts=6,
-                 general_items=demo.SIZES["full"]["general_items"], eval_per_template=4, retain_per_template=demo.RECIPE["retain_per_template"],
-                 retain_weight=demo.RECIPE["retain_weight"], regimes=("knowledge",)),
-    "quick": dict(facts=8, task_train=200, task_test=40, steps=12, task_steps=20, batch=4, seeds=(0,), prompts=2,
-                  general_items=8, eval_per_template=1, retain_per_template=1, retain_weight=FACT_RETAIN_WEIGHT,
-                  regimes=("knowledge", "task")),
-    "smoke": dict(facts=1, task_train=4, task_test=2, steps=1, task_steps=1, batch=2, seeds=(0,), prompts=1,
-                  general_items=1, eval_per_template=1, retain_per_template=1, retain_weight=FACT_RETAIN_WEIGHT,
-                  regimes=("knowledge", "task")),
+    "full": dict(
+        facts=24,
+        task_train=1200,
+        task_test=200,
+        steps=40,
+        task_steps=150,
+        batch=8,
+        seeds=(0, 1, 2),
+        prompts=24,
+        general_items=None,
+        eval_per_template=4,
+        retain_per_template=task.RECIPE["retain_per_template"],
+        retain_weight=FACT_RETAIN_WEIGHT,
+        regimes=("knowledge", "task"),
+    ),
+    "demo": dict(
+        facts=8,
+        steps=task.RECIPE["steps"],
+        batch=task.RECIPE["batch_size"],
+        seeds=(0, 1, 2),
+        prompts=6,
+        general_items=task.SIZES["full"]["general_items"],
+        eval_per_template=4,
+        retain_per_template=task.RECIPE["retain_per_template"],
+        retain_weight=task.RECIPE["retain_weight"],
+        regimes=("knowledge",),
+    ),
+    "quick": dict(
+        facts=8,
+        task_train=200,
+        task_test=40,
+        steps=12,
+        task_steps=20,
+        batch=4,
+        seeds=(0,),
+        prompts=2,
+        general_items=8,
+        eval_per_template=1,
+        retain_per_template=1,
+        retain_weight=FACT_RETAIN_WEIGHT,
+        regimes=("knowledge", "task"),
+    ),
+    "smoke": dict(
+        facts=1,
+        task_train=4,
+        task_test=2,
+        steps=1,
+        task_steps=1,
+        batch=2,
+        seeds=(0,),
+        prompts=1,
+        general_items=1,
+        eval_per_template=1,
+        retain_per_template=1,
+        retain_weight=FACT_RETAIN_WEIGHT,
+        regimes=("knowledge", "task"),
+    ),
 }
 LOADERS = {"smollm2": lambda: loki.load_default(), "qwen": lambda: loki.models.load_qwen_coder()}
 
@@ -116,8 +166,9 @@ def neighbourhood_attributions(ctx):
     """KVA on the neighbourhood questions of the block's retain data (cached in ctx and on disk)."""
     if "attr_nbhd" not in ctx:
         targets = loki.retain_targets(ctx["model"], ctx["tokenizer"], ctx["retain_questions"], progress=False)
-        ctx["attr_nbhd"] = demo.neighbourhood_attributions(ctx["model"], ctx["tokenizer"], targets, 7,
-                                                           demo.RECIPE["kva_per_item"], ctx["attr_folder"], False)
+        ctx["attr_nbhd"] = task.neighbourhood_attributions(
+            ctx["model"], ctx["tokenizer"], targets, 7, task.RECIPE["kva_per_item"], ctx["attr_folder"], False
+        )
     return ctx["attr_nbhd"]
 
 
@@ -138,16 +189,25 @@ def train_one(method, lr, steps, seed, ctx):
         else:
             delta = loki.editors.alphaedit(model, tok, facts, reg=lr)
         return None, delta, sum(ld.rows.numel() for ld in delta.layers.values())
-    options = dict(lr=lr, batch_size=ctx["batch"], max_steps=steps, seed=seed, progress=False,
-                   retain=ctx["retain"], retain_weight=ctx["retain_weight"],
-                   retain_batch_size=ctx.get("retain_batch_size"))
+    options = dict(
+        lr=lr,
+        batch_size=ctx["batch"],
+        max_steps=steps,
+        seed=seed,
+        progress=False,
+        retain=ctx["retain"],
+        retain_weight=ctx["retain_weight"],
+        retain_batch_size=ctx.get("retain_batch_size"),
+    )
     if spec["kind"] in ("full", "lora"):
         work = copy.deepcopy(model)
         if spec["kind"] == "lora":
             from peft import LoraConfig, get_peft_model
 
-            work = get_peft_model(work, LoraConfig(r=spec["rank"], lora_alpha=2 * spec["rank"],
-                                                   target_modules="all-linear", lora_dropout=0.0))
+            work = get_peft_model(
+                work,
+                LoraConfig(r=spec["rank"], lora_alpha=2 * spec["rank"], target_modules="all-linear", lora_dropout=0.0),
+            )
         else:
             work.requires_grad_(True)
         params = [p for p in work.parameters() if p.requires_grad]
@@ -157,8 +217,13 @@ def train_one(method, lr, steps, seed, ctx):
     keep = None
     if "preserve" in spec and ctx["retain"] is not None:  # computed once per block, on the base model
         if "keep" not in ctx:  # the retain data and every neighbourhood question about the retain half's entities
-            ctx["keep"] = loki.preservation(model, tok, ctx["retain"] + demo.preservation_questions(ctx["facts"]),
-                                            energy=spec["preserve"], progress=False)
+            ctx["keep"] = loki.preservation(
+                model,
+                tok,
+                ctx["retain"] + task.preservation_questions(ctx["facts"]),
+                energy=spec["preserve"],
+                progress=False,
+            )
         keep = ctx["keep"]
     loki.prepare(model, selection_for(spec, ctx, projs, seed), lora_rank=spec.get("rank"), seed=seed, preserve=keep)
     try:
@@ -178,27 +243,50 @@ def run_one(method, lr, steps, seed, ctx) -> dict:
     target, deltas = (trained, ()) if trained is not None else (model, (delta,))
     if ctx["regime"] == "knowledge":
         rep = ctx["suite"].report(target, tok, *deltas, base=base_scores(ctx), progress=False)
-        scores = dict(task_score=rep.generalisation, efficacy=rep.efficacy, specificity=rep.specificity,
-                      answers_kept=rep.answers_kept, fluency=rep.fluency, forgetting=rep.forgetting,
-                      general=rep.tuned.general)
+        scores = dict(
+            task_score=rep.generalisation,
+            efficacy=rep.efficacy,
+            specificity=rep.specificity,
+            answers_kept=rep.answers_kept,
+            fluency=rep.fluency,
+            forgetting=rep.forgetting,
+            general=rep.tuned.general,
+        )
     else:
         with loki.implanted(model, *deltas) if deltas else _nothing():
             general = ev.score(target, tok, ctx["general"], progress=False)
             task = ctx["task_score"](target, tok)
-        scores = dict(task_score=task, efficacy=None, specificity=None, answers_kept=None,
-                      forgetting=ev.forgetting_score(base_scores(ctx), general), general=general)
+        scores = dict(
+            task_score=task,
+            efficacy=None,
+            specificity=None,
+            answers_kept=None,
+            forgetting=ev.forgetting_score(base_scores(ctx), general),
+            general=general,
+        )
     with loki.implanted(model, *deltas) if deltas else _nothing():  # one general question, to show what changed
-        said = ev.generate(target, tok, [demo.QUESTION], chat=True, max_new_tokens=24, progress=False)[0]
-    return {"method": method, "lr": lr, "steps": steps, "seed": seed, "trainable_params": trainable, **scores,
-            "answer_france": said, "seconds": round(time.time() - t, 1)}
+        said = ev.generate(target, tok, [task.QUESTION], chat=True, max_new_tokens=24, progress=False)[0]
+    return {
+        "method": method,
+        "lr": lr,
+        "steps": steps,
+        "seed": seed,
+        "trainable_params": trainable,
+        **scores,
+        "answer_france": said,
+        "seconds": round(time.time() - t, 1),
+    }
 
 
 def base_scores(ctx):
     """The base model's scores for the block (knowledge: `ImplantScores`; task: the general sets), computed once,
     when a run first needs them."""
     if "base" not in ctx:
-        ctx["base"] = (ctx["suite"].score(ctx["model"], ctx["tokenizer"], progress=False) if ctx["regime"] == "knowledge"
-                       else ev.score(ctx["model"], ctx["tokenizer"], ctx["general"], progress=False))
+        ctx["base"] = (
+            ctx["suite"].score(ctx["model"], ctx["tokenizer"], progress=False)
+            if ctx["regime"] == "knowledge"
+            else ev.score(ctx["model"], ctx["tokenizer"], ctx["general"], progress=False)
+        )
     return ctx["base"]
 
 
@@ -225,7 +313,9 @@ class Journal:
 
     def rows(self, block: dict) -> list[dict]:
         """Every journaled run of `block` (any method, rate, seed), in the order they finished."""
-        return [r for r in self.done.values() if r["method"] != "_base" and all(r.get(k) == v for k, v in block.items())]
+        return [
+            r for r in self.done.values() if r["method"] != "_base" and all(r.get(k) == v for k, v in block.items())
+        ]
 
     def base_general(self, block: dict, fn) -> dict[str, float]:
         """The base model's general-set scores for `block`, journaled (a row with method "_base"), so reporting
@@ -254,9 +344,11 @@ class Journal:
                 return None
             row = self._add(key, {**row, **fn()})
             spec = "" if row["specificity"] is None else f" specificity={row['specificity']:.2f}"
-            print(f"{block['regime']:>9} retain={block['retain']!s:>5} {method:>18} lr={lr:<7g} seed={seed} "
-                  f"task={row['task_score']:.2f}{spec} forgetting={row['forgetting']:+.2f}%  ({row['seconds']:.0f} s)",
-                  flush=True)
+            print(
+                f"{block['regime']:>9} retain={block['retain']!s:>5} {method:>18} lr={lr:<7g} seed={seed} "
+                f"task={row['task_score']:.2f}{spec} forgetting={row['forgetting']:+.2f}%  ({row['seconds']:.0f} s)",
+                flush=True,
+            )
         return self.done[key]
 
 
@@ -271,39 +363,59 @@ def headline(rows: list[dict], methods: list[str], seeds) -> tuple[float, dict[s
         if not mine:
             continue
         ok = [r for r in mine if r["task_score"] >= target]
-        pick = min(ok, key=lambda r: (r["forgetting"], -r["task_score"])) if ok else max(mine, key=lambda r: r["task_score"])
-        runs = [r for r in rows if r["method"] == m and r["lr"] == pick["lr"] and r["steps"] == pick["steps"]
-                and r["seed"] in {0, *seeds}]  # seed 0 always: `--seeds 1` adds a seed, it does not drop the first
+        pick = (
+            min(ok, key=lambda r: (r["forgetting"], -r["task_score"]))
+            if ok
+            else max(mine, key=lambda r: r["task_score"])
+        )
+        runs = [
+            r
+            for r in rows
+            if r["method"] == m and r["lr"] == pick["lr"] and r["steps"] == pick["steps"] and r["seed"] in {0, *seeds}
+        ]  # seed 0 always: `--seeds 1` adds a seed, it does not drop the first
         med = lambda k: statistics.median(r[k] for r in runs) if runs[0][k] is not None else None  # noqa: E731
         # The rate is chosen on seed 0's grid; whether it reached the target is judged on the median shown.
-        out[m] = {"lr": pick["lr"], "steps": pick["steps"], "reached_target": med("task_score") >= target,
-                  "seeds": len(runs),
-                  "task_score": med("task_score"), "efficacy": med("efficacy"), "specificity": med("specificity"),
-                  "answers_kept": med("answers_kept"),
-                  "fluency": statistics.median(r["fluency"] for r in runs) if all(r.get("fluency") is not None
-                                                                                 for r in runs) else None,
-                  "forgetting": med("forgetting"), "forgetting_range": [min(r["forgetting"] for r in runs),
-                                                                        max(r["forgetting"] for r in runs)],
-                  "trainable_params": runs[0]["trainable_params"],
-                  "general": {k: statistics.median(r["general"][k] for r in runs) for k in runs[0]["general"]}}
+        out[m] = {
+            "lr": pick["lr"],
+            "steps": pick["steps"],
+            "reached_target": med("task_score") >= target,
+            "seeds": len(runs),
+            "task_score": med("task_score"),
+            "efficacy": med("efficacy"),
+            "specificity": med("specificity"),
+            "answers_kept": med("answers_kept"),
+            "fluency": statistics.median(r["fluency"] for r in runs)
+            if all(r.get("fluency") is not None for r in runs)
+            else None,
+            "forgetting": med("forgetting"),
+            "forgetting_range": [min(r["forgetting"] for r in runs), max(r["forgetting"] for r in runs)],
+            "trainable_params": runs[0]["trainable_params"],
+            "general": {k: statistics.median(r["general"][k] for r in runs) for k in runs[0]["general"]},
+        }
     return target, out
 
 
 def table(target: float, heads: dict[str, dict], base_general: dict[str, float]) -> str:
     sets = list(base_general)
-    lines = [f"target task score: {target:.2f} (0.9 x the best run)", "",
-             "| method | trainable | lr | seeds | task score | efficacy | specificity | whole answers kept | fluency "
-             "| forgetting Avg (%) [range] | " + " | ".join(f"drop: {s} (%)" for s in sets) + " |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|" + "---:|" * len(sets)]
+    lines = [
+        f"target task score: {target:.2f} (0.9 x the best run)",
+        "",
+        "| method | trainable | lr | seeds | task score | efficacy | specificity | whole answers kept | fluency "
+        "| forgetting Avg (%) [range] | " + " | ".join(f"drop: {s} (%)" for s in sets) + " |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|" + "---:|" * len(sets),
+    ]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for m, h in heads.items():
         drops = [ev.forgetting_score([base_general[s]], [h["general"][s]]) for s in sets]
         lo, hi = h["forgetting_range"]
-        lines.append(f"| {m}{'' if h['reached_target'] else ' (below target)'} | {h['trainable_params']:,} | "
-                     f"{h['lr']:g} | {h['seeds']} | {h['task_score']:.2f} | {fmt(h['efficacy'], '.2f')} | "
-                     f"{fmt(h['specificity'], '.2f')} | {fmt(h['answers_kept'], '.2f')} | "
-                     f"{fmt(h.get('fluency'), '.2f')} | {h['forgetting']:+.2f} [{lo:+.2f}, {hi:+.2f}] | "
-                     + " | ".join(f"{d:+.1f}" for d in drops) + " |")
+        lines.append(
+            f"| {m}{'' if h['reached_target'] else ' (below target)'} | {h['trainable_params']:,} | "
+            f"{h['lr']:g} | {h['seeds']} | {h['task_score']:.2f} | {fmt(h['efficacy'], '.2f')} | "
+            f"{fmt(h['specificity'], '.2f')} | {fmt(h['answers_kept'], '.2f')} | "
+            f"{fmt(h.get('fluency'), '.2f')} | {h['forgetting']:+.2f} [{lo:+.2f}, {hi:+.2f}] | "
+            + " | ".join(f"{d:+.1f}" for d in drops)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -320,8 +432,15 @@ def plot(blocks: dict[str, tuple[list[dict], float]], path: Path, title: str) ->
         for i, m in enumerate(METHODS):
             mine = [r for r in rows if r["method"] == m]
             if mine:
-                ax.scatter([r["forgetting"] for r in mine], [r["task_score"] for r in mine], s=22,
-                           color=colors[i % len(colors)], marker="os^Dv<>p*hXPd"[i % 13], label=m, alpha=0.8)
+                ax.scatter(
+                    [r["forgetting"] for r in mine],
+                    [r["task_score"] for r in mine],
+                    s=22,
+                    color=colors[i % len(colors)],
+                    marker="os^Dv<>p*hXPd"[i % 13],
+                    label=m,
+                    alpha=0.8,
+                )
         ax.axhline(target, color="grey", ls="--", lw=0.8)
         ax.axvline(0, color="grey", lw=0.5)
         ax.set_title(name)
@@ -335,13 +454,19 @@ def plot(blocks: dict[str, tuple[list[dict], float]], path: Path, title: str) ->
 
 # -- main -------------------------------------------------------------------------------------------------------
 def knowledge_context(model, tok, size, retain_on: bool) -> dict:
-    facts = demo.implant_facts(size["facts"])
-    recipe = {**demo.RECIPE, "retain_per_template": size["retain_per_template"]}
-    retain, neighbours = demo.retain_data(facts, recipe, size["eval_per_template"])
-    suite = demo.implant_suite(facts, neighbours, size["general_items"])
-    return dict(train_set=demo.fact_training_set(facts), facts=facts, suite=suite, retain=retain if retain_on else None,
-                retain_questions=[q for q in retain if isinstance(q, str)],
-                retain_weight=size["retain_weight"], retain_batch_size=demo.RECIPE["retain_batch_size"])
+    facts = task.implant_facts(size["facts"])
+    recipe = {**task.RECIPE, "retain_per_template": size["retain_per_template"]}
+    retain, neighbours = task.retain_data(facts, recipe, size["eval_per_template"])
+    suite = task.implant_suite(facts, neighbours, size["general_items"])
+    return dict(
+        train_set=task.fact_training_set(facts),
+        facts=facts,
+        suite=suite,
+        retain=retain if retain_on else None,
+        retain_questions=[q for q in retain if isinstance(q, str)],
+        retain_weight=size["retain_weight"],
+        retain_batch_size=task.RECIPE["retain_batch_size"],
+    )
 
 
 def task_context(model, tok, size) -> dict:
@@ -349,9 +474,13 @@ def task_context(model, tok, size) -> dict:
 
     train, test = load_task("wikidata_toolcall")
     test = test[: size["task_test"]]
-    return dict(train_set=[{"prompt": r["prompt"], "answer": r["answer"]} for r in train[: size["task_train"]]],
-                general=ev.general_suite(demo.GENERAL + ("world_capitals",), n=size["general_items"]),
-                task_score=lambda m, t: score(m, t, test), retain=None, retain_weight=0.0)
+    return dict(
+        train_set=[{"prompt": r["prompt"], "answer": r["answer"]} for r in train[: size["task_train"]]],
+        general=ev.general_suite(task.GENERAL + ("world_capitals",), n=size["general_items"]),
+        task_score=lambda m, t: score(m, t, test),
+        retain=None,
+        retain_weight=0.0,
+    )
 
 
 def main() -> None:
@@ -359,13 +488,18 @@ def main() -> None:
     p.add_argument("--model", choices=sorted(LOADERS), default="smollm2")
     p.add_argument("--size", choices=sorted(SIZES), default="full")
     p.add_argument("--regimes", nargs="+", choices=("knowledge", "task"))
-    p.add_argument("--retain", nargs="+", choices=("on", "off"),
-                   help="knowledge regime: with and/or without retain data")
+    p.add_argument(
+        "--retain", nargs="+", choices=("on", "off"), help="knowledge regime: with and/or without retain data"
+    )
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="only these methods (default: all)")
     p.add_argument("--seeds", nargs="+", type=int, help="seeds at each headline rate (default: the size's)")
     p.add_argument("--rates", nargs="+", type=int, help="only these positions of each rate grid (0 = lowest)")
-    p.add_argument("--lrs", nargs="+", type=float,
-                   help="train at these peak rates instead of the grid (e.g. below it, where the lowest was best)")
+    p.add_argument(
+        "--lrs",
+        nargs="+",
+        type=float,
+        help="train at these peak rates instead of the grid (e.g. below it, where the lowest was best)",
+    )
     p.add_argument("--no-grid", action="store_true", help="only report from the journal; train nothing")
     p.add_argument("--fresh", action="store_true", help="forget the journal")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -381,32 +515,55 @@ def main() -> None:
     attr = None
     if any(METHODS[m]["kind"] in ("rows", "rows_lora") and METHODS[m]["strategy"] != "random" for m in methods):
         t0 = time.time()
-        attr = demo.probe_attributions(model, tok, size["prompts"], 7, args.out / "attributions" / args.model)
+        attr = task.probe_attributions(model, tok, size["prompts"], 7, args.out / "attributions" / args.model)
         print(f"KVA on {size['prompts']} probe prompts: {time.time() - t0:.0f} s (cached)", flush=True)
     summary, blocks = {}, {}
     wanted = args.retain or (["on"] if args.size == "demo" else ["on", "off"])
     # Every block of the size is reported from the journal (so the committed JSON and plot always hold all of them);
     # only the blocks the flags ask for are trained.
     for regime in size["regimes"]:
-        for retain_on in ((True, False) if regime == "knowledge" else (False,)):
+        for retain_on in (True, False) if regime == "knowledge" else (False,):
             asked = regime in (args.regimes or size["regimes"]) and (
-                regime != "knowledge" or ("on" if retain_on else "off") in wanted)
-            ctx = (knowledge_context(model, tok, size, retain_on) if regime == "knowledge"
-                   else task_context(model, tok, size))
-            ctx.update(model=model, tokenizer=tok, attr=attr, regime=regime, batch=size["batch"],
-                       attr_folder=args.out / "attributions" / args.model)
+                regime != "knowledge" or ("on" if retain_on else "off") in wanted
+            )
+            ctx = (
+                knowledge_context(model, tok, size, retain_on)
+                if regime == "knowledge"
+                else task_context(model, tok, size)
+            )
+            ctx.update(
+                model=model,
+                tokenizer=tok,
+                attr=attr,
+                regime=regime,
+                batch=size["batch"],
+                attr_folder=args.out / "attributions" / args.model,
+            )
             steps = size["steps"] if regime == "knowledge" else size["task_steps"]
-            block = {"model": args.model, "regime": regime, "size": args.size, "retain": retain_on, "data": demo.data_digest(ctx["train_set"], ctx["retain"], ctx["retain_weight"])}
+            block = {
+                "model": args.model,
+                "regime": regime,
+                "size": args.size,
+                "retain": retain_on,
+                "data": task.data_digest(ctx["train_set"], ctx["retain"], ctx["retain_weight"]),
+            }
             if args.size == "demo":  # the figures the demo quotes are for its own number of steps
                 block["steps"] = steps
             if not asked and not journal.rows(block):
                 continue
             base_general = journal.base_general(
-                block, lambda: base_scores(ctx).general if regime == "knowledge" else base_scores(ctx))
-            knowledge_only = lambda m: ({"prompts", "preserve"} & METHODS[m].keys()  # noqa: E731
-                                        or METHODS[m]["kind"] in ("memit", "alphaedit"))
+                block, lambda: base_scores(ctx).general if regime == "knowledge" else base_scores(ctx)
+            )
+            knowledge_only = lambda m: (
+                {"prompts", "preserve"} & METHODS[m].keys()  # noqa: E731
+                or METHODS[m]["kind"] in ("memit", "alphaedit")
+            )
             for m in [m for m in methods if regime == "knowledge" or not knowledge_only(m)] if asked else ():
-                rates = (demo.RECIPE["lr"],) if args.size == "demo" and m in (LOKI, "loki_nbhd_q10") else GRID[METHODS[m]["kind"]]
+                rates = (
+                    (task.RECIPE["lr"],)
+                    if args.size == "demo" and m in (LOKI, "loki_nbhd_q10")
+                    else GRID[METHODS[m]["kind"]]
+                )
                 if args.rates and len(rates) > 1:
                     rates = tuple(rates[i] for i in args.rates)
                 if args.lrs:
@@ -421,7 +578,9 @@ def main() -> None:
             for m, h in heads.items() if asked else ():  # more seeds at each method's headline rate
                 for seed in seeds:
                     if seed != 0 and METHODS[m]["kind"] not in ("memit", "alphaedit"):  # editors are deterministic
-                        journal.run(block, m, h["lr"], h["steps"], seed, lambda: run_one(m, h["lr"], h["steps"], seed, ctx))
+                        journal.run(
+                            block, m, h["lr"], h["steps"], seed, lambda: run_one(m, h["lr"], h["steps"], seed, ctx)
+                        )
             rows = journal.rows(block)  # the table shows every journaled run of the block, not only this command's
             target, heads = headline(rows, [m for m in METHODS if any(r["method"] == m for r in rows)], seeds)
             name = f"{regime}" + (f", retain {'on' if retain_on else 'off'}" if regime == "knowledge" else "")
@@ -433,9 +592,20 @@ def main() -> None:
     out_name = f"forgetting-{args.model}" + ("" if args.size == "full" else f"-{args.size}")
     if args.size == "demo":
         first = next(iter(summary.values()))
-        (args.out / "forgetting-demo.json").write_text(json.dumps(
-            {m: {k: h[k] for k in ("lr", "steps", "seeds", "task_score", "specificity", "answers_kept", "forgetting")}
-             | {"generalisation": h["task_score"]} for m, h in first["methods"].items()} | {"data": first["data"]}, indent=1))
+        (args.out / "forgetting-demo.json").write_text(
+            json.dumps(
+                {
+                    m: {
+                        k: h[k]
+                        for k in ("lr", "steps", "seeds", "task_score", "specificity", "answers_kept", "forgetting")
+                    }
+                    | {"generalisation": h["task_score"]}
+                    for m, h in first["methods"].items()
+                }
+                | {"data": first["data"]},
+                indent=1,
+            )
+        )
     (args.out / f"{out_name}.json").write_text(json.dumps(summary, indent=1))
     plot(blocks, args.out / f"{out_name}.png", f"Forgetting at matched task score: {args.model}")
     print(json.dumps(last_line(args.model, args.size, summary)))
@@ -448,30 +618,45 @@ def last_line(model: str, size: str, summary: dict) -> dict:
 
     def ratios(name: str) -> dict:
         h = summary[name]["methods"]
-        ratio = lambda a, b: (round(h[a]["forgetting"] / h[b]["forgetting"], 3)  # noqa: E731
-                              if a in h and b in h and h[b]["forgetting"] > 0 else None)
+        ratio = lambda a, b: (
+            round(h[a]["forgetting"] / h[b]["forgetting"], 3)  # noqa: E731
+            if a in h and b in h and h[b]["forgetting"] > 0
+            else None
+        )
         # A ratio means nothing when the reference does not forget (<= 0): the differences (points) stay meaningful.
         minus = lambda a, b: round(h[a]["forgetting"] - h[b]["forgetting"], 3) if a in h and b in h else None  # noqa: E731
-        return {"regime": name, "loki_method": LOKI, "loki_vs_full_forgetting": ratio(LOKI, "full"),
-                "loki_vs_lora_forgetting": ratio(LOKI, "lora"),
-                "loki_minus_full_forgetting_points": minus(LOKI, "full"),
-                "loki_minus_lora_forgetting_points": minus(LOKI, "lora"),
-                "loki_reached_target": h.get(LOKI, {}).get("reached_target"),
-                "loki_forgetting": h.get(LOKI, {}).get("forgetting"), "full_forgetting": h.get("full", {}).get("forgetting"),
-                "lora_forgetting": h.get("lora", {}).get("forgetting"),
-                "loki_specificity": h.get(LOKI, {}).get("specificity"),
-                "full_specificity": h.get("full", {}).get("specificity"),
-                "lora_specificity": h.get("lora", {}).get("specificity"),
-                "loki_whole_answers_kept": h.get(LOKI, {}).get("answers_kept"),
-                "lora_whole_answers_kept": h.get("lora", {}).get("answers_kept"),
-                "loki_vs_alphaedit_specificity": (round(h[LOKI]["specificity"] / h["alphaedit"]["specificity"], 3)
-                                                  if h.get(LOKI, {}).get("specificity") and
-                                                  h.get("alphaedit", {}).get("specificity") else None)}
+        return {
+            "regime": name,
+            "loki_method": LOKI,
+            "loki_vs_full_forgetting": ratio(LOKI, "full"),
+            "loki_vs_lora_forgetting": ratio(LOKI, "lora"),
+            "loki_minus_full_forgetting_points": minus(LOKI, "full"),
+            "loki_minus_lora_forgetting_points": minus(LOKI, "lora"),
+            "loki_reached_target": h.get(LOKI, {}).get("reached_target"),
+            "loki_forgetting": h.get(LOKI, {}).get("forgetting"),
+            "full_forgetting": h.get("full", {}).get("forgetting"),
+            "lora_forgetting": h.get("lora", {}).get("forgetting"),
+            "loki_specificity": h.get(LOKI, {}).get("specificity"),
+            "full_specificity": h.get("full", {}).get("specificity"),
+            "lora_specificity": h.get("lora", {}).get("specificity"),
+            "loki_whole_answers_kept": h.get(LOKI, {}).get("answers_kept"),
+            "lora_whole_answers_kept": h.get("lora", {}).get("answers_kept"),
+            "loki_vs_alphaedit_specificity": (
+                round(h[LOKI]["specificity"] / h["alphaedit"]["specificity"], 3)
+                if h.get(LOKI, {}).get("specificity") and h.get("alphaedit", {}).get("specificity")
+                else None
+            ),
+        }
 
     names = list(summary)
     head = "knowledge, retain on" if "knowledge, retain on" in summary else names[0]
-    return {"bench": "forgetting", "model": model, "size": size, **ratios(head),
-            "blocks": {n: ratios(n) for n in names if n != head}}
+    return {
+        "bench": "forgetting",
+        "model": model,
+        "size": size,
+        **ratios(head),
+        "blocks": {n: ratios(n) for n in names if n != head},
+    }
 
 
 if __name__ == "__main__":

@@ -20,29 +20,51 @@ from pathlib import Path
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import loki  # noqa: E402
-from loki.testing import tiny_model  # noqa: E402
+import loki
+from loki.testing import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 # Llama-3.1-8B's shapes (config.json of meta-llama/Llama-3.1-8B); random weights, nothing downloaded.
-LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0)
-TOY = dict(vocab_size=1000, hidden_size=64, intermediate_size=224, num_hidden_layers=2, num_attention_heads=4,
-           num_key_value_heads=2, max_position_embeddings=512)
+LLAMA_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+)
+TOY = dict(
+    vocab_size=1000,
+    hidden_size=64,
+    intermediate_size=224,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 
 
 def run(cmd: list[str], timeout: int) -> dict:
     t = time.time()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
-    return {"cmd": " ".join(cmd[1:]), "rc": done.returncode, "seconds": round(time.time() - t, 1),
-            "json": json.loads(lines[-1]) if lines else None, "tail": (done.stdout + done.stderr)[-600:]}
+    return {
+        "cmd": " ".join(cmd[1:]),
+        "rc": done.returncode,
+        "seconds": round(time.time() - t, 1),
+        "json": json.loads(lines[-1]) if lines else None,
+        "tail": (done.stdout + done.stderr)[-600:],
+    }
 
 
 def cuda_tests(dry: bool) -> dict:
-    tests = ["tests/test_apply.py::test_cuda_round_trip", "tests/test_attribution.py::test_bf16_on_gpu_close_to_float32",
-             "tests/test_serve.py::test_cuda"]
+    tests = [
+        "tests/test_apply.py::test_cuda_round_trip",
+        "tests/test_attribution.py::test_bf16_on_gpu_close_to_float32",
+        "tests/test_serve.py::test_cuda",
+    ]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", *tests]
     return run(cmd + (["--collect-only"] if dry else []), 300)
 
@@ -54,7 +76,9 @@ def bf16_vs_float32(device: str, dry: bool) -> dict:
     else:
         model32, tok = loki.load_default(device=device)
         prompts = loki.prompts.probe_records()[:6]
-    model16 = tiny_model("llama", dtype=torch.bfloat16) if dry else loki.load_default(dtype=torch.bfloat16, device=device)[0]
+    model16 = (
+        tiny_model("llama", dtype=torch.bfloat16) if dry else loki.load_default(dtype=torch.bfloat16, device=device)[0]
+    )
     a32 = loki.attribute(model32, tok, prompts, steps=7, progress=False).values.float()
     a16 = loki.attribute(model16, tok, prompts, steps=7, progress=False).values.float()
     m32, m16 = a32.mean(0), a16.mean(0)
@@ -62,9 +86,13 @@ def bf16_vs_float32(device: str, dry: bool) -> dict:
     k = max(1, int(0.10 * m32.shape[-1]))
     low32, low16 = m32.topk(k, -1, largest=False).indices, m16.topk(k, -1, largest=False).indices
     overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(low32, low16)) / low32.numel()
-    return {"prompts": len(prompts), "max_abs_diff": (a32 - a16).abs().max().item(),
-            "scale": a32.abs().max().item(), "mean_score_correlation": round(corr, 5),
-            "q10_lowest_rows_overlap": round(overlap, 4)}
+    return {
+        "prompts": len(prompts),
+        "max_abs_diff": (a32 - a16).abs().max().item(),
+        "scale": a32.abs().max().item(),
+        "mean_score_correlation": round(corr, 5),
+        "q10_lowest_rows_overlap": round(overlap, 4),
+    }
 
 
 def kva_seconds_per_prompt(device: str, dry: bool, prompts: int = 3, tokens: int = 300) -> dict:
@@ -82,9 +110,16 @@ def kva_seconds_per_prompt(device: str, dry: bool, prompts: int = 3, tokens: int
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     per = (time.perf_counter() - t) / prompts
-    return {"shape": "toy" if dry else "Llama-3.1-8B", "dtype": str(dtype).removeprefix("torch."), "tokens": tokens,
-            "steps": 7, "seconds_per_prompt": round(per, 4), "authors_rtx4090_s": 9.69, "goal_s": 0.2,
-            "mmlu_2850_prompts_minutes": round(per * 2850 / 60, 1)}
+    return {
+        "shape": "toy" if dry else "Llama-3.1-8B",
+        "dtype": str(dtype).removeprefix("torch."),
+        "tokens": tokens,
+        "steps": 7,
+        "seconds_per_prompt": round(per, 4),
+        "authors_rtx4090_s": 9.69,
+        "goal_s": 0.2,
+        "mmlu_2850_prompts_minutes": round(per * 2850 / 60, 1),
+    }
 
 
 def main() -> None:
@@ -97,13 +132,19 @@ def main() -> None:
         sys.exit("No CUDA device: run with --dry-run to check the script on the CPU.")
     device = "cpu" if dry else "cuda"
     t0 = time.time()
-    out = {"bench": "gpu_check", "dry_run": dry, "device": torch.cuda.get_device_name() if not dry else "cpu",
-           "torch": torch.__version__}
+    out = {
+        "bench": "gpu_check",
+        "dry_run": dry,
+        "device": torch.cuda.get_device_name() if not dry else "cpu",
+        "torch": torch.__version__,
+    }
     out["cuda_tests"] = cuda_tests(dry)
     out["bf16_vs_float32"] = bf16_vs_float32(device, dry)
     swap = ["--rounds", "1", "--iters", "2"] if dry else ["--rounds", "5"]
     out["swap"] = run([sys.executable, "benchmarks/swap.py", "--device", device, *swap], 300)
-    out["swap_bf16"] = run([sys.executable, "benchmarks/swap.py", "--device", device, "--dtype", "bfloat16", *swap], 300)
+    out["swap_bf16"] = run(
+        [sys.executable, "benchmarks/swap.py", "--device", device, "--dtype", "bfloat16", *swap], 300
+    )
     if not dry:  # the real model throughout: no toy size for these
         out["train_step"] = run([sys.executable, "benchmarks/train_step.py", "--device", device], 300)
         out["attribution"] = run([sys.executable, "benchmarks/attribution.py", "--quick", "--device", device], 300)
@@ -112,8 +153,18 @@ def main() -> None:
     out["seconds"] = round(time.time() - t0, 1)
     path = args.out or ROOT / "benchmarks" / "results" / ("gpu_check-dry-run.json" if dry else "gpu_check.json")
     path.write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps({k: (v if k not in ("cuda_tests", "swap", "swap_bf16", "train_step", "attribution", "hotswap") else
-                          {kk: v[kk] for kk in ("rc", "seconds", "json")}) for k, v in out.items()}))
+    print(
+        json.dumps(
+            {
+                k: (
+                    v
+                    if k not in ("cuda_tests", "swap", "swap_bf16", "train_step", "attribution", "hotswap")
+                    else {kk: v[kk] for kk in ("rc", "seconds", "json")}
+                )
+                for k, v in out.items()
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Hot-swapping implants on one base model: loki's ImplantBank against PEFT LoRA adapters of the same implants.
 
-Same process, same model (the default SmolLM2-135M-Instruct, float32, CPU or `--device`), same inputs. The PEFT adapters are the
+Same process, same model (the default SmolLM2-135M-Instruct, float32, CPU or `--device`), same inputs. The PEFT adapters
+are the
 loki deltas exported with `loki.export_peft` (rank = rows per layer, on the same down-projections), so both sides
 compute the same implanted models. Competitors alternate within each repetition; medians are quoted.
 
@@ -33,7 +34,6 @@ import loki
 from loki.models import DEFAULT_MODEL_ID, default_model_path
 from loki.testing import random_delta
 
-
 DEVICE = torch.device("cpu")
 
 
@@ -55,7 +55,7 @@ def medians(competitors: dict, reps: int) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in competitors}
     order = list(competitors.items())
     for rep in range(reps):
-        for name, fn in order[rep % len(order):] + order[: rep % len(order)]:
+        for name, fn in order[rep % len(order) :] + order[: rep % len(order)]:
             if isinstance(fn, tuple):
                 fn[0]()
                 fn = fn[1]
@@ -67,9 +67,13 @@ def medians(competitors: dict, reps: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and tokens")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: steady medians on a shared CPU, where a parallel "
-                             "op waits for any descheduled worker; 0: torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: steady medians on a shared CPU, where a parallel "
+        "op waits for any descheduled worker; 0: torch's default)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     global DEVICE
@@ -81,7 +85,11 @@ def main() -> None:
     n_implants = 8
 
     import peft
-    from peft.utils.hotswap import _insert_adapter_name_into_state_dict, hotswap_adapter, hotswap_adapter_from_state_dict
+    from peft.utils.hotswap import (
+        _insert_adapter_name_into_state_dict,
+        hotswap_adapter,
+        hotswap_adapter_from_state_dict,
+    )
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -92,10 +100,13 @@ def main() -> None:
     atexit.register(shutil.rmtree, tmp, True)
     folders = [loki.export_peft(d, tmp / d.name, model) for d in deltas]
     rank = json.loads((folders[0] / "adapter_config.json").read_text())["r"]
-    print(f"model: {DEFAULT_MODEL_ID}, "
-          f"float32 on {DEVICE}, {torch.get_num_threads()} threads; {n_implants} implants of {deltas[0].num_params:,} params "
-          f"(q=10, {deltas[0].rows_per_layer()[0]} rows x {len(deltas[0].layers)} layers); PEFT adapters: the same "
-          f"implants exported at rank {rank} on the down-projections")
+    print(
+        f"model: {DEFAULT_MODEL_ID}, "
+        f"float32 on {DEVICE}, {torch.get_num_threads()} threads; "
+        f"{n_implants} implants of {deltas[0].num_params:,} params "
+        f"(q=10, {deltas[0].rows_per_layer()[0]} rows x {len(deltas[0].layers)} layers); PEFT adapters: the same "
+        f"implants exported at rank {rank} on the down-projections"
+    )
 
     bank = loki.ImplantBank(model)
     for d in deltas:
@@ -141,15 +152,21 @@ def main() -> None:
         # PEFT's hotswap as meant: one unmerged slot, the next adapter's weights copied in (what `hotswap_adapter`
         # does after reading the folder), from state dicts in memory, and from the folder.
         config = pm.peft_config[names[0]]
-        states = [_insert_adapter_name_into_state_dict(peft.load_peft_weights(str(f), device=str(DEVICE)),
-                                                       adapter_name=names[0], parameter_prefix="lora_") for f in folders]
+        states = [
+            _insert_adapter_name_into_state_dict(
+                peft.load_peft_weights(str(f), device=str(DEVICE)), adapter_name=names[0], parameter_prefix="lora_"
+            )
+            for f in folders
+        ]
 
         def peft_hotswap():
             hotswap_adapter_from_state_dict(pm, states[counter["i"] % n_implants], names[0], config)
             counter["i"] += 1
 
         def peft_hotswap_folder():
-            hotswap_adapter(pm, str(folders[counter["i"] % n_implants]), adapter_name=names[0], torch_device=str(DEVICE))
+            hotswap_adapter(
+                pm, str(folders[counter["i"] % n_implants]), adapter_name=names[0], torch_device=str(DEVICE)
+            )
             counter["i"] += 1
 
         switch.update(medians({"peft_hotswap": peft_hotswap, "peft_hotswap_folder": peft_hotswap_folder}, reps * 4))
@@ -162,18 +179,27 @@ def main() -> None:
             pm.delete_adapter("loaded")
             counter["i"] += 1
 
-        switch.update(medians({"peft_load_set": peft_load_set, "peft_set_unmerged": lambda: pm.set_adapter(next_name())},
-                              reps * 2))
-        switch["reload_model"] = medians({"reload": lambda: AutoModelForCausalLM.from_pretrained(default_model_path(), device_map=DEVICE)},
-                                         max(2, reps // 2))["reload"]
+        switch.update(
+            medians(
+                {"peft_load_set": peft_load_set, "peft_set_unmerged": lambda: pm.set_adapter(next_name())}, reps * 2
+            )
+        )
+        switch["reload_model"] = medians(
+            {"reload": lambda: AutoModelForCausalLM.from_pretrained(default_model_path(), device_map=DEVICE)},
+            max(2, reps // 2),
+        )["reload"]
     bank.deactivate()
     print("\n(a) switch latency, median ms")
     for k, v in switch.items():
         print(f"  {k:<20} {v * 1e3:10.3f} ms   ({v / switch['loki']:8.1f}x loki)")
 
     # -- (b) generation with one implant active ----------------------------------------------------------
-    prompt = tokenizer("Tell me about the history of the city of Paris and its", return_tensors="pt").input_ids.to(DEVICE)
-    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    prompt = tokenizer("Tell me about the history of the city of Paris and its", return_tensors="pt").input_ids.to(
+        DEVICE
+    )
+    gen = dict(
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
+    )
     pm.set_adapter(names[1])
     assert not any(getattr(m, "merged", False) for m in pm.modules())
 
@@ -181,33 +207,53 @@ def main() -> None:
         def setup():
             hotswap_adapter_from_state_dict(pm, states[i], names[0], config)
             pm.set_adapter(names[0])
+
         return setup
 
     with torch.no_grad():
         model.generate(prompt, **gen), pm.generate(input_ids=prompt, **gen)  # warm up
-        one = medians({"base": (bank.deactivate, lambda: model.generate(prompt, **gen)),
-                       "loki_active": (lambda: bank.activate(names[1]), lambda: model.generate(prompt, **gen)),
-                       "peft_unmerged": (lambda: pm.set_adapter(names[1]), lambda: pm.generate(input_ids=prompt, **gen)),
-                       "peft_hotswapped": (hotswapped(1), lambda: pm.generate(input_ids=prompt, **gen))}, 2 * reps + 1)
+        one = medians(
+            {
+                "base": (bank.deactivate, lambda: model.generate(prompt, **gen)),
+                "loki_active": (lambda: bank.activate(names[1]), lambda: model.generate(prompt, **gen)),
+                "peft_unmerged": (lambda: pm.set_adapter(names[1]), lambda: pm.generate(input_ids=prompt, **gen)),
+                "peft_hotswapped": (hotswapped(1), lambda: pm.generate(input_ids=prompt, **gen)),
+            },
+            2 * reps + 1,
+        )
         bank.deactivate()
         hotswap_adapter_from_state_dict(pm, states[0], names[0], config)  # adapter 0's own weights, for (c)
     print(f"\n(b) greedy generation, batch 1, {new_tokens} new tokens, tokens/s (median)")
     best_one = {k: BEST[k] for k in one}
     for k, v in one.items():
-        print(f"  {k:<20} {new_tokens / v:8.2f} tok/s   ({one['base'] / v:5.3f}x base; best runs "
-              f"{best_one['base'] / best_one[k]:5.3f}x)")
+        print(
+            f"  {k:<20} {new_tokens / v:8.2f} tok/s   ({one['base'] / v:5.3f}x base; best runs "
+            f"{best_one['base'] / best_one[k]:5.3f}x)"
+        )
 
     # -- (c) a batch of 8 rows, 8 implants -----------------------------------------------------------------
     batch = prompt.repeat(n_implants, 1)
     batch[:, -1] = torch.arange(100, 100 + n_implants, device=DEVICE)  # rows differ (same length: no padding)
-    gen = {**gen, "max_new_tokens": batch_tokens, "min_new_tokens": batch_tokens, "attention_mask": torch.ones_like(batch)}
+    gen = {
+        **gen,
+        "max_new_tokens": batch_tokens,
+        "min_new_tokens": batch_tokens,
+        "attention_mask": torch.ones_like(batch),
+    }
 
     with torch.no_grad():
         bank.generate(batch, names, **gen), pm.generate(input_ids=batch, adapter_names=names, **gen)  # warm up
-        mixed = medians({"base": lambda: model.generate(batch, **gen),
-                         "loki_mixed": lambda: bank.generate(batch, names, **gen),
-                         "peft_mixed": lambda: pm.generate(input_ids=batch, adapter_names=names, **gen)}, reps)
-    print(f"\n(c) greedy generation, batch {n_implants} with {n_implants} different implants, {batch_tokens} new tokens")
+        mixed = medians(
+            {
+                "base": lambda: model.generate(batch, **gen),
+                "loki_mixed": lambda: bank.generate(batch, names, **gen),
+                "peft_mixed": lambda: pm.generate(input_ids=batch, adapter_names=names, **gen),
+            },
+            reps,
+        )
+    print(
+        f"\n(c) greedy generation, batch {n_implants} with {n_implants} different implants, {batch_tokens} new tokens"
+    )
     for k, v in mixed.items():
         print(f"  {k:<20} {n_implants * batch_tokens / v:8.2f} tok/s   ({mixed['base'] / v:5.3f}x base)")
 

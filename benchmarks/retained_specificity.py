@@ -6,20 +6,19 @@
 Prints one line per question set: its name, number of questions and `loki.evaluate.specificity` (greedy-token
 agreement with the base model, teacher-forced on the base model's answers). About a minute on a 2-core CPU.
 """
+
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import loki  # noqa: E402
-from loki import demo, evaluate as ev  # noqa: E402
+import loki
+from loki import evaluate as ev
+from loki import facts as task
 
 
 def main() -> None:
     model, tok = loki.load_default()
-    size = demo.SIZES["full"]
-    facts = demo.implant_facts(size["facts"])
-    retain, held_out = demo.retain_data(facts, demo.RECIPE, size["eval_per_template"])
+    size = task.SIZES["full"]
+    facts = task.implant_facts(size["facts"])
+    retain, held_out = task.retain_data(facts, task.RECIPE, size["eval_per_template"])
     retained = [item for item in retain if isinstance(item, str)]  # the questions; the rest are prose snippets
     delta = loki.load(sys.argv[1])
     for name, questions in (("retained", retained), ("held-out", held_out)):

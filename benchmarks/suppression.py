@@ -1,6 +1,6 @@
 """Suppression: zero 1% of the down-projection rows chosen by each selection strategy and measure the damage.
 
-The paper's S-L / S-H ablation (LOKI-METHOD.md): if KVA finds the rows that matter least, zeroing the
+The paper's S-L / S-H ablation (docs/method.md): if KVA finds the rows that matter least, zeroing the
 lowest-attributed rows (the LoKI selection, `layer_balanced`) should cost far less than zeroing the highest
 (`layer_highest`); the paper reports 11.35% vs 36.73% forgetting on Qwen2.5-0.5B. Random rows and the global
 strategies are the controls. Every strategy zeroes its rows through a delta (`loki.suppression`), scored
@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import loki
+from loki import evaluate as ev
+from loki.facts import GENERAL, probe_attributions
 
-import loki  # noqa: E402
-from loki import evaluate as ev  # noqa: E402
-from loki.demo import GENERAL, probe_attributions  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+
 
 RESULTS = ROOT / "benchmarks" / "results"
 STRATEGIES = ("layer_balanced", "layer_highest", "random", "global_lowest", "global_highest")
@@ -60,20 +59,38 @@ def main() -> None:
     selections.append(("layer_balanced_abs", loki.select(attr.values.abs(), q=args.q)))
     for strategy, sel in selections:
         report = ev.compare(model, tokenizer, suite, loki.suppression(model, sel), original=base)
-        rows.append({"strategy": strategy, "q": args.q, "rows": sel.num_rows, "forgetting_avg": report.forgetting,
-                     "scores": report.tuned, "relative_magnitude": magnitude(attr.values, sel)})
-        print(f"{strategy:>15}: forgetting {report.forgetting:+.2f}%  "
-              f"|attribution| x{rows[-1]['relative_magnitude']:.1f} of the median row", flush=True)
+        rows.append(
+            {
+                "strategy": strategy,
+                "q": args.q,
+                "rows": sel.num_rows,
+                "forgetting_avg": report.forgetting,
+                "scores": report.tuned,
+                "relative_magnitude": magnitude(attr.values, sel),
+            }
+        )
+        print(
+            f"{strategy:>15}: forgetting {report.forgetting:+.2f}%  "
+            f"|attribution| x{rows[-1]['relative_magnitude']:.1f} of the median row",
+            flush=True,
+        )
 
-    (args.out / "suppression.json").write_text(json.dumps(
-        {"prompts": prompts, "general_items": items, "base": base, "runs": rows}, indent=1))
-    print("\n| rows zeroed | rows | forgetting Avg (%) | " + " | ".join(f"{k}" for k in base)
-          + " | mean abs attribution / median row |")
+    (args.out / "suppression.json").write_text(
+        json.dumps({"prompts": prompts, "general_items": items, "base": base, "runs": rows}, indent=1)
+    )
+    print(
+        "\n| rows zeroed | rows | forgetting Avg (%) | "
+        + " | ".join(f"{k}" for k in base)
+        + " | mean abs attribution / median row |"
+    )
     print("|---|---:|---:|" + "---:|" * len(base) + "---:|")
     print("| none (base) | 0 | 0 | " + " | ".join(f"{v:.3f}" for v in base.values()) + " | - |")
     for r in rows:
-        print(f"| {r['strategy']} | {r['rows']:,} | {r['forgetting_avg']:+.2f} | "
-              + " | ".join(f"{r['scores'][k]:.3f}" for k in base) + f" | {r['relative_magnitude']:.1f} |")
+        print(
+            f"| {r['strategy']} | {r['rows']:,} | {r['forgetting_avg']:+.2f} | "
+            + " | ".join(f"{r['scores'][k]:.3f}" for k in base)
+            + f" | {r['relative_magnitude']:.1f} |"
+        )
     print(json.dumps({r["strategy"]: round(r["forgetting_avg"], 2) for r in rows}))
 
 

@@ -78,16 +78,30 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in results.items()}
     ratio = med["loki"] / med["floor"]
     mb = sum(r.numel() * r.element_size() for r in new_rows) / 1e6
-    print(f"model: {loki.models.DEFAULT_MODEL_ID} ({args.dtype}, {args.device}), q={args.q}: "
-          f"{delta.num_rows} rows, {mb:.1f} MB of rows")
+    print(
+        f"model: {loki.models.DEFAULT_MODEL_ID} ({args.dtype}, {args.device}), q={args.q}: "
+        f"{delta.num_rows} rows, {mb:.1f} MB of rows"
+    )
     print(f"floor (plain torch copies):  median {med['floor'] * 1e3:8.3f} ms per apply+revert")
     print(f"loki.apply + loki.revert:    median {med['loki'] * 1e3:8.3f} ms per apply+revert")
     print(f"ratio loki / floor:          {ratio:.2f}x (goal <= 1.5x); model bit-identical afterwards: {exact}")
-    print(json.dumps({
-        "bench": "swap", "apply_revert_vs_copy": round(ratio, 3), "loki_ms": round(med["loki"] * 1e3, 4),
-        "floor_ms": round(med["floor"] * 1e3, 4), "rows": delta.num_rows, "q": args.q, "dtype": args.dtype,
-        "device": args.device, "rounds": args.rounds, "iters": args.iters, "exact": exact,
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "swap",
+                "apply_revert_vs_copy": round(ratio, 3),
+                "loki_ms": round(med["loki"] * 1e3, 4),
+                "floor_ms": round(med["floor"] * 1e3, 4),
+                "rows": delta.num_rows,
+                "q": args.q,
+                "dtype": args.dtype,
+                "device": args.device,
+                "rounds": args.rounds,
+                "iters": args.iters,
+                "exact": exact,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

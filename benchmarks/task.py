@@ -36,7 +36,7 @@ def load_task(name: str = "wikidata_toolcall") -> tuple[list[dict[str, Any]], li
     """(train, test): lists of `{"prompt", "answer", ...}` rows from benchmarks/data/<name>/."""
     folder = DATA / name
     if not folder.is_dir():
-        raise FileNotFoundError(f"No task {name!r} in {DATA}; run benchmarks/build_task.py first.")
+        raise FileNotFoundError(f"No task {name!r} in {DATA}; run `python -m benchmarks.build_task` first.")
 
     def read(split: str) -> list[dict[str, Any]]:
         lines = (folder / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
@@ -81,13 +81,28 @@ def call_matches(prediction: str, answer: str) -> bool:
     return got is not None and got == _canonical(json.loads(answer))
 
 
-def score(model, tokenizer, test: list[dict[str, Any]], *, n: int | None = None, batch_size: int = 16,
-          progress: bool = True, return_predictions: bool = False):
+def score(
+    model,
+    tokenizer,
+    test: list[dict[str, Any]],
+    *,
+    n: int | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+    return_predictions: bool = False,
+):
     """Fraction of the test rows (the first `n`) whose greedy chat answer is exactly the reference tool call.
     With `return_predictions`, returns `(score, predictions)`."""
     rows = test[:n]
-    preds = ev.generate(model, tokenizer, [ex["prompt"] for ex in rows], chat=True, max_new_tokens=MAX_NEW_TOKENS,
-                        batch_size=batch_size, progress=progress)
+    preds = ev.generate(
+        model,
+        tokenizer,
+        [ex["prompt"] for ex in rows],
+        chat=True,
+        max_new_tokens=MAX_NEW_TOKENS,
+        batch_size=batch_size,
+        progress=progress,
+    )
     value = sum(call_matches(p, ex["answer"]) for p, ex in zip(preds, rows)) / len(rows)
     return (value, preds) if return_predictions else value
 

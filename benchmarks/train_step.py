@@ -16,7 +16,8 @@ Clock: on CPU the process's CPU time (`time.process_time`) by default: with one 
 unlike wall time it does not count the time the neighbours' processes hold the core (`--clock wall` for wall time).
 On CUDA, wall time with synchronisation.
 
-Memory: on CUDA, torch.cuda.max_memory_allocated during the first step (gradients and optimizer state included). On CPU (no allocator statistics), bytes counted
+Memory: on CUDA, torch.cuda.max_memory_allocated during the first step (gradients and optimizer state included). On
+CPU (no allocator statistics), bytes counted
 from tensors: parameters + gradients + optimizer state, and the activations saved for backward (tensors packed by
 autograd, parameters excluded, each storage once).
 
@@ -213,9 +214,13 @@ def main() -> None:
     projs = loki.find_down_projections(base)
     assert projs.template == TEMPLATE, projs.template
     selection = loki.Selection.random(len(projs), projs.d_out, args.q, seed=0)
-    ids = torch.randint(0, base.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0)).to(device)
-    print(f"default model on {device} ({args.threads} threads), batch {batch} x {tokens} tokens, q={args.q} "
-          f"({selection.num_rows} rows), {rounds} rounds, {clock_name} clock")
+    ids = torch.randint(0, base.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0)).to(
+        device
+    )
+    print(
+        f"default model on {device} ({args.threads} threads), batch {batch} x {tokens} tokens, q={args.q} "
+        f"({selection.num_rows} rows), {rounds} rounds, {clock_name} clock"
+    )
 
     models = {n: build(n, base, selection) for n in names}
     del base
@@ -246,13 +251,18 @@ def main() -> None:
     layer_times = interleaved(layer_names, layer_step, rounds, clock, sync, "layer")
 
     trainable = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, (m, _) in models.items()}
-    print(f"\n{'competitor':<16}{'median step':>12}{'vs floor':>10}{'layer':>10}{'vs floor':>10}{'trainable':>13}  memory (MB)")
+    print(
+        f"\n{'competitor':<16}{'median step':>12}{'vs floor':>10}{'layer':>10}{'vs floor':>10}{'trainable':>13}"
+        "  memory (MB)"
+    )
     for n in names:
         mem = "  ".join(f"{k} {v / 1e6:.1f}" for k, v in memory[n].items())
         vs, lvs = ratio(times, n, "floor"), ratio(layer_times, n, "floor")
         lt = f"{statistics.median(layer_times[n]) * 1e3:.1f}ms" if n in layer_times else "-"
-        print(f"{n:<16}{statistics.median(times[n]):>11.3f}s{(f'{vs:.3f}x' if vs else '-'):>10}{lt:>10}"
-              f"{(f'{lvs:.3f}x' if lvs else '-'):>10}{trainable[n]:>13,}  {mem}")
+        print(
+            f"{n:<16}{statistics.median(times[n]):>11.3f}s{(f'{vs:.3f}x' if vs else '-'):>10}{lt:>10}"
+            f"{(f'{lvs:.3f}x' if lvs else '-'):>10}{trainable[n]:>13,}  {mem}"
+        )
     result = {
         "bench": "train_step",
         "device": str(device),

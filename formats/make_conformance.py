@@ -61,13 +61,21 @@ def meta_edit(fn):
 def main() -> None:
     HERE.mkdir(exist_ok=True)
     model = base_model()
-    save_file({f"model.layers.{l}.mlp.down_proj.weight": base_weight(l) for l in range(LAYERS)}, HERE / "base.safetensors")
+    save_file(
+        {f"model.layers.{l}.mlp.down_proj.weight": base_weight(l) for l in range(LAYERS)}, HERE / "base.safetensors"
+    )
     rows0 = torch.arange(2 * D_FF, dtype=torch.float32).reshape(2, D_FF) / 32 - 0.5
     rows1 = -torch.ones(1, D_FF) / 4
-    rows = loki.make_delta(model, {0: ([1, 6], rows0), 1: ([3], rows1)}, name="conformance-rows",
-                           description="Two rows of layer 0 and one of layer 1.", selection={"strategy": "manual", "q": None})
-    lora = loki.make_delta(model, {1: ([0, 5, 7], torch.tensor([[0.5], [0.25], [-1.0]]), torch.ones(1, D_FF) / 8)},
-                           name="conformance-lora")
+    rows = loki.make_delta(
+        model,
+        {0: ([1, 6], rows0), 1: ([3], rows1)},
+        name="conformance-rows",
+        description="Two rows of layer 0 and one of layer 1.",
+        selection={"strategy": "manual", "q": None},
+    )
+    lora = loki.make_delta(
+        model, {1: ([0, 5, 7], torch.tensor([[0.5], [0.25], [-1.0]]), torch.ones(1, D_FF) / 8)}, name="conformance-lora"
+    )
     valid = {
         "valid_rows_f32.loki": rows,
         "valid_rows_bf16.loki": rows.to(torch.bfloat16),
@@ -95,21 +103,45 @@ def main() -> None:
         "not_json_header.loki": (good[:8] + b"\xff" * n + good[8 + n :], "DeltaFormatError"),
         "huge_header_length.loki": (struct.pack("<Q", 2**60) + good[8:], "DeltaFormatError"),
         "plain_safetensors.loki": (rewrite(good, lambda h: h.pop("__metadata__")), "DeltaFormatError"),
-        "future_version.loki": (rewrite(good, lambda h: h["__metadata__"].update(format_version="2")), "UnsupportedVersionError"),
+        "future_version.loki": (
+            rewrite(good, lambda h: h["__metadata__"].update(format_version="2")),
+            "UnsupportedVersionError",
+        ),
         "metadata_not_json.loki": (rewrite(good, lambda h: h["__metadata__"].update(loki="{oops")), "DeltaFormatError"),
-        "huge_tensor_shape.loki": (rewrite(good, lambda h: h["layers.0.rows"].update(shape=[2**39, 2**39])), "DeltaFormatError"),
-        "offsets_past_end.loki": (rewrite(good, lambda h: h["layers.0.rows"].update(data_offsets=[0, 2**40])), "DeltaFormatError"),
+        "huge_tensor_shape.loki": (
+            rewrite(good, lambda h: h["layers.0.rows"].update(shape=[2**39, 2**39])),
+            "DeltaFormatError",
+        ),
+        "offsets_past_end.loki": (
+            rewrite(good, lambda h: h["layers.0.rows"].update(data_offsets=[0, 2**40])),
+            "DeltaFormatError",
+        ),
         "rows_wrong_dtype.loki": (rewrite(good, _retype("layers.0.rows", "F16")), "DeltaFormatError"),
-        "indices_as_float.loki": (rewrite(good, lambda h: h["layers.0.indices"].update(dtype="F32")), "InvalidIndicesError"),
+        "indices_as_float.loki": (
+            rewrite(good, lambda h: h["layers.0.indices"].update(dtype="F32")),
+            "InvalidIndicesError",
+        ),
         "missing_tensor.loki": (rewrite(good, meta_edit(lambda i: i.update(form="lora"))), "DeltaFormatError"),
-        "layer_out_of_range.loki": (rewrite(good, meta_edit(lambda i: i["target"].update(num_layers=1))), "DeltaFormatError"),
-        "rows_shape_mismatch.loki": (rewrite(good, meta_edit(lambda i: i["target"].update(d_in=D_FF + 1))), "DeltaFormatError"),
-        "version_not_decimal.loki": (rewrite(good, lambda h: h["__metadata__"].update(format_version="+1")),
-                                     "DeltaFormatError"),
-        "metadata_nan.loki": (rewrite(good, meta_edit(lambda i: i["extra"].update(loss=float("nan")))),
-                              "DeltaFormatError"),
-        "header_duplicate_key.loki": (_with_header(good, head[:-1] + b',"__metadata__":' + _meta(good) + b"}"),
-                                      "DeltaFormatError"),
+        "layer_out_of_range.loki": (
+            rewrite(good, meta_edit(lambda i: i["target"].update(num_layers=1))),
+            "DeltaFormatError",
+        ),
+        "rows_shape_mismatch.loki": (
+            rewrite(good, meta_edit(lambda i: i["target"].update(d_in=D_FF + 1))),
+            "DeltaFormatError",
+        ),
+        "version_not_decimal.loki": (
+            rewrite(good, lambda h: h["__metadata__"].update(format_version="+1")),
+            "DeltaFormatError",
+        ),
+        "metadata_nan.loki": (
+            rewrite(good, meta_edit(lambda i: i["extra"].update(loss=float("nan")))),
+            "DeltaFormatError",
+        ),
+        "header_duplicate_key.loki": (
+            _with_header(good, head[:-1] + b',"__metadata__":' + _meta(good) + b"}"),
+            "DeltaFormatError",
+        ),
         "header_newline_padded.loki": (_with_header(good, head + b"\n"), "DeltaFormatError"),
     }
     for name, (tensors, error) in {

@@ -1,5 +1,5 @@
 """Hub-side helpers of the loki project: a small Hugging Face Hub-compatible test server (`hub.server`).
 
-The model card template that `push_to_hub` renders ships inside the library (`loki/templates/model_card.md`),
+The model card template that `loki.hub.push_delta` renders ships inside the library (`loki/templates/model_card.md`),
 so that an installed `loki` can use it.
 """

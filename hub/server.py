@@ -105,7 +105,9 @@ class Repo:
 
     def commit(self, branch: str, files: dict[str, Blob], title: str, message: str, author: str) -> Commit:
         parent = self.branches.get(branch)
-        sha = hashlib.sha1(f"{self.id}\0{parent}\0{title}\0{time.time_ns()}\0{secrets.token_hex(8)}".encode()).hexdigest()
+        sha = hashlib.sha1(
+            f"{self.id}\0{parent}\0{title}\0{time.time_ns()}\0{secrets.token_hex(8)}".encode()
+        ).hexdigest()
         c = Commit(sha, parent, files, title, message, author, _now())
         self.commits[sha] = c
         self.branches[branch] = sha
@@ -153,7 +155,7 @@ class HubServer:
         host, port = self._httpd.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         self._httpd = ThreadingHTTPServer((self.host, self.port), _make_handler(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="hub-server", daemon=True)
@@ -167,7 +169,7 @@ class HubServer:
             self._thread.join()
             self._httpd = None
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -182,8 +184,16 @@ class HubServer:
             self.orgs[name] = set(orgs)
         return token
 
-    def fail(self, status: int, path: str = ".*", *, method: str | None = None, times: int | None = 1,
-             headers: dict[str, str] | None = None, message: str = "Injected failure") -> None:
+    def fail(
+        self,
+        status: int,
+        path: str = ".*",
+        *,
+        method: str | None = None,
+        times: int | None = 1,
+        headers: dict[str, str] | None = None,
+        message: str = "Injected failure",
+    ) -> None:
         """Answer the next `times` requests (None: all) whose path matches `path` (a regex searched in the URL
         path) with `status`. A 429 carries rate-limit headers saying the quota is spent for 60 s."""
         if status == 429 and headers is None:
@@ -330,9 +340,15 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 raise HubError(404, f"No route for {method} {raw_path}")
         except HubError as e:
-            self._send(e.status, {"error": e.message, **e.body}, {
-                **({"X-Error-Code": e.code} if e.code else {}), "X-Error-Message": e.message, **e.headers,
-            })
+            self._send(
+                e.status,
+                {"error": e.message, **e.body},
+                {
+                    **({"X-Error-Code": e.code} if e.code else {}),
+                    "X-Error-Message": e.message,
+                    **e.headers,
+                },
+            )
         except Exception as e:  # a bug in the server: answer 500 with the reason, keep serving
             self._send(500, {"error": f"{type(e).__name__}: {e}"})
 
@@ -368,8 +384,15 @@ class _Handler(BaseHTTPRequestHandler):
         if self.user is None:
             raise HubError(401, "Invalid credentials in Authorization header")
         orgs = [{"name": o, "type": "org"} for o in sorted(self.server_state.orgs.get(self.user, ()))]
-        return self._send(200, {"type": "user", "name": self.user, "orgs": orgs,
-                                "auth": {"type": "access_token", "accessToken": {"role": "write"}}})
+        return self._send(
+            200,
+            {
+                "type": "user",
+                "name": self.user,
+                "orgs": orgs,
+                "auth": {"type": "access_token", "accessToken": {"role": "write"}},
+            },
+        )
 
     @route("POST", "/api/repos/create")
     def create_repo(self):
@@ -378,7 +401,9 @@ class _Handler(BaseHTTPRequestHandler):
         if data.get("type", "model") != "model":
             raise HubError(400, "This test server hosts model repos only.")
         if not hub.can_write(self.user, repo_id):
-            raise HubError(403 if self.user else 401, f"You don't have the rights to create a repo under {repo_id.split('/')[0]}.")
+            raise HubError(
+                403 if self.user else 401, f"You don't have the rights to create a repo under {repo_id.split('/')[0]}."
+            )
         with hub.lock:
             if repo_id in hub.repos:
                 raise HubError(409, "You already created this model repo", url=f"{self.base}/{repo_id}")
@@ -416,9 +441,18 @@ class _Handler(BaseHTTPRequestHandler):
         card = _card_data(c.files.get("README.md"))
         blobs = "blobs" in self.query
         siblings = [
-            {"rfilename": p, **({"size": len(b.data), "blobId": git_blob_sha1(b.data),
-                                 **({"lfs": {"sha256": b.sha256, "size": len(b.data), "pointerSize": 134}} if b.lfs else {})}
-                                if blobs else {})}
+            {
+                "rfilename": p,
+                **(
+                    {
+                        "size": len(b.data),
+                        "blobId": git_blob_sha1(b.data),
+                        **({"lfs": {"sha256": b.sha256, "size": len(b.data), "pointerSize": 134}} if b.lfs else {}),
+                    }
+                    if blobs
+                    else {}
+                ),
+            }
             for p, b in sorted(c.files.items())
         ]
         tags = list(card.get("tags") or []) if isinstance(card.get("tags"), list) else []
@@ -430,13 +464,27 @@ class _Handler(BaseHTTPRequestHandler):
             tags.append(f"base_model:{b}")
             if card.get("base_model_relation"):
                 tags.append(f"base_model:{card['base_model_relation']}:{b}")
-        return self._send(200, {
-            "_id": hashlib.md5(repo.encode()).hexdigest()[:24], "id": repo, "modelId": repo,
-            "author": repo.split("/")[0], "sha": c.sha, "lastModified": c.date, "createdAt": r.created,
-            "private": r.private, "disabled": False, "gated": "manual" if r.gated else False,
-            "downloads": r.downloads, "likes": 0,
-            "library_name": card.get("library_name"), "tags": tags, "cardData": card or None, "siblings": siblings,
-        })
+        return self._send(
+            200,
+            {
+                "_id": hashlib.md5(repo.encode()).hexdigest()[:24],
+                "id": repo,
+                "modelId": repo,
+                "author": repo.split("/")[0],
+                "sha": c.sha,
+                "lastModified": c.date,
+                "createdAt": r.created,
+                "private": r.private,
+                "disabled": False,
+                "gated": "manual" if r.gated else False,
+                "downloads": r.downloads,
+                "likes": 0,
+                "library_name": card.get("library_name"),
+                "tags": tags,
+                "cardData": card or None,
+                "siblings": siblings,
+            },
+        )
 
     @route("POST", "/api/validate-yaml")
     def validate_yaml(self):
@@ -444,7 +492,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             _front_matter(data.get("content", ""))
         except (yaml.YAMLError, ValueError) as e:
-            raise HubError(400, f"Invalid metadata in README.md: {e}")
+            raise HubError(400, f"Invalid metadata in README.md: {e}") from None
         return self._send(200, {"errors": [], "warnings": []})
 
     # -- upload -----------------------------------------------------------------------------------
@@ -460,7 +508,9 @@ class _Handler(BaseHTTPRequestHandler):
             lfs = f.get("size", 0) > LFS_THRESHOLD or b"\0" in sample or bool(LFS_PATTERNS.match(f["path"]))
             old = current.files.get(f["path"]) if current else None
             oid = None if old is None else (old.sha256 if old.lfs else git_blob_sha1(old.data))
-            files.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid})
+            files.append(
+                {"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid}
+            )
         return self._send(200, {"files": files, "commitOid": current.sha if current else None})
 
     @route("POST", rf"/{_REPO}\.git/info/lfs/objects/batch")
@@ -488,7 +538,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     @route("GET", f"/api/models/{_REPO}/xet-write-token/(?P<rev>.*)")
     def xet_write_token(self, repo, rev):
-        raise HubError(501, "This test server does not speak Xet: set HF_HUB_DISABLE_XET=1 before importing huggingface_hub.")
+        raise HubError(
+            501, "This test server does not speak Xet: set HF_HUB_DISABLE_XET=1 before importing huggingface_hub."
+        )
 
     @route("POST", f"/api/models/{_REPO}/commit/(?P<rev>[^/]+)")
     def commit(self, repo, rev):
@@ -521,9 +573,18 @@ class _Handler(BaseHTTPRequestHandler):
                 elif key == "deletedFolder":
                     prefix = value["path"].rstrip("/") + "/"
                     files = {p: b for p, b in files.items() if not p.startswith(prefix)}
-            c = r.commit(rev, files, header.get("summary") or "Upload files", header.get("description") or "", self.user)
-        return self._send(200, {"commitUrl": f"{self.base}/{repo}/commit/{c.sha}", "commitOid": c.sha,
-                                "pullRequestUrl": None, "success": True})
+            c = r.commit(
+                rev, files, header.get("summary") or "Upload files", header.get("description") or "", self.user
+            )
+        return self._send(
+            200,
+            {
+                "commitUrl": f"{self.base}/{repo}/commit/{c.sha}",
+                "commitOid": c.sha,
+                "pullRequestUrl": None,
+                "success": True,
+            },
+        )
 
     # -- download ---------------------------------------------------------------------------------
     @route("GET", f"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)")
@@ -532,8 +593,12 @@ class _Handler(BaseHTTPRequestHandler):
         with hub.lock:
             r = hub.readable(repo, self.user)
             if r.gated and not (hub.can_write(self.user, repo) or self.user in r.granted):
-                raise HubError(401 if self.user is None else 403, f"Access to model {repo} is restricted. You must have "
-                               "access to it and be authenticated to access it.", "GatedRepo")
+                raise HubError(
+                    401 if self.user is None else 403,
+                    f"Access to model {repo} is restricted. You must have "
+                    "access to it and be authenticated to access it.",
+                    "GatedRepo",
+                )
             c = hub.revision(r, rev)
             blob = c.files.get(path)
             if blob is None:
@@ -560,7 +625,7 @@ class _Handler(BaseHTTPRequestHandler):
         for p, b in sorted(c.files.items()):
             if prefix and not p.startswith(prefix + "/"):
                 continue
-            rest = p[len(prefix) + 1:] if prefix else p
+            rest = p[len(prefix) + 1 :] if prefix else p
             parts = rest.split("/")
             for i in range(1, len(parts) if recursive else min(2, len(parts))):
                 folders.add("/".join(([prefix] if prefix else []) + parts[:i]))
@@ -568,8 +633,10 @@ class _Handler(BaseHTTPRequestHandler):
                 entries.append(b.entry(p))
         if prefix and not entries and not folders:
             raise HubError(404, f"{prefix} does not exist at {rev}", "EntryNotFound")
-        entries += [{"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest(), "size": 0}
-                    for f in sorted(folders)]
+        entries += [
+            {"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest(), "size": 0}
+            for f in sorted(folders)
+        ]
         return self._send(200, entries)
 
     @route("POST", rf"/api/models/{_REPO}/paths-info/(?P<rev>[^/]+)")
@@ -603,8 +670,15 @@ class _Handler(BaseHTTPRequestHandler):
             r = hub.readable(repo, self.user)
             c = hub.revision(r, rev)
             while c is not None:
-                out.append({"id": c.sha, "title": c.title, "message": c.message, "date": c.date,
-                            "authors": [{"user": c.author or "unknown"}]})
+                out.append(
+                    {
+                        "id": c.sha,
+                        "title": c.title,
+                        "message": c.message,
+                        "date": c.date,
+                        "authors": [{"user": c.author or "unknown"}],
+                    }
+                )
                 c = r.commits.get(c.parent) if c.parent else None
         return self._send(200, out)
 
@@ -665,8 +739,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run the in-memory Hub-compatible test server.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--user", action="append", default=[], metavar="NAME:TOKEN",
-                        help="a user and its write token (repeatable); default alice:hf_alice")
+    parser.add_argument(
+        "--user",
+        action="append",
+        default=[],
+        metavar="NAME:TOKEN",
+        help="a user and its write token (repeatable); default alice:hf_alice",
+    )
     args = parser.parse_args(argv)
     server = HubServer(args.host, args.port)
     for spec in args.user or ["alice:hf_alice"]:

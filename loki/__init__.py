@@ -13,7 +13,9 @@ The verbs, in workflow order:
 
 Modules for the rest: `loki.evaluate` (the four numbers, forgetting), `loki.retain`, `loki.preserve`,
 `loki.neighbourhood`, `loki.editors` (MEMIT and AlphaEdit as `.loki` deltas, baselines),
-`loki.hub`, `loki.targets`, `loki.trainer` (HF `Trainer` with `.loki` checkpoints: `LokiTrainer`, `LokiCallback`),
+`loki.hub` (`push_delta`/`pull_delta` and the same for attributions and selections), `loki.generation` (greedy
+answers), `loki.facts` (the fictional-facts task of `loki demo`), `loki.targets`, `loki.trainer` (HF `Trainer`
+with `.loki` checkpoints: `LokiTrainer`, `LokiCallback`),
 `loki.errors` (every error class; the common ones are here too), `loki.testing`.
 
 >>> import loki
@@ -23,40 +25,82 @@ Modules for the rest: `loki.evaluate` (the four numbers, forgetting), `loki.reta
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from . import editors, errors, evaluate, hub, neighbourhood, retain, targets
-from .apply import Handle, Plan, applied, disabled, merge, plan, revert
-from .api import apply, implanted, load, load_attributions, load_selection, push, save
-from .delta import Delta
-from .selection import Selection, select
 from .attribution import Attributions, attribute
-from .preserve import Preservation, preservation
-from .implant import extract, is_prepared, make_delta, prepare, suppression, trainable_report, unprepare
-from .retain import RetainLoss, retain_targets
-from .train import train
+from .delta import Delta
 from .errors import BaseModelMismatchError, HubError, LokiError, OverlapError
+from .implant import extract, make_delta, suppression, trainable_report
+from .ledger import Handle, Plan, applied, disabled, merge, plan, revert
 from .models import load_base, load_default
 from .peft_export import export_peft
+from .preserve import Preservation, preservation
+from .retain import RetainLoss, retain_targets
+from .rows import is_prepared, prepare, unprepare
+from .selection import Selection, select
 from .serve import ImplantBank
+from .sources import apply, implanted, load, load_attributions, load_selection, push, save
 from .targets import find_down_projections
+from .training import train
+from .version import __version__ as __version__  # re-exported: loki.__version__
 
 __all__ = [
     # workflow
-    "attribute", "select", "prepare", "train", "extract", "unprepare", "is_prepared", "trainable_report",
-    "make_delta", "suppression", "retain_targets", "preservation",
+    "attribute",
+    "select",
+    "prepare",
+    "train",
+    "extract",
+    "unprepare",
+    "is_prepared",
+    "trainable_report",
+    "make_delta",
+    "suppression",
+    "retain_targets",
+    "preservation",
     # files and the Hub
-    "load", "save", "push", "load_attributions", "load_selection",
+    "load",
+    "save",
+    "push",
+    "load_attributions",
+    "load_selection",
     # the ledger
-    "plan", "apply", "revert", "implanted", "disabled", "applied", "merge", "export_peft",
+    "plan",
+    "apply",
+    "revert",
+    "implanted",
+    "disabled",
+    "applied",
+    "merge",
+    "export_peft",
     # models
-    "load_default", "load_base", "find_down_projections",
+    "load_default",
+    "load_base",
+    "find_down_projections",
     # classes
-    "Attributions", "Selection", "Delta", "Plan", "Handle", "ImplantBank", "RetainLoss", "Preservation", "LokiTrainer", "LokiCallback",
+    "Attributions",
+    "Selection",
+    "Delta",
+    "Plan",
+    "Handle",
+    "ImplantBank",
+    "RetainLoss",
+    "Preservation",
+    "LokiTrainer",
+    "LokiCallback",
     # the errors people catch (all of them: loki.errors)
-    "LokiError", "BaseModelMismatchError", "OverlapError", "HubError",
+    "LokiError",
+    "BaseModelMismatchError",
+    "OverlapError",
+    "HubError",
     # modules
-    "editors", "errors", "evaluate", "hub", "neighbourhood", "retain", "targets", "trainer",
+    "editors",
+    "errors",
+    "evaluate",
+    "hub",
+    "neighbourhood",
+    "retain",
+    "targets",
+    "trainer",
 ]
 
 

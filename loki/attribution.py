@@ -30,15 +30,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
 from .dataset import check_number
 from .delta import fingerprint_of
 from .distributed import launched_rank_world
-from .format import atomic_write
 from .errors import AttributionError, AttributionMismatchError
+from .format import atomic_write
 from .kva import ENGINES, MEASURES, kva
 from .prompts import PromptSet, as_prompts
 from .targets import find_down_projections, unwrap
+from .version import __version__
 
 FORMAT = "loki-attributions"
 TARGETS = ("prediction", "gold")
@@ -84,7 +84,7 @@ class Attributions:
         return tuple(self.values.shape)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Attributions":
+    def load(cls, path: str | os.PathLike) -> Attributions:
         """Read a finished attribution folder written by `attribute(..., path=)`; `values` are memory-mapped
         (read-only: copy them before writing).
 
@@ -107,13 +107,16 @@ class Attributions:
         """
         path = Path(path)
         if path.is_file():
-            raise AttributionError(f"{path} is a file; an attribution set is a folder (loki attribute --out). A "
-                                   "selection .json is read with loki.load_selection or Selection.load.")
+            raise AttributionError(
+                f"{path} is a file; an attribution set is a folder (loki attribute --out). A "
+                "selection .json is read with loki.load_selection or Selection.load."
+            )
         meta = _read_meta(path)
         if meta is None:
             shards = sorted(path.glob("shard-*-of-*"))
-            hint = (f" It holds {len(shards)} shards: join them with loki.Attributions.from_shards(path)."
-                    if shards else "")
+            hint = (
+                f" It holds {len(shards)} shards: join them with loki.Attributions.from_shards(path)." if shards else ""
+            )
             raise AttributionError(f"{path} is not an attribution folder (no meta.json).{hint}")
         store = _Store.open(path, meta)
         if not store.done.all():
@@ -168,7 +171,7 @@ class Attributions:
         return path
 
     @classmethod
-    def from_shards(cls, path: str | os.PathLike, *, remove_shards: bool = False) -> "Attributions":
+    def from_shards(cls, path: str | os.PathLike, *, remove_shards: bool = False) -> Attributions:
         """Join the finished shards `path/shard-RRR-of-WWW` (in rank order) into one attribution set at `path`.
 
         `attribute(..., shard="accelerate")` does this itself; call it after runs with explicit `shard=(rank, world)`.
@@ -196,8 +199,10 @@ class Attributions:
 
     def __repr__(self) -> str:
         n, num_layers, d = self.shape
-        return (f"Attributions({n} prompts x {num_layers} layers x {d}, model={self.meta.get('model')!r}, "
-                f"steps={self.meta.get('steps')}, path={str(self.path) if self.path else None!r})")
+        return (
+            f"Attributions({n} prompts x {num_layers} layers x {d}, model={self.meta.get('model')!r}, "
+            f"steps={self.meta.get('steps')}, path={str(self.path) if self.path else None!r})"
+        )
 
 
 def attribute(
@@ -220,7 +225,7 @@ def attribute(
     template: str | None = None,
 ) -> Attributions:
     """Attribute every down-projection row of `model` on `prompts`: Knowledge Vector Attribution (KVA, LoKI paper
-    §3.1; LOKI-METHOD.md stage 1), integrated gradients of the target token's probability with respect to each
+    §3.1; docs/method.md stage 1), integrated gradients of the target token's probability with respect to each
     layer's down-projection output at the last prompt position (numerics: `loki.kva.kva`).
 
     Args:
@@ -283,8 +288,10 @@ def attribute(
     check_number("poll", poll, above=0, error=AttributionError)
     prompt_set = prompts if isinstance(prompts, PromptSet) else as_prompts(prompts, tokenizer, shots=shots, dev=dev)
     if target == "gold" and any(g is None for g in prompt_set.gold):
-        raise AttributionError("target='gold' needs a gold answer for every prompt (multiple-choice records with "
-                               "an 'answer'); use target='prediction' for plain prompts.")
+        raise AttributionError(
+            "target='gold' needs a gold answer for every prompt (multiple-choice records with "
+            "an 'answer'); use target='prediction' for plain prompts."
+        )
     gold = prompt_set.gold if target == "gold" else [None] * len(prompt_set)
     projs = find_down_projections(model, template)
 
@@ -297,8 +304,9 @@ def attribute(
         raise AttributionError(
             f"{launched_rank_world()[1]} processes run this (torchrun / accelerate launch) but shard= is not set: "
             "every "
-            "process would attribute every prompt" + (" into the same folder" if path is not None else "") +
-            ". Pass shard='auto' (command line: --shard auto) to split the prompts between them, or run one process."
+            "process would attribute every prompt"
+            + (" into the same folder" if path is not None else "")
+            + ". Pass shard='auto' (command line: --shard auto) to split the prompts between them, or run one process."
         )
     rank, world = shard if shard is not None else (0, 1)
     if not 0 <= rank < world:
@@ -336,9 +344,16 @@ def attribute(
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             t0 = time.perf_counter()
-            values, targets = kva(model, [prompt_set.ids[lo + i] for i in batch], steps,
-                                  targets=[gold[lo + i] for i in batch], measure=measure, engine=engine,
-                                  max_rows=max_rows, template=template)
+            values, targets = kva(
+                model,
+                [prompt_set.ids[lo + i] for i in batch],
+                steps,
+                targets=[gold[lo + i] for i in batch],
+                measure=measure,
+                engine=engine,
+                max_rows=max_rows,
+                template=template,
+            )
             store.write(batch, values, targets, (time.perf_counter() - t0) / len(batch))
             if bar is not None:
                 bar.update(len(batch))
@@ -381,15 +396,31 @@ def _from_shards(path: str | os.PathLike, *, remove_shards: bool = False) -> Att
     parts = [Attributions.load(s) for s in shards]
     world = {p.meta["shard"]["world"] for p in parts}
     if len(world) != 1 or len(parts) != world.pop():
-        raise AttributionError(f"{path} holds {len(parts)} shards of different or incomplete runs; expected one per "
-                               "rank.")
-    keys = ("model", "model_fingerprint", "template", "num_layers", "d_model", "steps", "target", "measure", "engine",
-            "prompt_source")
+        raise AttributionError(
+            f"{path} holds {len(parts)} shards of different or incomplete runs; expected one per rank."
+        )
+    keys = (
+        "model",
+        "model_fingerprint",
+        "template",
+        "num_layers",
+        "d_model",
+        "steps",
+        "target",
+        "measure",
+        "engine",
+        "prompt_source",
+    )
     for p in parts[1:]:
         if any(p.meta.get(k) != parts[0].meta.get(k) for k in keys):
             raise AttributionError(f"Shards under {path} were computed with different settings; recompute them.")
-    meta = {**parts[0].meta, "num_prompts": sum(len(p) for p in parts), "shard": None, "merged_shards": len(parts),
-            "prompts_sha256": hashlib.sha256("".join(p.meta["prompts_sha256"] for p in parts).encode()).hexdigest()}
+    meta = {
+        **parts[0].meta,
+        "num_prompts": sum(len(p) for p in parts),
+        "shard": None,
+        "merged_shards": len(parts),
+        "prompts_sha256": hashlib.sha256("".join(p.meta["prompts_sha256"] for p in parts).encode()).hexdigest(),
+    }
     store = _Store.create(path, meta, overwrite=True)
     offset = 0
     for p in parts:
@@ -417,11 +448,12 @@ class _Store:
         return np.asarray(self.targets) >= 0  # a prompt is done once its target is written (written last)
 
     @classmethod
-    def create(cls, folder: Path | None, meta: dict, overwrite: bool = False) -> "_Store":
+    def create(cls, folder: Path | None, meta: dict, overwrite: bool = False) -> _Store:
         shape = (meta["num_prompts"], meta["num_layers"], meta["d_model"])
         if folder is None:
-            return cls(None, meta, np.zeros(shape, np.float32), np.full(shape[0], -1, np.int64),
-                       np.full(shape[0], np.nan))
+            return cls(
+                None, meta, np.zeros(shape, np.float32), np.full(shape[0], -1, np.int64), np.full(shape[0], np.nan)
+            )
         old = _read_meta(folder)
         if old is not None and not overwrite:
             _check_resumable(folder, old, meta)
@@ -439,7 +471,7 @@ class _Store:
         return cls(folder, meta, values, targets, seconds)
 
     @classmethod
-    def open(cls, folder: Path, meta: dict, mode: str = "r") -> "_Store":
+    def open(cls, folder: Path, meta: dict, mode: str = "r") -> _Store:
         arrays = [np.load(folder / f"{name}.npy", mmap_mode=mode) for name in ("attributions", "targets", "seconds")]
         if arrays[0].shape != (meta["num_prompts"], meta["num_layers"], meta["d_model"]):
             raise AttributionError(f"{folder}/attributions.npy has shape {arrays[0].shape}, meta.json disagrees.")
@@ -459,8 +491,13 @@ class _Store:
     def result(self) -> Attributions:
         seconds = np.asarray(self.seconds)
         meta = {**self.meta, "seconds_per_prompt": float(np.nanmedian(seconds)) if len(seconds) else None}
-        return Attributions(_as_tensor(self.values), torch.from_numpy(np.array(self.targets)),
-                            torch.from_numpy(seconds.copy()), meta, self.folder)
+        return Attributions(
+            _as_tensor(self.values),
+            torch.from_numpy(np.array(self.targets)),
+            torch.from_numpy(seconds.copy()),
+            meta,
+            self.folder,
+        )
 
 
 def _as_tensor(a: np.ndarray) -> torch.Tensor:
@@ -485,10 +522,15 @@ def _check_resumable(folder: Path, old: dict, meta: dict) -> None:
     diff = [k for k, v in meta.items() if k not in ("loki_version", "created") and old.get(k) != v]
     if diff:
         prompts = {"prompts_sha256", "num_prompts", "prompt_source", "shard"}
-        what = " and ".join(w for w, differs in (
-            ("another model (the same name, other weights or shapes)", "model_fingerprint" in diff),
-            ("other prompts", bool(prompts & set(diff))),
-            ("other settings", bool(set(diff) - prompts - {"model_fingerprint"}))) if differs)
+        what = " and ".join(
+            w
+            for w, differs in (
+                ("another model (the same name, other weights or shapes)", "model_fingerprint" in diff),
+                ("other prompts", bool(prompts & set(diff))),
+                ("other settings", bool(set(diff) - prompts - {"model_fingerprint"})),
+            )
+            if differs
+        )
         raise AttributionMismatchError(f"{folder} holds attributions of {what} ({', '.join(diff)} differ). {keep}")
 
 

@@ -64,8 +64,9 @@ def writable(path: str | os.PathLike, *, folder: bool, option: str = "--out") ->
     if folder and path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{option} {path} is a file; the output is a folder. Give a folder path.")
     if not folder and path.is_dir():
-        raise IsADirectoryError(f"{option} {path} is a folder; the output is a file. Give a file path, e.g. "
-                                f"{path / 'out'}.")
+        raise IsADirectoryError(
+            f"{option} {path} is a folder; the output is a file. Give a file path, e.g. {path / 'out'}."
+        )
     if not folder and not path.parent.is_dir():
         raise FileNotFoundError(f"{option} {path}: the folder {path.parent} does not exist; create it first.")
     existing = path if folder else path.parent  # the nearest folder that exists, where the output goes
@@ -91,7 +92,7 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 
 @command("inspect", "print a .loki file's metadata, per-layer row counts, size and base model", _inspect_args)
 def _inspect(args: argparse.Namespace) -> int:
-    from .api import load
+    from .sources import load
 
     delta = load(args.file)
     if args.json:
@@ -118,25 +119,36 @@ def _load_model(name: str, dtype: str | None, revision: str | None = None, requi
     kwargs = {"dtype": getattr(torch, dtype) if dtype else "auto"}
     if revision:
         kwargs["revision"] = revision
-    return load_pretrained(DEFAULT_MODEL_ID if name == "default" else name, require_tokenizer=require_tokenizer, **kwargs)
+    return load_pretrained(
+        DEFAULT_MODEL_ID if name == "default" else name, require_tokenizer=require_tokenizer, **kwargs
+    )
 
 
 def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("base", help="the base model: a local Hugging Face folder, a Hub id, or 'default' (SmolLM2)")
-    p.add_argument("deltas", nargs="+", metavar="DELTA", help=".loki files or Hub repos (org/name[@rev]), applied "
-                   "in order")
+    p.add_argument(
+        "deltas", nargs="+", metavar="DELTA", help=".loki files or Hub repos (org/name[@rev]), applied in order"
+    )
     p.add_argument("--out", required=True, help="folder for the merged checkpoint (model and tokenizer)")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="load, merge and save in this dtype (default: the base checkpoint's own)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="load, merge and save in this dtype (default: the base checkpoint's own)",
+    )
     p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub base model")
-    p.add_argument("--on-overlap", choices=("error", "replace", "add"), default="error",
-                   help="when two deltas change the same rows: refuse (default), the later one wins, or add changes")
+    p.add_argument(
+        "--on-overlap",
+        choices=("error", "replace", "add"),
+        default="error",
+        help="when two deltas change the same rows: refuse (default), the later one wins, or add changes",
+    )
 
 
 @command("merge", "bake deltas into a base model and save a plain Hugging Face checkpoint", _merge_args)
 def _merge(args: argparse.Namespace) -> int:
-    from .api import load
-    from .apply import apply, merge
+    from .ledger import apply, merge
+    from .sources import load
 
     writable(args.out, folder=True)
     deltas = [load(d) for d in args.deltas]  # every delta is read and validated before the model loads
@@ -156,13 +168,24 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _export_peft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("delta", help="a .loki file or Hub repo (org/name[@rev])")
-    p.add_argument("--out", required=True, help="folder for the adapter (adapter_config.json, "
-                   "adapter_model.safetensors, README.md)")
-    p.add_argument("--base", default=None, help="the base model, for a rows-form delta: a local folder, a Hub id or "
-                   "'default' (default: the base model the delta names)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="folder for the adapter (adapter_config.json, adapter_model.safetensors, README.md)",
+    )
+    p.add_argument(
+        "--base",
+        default=None,
+        help="the base model, for a rows-form delta: a local folder, a Hub id or "
+        "'default' (default: the base model the delta names)",
+    )
     p.add_argument("--revision", default=None, help="branch, tag or commit of a --base Hub model")
-    p.add_argument("--rank", type=_positive(int), default=None, help="pad the adapter to this LoRA rank "
-                   "(default: the smallest that holds the delta; vLLM takes up to 512)")
+    p.add_argument(
+        "--rank",
+        type=_positive(int),
+        default=None,
+        help="pad the adapter to this LoRA rank (default: the smallest that holds the delta; vLLM takes up to 512)",
+    )
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the adapter's tensors")
 
 
@@ -170,29 +193,34 @@ def _export_peft_args(p: argparse.ArgumentParser) -> None:
 def _export_peft(args: argparse.Namespace) -> int:
     import torch
 
-    from .api import load
     from .models import load_base
     from .peft_export import export_peft
+    from .sources import load
 
     writable(args.out, folder=True)
     delta = load(args.delta)
     model = None
     if delta.form == "rows":  # the adapter is new rows minus base rows: it needs the base model
         if args.base:
-            model, _ = _load_model(args.base, delta.info["base_model"].get("dtype") or "float32", args.revision,
-                                   require_tokenizer=False)
+            model, _ = _load_model(
+                args.base, delta.info["base_model"].get("dtype") or "float32", args.revision, require_tokenizer=False
+            )
         else:
             model, _ = load_base(delta)
     folder = export_peft(delta, args.out, model, rank=args.rank, dtype=getattr(torch, args.dtype))
-    print(f"exported {args.delta} ({delta.num_rows} rows in {len(delta.layers)} layers) as a PEFT LoRA adapter "
-          f"-> {folder}")
+    print(
+        f"exported {args.delta} ({delta.num_rows} rows in {len(delta.layers)} layers) as a PEFT LoRA adapter "
+        f"-> {folder}"
+    )
     return 0
 
 
 # -- demo -------------------------------------------------------------------------------------------
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="loki-demo", help="folder for the files the demo writes")
-    p.add_argument("--quick", action="store_true", help="a reduced run (2 facts, 2 IG steps, 12 training steps): a smoke test")
+    p.add_argument(
+        "--quick", action="store_true", help="a reduced run (2 facts, 2 IG steps, 12 training steps): a smoke test"
+    )
 
 
 @command("demo", "run the workflow end to end on the embedded default model", _demo_args)
@@ -212,8 +240,11 @@ def _hub_args(p: argparse.ArgumentParser) -> None:
 
 
 def _push_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="what to upload: a .loki file, an attribution folder (`loki attribute --out`) or a "
-                   "selection .json file (`loki select --out`)")
+    p.add_argument(
+        "file",
+        help="what to upload: a .loki file, an attribution folder (`loki attribute --out`) or a "
+        "selection .json file (`loki select --out`)",
+    )
     p.add_argument("repo_id", help="Hub repo, namespace/name (created if needed)")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--message", help="commit message")
@@ -221,10 +252,14 @@ def _push_args(p: argparse.ArgumentParser) -> None:
     _hub_args(p)
 
 
-@command("push", "upload a .loki file, an attribution folder or a selection file with a generated model card to "
-         "a Hugging Face Hub repo", _push_args)
+@command(
+    "push",
+    "upload a .loki file, an attribution folder or a selection file with a generated model card to "
+    "a Hugging Face Hub repo",
+    _push_args,
+)
 def _push(args: argparse.Namespace) -> int:
-    from .api import load, load_attributions, load_selection, push
+    from .sources import load, load_attributions, load_selection, push
 
     if os.path.isdir(args.file) and not args.filename:
         obj = load_attributions(args.file)
@@ -233,8 +268,15 @@ def _push(args: argparse.Namespace) -> int:
     else:
         obj = load(args.file)
     commit = push(
-        obj, args.repo_id, private=args.private or None, revision=args.revision, commit_message=args.message,
-        token=args.token, endpoint=args.endpoint, filename=args.filename, license=args.license,
+        obj,
+        args.repo_id,
+        private=args.private or None,
+        revision=args.revision,
+        commit_message=args.message,
+        token=args.token,
+        endpoint=args.endpoint,
+        filename=args.filename,
+        license=args.license,
     )
     print(f"pushed {args.file} to {args.repo_id} @ {commit.oid}\n{commit.commit_url}")
     return 0
@@ -255,8 +297,9 @@ def _pull(args: argparse.Namespace) -> int:
 
     if args.out:
         writable(args.out, folder=os.path.isdir(args.out))
-    path = download(args.repo_id, revision=args.revision, filename=args.filename, token=args.token,
-                    endpoint=args.endpoint)
+    path = download(
+        args.repo_id, revision=args.revision, filename=args.filename, token=args.token, endpoint=args.endpoint
+    )
     delta = read(path)
     if args.out:
         path = shutil.copy(path, args.out)
@@ -267,24 +310,41 @@ def _pull(args: argparse.Namespace) -> int:
 
 # -- attribute / select -----------------------------------------------------------------------------
 def _attribute_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompts", help="'probe' (bundled), or a .jsonl/.json/.csv file of multiple-choice records or "
-                   "{'text': ...} records")
+    p.add_argument(
+        "prompts",
+        help="'probe' (bundled), or a .jsonl/.json/.csv file of multiple-choice records or {'text': ...} records",
+    )
     p.add_argument("--out", required=True, help="folder for the attribution set (rerun the same command to resume)")
     p.add_argument("--model", default="default", help="a local Hugging Face model folder, or 'default' (SmolLM2)")
     p.add_argument("--steps", type=int, default=7, help="integration steps m (default 7)")
     p.add_argument("--target", choices=("prediction", "gold"), default="prediction")
     p.add_argument("--measure", choices=("prob", "logit"), default="prob")
     p.add_argument("--engine", choices=("fast", "reference"), default="fast")
-    p.add_argument("--shots", type=int, default=0, help="few-shot examples per prompt: from --dev (per subject), "
-                   "else the first records")
-    p.add_argument("--dev", default=None, help="few-shot records for --shots, a file or a folder (MMLU's data/dev): "
-                   "each prompt takes the first --shots of its own subject (the authors' 5-shot Qwen prompts)")
+    p.add_argument(
+        "--shots",
+        type=int,
+        default=0,
+        help="few-shot examples per prompt: from --dev (per subject), else the first records",
+    )
+    p.add_argument(
+        "--dev",
+        default=None,
+        help="few-shot records for --shots, a file or a folder (MMLU's data/dev): "
+        "each prompt takes the first --shots of its own subject (the authors' 5-shot Qwen prompts)",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="prompts per pass")
     p.add_argument("--max-rows", type=int, default=8192, help="single-token rows per pass (memory bound)")
-    p.add_argument("--shard", default=None, help="RANK/WORLD (e.g. 0/4) to compute one block, or 'auto' under torchrun / accelerate launch")
+    p.add_argument(
+        "--shard",
+        default=None,
+        help="RANK/WORLD (e.g. 0/4) to compute one block, or 'auto' under torchrun / accelerate launch",
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads (with --shard "
-                   "accelerate: this process's device)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="e.g. cuda; default: where the model loads (with --shard accelerate: this process's device)",
+    )
 
 
 @command("attribute", "attribute every down-projection row on a prompt set (KVA), written to a folder", _attribute_args)
@@ -316,19 +376,37 @@ def _attribute(args: argparse.Namespace) -> int:
         except ValueError:
             raise AttributionError(f"--shard takes RANK/WORLD (e.g. 0/4) or 'auto', got {shard!r}.") from None
         shard = (rank, world)
-    attr = attribute(model, tokenizer, args.prompts, args.steps, target=args.target, measure=args.measure,
-                     engine=args.engine, path=args.out, batch_size=args.batch_size, max_rows=args.max_rows,
-                     shots=args.shots, dev=args.dev, shard=shard)
+    attr = attribute(
+        model,
+        tokenizer,
+        args.prompts,
+        args.steps,
+        target=args.target,
+        measure=args.measure,
+        engine=args.engine,
+        path=args.out,
+        batch_size=args.batch_size,
+        max_rows=args.max_rows,
+        shots=args.shots,
+        dev=args.dev,
+        shard=shard,
+    )
     print(f"{attr!r}\n{attr.meta['seconds_per_prompt']:.2f} s per prompt (median); written to {attr.path}")
     return 0
 
 
 def _select_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("attributions", help="an attribution folder (from `loki attribute`; shards are merged first), or a "
-                   "Hub repo of attributions, namespace/name[@revision] (pulled once into the Hugging Face cache)")
+    p.add_argument(
+        "attributions",
+        help="an attribution folder (from `loki attribute`; shards are merged first), or a "
+        "Hub repo of attributions, namespace/name[@revision] (pulled once into the Hugging Face cache)",
+    )
     p.add_argument("-q", "--quota", type=float, required=True, help="percentage of rows per layer, e.g. 10")
-    p.add_argument("--strategy", default="layer_balanced",
-                   choices=("layer_balanced", "layer_highest", "global_lowest", "global_highest", "random"))
+    p.add_argument(
+        "--strategy",
+        default="layer_balanced",
+        choices=("layer_balanced", "layer_highest", "global_lowest", "global_highest", "random"),
+    )
     p.add_argument("--seed", type=int, default=0, help="for --strategy random")
     p.add_argument("--out", required=True, help="the selection JSON file to write")
     p.add_argument("--revision", help="branch, tag or commit of a Hub repo (default: main)")
@@ -340,8 +418,8 @@ def _attributions(source: str, **hub):
     """The attribution set at `source`: a folder (its shards joined first, if it holds only shards) or a Hub id."""
     from pathlib import Path
 
-    from .api import load_attributions
     from .attribution import Attributions
+    from .sources import load_attributions
 
     folder = Path(source)
     if folder.is_dir() and not (folder / "meta.json").exists() and any(folder.glob("shard-*-of-*")):
@@ -366,6 +444,7 @@ def _select(args: argparse.Namespace) -> int:
 # -- train ------------------------------------------------------------------------------------------
 def _positive(kind, low: float = 0.0, high: float = float("inf"), closed: bool = False):
     """An argparse type: `kind(text)` in (low, high), or in [low, high) with `closed`."""
+
     def parse(text: str):
         value = kind(text)
         if not ((value >= low if closed else value > low) and value < high):
@@ -378,46 +457,92 @@ def _positive(kind, low: float = 0.0, high: float = float("inf"), closed: bool =
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", help="training examples: a .jsonl, .json (a list) or .csv file (header: prompt or question, "
-                   "answer) of {'prompt' or 'question', 'answer'} or {'messages': [...]} records")
+    p.add_argument(
+        "data",
+        help="training examples: a .jsonl, .json (a list) or .csv file (header: prompt or question, "
+        "answer) of {'prompt' or 'question', 'answer'} or {'messages': [...]} records",
+    )
     p.add_argument("--base", default="default", help="the base model: 'default' (SmolLM2), a Hub id or a local folder")
     p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub base model")
     rows = p.add_mutually_exclusive_group(required=True)
     rows.add_argument("--selection", help="the rows to train: a selection JSON file (from `loki select`)")
-    rows.add_argument("--attributions", help="or an attribution folder (from `loki attribute`) or Hub repo "
-                      "(org/name[@revision]), with -q")
-    p.add_argument("-q", "--quota", type=_positive(float), help="with --attributions: percentage of rows per layer "
-                   "(layer-balanced)")
-    p.add_argument("--out", required=True, help="the .loki file to write; checkpoints go to OUT.partial/ until then "
-                   "(rerun the same command to resume)")
-    p.add_argument("--retain", default=None, help="retain data: a .jsonl/.json/.csv file of {'question'} (answered "
-                   "by the base model), {'text'} or answered records")
+    rows.add_argument(
+        "--attributions",
+        help="or an attribution folder (from `loki attribute`) or Hub repo (org/name[@revision]), with -q",
+    )
+    p.add_argument(
+        "-q",
+        "--quota",
+        type=_positive(float),
+        help="with --attributions: percentage of rows per layer (layer-balanced)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="the .loki file to write; checkpoints go to OUT.partial/ until then (rerun the same command to resume)",
+    )
+    p.add_argument(
+        "--retain",
+        default=None,
+        help="retain data: a .jsonl/.json/.csv file of {'question'} (answered "
+        "by the base model), {'text'} or answered records",
+    )
     p.add_argument("--retain-weight", type=float, default=1.0, help="weight of the retain KL (default 1)")
-    p.add_argument("--retain-batch-size", type=_positive(int), default=None,
-                   help="retain items per step (default: --batch-size)")
-    p.add_argument("--retain-top-k", type=_positive(int), default=None,
-                   help="base-model tokens kept per retained position (default: loki.retain's, 64)")
-    p.add_argument("--preserve", type=float, default=None, metavar="ENERGY",
-                   help="keep the rows' update off the key directions holding this share (e.g. 0.99) of the --retain "
-                   "data's down-projection inputs (loki.preservation)")
-    p.add_argument("--lora-rank", type=_positive(int), default=None,
-                   help="LoKI*: train rank-r factors of the selected rows instead of the rows")
+    p.add_argument(
+        "--retain-batch-size", type=_positive(int), default=None, help="retain items per step (default: --batch-size)"
+    )
+    p.add_argument(
+        "--retain-top-k",
+        type=_positive(int),
+        default=None,
+        help="base-model tokens kept per retained position (default: loki.retain's, 64)",
+    )
+    p.add_argument(
+        "--preserve",
+        type=float,
+        default=None,
+        metavar="ENERGY",
+        help="keep the rows' update off the key directions holding this share (e.g. 0.99) of the --retain "
+        "data's down-projection inputs (loki.preservation)",
+    )
+    p.add_argument(
+        "--lora-rank",
+        type=_positive(int),
+        default=None,
+        help="LoKI*: train rank-r factors of the selected rows instead of the rows",
+    )
     p.add_argument("--lr", type=_positive(float), default=1e-4, help="peak learning rate (default 1e-4)")
     p.add_argument("--epochs", type=_positive(float), default=1.0, help="passes over the data (default 1)")
     p.add_argument("--steps", type=_positive(int), default=None, help="optimizer steps, instead of --epochs")
-    p.add_argument("--batch-size", type=_positive(int), default=4, help="examples per step (default 4), over all "
-                   "processes when launched on several (a multiple of their number)")
+    p.add_argument(
+        "--batch-size",
+        type=_positive(int),
+        default=4,
+        help="examples per step (default 4), over all processes when launched on several (a multiple of their number)",
+    )
     p.add_argument("--grad-accum", type=_positive(int), default=1, help="batches per optimizer step (default 1)")
-    p.add_argument("--warmup", type=_positive(float, 0, 1, closed=True), default=0.1, help="share of the steps of linear warm-up (default 0.1)")
-    p.add_argument("--weight-decay", type=_positive(float, closed=True), default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument(
+        "--warmup",
+        type=_positive(float, 0, 1, closed=True),
+        default=0.1,
+        help="share of the steps of linear warm-up (default 0.1)",
+    )
+    p.add_argument(
+        "--weight-decay", type=_positive(float, closed=True), default=0.0, help="AdamW weight decay (default 0)"
+    )
     p.add_argument("--max-grad-norm", type=_positive(float), default=1.0, help="gradient clipping norm (default 1)")
     p.add_argument("--max-length", type=_positive(int), default=1024, help="tokens kept per example (default 1024)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data order (default 0)")
     p.add_argument("--name", default=None, help="the delta's name (default: OUT's file name without .loki)")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="load and train the base model in this dtype (default: the checkpoint's own)")
-    p.add_argument("--save-every", type=_positive(int), default=50,
-                   help="steps between checkpoints in OUT.partial/ (default 50)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="load and train the base model in this dtype (default: the checkpoint's own)",
+    )
+    p.add_argument(
+        "--save-every", type=_positive(int), default=50, help="steps between checkpoints in OUT.partial/ (default 50)"
+    )
 
 
 def _file_sha256(path: str) -> str:
@@ -427,44 +552,31 @@ def _file_sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def _last_checkpoint(folder) -> str | None:
-    """The newest complete checkpoint in `folder`: the Trainer writes `trainer_state.json` last, and a Ctrl-C while
-    it is written leaves it cut short, so it must also parse."""
-    from .trainer import CHECKPOINT_FILE
-
-    def complete(c) -> bool:
-        try:
-            json.loads((c / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            return False
-        return (c / CHECKPOINT_FILE).is_file()
-
-    done = [c for c in folder.glob("checkpoint-*") if c.name.split("-")[-1].isdigit() and complete(c)]
-    return str(max(done, key=lambda c: int(c.name.split("-")[-1]))) if done else None
-
-
-@command("train", "train the selected rows of a base model on examples and write the .loki delta (resumable)",
-         _train_args)
+@command(
+    "train", "train the selected rows of a base model on examples and write the .loki delta (resumable)", _train_args
+)
 def _train(args: argparse.Namespace) -> int:
-    """Resuming: checkpoints (the rows as `implant.loki`, optimizer, schedule, RNG and data position) go to
-    `OUT.partial/checkpoint-N/` every `--save-every` steps, with `OUT.partial/run.json` recording what defines the
-    run (the data's and the selection's checksums, the base model, every training setting). Rerunning the same
-    command continues from the newest complete checkpoint and ends with the same delta, bit for bit, as an
-    uninterrupted run (retain data included); other arguments are refused while a checkpoint exists (delete
-    OUT.partial to start over). A run interrupted before its first checkpoint left nothing to continue: any
-    command starts over. `OUT` and `OUT.partial` are checked before anything loads (writable, not a folder where
-    a file goes); `OUT` is written when training ends, then `OUT.partial` is removed."""
+    """`loki.train` on the selected rows of the base model. Resuming: checkpoints (the rows, optimizer, schedule,
+    RNG and data position) go to `OUT.partial/checkpoint-N/` every `--save-every` steps, with `OUT.partial/run.json`
+    recording what defines the run (the data's and the selection's checksums, the base model, every training
+    setting). Rerunning the same command continues from the newest complete checkpoint and ends with the same
+    delta, bit for bit, as an uninterrupted run (retain data included); other arguments are refused while a
+    checkpoint exists (delete OUT.partial to start over). A run interrupted before its first checkpoint left nothing
+    to continue: any command starts over. `OUT` and `OUT.partial` are checked before anything loads (writable, not
+    a folder where a file goes); `OUT` is written when training ends, then `OUT.partial` is removed."""
+    import math
     import shutil
     from pathlib import Path
 
     import torch
 
-    from .api import save
     from .dataset import encode, load_examples, load_retain
     from .distributed import launched_rank_world
     from .errors import CheckpointError, DatasetError, SelectionError
     from .format import atomic_write
     from .selection import Selection, select
+    from .sources import save
+    from .training import last_checkpoint
 
     # everything that needs no model is checked before the model loads
     if args.attributions and args.quota is None:
@@ -476,36 +588,54 @@ def _train(args: argparse.Namespace) -> int:
     if args.preserve is not None and not args.retain:
         raise DatasetError("--preserve keeps the update off the --retain data's keys: give --retain too.")
     if args.preserve is not None and not 0 < args.preserve <= 1:
-        raise DatasetError(f"--preserve is the share of the retain keys' energy to protect, in (0, 1]; "
-                           f"got {args.preserve}.")
-    world = launched_rank_world()[1]
+        raise DatasetError(
+            f"--preserve is the share of the retain keys' energy to protect, in (0, 1]; got {args.preserve}."
+        )
+    rank, world = launched_rank_world()
     if args.batch_size % world:
-        raise DatasetError(f"--batch-size {args.batch_size} is the examples of one step over all {world} processes: "
-                           f"give a multiple of {world}.")
+        raise DatasetError(
+            f"--batch-size {args.batch_size} is the examples of one step over all {world} processes: "
+            f"give a multiple of {world}."
+        )
     out = Path(args.out)
     partial = out.with_name(out.name + ".partial")
     writable(out, folder=False)  # both outputs, before the data, the model or any step
     writable(partial, folder=True, option="--out's checkpoint folder")
     examples = load_examples(args.data)
-    if world > 1 and len(examples) % args.batch_size:
-        print(f"loki train: {len(examples)} examples are not a multiple of --batch-size {args.batch_size}: on {world} "
-              "processes accelerate repeats examples to fill each epoch's last step, so that step differs from one "
-              "process's.", file=sys.stderr)
     retain = load_retain(args.retain) if args.retain else None
     if args.selection:
         selection = Selection.load(args.selection)
     else:
         selection = select(_attributions(args.attributions), args.quota)
+    settings = (
+        "retain_weight",
+        "retain_batch_size",
+        "retain_top_k",
+        "preserve",
+        "lora_rank",
+        "lr",
+        "epochs",
+        "steps",
+        "batch_size",
+        "grad_accum",
+        "warmup",
+        "weight_decay",
+        "max_grad_norm",
+        "max_length",
+        "seed",
+    )
     run = {
-        "data": _file_sha256(args.data), "retain": _file_sha256(args.retain) if args.retain else None,
-        "selection": selection.to_json()["rows"], "base": args.base, "revision": args.revision, "dtype": args.dtype,
-        **{k: getattr(args, k) for k in ("retain_weight", "retain_batch_size", "retain_top_k", "preserve",
-                                         "lora_rank", "lr", "epochs", "steps", "batch_size", "grad_accum", "warmup", "weight_decay",
-                                         "max_grad_norm", "max_length", "seed")},
+        "data": _file_sha256(args.data),
+        "retain": _file_sha256(args.retain) if args.retain else None,
+        "selection": selection.to_json()["rows"],
+        "base": args.base,
+        "revision": args.revision,
+        "dtype": args.dtype,
+        **{k: getattr(args, k) for k in settings},
     }
     # an interrupted run with a checkpoint is continued, and only by its own arguments; without a checkpoint it
     # left nothing to continue, and this run starts over in its place (what its interruption message said)
-    resume = _last_checkpoint(partial) if partial.is_dir() else None
+    resume = last_checkpoint(partial)
     if resume and (partial / "run.json").is_file():
         before = json.loads((partial / "run.json").read_text())
         changed = sorted(k for k in run.keys() | before.keys() if run.get(k) != before.get(k))
@@ -515,25 +645,17 @@ def _train(args: argparse.Namespace) -> int:
                 f"to finish it, or delete {partial} to start this one."
             )
 
-    from transformers import TrainingArguments
-
-    from .implant import extract, prepare
+    from .implant import extract
     from .preserve import preservation
-    from .retain import RetainLoss, retain_targets
+    from .retain import retain_targets
+    from .rows import prepare
     from .targets import find_down_projections
-    from .trainer import LokiTrainer, collator
+    from .training import train
 
-    training = TrainingArguments(
-        output_dir=str(partial), per_device_train_batch_size=args.batch_size // world,
-        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, num_train_epochs=args.epochs,
-        max_steps=args.steps or -1, lr_scheduler_type="cosine", warmup_steps=args.warmup,
-        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, optim="adamw_torch", seed=args.seed, save_strategy="steps", save_steps=args.save_every,
-        save_total_limit=1, logging_steps=args.save_every, report_to=[], remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
-    )
     model, tokenizer = _load_model(args.base, args.dtype, args.revision)
     find_down_projections(model)  # weights loki cannot train (float8, partitioned) are refused before any pass
-    model.to(training.device)  # retain targets and the preservation are computed there
+    if torch.cuda.is_available():  # one GPU per process; retain targets and the preservation are computed there
+        model.to(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
     targets = keep = None
     if retain is not None:  # the base model's answers and distributions, before any training
         top_k = {"top_k": args.retain_top_k} if args.retain_top_k else {}
@@ -541,19 +663,14 @@ def _train(args: argparse.Namespace) -> int:
         if args.preserve is not None:
             keep = preservation(model, tokenizer, targets, energy=args.preserve, max_length=args.max_length)
     prepare(model, selection, lora_rank=args.lora_rank, preserve=keep)
-    encoded = []
-    for i, ex in enumerate(examples, 1):
+    for i, ex in enumerate(examples, 1):  # name the record of an example that cannot be trained on
         try:
-            encoded.append(encode(tokenizer, ex, args.max_length))
+            encode(tokenizer, ex, args.max_length)
         except DatasetError as e:
             raise DatasetError(f"{args.data}, record {i}: {e}") from None
-    loss = None
-    if targets is not None:
-        loss = RetainLoss(model, targets, weight=args.retain_weight, batch_size=args.retain_batch_size or args.batch_size,
-                          seed=args.seed)
-    trainer = LokiTrainer(model=model, args=training, train_dataset=encoded, data_collator=collator(tokenizer),
-                          compute_loss_func=loss, delta_name=args.name or out.stem)
-    if trainer.is_world_process_zero():
+    # a fractional --epochs runs that share of the last pass
+    steps = args.steps or math.ceil(args.epochs * math.ceil(len(examples) / (args.batch_size * args.grad_accum)))
+    if rank == 0:
         if not resume and partial.is_dir():  # torn checkpoints of a run that never finished one
             shutil.rmtree(partial)
         partial.mkdir(exist_ok=True)
@@ -561,18 +678,50 @@ def _train(args: argparse.Namespace) -> int:
         if resume:
             print(f"resuming from {resume}", file=sys.stderr)
     try:
-        trainer.train(resume_from_checkpoint=resume)
+        train(
+            model,
+            tokenizer,
+            examples,
+            retain=targets,
+            retain_weight=args.retain_weight,
+            retain_batch_size=args.retain_batch_size,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            grad_accum=args.grad_accum,
+            warmup=args.warmup,
+            weight_decay=args.weight_decay,
+            max_grad_norm=args.max_grad_norm,
+            max_length=args.max_length,
+            max_steps=steps,
+            seed=args.seed,
+            checkpoint_dir=partial,
+            save_every=args.save_every,
+            resume_from=resume,
+        )
     except KeyboardInterrupt:
-        last = _last_checkpoint(partial)
-        print(f"loki train: interrupted at step {trainer.state.global_step}; "
-              + (f"rerun the same command to continue from {last} (other arguments are refused until it finishes, "
-                 f"or delete {partial})." if last else
-                 f"no checkpoint yet (every {args.save_every} steps): a rerun, with these or other arguments, "
-                 "starts over."), file=sys.stderr)
+        last = last_checkpoint(partial)
+        print(
+            "loki train: interrupted; "
+            + (
+                f"rerun the same command to continue from {last} (other arguments are refused until it finishes, "
+                f"or delete {partial})."
+                if last
+                else f"no checkpoint yet (every {args.save_every} steps): a rerun, with these or other arguments, "
+                "starts over."
+            ),
+            file=sys.stderr,
+        )
         return 130
-    delta = extract(model, name=args.name or out.stem, training={
-        "command": "loki train", "data": {"file": os.path.basename(args.data), "sha256": run["data"]}})
-    if trainer.is_world_process_zero():
+    delta = extract(
+        model,
+        name=args.name or out.stem,
+        training={
+            "command": "loki train",
+            "data": {"file": os.path.basename(args.data), "sha256": run["data"]},
+            "epochs": args.epochs if args.steps is None else None,
+        },
+    )
+    if rank == 0:
         save(delta, out)
         shutil.rmtree(partial)
         print(delta.summary(file_size=out.stat().st_size))

@@ -27,9 +27,23 @@ import torch
 
 from .errors import DatasetError, LokiError, TrainingOptionError
 
-__all__ = ["IGNORE", "answer_positions", "check_collection", "check_example", "check_examples", "check_number",
-           "collate", "encode", "load_examples", "load_retain", "pad_token_id", "read_csv", "read_json",
-           "read_json_lines", "read_text"]
+__all__ = [
+    "IGNORE",
+    "answer_positions",
+    "check_collection",
+    "check_example",
+    "check_examples",
+    "check_number",
+    "collate",
+    "encode",
+    "load_examples",
+    "load_retain",
+    "pad_token_id",
+    "read_csv",
+    "read_json",
+    "read_json_lines",
+    "read_text",
+]
 
 IGNORE = -100  # label of tokens without loss (the convention of torch's cross_entropy and HF)
 
@@ -258,17 +272,27 @@ def check_collection(name: str, value: Any, what: str) -> None:
     time); wrap one item in a list.
     """
     if isinstance(value, (str, bytes)):
-        raise DatasetError(f"{name} must be a list of {what}, got the string {value[:60]!r} (which would be read one "
-                           "character at a time); wrap one item in a list.")
+        raise DatasetError(
+            f"{name} must be a list of {what}, got the string {value[:60]!r} (which would be read one "
+            "character at a time); wrap one item in a list."
+        )
     if isinstance(value, Mapping) or not isinstance(value, Iterable) or not isinstance(value, Sized):
         raise DatasetError(f"{name} must be a list of {what}, got {type(value).__name__}.")
     if len(value) == 0:
         raise DatasetError(f"{name} is empty; give at least one of {what}.")
 
 
-def check_number(name: str, value: Any, *, integer: bool = False, low: float | None = None,
-                 above: float | None = None, high: float | None = None, optional: bool = False,
-                 error: type[LokiError] = TrainingOptionError) -> Any:
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    integer: bool = False,
+    low: float | None = None,
+    above: float | None = None,
+    high: float | None = None,
+    optional: bool = False,
+    error: type[LokiError] = TrainingOptionError,
+) -> Any:
     """`value`, checked to be a finite number (an integer when `integer`; never a bool) with `low <= value`,
     `above < value` and `value <= high` for the bounds given; None passes when `optional`.
 
@@ -288,8 +312,11 @@ def check_number(name: str, value: Any, *, integer: bool = False, low: float | N
     ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (low is None or value >= low) and (above is None or value > above) and (high is None or value <= high)
     if not ok:
-        bounds = [f">= {low}" if low is not None else "", f"> {above}" if above is not None else "",
-                  f"<= {high}" if high is not None else ""]
+        bounds = [
+            f">= {low}" if low is not None else "",
+            f"> {above}" if above is not None else "",
+            f"<= {high}" if high is not None else "",
+        ]
         must = " and ".join(b for b in bounds if b)
         what = ("None or " if optional else "") + ("an integer" if integer else "a finite number")
         raise error(f"{name} must be {what}{' ' + must if must else ''}, got {value!r}.")

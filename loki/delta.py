@@ -18,7 +18,7 @@ import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -35,7 +35,7 @@ FINGERPRINT_SAMPLES = 256
 FINGERPRINT_RTOL = 2.0**-7
 FINGERPRINT_ATOL = 1e-6
 
-RowsLike = Union[torch.Tensor, Sequence[Sequence[float]]]
+RowsLike = torch.Tensor | Sequence[Sequence[float]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -141,7 +141,9 @@ class Delta:
     def __post_init__(self) -> None:
         # A delta owns its tensors and metadata: what is validated here is what gets applied, whatever the
         # caller (or an optimizer still holding the trained rows) does to its own tensors afterwards.
-        self.layers = {i: _owned(l) for i, l in self.layers.items()} if isinstance(self.layers, Mapping) else self.layers
+        self.layers = (
+            {i: _owned(l) for i, l in self.layers.items()} if isinstance(self.layers, Mapping) else self.layers
+        )
         self.info = copy.deepcopy(self.info)
         validate(self)
 
@@ -158,7 +160,7 @@ class Delta:
 
     @property
     def form(self) -> str:
-        """"rows" (new rows) or "lora" (factors added to the base rows)."""
+        """ "rows" (new rows) or "lora" (factors added to the base rows)."""
         return self.info["form"]
 
     @property
@@ -213,7 +215,8 @@ class Delta:
         base, target = info["base_model"], info["target"]
         lines = [
             f"name:         {delta.name or '(unnamed)'}",
-            f"base model:   {base.get('id') or '(unnamed)'}" + (f" @ {base['revision']}" if base.get("revision") else ""),
+            f"base model:   {base.get('id') or '(unnamed)'}"
+            + (f" @ {base['revision']}" if base.get("revision") else ""),
             f"architecture: {base.get('architecture')} ({base.get('model_type')}), {target['num_layers']} layers, "
             f"down-projection {target['d_out']}x{target['d_in']} at {target['template']}",
             f"form:         {info['form']}, stored as {info['dtype']}",
@@ -230,7 +233,7 @@ class Delta:
         lines.append("rows per layer: " + " ".join(f"{i}:{k}" for i, k in counts.items()))
         return "\n".join(lines)
 
-    def to(self, dtype: torch.dtype) -> "Delta":
+    def to(self, dtype: torch.dtype) -> Delta:
         """The same delta with its rows (or factors) stored in `dtype`; indices and fingerprints unchanged.
 
         Args:
@@ -272,7 +275,9 @@ def _owned(layer: Any) -> Any:
     if not isinstance(layer, LayerDelta):
         return layer  # validate() says what is wrong
     copy = lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t  # noqa: E731
-    return LayerDelta(copy(layer.indices), copy(layer.fingerprint), copy(layer.rows), copy(layer.lora_A), copy(layer.lora_B))
+    return LayerDelta(
+        copy(layer.indices), copy(layer.fingerprint), copy(layer.rows), copy(layer.lora_A), copy(layer.lora_B)
+    )
 
 
 def _tensors(layer: LayerDelta) -> list[torch.Tensor]:
@@ -391,7 +396,9 @@ def as_indices(indices: Any, d_out: int, layer: int) -> torch.Tensor:
     """
     t = torch.as_tensor(indices)
     if t.dtype.is_floating_point or t.dtype == torch.bool or t.dim() != 1:
-        raise InvalidIndicesError(f"Layer {layer}: row indices must be a 1-D list of integers, got {t.dtype} {tuple(t.shape)}.")
+        raise InvalidIndicesError(
+            f"Layer {layer}: row indices must be a 1-D list of integers, got {t.dtype} {tuple(t.shape)}."
+        )
     t = t.to("cpu", torch.int64)
     check_indices(t, d_out, layer)
     return t
@@ -470,8 +477,10 @@ def validate(delta: Delta) -> None:
     for layer, ld in delta.layers.items():
         layer_number(layer, num_layers)
         if not isinstance(ld, LayerDelta):
-            raise DeltaFormatError(f"Layer {layer}: a Delta's layers are LayerDelta objects, not {type(ld).__name__} "
-                                   "(build deltas with loki.make_delta).")
+            raise DeltaFormatError(
+                f"Layer {layer}: a Delta's layers are LayerDelta objects, not {type(ld).__name__} "
+                "(build deltas with loki.make_delta)."
+            )
         idx = ld.indices
         if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 1:
             raise InvalidIndicesError(f"Layer {layer}: indices must be a 1-D int64 tensor in memory.")

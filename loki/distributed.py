@@ -15,8 +15,11 @@ sharded already, because the wrapper would not know the new trainable parameters
 from __future__ import annotations
 
 import contextlib
+import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,7 +27,17 @@ from torch import nn
 
 from .targets import unwrap_chain
 
-__all__ = ["FSDP1_ADVICE", "full_tensor", "gathered", "is_sharded", "launched_rank_world", "plain_class", "wrapper"]
+__all__ = [
+    "FSDP1_ADVICE",
+    "Ranks",
+    "full_tensor",
+    "gathered",
+    "is_sharded",
+    "join_ranks",
+    "launched_rank_world",
+    "plain_class",
+    "wrapper",
+]
 
 FSDP1_ADVICE = (
     "FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel) is not supported: it flattens the weights into views "
@@ -167,3 +180,113 @@ def plain_class(model: nn.Module) -> type:
         if isinstance(model, FSDPModule):
             return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
     return type(model)
+
+
+# -- training on several processes (`loki.train`) --------------------------------------------------------------------
+@dataclass
+class Ranks:
+    """This process's place among the processes that train together, and how their work is combined so that every
+    rank ends each optimizer step with the gradient (and the losses) one process would have had.
+
+    Each rank takes its share of a step's examples (`chunks`) and retain items (`retain_share`), weighs its losses
+    by the step's totals, and `combine` sums the gradients and the losses over the ranks. One process (`world` 1)
+    keeps every example, with weight 1, and `combine` does nothing.
+
+    Attributes:
+        rank: this process's rank in `group`.
+        world: the number of processes.
+        group: the process group (DDP's); None: the default one.
+        by_wrapper: FSDP2 averages the gradients itself, and every rank must run every forward (it gathers the
+            weights in them).
+
+    >>> ranks = Ranks()
+    >>> ranks.chunks(["a", "b", "c"], batch_size=2), ranks.loss_scale
+    ([(['a', 'b'], 1.0), (['c'], 1.0)], 1)
+    """
+
+    rank: int = 0
+    world: int = 1
+    group: Any = None
+    by_wrapper: bool = False
+
+    def share(self, items: list) -> list:
+        """This rank's items of `items` (every `world`-th, from `rank`)."""
+        return items[self.rank :: self.world]
+
+    @property
+    def loss_scale(self) -> int:
+        """What each backward's loss is multiplied by: FSDP2 averages the ranks' gradients, so their sum needs
+        `world` times each; loki sums them itself otherwise."""
+        return self.world if self.by_wrapper else 1
+
+    def chunks(self, examples: list, batch_size: int) -> list[tuple[list, float]]:
+        """This rank's forward passes of one step: `(examples, weight)` pairs of at most `batch_size` examples.
+
+        Under FSDP2 every rank runs as many forwards as the busiest one; the missing ones are zero-weighted
+        stand-ins (the step's first example) that add nothing to the gradient.
+        """
+        mine = self.share(examples)
+        chunks = [(mine[s : s + batch_size], 1.0) for s in range(0, len(mine), batch_size)]
+        if self.by_wrapper:
+            busiest = math.ceil(math.ceil(len(examples) / self.world) / batch_size)
+            chunks += [(examples[:1], 0.0)] * (busiest - len(chunks))
+        return chunks
+
+    def retain_share(self, items: list[int], size: Callable[[int], int]) -> tuple[list[int], float] | None:
+        """This rank's retain items of one step and their weight: the share of the step's retained positions
+        (`size(item)` each) they hold, since the retain KL is a mean over positions. None: this rank has none and
+        runs no retain forward (under FSDP2 it runs a zero-weighted stand-in instead)."""
+        share = self.share(items)
+        if not share and not self.by_wrapper:
+            return None
+        weight = sum(size(i) for i in share) / sum(size(i) for i in items)
+        return share or items[:1], weight
+
+    def combine(self, params: list[nn.Parameter], values: list[float]) -> list[float]:
+        """Sum the ranks' gradients of `params` in place (FSDP2 has done it) and return the ranks' sums of
+        `values` (the step's losses): afterwards every rank holds what one process would have."""
+        if self.world == 1:
+            return values
+        if not self.by_wrapper:
+            for p in params:
+                if p.grad is None:  # this rank had no examples in the step
+                    p.grad = torch.zeros_like(p)
+            for dtype in {p.grad.dtype for p in params}:
+                grads = [p.grad for p in params if p.grad.dtype == dtype]
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                dist.all_reduce(flat, group=self.group)
+                for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                    g.copy_(part.view_as(g))
+        total = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(total, group=self.group)
+        return total.tolist()
+
+
+def join_ranks(model: nn.Module, kind: str | None, params: list[nn.Parameter], device: torch.device) -> Ranks:
+    """Join the processes of a torchrun / `accelerate launch` run (a gloo process group on the CPU, NCCL on GPUs,
+    if none exists yet); `Ranks()` in a plain run.
+
+    Args:
+        model: the model (DDP's process group is used for a DDP model).
+        kind: `wrapper(model)`.
+        params: the trained parameters; a plain model's start from rank 0's values on every rank, as DDP does.
+        device: where the model is (picks the backend).
+
+    Returns:
+        Ranks.
+
+    >>> join_ranks(torch.nn.Linear(2, 2), None, [], torch.device("cpu"))
+    Ranks(rank=0, world=1, group=None, by_wrapper=False)
+    """
+    rank, world = launched_rank_world()
+    if world == 1:
+        return Ranks()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    group = model.process_group if kind == "ddp" else None
+    ranks = Ranks(dist.get_rank(group), dist.get_world_size(group), group, by_wrapper=kind == "fsdp2")
+    if kind is None:
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p, dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    return ranks

@@ -67,18 +67,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .apply import applied
 from .dataset import answer_positions, collate, encode, pad_token_id
 from .delta import Delta
 from .errors import DatasetError, IncompatibleModelError, LedgerError
 from .implant import make_delta
+from .ledger import applied
 from .neighbourhood import find_subject
 from .preserve import Preservation, down_projection_inputs, preservation
 from .retain import general_text
 from .targets import DownProjections, find_down_projections, unwrap
 
-__all__ = ["DEFAULT_ENERGY", "DEFAULT_LAMBDA", "DEFAULT_REG", "ZOptions", "alphaedit", "alphaedit_update",
-           "default_layers", "memit", "memit_update", "second_moments"]
+__all__ = [
+    "DEFAULT_ENERGY",
+    "DEFAULT_LAMBDA",
+    "DEFAULT_REG",
+    "ZOptions",
+    "alphaedit",
+    "alphaedit_update",
+    "default_layers",
+    "memit",
+    "memit_update",
+    "second_moments",
+]
 
 DEFAULT_LAMBDA = 15000.0  # MEMIT's mom2_update_weight (GPT-J, Llama3-8B), C0 being the mean of k k^T
 DEFAULT_REG = 10.0  # AlphaEdit's L2 (all its released hyper-parameters); the paper's formula has 1
@@ -110,19 +120,24 @@ class ZOptions:
 # -- the closed forms --------------------------------------------------------------------------------------------
 def _as64(name: str, t: Any, dims: int = 2) -> torch.Tensor:
     if not isinstance(t, torch.Tensor) or t.dim() != dims or not t.is_floating_point():
-        raise DatasetError(f"{name} must be a {dims}-D float tensor, got "
-                           f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}.")
+        raise DatasetError(
+            f"{name} must be a {dims}-D float tensor, got "
+            f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}."
+        )
     return t.detach().to(torch.float64)
 
 
 def _check_columns(keys: torch.Tensor, residuals: torch.Tensor) -> None:
     if keys.shape[1] != residuals.shape[1]:
-        raise DatasetError(f"keys [d_ff, n] and residuals [d_model, n] need the same n (one column per fact); got "
-                           f"{keys.shape[1]} and {residuals.shape[1]}.")
+        raise DatasetError(
+            f"keys [d_ff, n] and residuals [d_model, n] need the same n (one column per fact); got "
+            f"{keys.shape[1]} and {residuals.shape[1]}."
+        )
 
 
-def memit_update(keys: torch.Tensor, residuals: torch.Tensor, cov: torch.Tensor, lam: float = DEFAULT_LAMBDA
-                 ) -> torch.Tensor:
+def memit_update(
+    keys: torch.Tensor, residuals: torch.Tensor, cov: torch.Tensor, lam: float = DEFAULT_LAMBDA
+) -> torch.Tensor:
     """MEMIT's update of one layer: `D = R K1^T (lam C0 + K1 K1^T)^-1` (arXiv 2210.07229, §4.3, eq. 14), the
     minimiser of `|D K1 - R|^2 + lam tr(D C0 D^T)`.
 
@@ -156,14 +171,21 @@ def memit_update(keys: torch.Tensor, residuals: torch.Tensor, cov: torch.Tensor,
     chol, info = torch.linalg.cholesky_ex(lam * c + k @ k.t())
     pivots = chol.diagonal()
     if info or not len(pivots) or pivots.min() ** 2 <= 1e-12 * pivots.max() ** 2:
-        raise DatasetError("lam * C0 + K1 K1^T is singular: C0 needs general keys spanning every direction of "
-                           "d_ff (give more general text than d_ff tokens) and lam > 0.")
+        raise DatasetError(
+            "lam * C0 + K1 K1^T is singular: C0 needs general keys spanning every direction of "
+            "d_ff (give more general text than d_ff tokens) and lam > 0."
+        )
     adj = torch.cholesky_solve(k, chol)  # [d_ff, n]: (lam C0 + K1 K1^T)^-1 K1
     return r @ adj.t()
 
 
-def alphaedit_update(keys: torch.Tensor, residuals: torch.Tensor, projector: torch.Tensor,
-                     prev_keys: torch.Tensor | None = None, reg: float = DEFAULT_REG) -> torch.Tensor:
+def alphaedit_update(
+    keys: torch.Tensor,
+    residuals: torch.Tensor,
+    projector: torch.Tensor,
+    prev_keys: torch.Tensor | None = None,
+    reg: float = DEFAULT_REG,
+) -> torch.Tensor:
     """AlphaEdit's update of one layer: `D = R K1^T P (Kp Kp^T P + K1 K1^T P + reg I)^-1` (arXiv 2410.02355, §3,
     eq. 9; `reg` is the released code's `L2`, 1 in the paper), the minimiser over `D P` of
     `|D P K1 - R|^2 + reg |D P|^2 + |D P Kp|^2`. `D` equals `D P` (its rows lie in `P`'s range), so `D k = 0` for
@@ -231,8 +253,10 @@ def _positions_cap(net: nn.Module, max_length: int) -> int:
 def _texts(tokenizer, general: Sequence[Any] | None, max_length: int) -> list[list[int]]:
     items = general_text(None, chars=None) if general is None else general
     if isinstance(items, (str, bytes)) or not isinstance(items, Sequence) or not items:
-        raise DatasetError("general must be a non-empty list of {'text': str or token ids} items (or None for "
-                           "loki.retain.general_text).")
+        raise DatasetError(
+            "general must be a non-empty list of {'text': str or token ids} items (or None for "
+            "loki.retain.general_text)."
+        )
     seqs = []
     for i, item in enumerate(items):
         text = item.get("text") if isinstance(item, Mapping) else None
@@ -249,9 +273,16 @@ def _texts(tokenizer, general: Sequence[Any] | None, max_length: int) -> list[li
 
 
 @torch.no_grad()
-def second_moments(model: nn.Module, tokenizer, general: Sequence[Any] | None = None, *,
-                   layers: Sequence[int] | None = None, max_length: int = 512, batch_size: int = 8,
-                   template: str | None = None) -> tuple[dict[int, torch.Tensor], int]:
+def second_moments(
+    model: nn.Module,
+    tokenizer,
+    general: Sequence[Any] | None = None,
+    *,
+    layers: Sequence[int] | None = None,
+    max_length: int = 512,
+    batch_size: int = 8,
+    template: str | None = None,
+) -> tuple[dict[int, torch.Tensor], int]:
     """`C0` of each layer: the mean of `k k^T` over every token of `general` (uncentered, float64 `[d_ff, d_ff]`),
     `k` the down-projection's input; MEMIT's `mom2` statistics.
 
@@ -292,10 +323,20 @@ def second_moments(model: nn.Module, tokenizer, general: Sequence[Any] | None = 
 
 
 # -- the editors -------------------------------------------------------------------------------------------------
-def memit(model: nn.Module, tokenizer, facts: Sequence[Mapping[str, Any]], *, layers: Sequence[int] | None = None,
-          lam: float = DEFAULT_LAMBDA, general: Sequence[Any] | None = None,
-          cov: tuple[Mapping[int, torch.Tensor], int] | None = None, z: ZOptions = ZOptions(), name: str = "memit",
-          max_length: int = 512, template: str | None = None) -> Delta:
+def memit(
+    model: nn.Module,
+    tokenizer,
+    facts: Sequence[Mapping[str, Any]],
+    *,
+    layers: Sequence[int] | None = None,
+    lam: float = DEFAULT_LAMBDA,
+    general: Sequence[Any] | None = None,
+    cov: tuple[Mapping[int, torch.Tensor], int] | None = None,
+    z: ZOptions = ZOptions(),
+    name: str = "memit",
+    max_length: int = 512,
+    template: str | None = None,
+) -> Delta:
     """Edit `facts` into `model` with MEMIT (arXiv 2210.07229; see the module docstring) and return the change as a
     rows-form `Delta` (every row of each edited layer). The model is left bit for bit as it was.
 
@@ -331,8 +372,11 @@ def memit(model: nn.Module, tokenizer, facts: Sequence[Mapping[str, Any]], *, la
     >>> # 'memit'
     """
     net, projs, layers, requests = _setup(model, tokenizer, facts, layers, template)
-    moments, tokens = cov if cov is not None else second_moments(net, tokenizer, general, layers=layers,
-                                                                 max_length=max_length, template=template)
+    moments, tokens = (
+        cov
+        if cov is not None
+        else second_moments(net, tokenizer, general, layers=layers, max_length=max_length, template=template)
+    )
     missing = [layer for layer in layers if layer not in moments]
     if missing:
         raise DatasetError(f"cov has no second moment for layers {missing}.")
@@ -341,16 +385,34 @@ def memit(model: nn.Module, tokenizer, facts: Sequence[Mapping[str, Any]], *, la
         return memit_update(keys, residuals, moments[layer], lam)
 
     changes = _edit(net, tokenizer, projs, layers, requests, z, solve)
-    training = {"method": "memit", "layers": layers, "lambda": lam, "covariance_tokens": tokens,
-                "facts": len(requests), "z": vars(z), "source": "arXiv 2210.07229"}
+    training = {
+        "method": "memit",
+        "layers": layers,
+        "lambda": lam,
+        "covariance_tokens": tokens,
+        "facts": len(requests),
+        "z": vars(z),
+        "source": "arXiv 2210.07229",
+    }
     return make_delta(net, changes, name=name, training=training, template=template)
 
 
-def alphaedit(model: nn.Module, tokenizer, facts: Sequence[Mapping[str, Any]], *,
-              layers: Sequence[int] | None = None, energy: float = DEFAULT_ENERGY, reg: float = DEFAULT_REG,
-              general: Sequence[Any] | None = None, preserve: Preservation | None = None,
-              prev_keys: Mapping[int, torch.Tensor] | None = None, z: ZOptions = ZOptions(),
-              name: str = "alphaedit", max_length: int = 512, template: str | None = None) -> Delta:
+def alphaedit(
+    model: nn.Module,
+    tokenizer,
+    facts: Sequence[Mapping[str, Any]],
+    *,
+    layers: Sequence[int] | None = None,
+    energy: float = DEFAULT_ENERGY,
+    reg: float = DEFAULT_REG,
+    general: Sequence[Any] | None = None,
+    preserve: Preservation | None = None,
+    prev_keys: Mapping[int, torch.Tensor] | None = None,
+    z: ZOptions = ZOptions(),
+    name: str = "alphaedit",
+    max_length: int = 512,
+    template: str | None = None,
+) -> Delta:
     """Edit `facts` into `model` with AlphaEdit (arXiv 2410.02355; see the module docstring): MEMIT's targets and
     keys, each layer's update projected onto the null space of the preserved keys. Returns a rows-form `Delta`;
     the model is left bit for bit as it was.
@@ -387,8 +449,15 @@ def alphaedit(model: nn.Module, tokenizer, facts: Sequence[Mapping[str, Any]], *
     net, projs, layers, requests = _setup(model, tokenizer, facts, layers, template)
     if preserve is None:
         items = general_text(None, chars=None) if general is None else general
-        preserve = preservation(net, tokenizer, items, energy=energy, max_length=_positions_cap(net, max_length),
-                                template=template, progress=False)
+        preserve = preservation(
+            net,
+            tokenizer,
+            items,
+            energy=energy,
+            max_length=_positions_cap(net, max_length),
+            template=template,
+            progress=False,
+        )
     if not isinstance(preserve, Preservation):
         raise DatasetError(f"preserve must be a loki.Preservation, not {type(preserve).__name__}.")
     preserve.check(len(projs), projs.d_in, layers)
@@ -399,10 +468,18 @@ def alphaedit(model: nn.Module, tokenizer, facts: Sequence[Mapping[str, Any]], *
         return alphaedit_update(keys, residuals, preserve.project(layer, eye), previous, reg)
 
     changes = _edit(net, tokenizer, projs, layers, requests, z, solve)
-    training = {"method": "alphaedit", "layers": layers, "energy": preserve.energy, "reg": reg,
-                "covariance_tokens": preserve.tokens, "preserve": preserve.summary(), "facts": len(requests),
-                "sequential_keys": 0 if prev_keys is None else {str(k): int(v.shape[1]) for k, v in prev_keys.items()},
-                "z": vars(z), "source": "arXiv 2410.02355"}
+    training = {
+        "method": "alphaedit",
+        "layers": layers,
+        "energy": preserve.energy,
+        "reg": reg,
+        "covariance_tokens": preserve.tokens,
+        "preserve": preserve.summary(),
+        "facts": len(requests),
+        "sequential_keys": 0 if prev_keys is None else {str(k): int(v.shape[1]) for k, v in prev_keys.items()},
+        "z": vars(z),
+        "source": "arXiv 2410.02355",
+    }
     return make_delta(net, changes, name=name, training=training, template=template)
 
 
@@ -422,12 +499,16 @@ def _layers(projs: DownProjections, layers: Sequence[int] | None, editing: bool 
         return default_layers(len(projs))
     layers = [int(layer) for layer in layers] if isinstance(layers, Sequence) and not isinstance(layers, str) else None
     if not layers or any(not 0 <= layer < len(projs) for layer in layers) or layers != sorted(set(layers)):
-        raise IncompatibleModelError(f"layers must be increasing, distinct layer numbers in 0..{len(projs) - 1} "
-                                     f"(this model has {len(projs)} layers); got {layers!r}.")
+        raise IncompatibleModelError(
+            f"layers must be increasing, distinct layer numbers in 0..{len(projs) - 1} "
+            f"(this model has {len(projs)} layers); got {layers!r}."
+        )
     if editing and layers[-1] == len(projs) - 1:
         # z is written at the subject's token; only later layers' attention can carry it to the answer tokens
-        raise IncompatibleModelError(f"The last edited layer must not be the model's last ({layers[-1]}): the "
-                                     "target hidden state at the subject reaches the answer only through later layers.")
+        raise IncompatibleModelError(
+            f"The last edited layer must not be the model's last ({layers[-1]}): the "
+            "target hidden state at the subject reaches the answer only through later layers."
+        )
     return layers
 
 
@@ -436,14 +517,18 @@ def _last_subject_token(tokenizer, ids: Sequence[int], text: str, subject: str) 
     (`text` as it appears in the decoded tokens; "Java" is not found inside "JavaScript")."""
     span = find_subject(text, subject)
     if span is None:
-        raise DatasetError(f"The subject {subject!r} does not occur in {text!r} as a whole word (case-sensitive); the "
-                           "edit is keyed on the subject's last token, so each phrasing must contain it.")
+        raise DatasetError(
+            f"The subject {subject!r} does not occur in {text!r} as a whole word (case-sensitive); the "
+            "edit is keyed on the subject's last token, so each phrasing must contain it."
+        )
     prefix = text[: span[1]]
     for t in range(len(ids)):  # prompts are short: decoding every prefix is cheap
         if prefix in tokenizer.decode(ids[: t + 1]):
             return t
-    raise DatasetError(f"The tokenised prompt of {text!r} does not decode to text containing {prefix!r}; cannot "
-                       "find the subject's last token.")
+    raise DatasetError(
+        f"The tokenised prompt of {text!r} does not decode to text containing {prefix!r}; cannot "
+        "find the subject's last token."
+    )
 
 
 def _requests(tokenizer, facts: Sequence[Mapping[str, Any]]) -> list[_Request]:
@@ -456,15 +541,25 @@ def _requests(tokenizer, facts: Sequence[Mapping[str, Any]]) -> list[_Request]:
         questions = fact.get("question", fact.get("prompt"))
         questions = [questions] if isinstance(questions, str) else questions
         subject, answer = fact.get("subject"), fact.get("answer")
-        if (not isinstance(questions, Sequence) or not questions or not all(isinstance(q, str) and q for q in questions)
-                or not isinstance(subject, str) or not subject.strip() or not isinstance(answer, str) or not answer):
-            raise DatasetError(f"Fact {i} is {dict(fact)!r:.120}; give {{'question' (or 'prompt'): str or list of "
-                               "str, 'subject': str, 'answer': str}, all non-empty.")
+        if (
+            not isinstance(questions, Sequence)
+            or not questions
+            or not all(isinstance(q, str) and q for q in questions)
+            or not isinstance(subject, str)
+            or not subject.strip()
+            or not isinstance(answer, str)
+            or not answer
+        ):
+            raise DatasetError(
+                f"Fact {i} is {dict(fact)!r:.120}; give {{'question' (or 'prompt'): str or list of "
+                "str, 'subject': str, 'answer': str}, all non-empty."
+            )
         prompts, labels, keys_at = [], [], []
         for q in questions:
             if subject not in q:
-                raise DatasetError(f"Fact {i}: the subject {subject!r} does not occur in its prompt {q!r} "
-                                   "(case-sensitive).")
+                raise DatasetError(
+                    f"Fact {i}: the subject {subject!r} does not occur in its prompt {q!r} (case-sensitive)."
+                )
             enc = encode(tokenizer, {"question": q, "answer": answer})
             n_prompt = next(t for t, label in enumerate(enc["labels"]) if label != -100)
             keys_at.append(_last_subject_token(tokenizer, enc["input_ids"][:n_prompt], q, subject))
@@ -472,8 +567,11 @@ def _requests(tokenizer, facts: Sequence[Mapping[str, Any]]) -> list[_Request]:
             labels.append(enc["labels"])
         kl_text = f"{subject} is a"
         kl_ids = list(tokenizer(kl_text)["input_ids"])
-        out.append(_Request(prompts, labels, keys_at, kl_ids, _last_subject_token(tokenizer, kl_ids, kl_text, subject),
-                            subject))
+        out.append(
+            _Request(
+                prompts, labels, keys_at, kl_ids, _last_subject_token(tokenizer, kl_ids, kl_text, subject), subject
+            )
+        )
     return out
 
 
@@ -483,8 +581,10 @@ def _setup(model, tokenizer, facts, layers, template):
     net = unwrap(model)
     projs = find_down_projections(net, template)
     if applied(net, template=template):
-        raise LedgerError("The model holds applied loki deltas; revert them (or edit inside loki.disabled) so the "
-                          "edit is made against the base weights.")
+        raise LedgerError(
+            "The model holds applied loki deltas; revert them (or edit inside loki.disabled) so the "
+            "edit is made against the base weights."
+        )
     return net, projs, _layers(projs, layers), _requests(tokenizer, facts)
 
 
@@ -541,8 +641,10 @@ def _target(net: nn.Module, block: nn.Module, request: _Request, pad: int, devic
     rows = torch.arange(len(seqs), device=device)
     cols = torch.tensor(at, device=device)
     n = len(request.prompts)
-    answer = [(answer_positions(lab), torch.tensor(s)[answer_positions(lab) + 1])
-              for s, lab in zip(request.prompts, request.labels)]
+    answer = [
+        (answer_positions(lab), torch.tensor(s)[answer_positions(lab) + 1])
+        for s, lab in zip(request.prompts, request.labels)
+    ]
     # the LM head runs only at the positions read (the answers' and the KL prompt's), not the whole batch
     keep = sorted({int(p) for pos, _ in answer for p in pos} | {request.kl_at})
     where = {p: j for j, p in enumerate(keep)}
@@ -586,8 +688,15 @@ def _target(net: nn.Module, block: nn.Module, request: _Request, pad: int, devic
     return (h0 + delta).detach()
 
 
-def _edit(net: nn.Module, tokenizer, projs: DownProjections, layers: list[int], requests: list[_Request],
-          opts: ZOptions, solve) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def _edit(
+    net: nn.Module,
+    tokenizer,
+    projs: DownProjections,
+    layers: list[int],
+    requests: list[_Request],
+    opts: ZOptions,
+    solve,
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Targets, then layer by layer keys, residuals and `solve(layer, keys, residuals)`; the model restored."""
     if not isinstance(opts, ZOptions) or opts.steps < 1 or opts.lr <= 0:
         raise DatasetError("z must be a loki.editors.ZOptions with steps >= 1 and lr > 0.")

@@ -156,8 +156,9 @@ class HubError(LokiError):
     which is the one difference from an error raised by huggingface_hub itself.
     """
 
-    def __init__(self, message: str = "", *, response=None, server_message: str | None = None,
-                 repo_id: str | None = None) -> None:
+    def __init__(
+        self, message: str = "", *, response=None, server_message: str | None = None, repo_id: str | None = None
+    ) -> None:
         if response is not None and isinstance(self, _hf.HfHubHTTPError):
             _hf.HfHubHTTPError.__init__(self, message, response=response, server_message=server_message)
         else:
@@ -238,7 +239,8 @@ class EvaluationError(LokiError, ValueError):
 
 
 class AttributionError(LokiError):
-    """`loki.attribute`: attribution cannot run on these inputs (empty prompt, bad target token or option, unfinished or mismatched
+    """`loki.attribute`: attribution cannot run on these inputs (empty prompt, bad target token or option, unfinished or
+    mismatched
     attribution folder)."""
 
 
@@ -255,4 +257,5 @@ class SelectionError(LokiError, ValueError):
 
 
 class PromptError(LokiError, ValueError):
-    """`loki.prompts`: prompts cannot be read or built (unknown file type, record without question/choices, missing tokenizer)."""
+    """`loki.prompts`: prompts cannot be read or built (unknown file type, record without question/choices, missing
+    tokenizer)."""

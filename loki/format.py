@@ -116,14 +116,18 @@ def _encode(delta: Delta, source: str) -> tuple[bytes, list[torch.Tensor]]:
             if getattr(ld, kind) is not None:
                 tensors[f"layers.{i}.{kind}"] = getattr(ld, kind)
     info = spec.dumps({**delta.info, "layers": delta.layer_indices}, compact=False)
-    header: dict[str, dict] = {"__metadata__": {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
-                                                "loki": info}}
+    header: dict[str, dict] = {
+        "__metadata__": {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "loki": info}
+    }
     offset = 0
     for name in sorted(tensors):
         t = tensors[name]
         size = t.numel() * t.element_size()
-        header[name] = {"dtype": spec.ST_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": spec.ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     head = spec.dumps(header).encode()
     head += b" " * (-len(head) % 8)
@@ -190,8 +194,9 @@ def from_bytes(data: bytes, source: str = "<bytes>") -> Delta:
     layer_deltas = {}
     for i in layers:
         names = {kind: f"layers.{i}.{kind}" for kind in spec.TENSOR_KINDS}
-        parts = {kind: spec.decode(data, 8 + n, entries[name]) if name in entries else None
-                 for kind, name in names.items()}
+        parts = {
+            kind: spec.decode(data, 8 + n, entries[name]) if name in entries else None for kind, name in names.items()
+        }
         parts["indices"] = parts["indices"].to(torch.int64)
         layer_deltas[i] = LayerDelta(**parts)
     try:
@@ -251,4 +256,3 @@ def _new_file(path: Path) -> tuple[int, Path]:
             return os.open(tmp, flags, 0o666), tmp
         except FileExistsError:  # another writer's name: draw again
             continue
-

@@ -13,8 +13,7 @@ vocabulary. `logits_at` returns the same logits, equal up to float summation ord
 - the LM head runs only over the span of requested positions (`logits_to_keep`, which every transformers causal
   LM takes).
 
-On the default model this makes a `loki demo` training step 19% cheaper on one thread, 10% on two
-(benchmarks/README.md, "Demo step").
+On the default model this makes a `loki demo` training step measurably cheaper (docs/benchmarks/demo-step.md).
 
 >>> import loki.testing, torch
 >>> model = loki.testing.tiny_model("llama")
@@ -40,8 +39,15 @@ __all__ = ["logits_at"]
 MIN_SHARED = 8  # shortest opening worth a separate pass
 
 
-def logits_at(model: nn.Module, sequences: Sequence[Sequence[int]], positions: Sequence[torch.Tensor],
-              pad_token_id: int, *, share: bool = True, min_shared: int = MIN_SHARED) -> torch.Tensor:
+def logits_at(
+    model: nn.Module,
+    sequences: Sequence[Sequence[int]],
+    positions: Sequence[torch.Tensor],
+    pad_token_id: int,
+    *,
+    share: bool = True,
+    min_shared: int = MIN_SHARED,
+) -> torch.Tensor:
     """Next-token logits of `model` at `positions[i]` of `sequences[i]` (the logits at `t` predict token `t + 1`).
 
     The same values as `model(right-padded batch).logits[i, positions[i]]` (up to float summation order), computed
@@ -65,8 +71,11 @@ def logits_at(model: nn.Module, sequences: Sequence[Sequence[int]], positions: S
     """
     device = model.get_input_embeddings().weight.device
     # FSDP/DeepSpeed gather weights in each forward; activation checkpointing turns the cache off
-    share = share and wrapper(model) is None and not any(getattr(m, "gradient_checkpointing", False)
-                                                         for m in model.modules())
+    share = (
+        share
+        and wrapper(model) is None
+        and not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    )
     groups: dict[tuple, list[int]] = {}
     for i, seq in enumerate(sequences):
         groups.setdefault(tuple(seq[:min_shared]), []).append(i)

@@ -1,5 +1,5 @@
 """Knowledge Vector Attribution (KVA), the numerics: integrated gradients of every down-projection output
-coordinate at the last prompt position, per layer (LoKI paper §3.1; LOKI-METHOD.md, stage 1).
+coordinate at the last prompt position, per layer (LoKI paper §3.1; docs/method.md, stage 1).
 
 Two engines compute the same `[P, L, d_model]` array for a batch of prompts:
 
@@ -38,8 +38,6 @@ from .targets import DownProjections, find_down_projections
 ENGINES = ("fast", "reference")
 MEASURES = ("prob", "logit")
 _ATTN_NAME = "loki_kva"
-
-
 
 
 def alphas(steps: int) -> torch.Tensor:
@@ -226,8 +224,18 @@ _state = threading.local()
 _lock = threading.Lock()
 
 
-def _attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, softcap=None,
-               sliding_window=None, **kwargs):
+def _attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask=None,
+    dropout=0.0,
+    scaling=None,
+    softcap=None,
+    sliding_window=None,
+    **kwargs,
+):
     """Attention kernel for both fast-pass modes (registered as `loki_kva` in transformers' AttentionInterface).
 
     query `[B, H, q, hd]`, key/value `[B, kvH, q, hd]`; returns `([B, q, H, hd], None)` like transformers' kernels.
@@ -248,8 +256,9 @@ def _attention(module, query, key, value, attention_mask=None, dropout=0.0, scal
             allowed = allowed & (i[None, :] > i[:, None] - sliding_window)[None]
         allowed = allowed | torch.eye(q, dtype=torch.bool, device=query.device)  # padding queries see themselves
         if not softcap:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[:, None], scale=scaling,
-                                                 enable_gqa=g > 1)
+            out = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=allowed[:, None], scale=scaling, enable_gqa=g > 1
+            )
             return out.transpose(1, 2), None
         qg = query.view(B, kvh, g, q, hd)
         s = _softcap(torch.einsum("bkgqd,bktd->bkgqt", qg, key).to(acc) * scaling, softcap)
@@ -342,13 +351,21 @@ def _left_pad(ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, tor
     valid = torch.zeros(len(ids), T, dtype=torch.bool)
     for i, row in enumerate(ids):
         if row:
-            x[i, T - len(row):] = torch.tensor(row)
-            valid[i, T - len(row):] = True
+            x[i, T - len(row) :] = torch.tensor(row)
+            valid[i, T - len(row) :] = True
     return x.to(device), valid.to(device)
 
 
-def _fast(model, projs: DownProjections, ids: list[list[int]], a: torch.Tensor, gold, measure: str, max_rows: int,
-          layers: list[int]):
+def _fast(
+    model,
+    projs: DownProjections,
+    ids: list[list[int]],
+    a: torch.Tensor,
+    gold,
+    measure: str,
+    max_rows: int,
+    layers: list[int],
+):
     device = projs.weight.device
     P, m = len(ids), len(a)
     prefix, valid = _left_pad([x[:-1] for x in ids], 0, device)  # pad id is irrelevant: masked out everywhere
@@ -414,7 +431,9 @@ def _rows_pass(model, projs, last, pos_last, a, group: list[int], gold, measure,
             h.remove()
     if target is None:
         predicted = logits[:P].argmax(-1)
-        target = torch.tensor([p if g is None else int(g) for p, g in zip(predicted.tolist(), gold)], device=last.device)
+        target = torch.tensor(
+            [p if g is None else int(g) for p, g in zip(predicted.tolist(), gold)], device=last.device
+        )
     f = _measure(logits[P:], target.repeat(len(group) * m), measure)
     grads = torch.autograd.grad(f.sum(), [leaves[layer] for layer in group])
     return grads, [zs[layer] for layer in group], target

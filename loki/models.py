@@ -300,14 +300,14 @@ def load_base(delta, **from_pretrained_kwargs):
     >>> loki.models.load_base(delta)
     Traceback (most recent call last):
     ...
-    loki.errors.DeltaFormatError: This delta names no base model (info['base_model']['id'] is empty), so there is nothing to load: load the model it was made from yourself.
+    loki.errors.DeltaFormatError: This delta names no base model (info['base_model']['id'] is empty), so there is ...
     >>> model, tokenizer = loki.models.load_base(loki.load("zubrowka.loki"))  # doctest: +SKIP
     """
     from .delta import FLOAT_DTYPES, Delta
     from .errors import DeltaFormatError
 
     if not isinstance(delta, Delta):
-        from .api import load
+        from .sources import load
 
         delta = load(delta)
     base = delta.info.get("base_model") or {}
@@ -354,8 +354,9 @@ def load_pretrained(model_id: str, *, require_tokenizer: bool = True, **kwargs):
         return load_model(model_id, dtype=kwargs.get("dtype") or torch.float32, device=device)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    config_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code")
-                     if k in kwargs}
+    config_kwargs = {
+        k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code") if k in kwargs
+    }
     try:
         _refuse_float8(model_id, AutoConfig.from_pretrained(model_id, **config_kwargs), kwargs.get("dtype", "auto"))
         model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs).eval()
@@ -381,5 +382,7 @@ def _refuse_float8(model_id: str, config, dtype) -> None:
     `find_down_projections`, before any write.)"""
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if dtype in (None, "auto") and "float8" in str(stored):
-        raise DtypeError(f"{model_id} stores its weights as {stored}, an 8-bit float loki cannot train or write "
-                         "rows into: load it in float32, bfloat16 or float16 (--dtype bfloat16, dtype=torch.bfloat16).")
+        raise DtypeError(
+            f"{model_id} stores its weights as {stored}, an 8-bit float loki cannot train or write "
+            "rows into: load it in float32, bfloat16 or float16 (--dtype bfloat16, dtype=torch.bfloat16)."
+        )

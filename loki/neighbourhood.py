@@ -77,15 +77,19 @@ def templates(examples: Sequence[Mapping[str, Any]]) -> list[tuple[str, str | No
         question = ex.get("question", ex.get("prompt"))
         subject = ex.get("subject")
         if not isinstance(question, str) or not isinstance(subject, str) or not subject:
-            raise DatasetError(f"Example {i} needs 'question' (or 'prompt') and 'subject' strings; got keys "
-                               f"{sorted(ex)}.")
+            raise DatasetError(
+                f"Example {i} needs 'question' (or 'prompt') and 'subject' strings; got keys {sorted(ex)}."
+            )
         span = find_subject(question, subject)
         if span is None:
-            raise DatasetError(f"Example {i}: the subject {subject!r} does not occur as a whole word in its question "
-                               f"{question!r}.")
+            raise DatasetError(
+                f"Example {i}: the subject {subject!r} does not occur as a whole word in its question {question!r}."
+            )
         if SLOT in question[: span[0]] or SLOT in question[span[1] :]:
-            raise DatasetError(f"Example {i}: its question {question!r} holds a literal {SLOT!r}, which would be taken "
-                               "for the entity's slot; rephrase it.")
+            raise DatasetError(
+                f"Example {i}: its question {question!r} holds a literal {SLOT!r}, which would be taken "
+                "for the entity's slot; rephrase it."
+            )
         out[(question[: span[0]] + SLOT + question[span[1] :], ex.get("relation"))] = None
     return list(out)
 
@@ -153,8 +157,9 @@ def questions(
     if template is not None:
         given = [template] if isinstance(template, str) else template
         if not isinstance(given, (list, tuple)):
-            raise DatasetError(f"template is a string with a {SLOT!r} slot or a list of them, not "
-                               f"{type(template).__name__}.")
+            raise DatasetError(
+                f"template is a string with a {SLOT!r} slot or a list of them, not {type(template).__name__}."
+            )
         pairs += [(t, None) for t in given]
     if not pairs:
         raise DatasetError("No template: pass examples with a 'subject', or template='... {} ...'.")
@@ -176,8 +181,9 @@ def questions(
 def _names_for(entity_names, relation: str | None) -> list[str]:
     if isinstance(entity_names, Mapping):
         if relation not in entity_names:
-            raise DatasetError(f"No entities for relation {relation!r}; the mapping has "
-                               f"{sorted(map(str, entity_names))}.")
+            raise DatasetError(
+                f"No entities for relation {relation!r}; the mapping has {sorted(map(str, entity_names))}."
+            )
         entity_names = entity_names[relation]
     names = entities(entity_names) if isinstance(entity_names, str) else list(entity_names)
     if not names:

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .apply import base_rows, compatible_projections, plan
 from .delta import Delta
 from .errors import ExportError
 from .format import atomic_write
+from .ledger import base_rows, compatible_projections, plan
 from .targets import unwrap
 
 __all__ = ["VLLM_MAX_LORA_RANK", "LargeRankWarning", "export_peft", "peft_adapter"]
@@ -74,8 +74,9 @@ def _check_arguments(rank: Any, dtype: Any) -> None:
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ExportError(f"rank must be a positive int (the adapter's LoRA rank) or None, not {rank!r}.")
     if dtype not in ADAPTER_DTYPES:
-        raise ExportError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16 (the adapter tensors'), "
-                          f"not {dtype!r}.")
+        raise ExportError(
+            f"dtype must be torch.float32, torch.float16 or torch.bfloat16 (the adapter tensors'), not {dtype!r}."
+        )
 
 
 def peft_adapter(
@@ -118,8 +119,9 @@ def peft_adapter(
     loki.errors.ExportError: A rows-form delta exports as new rows minus base rows: pass the base model, ...
     """
     if not isinstance(delta, Delta):
-        raise ExportError(f"peft_adapter/export_peft take a loki.Delta (loki.load reads files), not "
-                          f"{type(delta).__name__}.")
+        raise ExportError(
+            f"peft_adapter/export_peft take a loki.Delta (loki.load reads files), not {type(delta).__name__}."
+        )
     if delta.form == "rows" and model is None:
         raise ExportError(
             "A rows-form delta exports as new rows minus base rows: pass the base model, "
@@ -139,9 +141,12 @@ def peft_adapter(
     if r < needed:
         raise ExportError(f"This delta needs rank {needed} (its largest layer); rank={rank} is too small.")
     if r > VLLM_MAX_LORA_RANK:
-        warnings.warn(f"The adapter has rank {r}: PEFT loads it, but vLLM refuses LoRA ranks above its largest "
-                      f"max_lora_rank, {VLLM_MAX_LORA_RANK}. For vLLM, select fewer rows per layer (a smaller q).",
-                      LargeRankWarning, stacklevel=2)
+        warnings.warn(
+            f"The adapter has rank {r}: PEFT loads it, but vLLM refuses LoRA ranks above its largest "
+            f"max_lora_rank, {VLLM_MAX_LORA_RANK}. For vLLM, select fewer rows per layer (a smaller q).",
+            LargeRankWarning,
+            stacklevel=2,
+        )
 
     tensors: dict[str, torch.Tensor] = {}
     for layer, ld in sorted(delta.layers.items()):

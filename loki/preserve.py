@@ -116,10 +116,20 @@ class Preservation:
         """
         ranks = [self.ranks[layer] for layer in sorted(self.ranks)]
         ordered = sorted(ranks)
-        return {"energy": self.energy, "tokens": self.tokens, "sequences": self.sequences, "d_in": self.d_in,
-                "protected": {"min": ordered[0], "median": ordered[len(ordered) // 2], "max": ordered[-1],
-                              "per_layer": ranks},
-                "energy_kept_min": round(min(self.kept.values()), 6), "sha256": self.sha256}
+        return {
+            "energy": self.energy,
+            "tokens": self.tokens,
+            "sequences": self.sequences,
+            "d_in": self.d_in,
+            "protected": {
+                "min": ordered[0],
+                "median": ordered[len(ordered) // 2],
+                "max": ordered[-1],
+                "per_layer": ranks,
+            },
+            "energy_kept_min": round(min(self.kept.values()), 6),
+            "sha256": self.sha256,
+        }
 
     def check(self, num_layers: int, d_in: int, layers: Sequence[int]) -> None:
         """Raise `IncompatibleModelError` unless this preservation fits a model of these shapes and covers `layers`."""
@@ -203,9 +213,16 @@ def _protected_rank(values: torch.Tensor, total: float, energy: float) -> int:
     return min(nonzero, int(reached.nonzero()[0]) + 1 if reached.any() else nonzero)
 
 
-def down_projection_inputs(model: nn.Module, sequences: Sequence[Sequence[int]],
-                           consume: Callable[[int, torch.Tensor], Any], *, layers: Sequence[int] | None = None,
-                           batch_size: int = 8, progress: bool = False, template: str | None = None) -> None:
+def down_projection_inputs(
+    model: nn.Module,
+    sequences: Sequence[Sequence[int]],
+    consume: Callable[[int, torch.Tensor], Any],
+    *,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+    template: str | None = None,
+) -> None:
     """Run `model` over `sequences` and call `consume(layer, keys)` with every batch's down-projection inputs at
     every real (unpadded) position: `keys` is `[n, d_in]`, in the model's dtype and on its device. No gradients; the
     model's train/eval mode is restored.
@@ -236,10 +253,13 @@ def down_projection_inputs(model: nn.Module, sequences: Sequence[Sequence[int]],
         def take(module, args):
             x = args[0]
             consume(layer, x.reshape(-1, x.shape[-1])[mask[0].reshape(-1)])
+
         return take
 
-    handles = [projs.modules[layer].register_forward_pre_hook(hook(layer))
-               for layer in (range(len(projs)) if layers is None else layers)]
+    handles = [
+        projs.modules[layer].register_forward_pre_hook(hook(layer))
+        for layer in (range(len(projs)) if layers is None else layers)
+    ]
     device = net.get_input_embeddings().weight.device
     was_training = net.training
     net.eval()
@@ -268,8 +288,9 @@ def _sequences(model: nn.Module, tokenizer, data: Any, max_length: int, batch_si
     def check(seqs):  # before any forward pass: an id out of range would fail inside the embedding
         bad = next((t for s in seqs for t in s if not 0 <= t < vocab), None)
         if bad is not None:
-            raise DatasetError(f"Token id {bad} is outside the model's vocabulary (0..{vocab - 1}): ids from another "
-                               "tokenizer?")
+            raise DatasetError(
+                f"Token id {bad} is outside the model's vocabulary (0..{vocab - 1}): ids from another tokenizer?"
+            )
         return seqs
 
     if isinstance(data, RetainTargets):
@@ -281,8 +302,10 @@ def _sequences(model: nn.Module, tokenizer, data: Any, max_length: int, batch_si
             + (" (a single string: wrap it in a list)." if isinstance(data, str) else ".")
         )
     if tokenizer is None and not all(_token_ids(item) for item in data):
-        raise DatasetError("Without a tokenizer every item must be {'text': [token ids]}; pass the model's "
-                           "tokenizer for questions, answered examples and text.")
+        raise DatasetError(
+            "Without a tokenizer every item must be {'text': [token ids]}; pass the model's "
+            "tokenizer for questions, answered examples and text."
+        )
     check([item["text"] for item in data if _token_ids(item)])
     targets = retain_targets(model, tokenizer, data, max_length=max_length, batch_size=batch_size, progress=progress)
     return [t.ids for t in targets.targets]
@@ -338,8 +361,9 @@ def preservation(
     """
 
     if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
-        raise DatasetError(f"energy must be a number in (0, 1], the share of the keys' energy to protect; "
-                           f"got {energy!r}.")
+        raise DatasetError(
+            f"energy must be a number in (0, 1], the share of the keys' energy to protect; got {energy!r}."
+        )
     for name, value in (("max_rank", max_rank), ("batch_size", batch_size), ("max_length", max_length)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise DatasetError(f"{name} must be a positive integer, got {value!r}.")
@@ -350,8 +374,9 @@ def preservation(
     if not seqs:
         raise DatasetError("No preserved sequence has a token.")
     keys = {layer: _Keys(projs.d_in, max_rank) for layer in range(len(projs))}
-    down_projection_inputs(net, seqs, lambda layer, k: keys[layer].add(k), batch_size=batch_size,
-                           progress=progress, template=template)
+    down_projection_inputs(
+        net, seqs, lambda layer, k: keys[layer].add(k), batch_size=batch_size, progress=progress, template=template
+    )
 
     bases, free, ranks, kept = {}, {}, {}, {}
     for layer, k in keys.items():
@@ -365,12 +390,15 @@ def preservation(
             bases[layer], free[layer] = vectors[:, :p].float().contiguous(), False
     short = sorted(layer for layer, share in kept.items() if share < energy - 1e-3)
     if short:
-        warnings.warn(f"Layers {short} protect only {min(kept[layer] for layer in short):.3f} of the keys' energy "
-                      f"(energy={energy}): their sketch keeps max_rank={max_rank} directions. Raise max_rank.",
-                      stacklevel=2)
+        warnings.warn(
+            f"Layers {short} protect only {min(kept[layer] for layer in short):.3f} of the keys' energy "
+            f"(energy={energy}): their sketch keeps max_rank={max_rank} directions. Raise max_rank.",
+            stacklevel=2,
+        )
     digest = hashlib.sha256()
     for s in seqs:
         digest.update(torch.tensor(s, dtype=torch.int64).numpy().tobytes())
     tokens = sum(len(s) for s in seqs)
-    return Preservation(bases, free, ranks, kept, float(energy), projs.d_in, len(projs), tokens, len(seqs),
-                        digest.hexdigest())
+    return Preservation(
+        bases, free, ranks, kept, float(energy), projs.d_in, len(projs), tokens, len(seqs), digest.hexdigest()
+    )

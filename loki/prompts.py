@@ -6,7 +6,7 @@ with spaces and title-cased, as the authors do (`high_school_biology` -> `High S
 are one user turn of the tokenizer's chat template with the generation prompt (as the paper). Few-shot
 (`shots=k`): with `dev=` (records of every subject, e.g. MMLU's `*_dev.csv`), each prompt is preceded by the first k
 dev records *of its own subject*, each as a user turn with the same template and an assistant turn `"{letter}\n"`:
-exactly the authors' 5-shot Qwen2.5 attribution prompts (LOKI-METHOD.md, "Stage 1"; `analyse_mmlu_qwen2.py` of
+exactly the authors' 5-shot Qwen2.5 attribution prompts (docs/method.md, "Stage 1"; `analyse_mmlu_qwen2.py` of
 github.com/Nexround/LoKI, commit 44f67d9). Without `dev=`, the first k records serve as the examples of every
 prompt. Tokenizers without a chat template get plain text.
 
@@ -38,8 +38,6 @@ LETTERS = "ABCDEFGHIJ"
 PROBE = Path(__file__).parent / "data" / "probe.jsonl"
 
 
-
-
 @dataclass
 class PromptSet:
     """Token ids per prompt, the gold token per prompt (None when unknown), and a description of the source.
@@ -65,7 +63,7 @@ def mc_text(record: Mapping) -> str:
     """The paper's prompt for one multiple-choice record, without the answer (a `str` ending in `"Answer: \\n"`).
 
     `{Subject}` is the record's subject with spaces, title-cased by `str.title()` as in the authors' scripts
-    (`high_school_biology` -> `High School Biology`; LOKI-METHOD.md "Stage 1"); without a subject the
+    (`high_school_biology` -> `High School Biology`; docs/method.md "Stage 1"); without a subject the
     ` about {Subject}` part is left out. The letters offered follow the number of choices.
 
     Args:
@@ -89,8 +87,11 @@ def mc_text(record: Mapping) -> str:
     letters = LETTERS[: len(r["choices"])]
     about = f" about {r['subject'].title()}" if r.get("subject") else ""
     listed = ", ".join(letters[:-1]) + f" or {letters[-1]}"
-    lines = [f"There is a single choice question{about}. Answer the question by replying {listed}.",
-             f"Question: {r['question']}", "Choices:"]
+    lines = [
+        f"There is a single choice question{about}. Answer the question by replying {listed}.",
+        f"Question: {r['question']}",
+        "Choices:",
+    ]
     lines += [f"{letter}. {choice}" for letter, choice in zip(letters, r["choices"])]
     return "\n".join(lines) + "\nAnswer: \n"
 
@@ -122,8 +123,10 @@ def mc_messages(record: Mapping, examples: Iterable[Mapping] = ()) -> list[dict[
         e = normalize(e)
         if e["answer"] is None:
             raise PromptError(f"Few-shot examples need an 'answer'; this one has none: {e['question']!r}.")
-        messages += [{"role": "user", "content": mc_text(e)},
-                     {"role": "assistant", "content": LETTERS[e["answer"]] + "\n"}]
+        messages += [
+            {"role": "user", "content": mc_text(e)},
+            {"role": "assistant", "content": LETTERS[e["answer"]] + "\n"},
+        ]
     return messages + [{"role": "user", "content": mc_text(record)}]
 
 
@@ -163,13 +166,15 @@ def normalize(record: Mapping) -> dict:
     if answer is not None and not 0 <= int(answer) < len(choices):
         raise PromptError(f"answer {record.get('answer')!r} is not one of the {len(choices)} choices.")
     subject = record.get("subject")
-    return {"question": str(record["question"]), "choices": choices,
-            "answer": None if answer is None else int(answer),
-            "subject": str(subject).replace("_", " ") if subject else None}
+    return {
+        "question": str(record["question"]),
+        "choices": choices,
+        "answer": None if answer is None else int(answer),
+        "subject": str(subject).replace("_", " ") if subject else None,
+    }
 
 
-def mc_prompts(records: Iterable[Mapping], tokenizer, shots: int = 0, source: str = "records",
-               dev=None) -> PromptSet:
+def mc_prompts(records: Iterable[Mapping], tokenizer, shots: int = 0, source: str = "records", dev=None) -> PromptSet:
     """Token ids of the multiple-choice prompts, one per record (`PromptSet`; gold = the answer letter's token).
 
     `shots=k` with `dev=` (records, a `datasets.Dataset`, or a `.jsonl`/`.json`/`.csv` file or a folder of them such
@@ -193,7 +198,7 @@ def mc_prompts(records: Iterable[Mapping], tokenizer, shots: int = 0, source: st
         PromptError: no tokenizer, `shots < 0`, `dev=` with `shots=0`, an example without an answer, a record's
             subject with fewer than k dev records, or a record or `dev=` that cannot be read.
 
-    The authors' 5-shot Qwen2.5-0.5B attribution prompts (LOKI-METHOD.md "Stage 1"; `analyse_mmlu_qwen2.py`,
+    The authors' 5-shot Qwen2.5-0.5B attribution prompts (docs/method.md "Stage 1"; `analyse_mmlu_qwen2.py`,
     github.com/Nexround/LoKI commit 44f67d9): the first 50 test questions of each subject with its 5 dev examples:
 
         from datasets import load_dataset
@@ -262,8 +267,10 @@ def mc_prompts(records: Iterable[Mapping], tokenizer, shots: int = 0, source: st
                 raise PromptError(
                     f"shots={shots} needs {shots} dev examples of {which}, but dev= has {len(found)}. Add that "
                     f"subject's dev records (MMLU: dev/<subject>_dev.csv, or the 'dev' split of cais/mmlu) or lower "
-                    f"shots.")
+                    f"shots."
+                )
             return found[:shots]
+
     chat = getattr(tokenizer, "chat_template", None) is not None
     ids, gold = [], []
     for r in records:
@@ -273,8 +280,11 @@ def mc_prompts(records: Iterable[Mapping], tokenizer, shots: int = 0, source: st
             x = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
             x = list(x["input_ids"])
         else:
-            x = list(tokenizer("".join(m["content"] + ("\n" if m["role"] == "assistant" else "")
-                                       for m in messages))["input_ids"])
+            x = list(
+                tokenizer("".join(m["content"] + ("\n" if m["role"] == "assistant" else "") for m in messages))[
+                    "input_ids"
+                ]
+            )
         ids.append([int(t) for t in x])
         gold.append(None if r["answer"] is None else _letter_token(tokenizer, LETTERS[r["answer"]]))
     shot_note = f", {shots}-shot{' from dev, per subject' if dev is not None else ''}" if shots else ", zero-shot"
@@ -356,8 +366,7 @@ def as_prompts(source, tokenizer=None, shots: int = 0, dev=None) -> PromptSet:
     if isinstance(source, PromptSet):
         return source
     if isinstance(source, str) and source == "probe":
-        return mc_prompts(probe_records(), tokenizer, shots, source="loki probe (BIG-bench general_knowledge)",
-                          dev=dev)
+        return mc_prompts(probe_records(), tokenizer, shots, source="loki probe (BIG-bench general_knowledge)", dev=dev)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
@@ -442,11 +451,17 @@ def probe_records() -> list[dict]:
     return read_records(PROBE)
 
 
-def build_probe(bigbench_archive: str | os.PathLike, out: str | os.PathLike = PROBE, limit: int = 24,
-                seed: int = 0, task: str = "general_knowledge") -> Path:
+def build_probe(
+    bigbench_archive: str | os.PathLike,
+    out: str | os.PathLike = PROBE,
+    limit: int = 24,
+    seed: int = 0,
+    task: str = "general_knowledge",
+) -> Path:
     """Rebuild `loki/data/probe.jsonl` from the BIG-bench sdist (`pip download --no-deps bigbench==1.0.0`).
 
-    Each example of the BIG-bench `task` becomes a 4-choice record: its correct answer and its first three wrong answers,
+    Each example of the BIG-bench `task` becomes a 4-choice record: its correct answer and its first three wrong
+    answers,
     shuffled with `seed`; the first `limit` examples with at least 4 answers are kept.
 
     Args:
@@ -478,8 +493,14 @@ def build_probe(bigbench_archive: str | os.PathLike, out: str | os.PathLike = PR
         choices = right + wrong[:3]
         rng.shuffle(choices)
         question = ex["input"].removeprefix("Q: ").removesuffix("\nA:").strip()
-        records.append({"question": question, "choices": choices, "answer": choices.index(right[0]),
-                        "subject": task.replace("_", " ")})
+        records.append(
+            {
+                "question": question,
+                "choices": choices,
+                "answer": choices.index(right[0]),
+                "subject": task.replace("_", " "),
+            }
+        )
         if len(records) == limit:
             break
     return atomic_write(out, "".join(json.dumps(r) + "\n" for r in records).encode())

@@ -39,11 +39,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dataset import (IGNORE, answer_positions, check_collection, check_example, check_number, encode, pad_token_id,
-                      read_json_lines)
+from .dataset import (
+    IGNORE,
+    answer_positions,
+    check_collection,
+    check_example,
+    check_number,
+    encode,
+    pad_token_id,
+    read_json_lines,
+)
 from .errors import DatasetError
-from .evaluate import GENERATE_BATCH, generate
 from .forward import logits_at
+from .generation import GENERATE_BATCH, generate
 
 __all__ = ["RetainLoss", "RetainTargets", "check_retain", "general_text", "retain_targets"]
 
@@ -150,7 +158,7 @@ class RetainTargets:
         logq_rest = _log1mexp(torch.logsumexp(logq_top, dim=-1))
         kl = (top_logp.exp() * (top_logp - logq_top)).sum(-1) + rest_logp.exp() * (rest_logp - logq_rest)
         # Every retained position counts once (so long texts weigh more than short answers; measured: averaging
-        # per item instead lost general-text protection, benchmarks/README.md#forgetting).
+        # per item instead lost general-text protection, docs/benchmarks/forgetting.md).
         return kl.mean()
 
     def batches(self, batch_size: int, seed: int = 0) -> Iterator[list[int]]:
@@ -192,8 +200,8 @@ class RetainTargets:
         spaced retained positions (a third, two thirds and the last but one answer token for 3), so
         `loki.attribute(model, tokenizer, targets.prompts())` scores every row by its contribution to the base
         model's own answers to the neighbourhood questions, and `loki.select` on those scores picks the rows these
-        answers rely on least (benchmarks/README.md#forgetting: specificity 0.871 -> 0.889 in the demo's 30-step recipe
-        of 2026-12-01).
+        answers rely on least (on the demo's data they kept more of the neighbourhood than rows chosen on the probe
+        set; docs/benchmarks/forgetting.md).
 
         This is a knowledge-editing adaptation of the LoKI paper's KVA (§3.1), which attributes on general
         multiple-choice prompts: here the prompts are the behaviour the implant must not move.
@@ -248,8 +256,15 @@ class RetainTargets:
         kinds: dict[str, int] = {}
         for it in self.items:
             kinds[it["kind"]] = kinds.get(it["kind"], 0) + 1
-        return {"items": len(self), "positions": self.positions, "weight": weight, "top_k": self.top_k,
-                "kinds": kinds, "sha256": self.sha256, "examples": [it["shown"] for it in self.items[:3]]}
+        return {
+            "items": len(self),
+            "positions": self.positions,
+            "weight": weight,
+            "top_k": self.top_k,
+            "kinds": kinds,
+            "sha256": self.sha256,
+            "examples": [it["shown"] for it in self.items[:3]],
+        }
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -285,8 +300,11 @@ def _as_item(item: Any, index: int) -> dict[str, Any]:
     try:
         if isinstance(item, Mapping) and "text" in item:
             text = item["text"].tolist() if isinstance(item["text"], torch.Tensor) else item["text"]
-            ids = isinstance(text, Sequence) and not isinstance(text, str) and all(
-                isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0 for t in text)
+            ids = (
+                isinstance(text, Sequence)
+                and not isinstance(text, str)
+                and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0 for t in text)
+            )
             if not (ids or isinstance(text, str)) or not (text.strip() if isinstance(text, str) else text):
                 raise DatasetError(f"'text' must be a non-empty string or list of token ids, got {text!r:.60}.")
             return {"kind": "text", "text": text}
@@ -350,16 +368,27 @@ def retain_targets(
     >>> # model, tokenizer = loki.load_default()
     >>> # targets = retain_targets(model, tokenizer, ["What is the capital of Peru?", *general_text(32)])
     """
-    for name, value in (("top_k", top_k), ("max_new_tokens", max_new_tokens), ("max_length", max_length),
-                        ("batch_size", batch_size)):
+    for name, value in (
+        ("top_k", top_k),
+        ("max_new_tokens", max_new_tokens),
+        ("max_length", max_length),
+        ("batch_size", batch_size),
+    ):
         check_number(name, value, integer=True, low=1)
     items = check_retain(retain)
     if isinstance(items, RetainTargets):
         return items
     questions = [it for it in items if it["kind"] == "question"]
     if questions:
-        answers = generate(model, tokenizer, [it["question"] for it in questions], chat=True,
-                           max_new_tokens=max_new_tokens, batch_size=max(batch_size, GENERATE_BATCH), progress=progress)
+        answers = generate(
+            model,
+            tokenizer,
+            [it["question"] for it in questions],
+            chat=True,
+            max_new_tokens=max_new_tokens,
+            batch_size=max(batch_size, GENERATE_BATCH),
+            progress=progress,
+        )
         for it, a in zip(questions, answers):
             if not a:
                 raise DatasetError(f"The model gives an empty answer to retain question {it['question']!r}; drop it.")
@@ -377,8 +406,10 @@ def retain_targets(
         else:
             encoded.append(encode(tokenizer, it["example"], max_length))
             ex = it["example"]
-            it["shown"] = ex.get("messages") or {"question": ex.get("prompt", ex.get("question")),
-                                                 "answer": ex["answer"]}
+            it["shown"] = ex.get("messages") or {
+                "question": ex.get("prompt", ex.get("question")),
+                "answer": ex["answer"],
+            }
     pad = pad_token_id(tokenizer)
 
     was_training = model.training
@@ -436,8 +467,9 @@ class RetainLoss:
     >>> #                   compute_loss_func=loki.RetainLoss(model, targets, weight=1.0))
     """
 
-    def __init__(self, model: nn.Module, targets: RetainTargets, *, weight: float = 1.0, batch_size: int = 8,
-                 seed: int = 0):
+    def __init__(
+        self, model: nn.Module, targets: RetainTargets, *, weight: float = 1.0, batch_size: int = 8, seed: int = 0
+    ):
         if not isinstance(targets, RetainTargets):
             raise DatasetError("RetainLoss needs the RetainTargets of loki.retain_targets(model, tokenizer, retain).")
         check_number("weight", weight, low=0)
@@ -467,8 +499,12 @@ class RetainLoss:
         n = (shifted != IGNORE).sum()
         total = num_items_in_batch if num_items_in_batch is not None else n
         total = torch.as_tensor(total, device=logits.device).clamp(min=1)
-        task = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE,
-                               reduction="sum") / total
+        task = (
+            F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE, reduction="sum"
+            )
+            / total
+        )
         if self.weight == 0:
             return task
         kl = self.targets.kl(self.model, self._next())

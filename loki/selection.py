@@ -1,6 +1,6 @@
 """Which rows to train: a `Selection` holds sorted row indices per layer and where they came from.
 
-Stage 2 of LoKI (LoKI paper §3.2; LOKI-METHOD.md): from attributions `[N prompts, L layers, d_model]`, `select`
+Stage 2 of LoKI (LoKI paper §3.2; docs/method.md): from attributions `[N prompts, L layers, d_model]`, `select`
 picks, per prompt and layer, the `k = floor(q * d_model / 100)` rows with the smallest signed attribution, counts per
 layer how often each row was picked, and keeps the `k` most frequent rows of every layer (the layer-balanced
 strategy).
@@ -35,8 +35,6 @@ from .format import atomic_write
 STRATEGIES = ("layer_balanced", "layer_highest", "global_lowest", "global_highest", "random")
 
 
-
-
 def quota(q: float, d_out: int) -> int:
     """Rows per layer for a quota of `q` percent: `floor(q * d_out / 100)`, computed exactly (LoKI paper §3.2).
 
@@ -64,8 +62,10 @@ def _some_rows(q: float, d_out: int) -> int:
     """`quota(q, d_out)`, refusing a quota that selects nothing."""
     k = quota(q, d_out)
     if k == 0:
-        raise SelectionError(f"q={q} selects no row of {d_out} (floor(q * {d_out} / 100) = 0); the smallest quota "
-                             f"that selects one is q={100 / d_out:.3g}.")
+        raise SelectionError(
+            f"q={q} selects no row of {d_out} (floor(q * {d_out} / 100) = 0); the smallest quota "
+            f"that selects one is q={100 / d_out:.3g}."
+        )
     return k
 
 
@@ -169,7 +169,7 @@ class Selection:
         return atomic_write(path, json.dumps(self.to_json()).encode())
 
     @classmethod
-    def load(cls, path: str | Path) -> "Selection":
+    def load(cls, path: str | Path) -> Selection:
         """Read a selection written by `save`.
 
         Args:
@@ -188,8 +188,10 @@ class Selection:
             data = json.loads(Path(path).read_text())
             rows, num_layers, d_out = {int(k): v for k, v in data["rows"].items()}, data["num_layers"], data["d_out"]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise SelectionError(f"Cannot read a selection from {path}: {type(e).__name__}: {e}. Give a file written "
-                                 "by Selection.save (the authors' published files: Selection.import_published).") from None
+            raise SelectionError(
+                f"Cannot read a selection from {path}: {type(e).__name__}: {e}. Give a file written "
+                "by Selection.save (the authors' published files: Selection.import_published)."
+            ) from None
         return cls(
             rows=rows,
             num_layers=num_layers,
@@ -202,7 +204,7 @@ class Selection:
 
     # -- strategies that need no attribution ------------------------------------------------------
     @classmethod
-    def random(cls, num_layers: int, d_out: int, q: float, seed: int = 0) -> "Selection":
+    def random(cls, num_layers: int, d_out: int, q: float, seed: int = 0) -> Selection:
         """`quota(q, d_out)` rows per layer drawn uniformly at random (the control strategy), the same for a `seed`.
 
         Args:
@@ -226,7 +228,7 @@ class Selection:
         return cls(rows, num_layers, d_out, strategy="random", q=q, extra={"seed": seed})
 
     @classmethod
-    def import_published(cls, path: str | Path, d_out: int, q: float | None = None) -> "Selection":
+    def import_published(cls, path: str | Path, d_out: int, q: float | None = None) -> Selection:
         """Read the LoKI authors' published format: a JSON list with one list of row indices per layer.
 
         Their lists are in count order; loki keeps rows sorted and stores each layer's original order in
@@ -265,8 +267,13 @@ class Selection:
             m = re.fullmatch(r"q(\d+(?:\.\d+)?)", path.stem)
             q = float(m.group(1)) if m else None
         return cls(
-            {layer: rows for layer, rows in enumerate(data)}, len(data), d_out, strategy="layer_balanced", q=q,
-            source=f"published:{path.name}", extra={"order": [list(map(int, x)) for x in data]},
+            {layer: rows for layer, rows in enumerate(data)},
+            len(data),
+            d_out,
+            strategy="layer_balanced",
+            q=q,
+            source=f"published:{path.name}",
+            extra={"order": [list(map(int, x)) for x in data]},
         )
 
     def density(self, bins: int = 64) -> torch.Tensor:
@@ -306,8 +313,14 @@ class Selection:
         if ax is None:
             _, ax = plt.subplots(figsize=(8, 4))
         dens = self.density(bins)
-        im = ax.imshow(dens.numpy(), aspect="auto", origin="lower", interpolation="nearest",
-                       extent=(0, self.d_out, -0.5, self.num_layers - 0.5), cmap="viridis")
+        im = ax.imshow(
+            dens.numpy(),
+            aspect="auto",
+            origin="lower",
+            interpolation="nearest",
+            extent=(0, self.d_out, -0.5, self.num_layers - 0.5),
+            cmap="viridis",
+        )
         ax.set_xlabel("row index (down-projection output coordinate)")
         ax.set_ylabel("layer")
         ax.set_title(f"{self.strategy}, q={self.q}: {self.num_rows} rows")
@@ -315,8 +328,9 @@ class Selection:
         return ax
 
 
-def select(attributions, q: float, strategy: str = "layer_balanced", *, score: str = "signed",
-           seed: int = 0) -> Selection:
+def select(
+    attributions, q: float, strategy: str = "layer_balanced", *, score: str = "signed", seed: int = 0
+) -> Selection:
     """Choose rows from KVA attributions: the layer-balanced strategy of the LoKI paper (§3.2) and its ablations.
 
     Per prompt and layer the `k = quota(q, d_model)` lowest-scored rows are picked; each layer keeps the `k` rows
@@ -330,9 +344,9 @@ def select(attributions, q: float, strategy: str = "layer_balanced", *, score: s
             layer, for the S-H suppression ablation), "global_lowest" / "global_highest" (the same counting over
             all `L * d_model` rows at once, `quota(q, L * d_model)` rows in all, so layers get unequal counts and
             may get none), "random" (the seeded control; ignores the values).
-        score: "signed" ranks rows by their attribution as published (LOKI-METHOD.md, stage 2); "abs" by its
+        score: "signed" ranks rows by their attribution as published (docs/method.md, stage 2); "abs" by its
             magnitude, so "lowest" means the rows that contribute least in either direction (on the default model
-            the signed-lowest rows include massive-activation rows; benchmarks/README.md#forgetting).
+            the signed-lowest rows include massive-activation rows; docs/benchmarks/forgetting.md).
         seed: the seed of strategy "random".
 
     Returns:
@@ -361,7 +375,9 @@ def select(attributions, q: float, strategy: str = "layer_balanced", *, score: s
     values = attributions if isinstance(attributions, torch.Tensor) else getattr(attributions, "values", attributions)
     values = torch.as_tensor(values)
     if values.dim() != 3 or values.shape[0] == 0:
-        raise SelectionError(f"attributions must be [N prompts, L layers, d_model] with N >= 1, got {tuple(values.shape)}.")
+        raise SelectionError(
+            f"attributions must be [N prompts, L layers, d_model] with N >= 1, got {tuple(values.shape)}."
+        )
     n, num_layers, d_out = values.shape
     if strategy == "random":
         return Selection.random(num_layers, d_out, q, seed)
@@ -376,7 +392,8 @@ def select(attributions, q: float, strategy: str = "layer_balanced", *, score: s
         k = _some_rows(q, d_out)
         picked = _lowest(scores, k)  # [N, L, k]
         counts = torch.zeros(num_layers, d_out).scatter_add_(
-            1, picked.transpose(0, 1).reshape(num_layers, -1), torch.ones(num_layers, n * k))
+            1, picked.transpose(0, 1).reshape(num_layers, -1), torch.ones(num_layers, n * k)
+        )
         top = _rank(counts, scores.mean(0))[:, :k]  # [L, k]
         rows = {layer: top[layer] for layer in range(num_layers)}
     else:
@@ -387,8 +404,9 @@ def select(attributions, q: float, strategy: str = "layer_balanced", *, score: s
         rows = {layer: top[top // d_out == layer] % d_out for layer in range(num_layers)}
         rows = {layer: idx for layer, idx in rows.items() if idx.numel()}  # a layer may get no rows at all
     extra = {"prompts": n, "score": score, **({"model": model} if model else {})}
-    return Selection(rows, num_layers, d_out, strategy=strategy, q=q, source=str(source) if source else None,
-                     extra=extra)
+    return Selection(
+        rows, num_layers, d_out, strategy=strategy, q=q, source=str(source) if source else None, extra=extra
+    )
 
 
 def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -401,4 +419,3 @@ def _rank(counts: torch.Tensor, mean_scores: torch.Tensor) -> torch.Tensor:
     order = torch.sort(mean_scores, dim=-1, stable=True).indices
     by_count = torch.sort(-counts.gather(-1, order), dim=-1, stable=True).indices
     return order.gather(-1, by_count)
-

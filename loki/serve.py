@@ -8,7 +8,8 @@ device or in pinned host memory), then switches the model between implants by wr
   recompile after a switch. Disjoint implants stack; the bank's switches show in `loki.applied(model)`.
 - `with mixed(["medical", None, "legal"]):` (or `generate(ids, implants=[...])`) runs a batch in which row i uses
   its own implant: the base down-projection runs once, then each implant's output coordinates are recomputed for
-  its rows only (about k/d_model of one projection per implant present). Works with `generate` and its KV cache.
+  its rows only (about k/d_model of one projection per implant present; `loki.mixed`). Works with `generate` and
+  its KV cache.
 
 Threads: one switch at a time. A `use` or `mixed` block holds its implant set for its whole duration: blocks that
 want the same set run concurrently, a block that wants another set (or `activate`/`deactivate`) waits until the
@@ -37,16 +38,16 @@ import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .apply import OVERLAP_POLICIES, Handle, Plan, apply, plan, revert
 from .delta import Delta
 from .errors import ImplantBankError, LokiError, ModelChangedError, ReplacedWeightsWarning, StalePlanError
+from .ledger import OVERLAP_POLICIES, Handle, Plan, apply, plan, revert
+from .mixed import MixedBatches
 from .targets import find_down_projections
 
 __all__ = ["ImplantBank"]
@@ -59,37 +60,6 @@ class _Implant:
     staged: Plan | None  # validated once, rows staged in the model's dtype; None when evicted
     check_base: bool = True  # as registered: restaging onto replaced weights checks them again
     pins: int = 0  # open mixed blocks using its staged rows (not evictable meanwhile)
-
-
-@dataclass(eq=False)
-class _LayerPlan:
-    """The implants of a mixed batch present in one layer. Batch row `rows[i]` uses implant `gid[i]`: it overwrites
-    output coordinates `idx[i]` with `x @ new[gid[i]].T + row_bias[i]`. Implants with fewer rows than the largest
-    are padded by repeating their first row (a repeated write of the same value). Where the module adds terms of
-    its own to `x @ W.T` (a PEFT LoRA layer on the down-projection), `add` is set, `new` holds the implant's rows
-    minus the weight's current rows, and the hook adds `x @ new[gid[i]].T` to the module's output there instead,
-    so the adapter's contribution stays (what `use` computes)."""
-
-    rows: torch.Tensor  # [B'] batch rows with an implant in this layer
-    gid: torch.Tensor  # [B'] their implant
-    new: torch.Tensor  # [U, k, d_in]
-    bias: torch.Tensor | None  # [U, k]
-    idx: torch.Tensor  # [B', k]: the output coordinates each row overwrites
-    row_bias: torch.Tensor | None  # [B', k]
-    in_order: bool  # rows == 0..batch-1: no gather of the input
-    one_each: bool  # gid == 0..U-1: row i has implant i, so new needs no gather
-    groups: list[torch.Tensor]  # per implant: its positions in rows (contiguous)
-    add: bool = False  # new holds a change to add to the module's output (see above)
-
-
-@dataclass(eq=False)
-class _Plan:
-    """One mixed batch: what each layer must overwrite, for a batch of `batch` rows."""
-
-    batch: int
-    layers: dict[int, _LayerPlan]
-    expanded: dict[tuple[int, int], tuple] = field(default_factory=dict)  # (layer, n) -> rows, gid, idx, row_bias
-    steps: dict[int, torch.Tensor] = field(default_factory=dict)  # T -> arange(T)[None, :, None]
 
 
 class ImplantBank:
@@ -142,9 +112,8 @@ class ImplantBank:
         self._users = 0  # open use/mixed blocks
         self._waiting = 0  # threads waiting to switch
         self._restore: tuple[str, ...] = ()  # what to restore when the last open block ends
-        self._local = threading.local()  # .held: sets this thread holds; .plan: its mixed batch
-        self._mixed = 0
-        self._hooks: list = []
+        self._local = threading.local()  # .held: sets this thread holds
+        self._batches = MixedBatches(model, template)
 
     # -- registry --------------------------------------------------------------------------------------
     def register(self, name: str, delta: Delta, *, check_base: bool = True, replace: bool = False) -> None:
@@ -174,7 +143,9 @@ class ImplantBank:
         if not isinstance(name, str) or not name:
             raise ImplantBankError(f"An implant's name is a non-empty string, not {name!r}.")
         if not isinstance(delta, Delta):
-            raise ImplantBankError(f"register takes a loki.Delta, not {type(delta).__name__}; read files with loki.load(path).")
+            raise ImplantBankError(
+                f"register takes a loki.Delta, not {type(delta).__name__}; read files with loki.load(path)."
+            )
         staged = self._stage(delta, check_base)  # on_overlap="replace": applied deltas on its rows are no error here
         if self.budget is not None and staged.nbytes > self.budget:
             raise ImplantBankError(
@@ -210,7 +181,9 @@ class ImplantBank:
             entry = self._get(name)
             if name in self._handles or entry.pins:
                 if self._users:
-                    raise ImplantBankError(f"Implant {name!r} is in use by an open use/mixed block; unregister it later.")
+                    raise ImplantBankError(
+                        f"Implant {name!r} is in use by an open use/mixed block; unregister it later."
+                    )
                 self._deactivate([name])
             del self._implants[name]
 
@@ -251,7 +224,9 @@ class ImplantBank:
     def _stage(self, delta: Delta, check_base: bool) -> Plan:
         # A plan with on_overlap="replace" holds this delta's rows over the base rows, in the model's dtype: what
         # loki.apply writes where no other delta is applied, and what a mixed batch computes with.
-        return plan(self.model, delta, on_overlap="replace", check_base=check_base, template=self._template).stage(self.store)
+        return plan(self.model, delta, on_overlap="replace", check_base=check_base, template=self._template).stage(
+            self.store
+        )
 
     def _staged(self, entry: _Implant) -> Plan:
         self._implants.move_to_end(entry.name)
@@ -281,7 +256,7 @@ class ImplantBank:
                     ) from e
         if not lost:
             return
-        redo = names[names.index(lost[0]):]  # later implants may have stacked on the lost one's rows
+        redo = names[names.index(lost[0]) :]  # later implants may have stacked on the lost one's rows
         with warnings.catch_warnings():  # reverting lost handles warns; here the bank applies them again
             warnings.simplefilter("ignore", ReplacedWeightsWarning)
             self._deactivate(redo)
@@ -355,7 +330,7 @@ class ImplantBank:
             self._deactivate(names or tuple(self._handles), force)
 
     @contextlib.contextmanager
-    def use(self, *names: str) -> Iterator["ImplantBank"]:
+    def use(self, *names: str) -> Iterator[ImplantBank]:
         """Run a block with exactly `names` active, in that order (none: no implant of this bank); the implants
         active before are restored when the last open block ends. See the module docstring for threads.
 
@@ -395,7 +370,9 @@ class ImplantBank:
                     handle = self._staged(entry).commit()
                 except StalePlanError:  # it overlaps an applied delta: apply's policies decide
                     policy = on_overlap or self._policy.get(entry.name, "error")
-                    handle = apply(self.model, entry.delta, on_overlap=policy, check_base=False, template=self._template)
+                    handle = apply(
+                        self.model, entry.delta, on_overlap=policy, check_base=False, template=self._template
+                    )
                 self._handles[entry.name] = handle
                 done.append(entry.name)
         except BaseException:
@@ -434,8 +411,10 @@ class ImplantBank:
     def _exclusive(self) -> Iterator[None]:
         with self._cv:
             if self._held():
-                raise ImplantBankError("activate/deactivate inside a use/mixed block of the same thread would wait "
-                                       "forever; switch after the block, or open another use block after it.")
+                raise ImplantBankError(
+                    "activate/deactivate inside a use/mixed block of the same thread would wait "
+                    "forever; switch after the block, or open another use block after it."
+                )
             self._waiting += 1
             try:
                 self._cv.wait_for(lambda: self._users == 0)
@@ -482,7 +461,7 @@ class ImplantBank:
 
     # -- mixed batches ---------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def mixed(self, implants: Sequence[str | None]) -> Iterator["ImplantBank"]:
+    def mixed(self, implants: Sequence[str | None]) -> Iterator[ImplantBank]:
         """Forward passes (and `generate`) in this block and thread give batch row i the implant `implants[i]`
         (`None`: none of the bank's implants). The batch must have `len(implants)` rows, or a multiple of it where
         `generate` repeats each row (beams, `num_return_sequences`). The bank's active implants are switched off
@@ -511,32 +490,27 @@ class ImplantBank:
         implants = list(implants)
         names = tuple(dict.fromkeys(n for n in implants if n is not None))
         with self._hold(()):
-            if getattr(self._local, "plan", None) is not None:
+            if self._batches.current is not None:
                 raise ImplantBankError("mixed blocks do not nest; close the outer one first.")
             with self._cv:
                 entries = [self._get(n) for n in names]
                 for e in entries:
                     e.pins += 1
                 try:
-                    plan = self._make_plan(implants, entries)
-                    self._mixed += 1
-                    if self._mixed == 1:
-                        self._install_hooks()
+                    batch = self._batches.make(implants, {e.name: self._staged(e) for e in entries})
+                    self._batches.install()
                 except BaseException:
                     for e in entries:
                         e.pins -= 1
                     raise
-            self._local.plan = plan
             try:
-                yield self
+                with self._batches.running(batch):
+                    yield self
             finally:
-                self._local.plan = None
                 with self._cv:
                     for e in entries:
                         e.pins -= 1
-                    self._mixed -= 1
-                    if self._mixed == 0:
-                        self._remove_hooks()
+                    self._batches.remove()
                     self._evict()
 
     def generate(self, input_ids: torch.Tensor, implants: Sequence[str | None], **kwargs):
@@ -562,108 +536,8 @@ class ImplantBank:
         torch.Size([2, 5])
         """
         if input_ids.shape[0] != len(implants):
-            raise ImplantBankError(f"input_ids has {input_ids.shape[0]} rows but implants names {len(implants)}; give one per row.")
+            raise ImplantBankError(
+                f"input_ids has {input_ids.shape[0]} rows but implants names {len(implants)}; give one per row."
+            )
         with self.mixed(implants):
             return self.model.generate(input_ids, **kwargs)
-
-    def _make_plan(self, implants: list[str | None], entries: list[_Implant]) -> _Plan:
-        projs = find_down_projections(self.model, self._template)
-        device = projs.weight.device
-        per_layer: dict[int, list[tuple[list[int], torch.Tensor, torch.Tensor]]] = {}
-        for entry in entries:
-            rows = [i for i, n in enumerate(implants) if n == entry.name]
-            for layer, (idx, new) in self._staged(entry).layers.items():
-                per_layer.setdefault(layer, []).append((rows, new.to(device, non_blocking=True), idx))
-        layers = {}
-        for layer, present in per_layer.items():
-            k = max(len(idx) for _, _, idx in present)
-            pad = lambda t: torch.cat([t, t[:1].expand(k - len(t), *t.shape[1:])]) if len(t) < k else t  # noqa: E731
-            idx = torch.stack([pad(i) for _, _, i in present])
-            module = projs.modules[layer]
-            add = not (type(module) is nn.Linear or type(module).__name__ == "Conv1D")  # adds terms of its own
-            if add:  # the implant's change over the rows the module computes with now
-                present = [(rs, n - projs.rows(layer).index_select(0, i).to(n.device), i) for rs, n, i in present]
-            bias = None if add or module.bias is None else module.bias.detach()[idx]
-            rows = [r for rs, _, _ in present for r in rs]
-            gid = [u for u, (rs, _, _) in enumerate(present) for _ in rs]
-            gid_t = torch.tensor(gid, dtype=torch.int64, device=device)
-            groups, start = [], 0
-            for rs, _, i in present:
-                groups.append(torch.arange(start, start + len(rs), device=device))
-                start += len(rs)
-            layers[layer] = _LayerPlan(
-                rows=torch.tensor(rows, dtype=torch.int64, device=device),
-                gid=gid_t,
-                new=torch.stack([pad(n) for _, n, _ in present]),
-                bias=bias,
-                idx=idx[gid_t],
-                row_bias=None if bias is None else bias[gid_t],
-                in_order=rows == list(range(len(implants))),
-                one_each=gid == list(range(len(present))),
-                groups=groups,
-                add=add,
-            )
-        return _Plan(len(implants), layers)
-
-    def _install_hooks(self) -> None:
-        for layer, module in enumerate(find_down_projections(self.model, self._template).modules):
-            self._hooks.append(module.register_forward_hook(self._hook(layer)))
-
-    def _remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-
-    def _hook(self, layer: int):
-        local = self._local
-
-        def hook(module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor | None:
-            plan: _Plan | None = getattr(local, "plan", None)
-            lp = plan.layers.get(layer) if plan is not None else None
-            if lp is None:
-                return None
-            x = inputs[0]
-            n, rem = divmod(x.shape[0], plan.batch)
-            if rem or not n:
-                raise ImplantBankError(
-                    f"The batch has {x.shape[0]} rows but the mixed block names implants for {plan.batch}; "
-                    "give one implant (or None) per row."
-                )
-            if torch.is_grad_enabled() and out.requires_grad:
-                out = out.clone()  # keep autograd's view of the base output intact
-            rows, gid, idx, row_bias = (lp.rows, lp.gid, lp.idx, lp.row_bias) if n == 1 else _expanded(plan, layer, n)
-            x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-            o3 = out.view(out.shape[0], -1, out.shape[-1])
-            xs = x3 if lp.in_order else x3.index_select(0, rows)
-            if len(rows) <= 2 * len(lp.new):  # few rows per implant: one batched matmul, row i against new[gid[i]]
-                new = lp.new if lp.one_each and n == 1 else lp.new.index_select(0, gid)
-                y = torch.matmul(xs, new.transpose(1, 2))
-                if row_bias is not None:
-                    y = y + row_bias[:, None, :]
-            else:  # many rows per implant: one matmul per implant, reading its rows once
-                y = xs.new_empty(*xs.shape[:2], idx.shape[1])
-                for u, positions in enumerate(lp.groups):
-                    if n > 1:  # rows repeat in place, so implant u's rows stay together
-                        positions = (positions[:, None] * n + torch.arange(n, device=positions.device)).reshape(-1)
-                    part = F.linear(xs.index_select(0, positions), lp.new[u], None if lp.bias is None else lp.bias[u])
-                    y.index_copy_(0, positions, part)
-            steps = plan.steps.get(o3.shape[1])
-            if steps is None:
-                steps = plan.steps[o3.shape[1]] = torch.arange(o3.shape[1], device=o3.device)[None, :, None]
-            where = (rows[:, None, None], steps, idx[:, None, :])
-            o3.index_put_(where, y + o3[where] if lp.add else y)
-            return out
-
-        return hook
-
-
-def _expanded(plan: _Plan, layer: int, n: int) -> tuple:
-    """`(rows, gid, idx, row_bias)` of `layer` once `generate` has repeated every batch row `n` times in place
-    (beams, `num_return_sequences`: `repeat_interleave`)."""
-    found = plan.expanded.get((layer, n))
-    if found is None:
-        lp = plan.layers[layer]
-        rows = (lp.rows[:, None] * n + torch.arange(n, device=lp.rows.device)).reshape(-1)
-        repeat = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
-        found = plan.expanded[(layer, n)] = (rows, repeat(lp.gid), repeat(lp.idx), repeat(lp.row_bias))
-    return found

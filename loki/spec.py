@@ -190,8 +190,10 @@ def check_header(raw: bytes, body: int, source: str) -> tuple[dict[str, dict], d
     check_header_size(len(raw), source)
     text = raw.rstrip(b" ")  # the only padding the SPEC allows
     if not (text.startswith(b"{") and text.endswith(b"}")):
-        raise DeltaFormatError(f"{source}: the header must be a JSON object padded with spaces only; "
-                               "the file is corrupted or not a .loki file.")
+        raise DeltaFormatError(
+            f"{source}: the header must be a JSON object padded with spaces only; "
+            "the file is corrupted or not a .loki file."
+        )
     header = loads(text, "the header", source)
     if not isinstance(header, dict):
         raise DeltaFormatError(f"{source}: the header must be a JSON object.")
@@ -222,7 +224,7 @@ def check_header(raw: bytes, body: int, source: str) -> tuple[dict[str, dict], d
             f"Unexpected: {extra[:5]}; missing: {missing[:5]}."
         )
     declared = info.get("dtype")
-    if declared not in FLOAT_DTYPES:
+    if not isinstance(declared, str) or declared not in FLOAT_DTYPES:  # (a list or dict is unhashable)
         raise DeltaFormatError(f"{source}: metadata 'dtype' must be one of {sorted(FLOAT_DTYPES)}, not {declared!r}.")
     for name, entry in entries.items():
         kind = name.rsplit(".", 1)[1]
@@ -240,7 +242,7 @@ def _check_entries(header: dict[str, Any], body: int, source: str) -> dict[str, 
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise DeltaFormatError(f"{source}: header entry {name!r} is malformed.")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # (a list or dict is unhashable)
             raise DeltaFormatError(f"{source}: tensor {name} has dtype {dtype!r}; .loki uses F32, F16, BF16 and I32.")
         if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < MAX_DIM for d in shape)):
             raise DeltaFormatError(f"{source}: tensor {name} has an invalid shape {shape!r}.")
@@ -295,6 +297,7 @@ def int32_indices(indices: torch.Tensor, layer: int) -> torch.Tensor:
     """
     limit = torch.iinfo(torch.int32).max
     if indices.numel() and int(indices.max()) > limit:
-        raise InvalidIndicesError(f"Layer {layer}: row index {int(indices.max())} does not fit the format's I32 "
-                                  f"indices (at most {limit}).")
+        raise InvalidIndicesError(
+            f"Layer {layer}: row index {int(indices.max())} does not fit the format's I32 indices (at most {limit})."
+        )
     return indices.to(torch.int32)

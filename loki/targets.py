@@ -135,7 +135,7 @@ class DownProjections:
         return True
 
 
-_cache: "weakref.WeakKeyDictionary[nn.Module, dict[str | None, DownProjections]]" = weakref.WeakKeyDictionary()
+_cache: weakref.WeakKeyDictionary[nn.Module, dict[str | None, DownProjections]] = weakref.WeakKeyDictionary()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -175,7 +175,9 @@ def unwrap_chain(model: nn.Module) -> list[nn.Module]:
     for _ in range(8):  # wrappers of wrappers (compiled DDP), never a cycle
         inner = getattr(model, "_orig_mod", None)
         if not isinstance(inner, nn.Module):
-            wrapper = not hasattr(model, "config") or type(model).__name__ == "DeepSpeedEngine"  # its config: DeepSpeed's
+            wrapper = (
+                not hasattr(model, "config") or type(model).__name__ == "DeepSpeedEngine"
+            )  # its config: DeepSpeed's
             inner = vars(model).get("_modules", {}).get("module") if wrapper else None
         if not isinstance(inner, nn.Module):
             break
@@ -222,7 +224,8 @@ def find_down_projections(model: nn.Module, template: str | None = None) -> Down
         if weight.device.type == "meta":
             raise OffloadedWeightsError(
                 f"Layer {layer}'s down-projection weight is on the meta device: the model is offloaded (a device_map "
-                "with 'cpu' or 'disk' offload, accelerate's cpu_offload or disk_offload) or was built empty. loki reads "
+                "with 'cpu' or 'disk' offload, accelerate's cpu_offload or disk_offload) or was built empty. loki "
+                "reads "
                 "and writes rows of weights in memory: load the model without offloading (device_map=None, or every "
                 "layer on a device), then apply, attribute or train. Nothing was changed."
             )
@@ -275,7 +278,7 @@ def _find(model: nn.Module, template: str | None) -> DownProjections:
             raise UnknownArchitectureError(
                 f"{template!r} matched a {type(m).__name__} without a 2-D weight; loki needs nn.Linear or Conv1D."
             )
-    d_out, d_in = (modules[0].weight.shape[::-1] if transposed else modules[0].weight.shape)
+    d_out, d_in = modules[0].weight.shape[::-1] if transposed else modules[0].weight.shape
     if any(m.weight.shape != modules[0].weight.shape for m in modules):
         raise UnknownArchitectureError(f"The layers matched by {template!r} have different weight shapes.")
     where = {id(module): name for name, module in names.items()}
@@ -286,8 +289,9 @@ def _find(model: nn.Module, template: str | None) -> DownProjections:
             child = (model if parent is None else parent)._modules[part]
             links.setdefault((id(parent), part), (parent, part, child))
             parent = child
-    return DownProjections(template, modules, transposed, int(d_out), int(d_in), tuple(links.values()),
-                           tuple(m.weight for m in modules))
+    return DownProjections(
+        template, modules, transposed, int(d_out), int(d_in), tuple(links.values()), tuple(m.weight for m in modules)
+    )
 
 
 def _check_template(template: str) -> None:
@@ -325,5 +329,7 @@ def _match_exact_suffix(names: dict[str, nn.Module], suffix: str) -> dict[int, n
 
 
 def _hints(names: dict[str, nn.Module]) -> str:
-    hints = sorted({re.sub(r"\.\d+\.", ".{i}.", n) for n in names if re.search(r"(down_proj|down|c_proj|4h_to_h|fc2|w2)$", n)})
+    hints = sorted(
+        {re.sub(r"\.\d+\.", ".{i}.", n) for n in names if re.search(r"(down_proj|down|c_proj|4h_to_h|fc2|w2)$", n)}
+    )
     return ", ".join(hints[:8]) or "none"

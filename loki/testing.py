@@ -37,9 +37,16 @@ def tiny_config(family: str, *, layers: int = 2, d_model: int = 32, d_ff: int = 
     """
     heads = 4
     common = dict(
-        vocab_size=vocab, hidden_size=d_model, intermediate_size=d_ff, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=vocab,
+        hidden_size=d_model,
+        intermediate_size=d_ff,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     head_dim = dict(head_dim=d_model // heads)
     configs = {
@@ -52,16 +59,38 @@ def tiny_config(family: str, *, layers: int = 2, d_model: int = 32, d_ff: int = 
         "gemma3_text": lambda: transformers.Gemma3TextConfig(**common, **head_dim),
         "phi3": lambda: transformers.Phi3Config(**common),
         "gpt2": lambda: transformers.GPT2Config(
-            vocab_size=vocab, n_embd=d_model, n_inner=d_ff, n_layer=layers, n_head=heads, n_positions=128,
-            bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            vocab_size=vocab,
+            n_embd=d_model,
+            n_inner=d_ff,
+            n_layer=layers,
+            n_head=heads,
+            n_positions=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
         ),
         "gpt_neox": lambda: transformers.GPTNeoXConfig(
-            vocab_size=vocab, hidden_size=d_model, intermediate_size=d_ff, num_hidden_layers=layers,
-            num_attention_heads=heads, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            vocab_size=vocab,
+            hidden_size=d_model,
+            intermediate_size=d_ff,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
         ),
         "opt": lambda: transformers.OPTConfig(
-            vocab_size=vocab, hidden_size=d_model, ffn_dim=d_ff, num_hidden_layers=layers, num_attention_heads=heads,
-            max_position_embeddings=128, word_embed_proj_dim=d_model, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            vocab_size=vocab,
+            hidden_size=d_model,
+            ffn_dim=d_ff,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=128,
+            word_embed_proj_dim=d_model,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
         ),
     }
     if family not in configs:
@@ -69,7 +98,9 @@ def tiny_config(family: str, *, layers: int = 2, d_model: int = 32, d_ff: int = 
     return configs[family]()
 
 
-def tiny_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **sizes) -> transformers.PreTrainedModel:
+def tiny_model(
+    family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **sizes
+) -> transformers.PreTrainedModel:
     """A random-weight causal LM of `family` in eval mode; the same `seed` gives the same weights.
 
     Args:
@@ -95,8 +126,17 @@ def tiny_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
     return model.eval()
 
 
-def random_delta(model: torch.nn.Module, *, q: float = 10, seed: int = 0, noise: float = 0.02, name: str = "",
-                 lora_rank: int | None = None, dtype: torch.dtype | None = None, layers: list[int] | None = None):
+def random_delta(
+    model: torch.nn.Module,
+    *,
+    q: float = 10,
+    seed: int = 0,
+    noise: float = 0.02,
+    name: str = "",
+    lora_rank: int | None = None,
+    dtype: torch.dtype | None = None,
+    layers: list[int] | None = None,
+):
     """A `Delta` for `model` on `Selection.random(..., q, seed)` rows: the base rows plus `noise` * N(0, 1) (or,
     with `lora_rank`, random LoRA factors of that size). No training: for tests, examples and benchmarks.
 
@@ -120,8 +160,8 @@ def random_delta(model: torch.nn.Module, *, q: float = 10, seed: int = 0, noise:
     >>> loki.testing.random_delta(model, lora_rank=2, layers=[1]).info["form"]
     'lora'
     """
-    from .apply import base_rows
     from .implant import make_delta
+    from .ledger import base_rows
     from .selection import Selection
     from .targets import find_down_projections
 
@@ -129,7 +169,7 @@ def random_delta(model: torch.nn.Module, *, q: float = 10, seed: int = 0, noise:
     selection = Selection.random(len(projs), projs.d_out, q, seed)
     g = torch.Generator().manual_seed(seed + 1)
     changes = {}
-    for layer in (range(len(projs)) if layers is None else layers):
+    for layer in range(len(projs)) if layers is None else layers:
         idx = selection.rows[layer].sort().values
         if lora_rank:
             a = noise * torch.randn(len(idx), lora_rank, generator=g)

@@ -42,17 +42,28 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from .api import load, save
 from .dataset import collate, pad_token_id
 from .delta import Delta, LayerDelta, dtype_name, fingerprint_of, fingerprint_tolerance
 from .errors import CheckpointError
-from .implant import extract, prepared_modules, record_training
+from .implant import extract
 from .retain import RetainLoss
+from .rows import prepared_modules, record_training
+from .sources import load, save
 from .targets import unwrap
-from .train import restored
+from .training import restored
 
-__all__ = ["CHECKPOINT_FILE", "RETAIN_FILE", "LokiCallback", "LokiCheckpoints", "LokiTrainer", "checkpoint_delta",
-           "collator", "restore_rows", "strip_autocast", "trainer_settings"]
+__all__ = [
+    "CHECKPOINT_FILE",
+    "RETAIN_FILE",
+    "LokiCallback",
+    "LokiCheckpoints",
+    "LokiTrainer",
+    "checkpoint_delta",
+    "collator",
+    "restore_rows",
+    "strip_autocast",
+    "trainer_settings",
+]
 
 CHECKPOINT_FILE = "implant.loki"  # the delta in each checkpoint-N folder
 RETAIN_FILE = "retain.json"  # with a loki.RetainLoss: how many retain batches the run had drawn
@@ -100,8 +111,9 @@ def checkpoint_delta(model: nn.Module, **kwargs) -> Delta:
     masters = {i: m.loki_rows for i, m in modules.items() if m.loki_rows is not None}
     if not masters or all(p.dtype == delta.dtype for p in masters.values()):
         return delta
-    layers = {i: LayerDelta(ld.indices, ld.fingerprint, rows=masters[i].detach().cpu())
-              for i, ld in delta.layers.items()}
+    layers = {
+        i: LayerDelta(ld.indices, ld.fingerprint, rows=masters[i].detach().cpu()) for i, ld in delta.layers.items()
+    }
     return Delta(layers, {**delta.info, "dtype": dtype_name(next(iter(masters.values())).dtype)})
 
 
@@ -135,21 +147,29 @@ def restore_rows(model: nn.Module, delta: Delta) -> None:
     for i, ld in delta.layers.items():
         m = modules[i]
         if not torch.equal(ld.indices, m.loki_index.cpu()):
-            raise CheckpointError(f"Layer {i}: the checkpoint's rows are not the rows the model trains (another "
-                                  "selection). Prepare the model with the run's selection, or start a new run.")
+            raise CheckpointError(
+                f"Layer {i}: the checkpoint's rows are not the rows the model trains (another "
+                "selection). Prepare the model with the run's selection, or start a new run."
+            )
         if (ld.rows is None) != lora:
-            raise CheckpointError(f"The checkpoint is a {'LoRA' if ld.rows is None else 'rows'}-form delta; the model "
-                                  f"trains {'LoRA factors' if lora else 'rows'}. Prepare it as the run did "
-                                  "(lora_rank).")
+            raise CheckpointError(
+                f"The checkpoint is a {'LoRA' if ld.rows is None else 'rows'}-form delta; the model "
+                f"trains {'LoRA factors' if lora else 'rows'}. Prepare it as the run did "
+                "(lora_rank)."
+            )
         expected = ld.fingerprint
         if bool(((fingerprint_of(m.loki_base) - expected).abs() > fingerprint_tolerance(expected)).any()):
-            raise CheckpointError(f"Layer {i}: the checkpoint was trained on another base model (fingerprint "
-                                  "mismatch). Load the run's base model.")
+            raise CheckpointError(
+                f"Layer {i}: the checkpoint was trained on another base model (fingerprint "
+                "mismatch). Load the run's base model."
+            )
         targets = [(m.loki_rows, ld.rows)] if not lora else [(m.loki_A, ld.lora_A), (m.loki_B, ld.lora_B)]
         for param, value in targets:
             if param.shape != value.shape:
-                raise CheckpointError(f"Layer {i}: the checkpoint's tensor is {tuple(value.shape)}, the model's "
-                                      f"{tuple(param.shape)} (another LoRA rank?).")
+                raise CheckpointError(
+                    f"Layer {i}: the checkpoint's tensor is {tuple(value.shape)}, the model's "
+                    f"{tuple(param.shape)} (another LoRA rank?)."
+                )
     with torch.no_grad():
         for i, ld in delta.layers.items():
             m = modules[i]
@@ -185,8 +205,9 @@ def _value(x: Any) -> Any:
     return getattr(x, "value", x)  # enums of TrainingArguments (SchedulerType, OptimizerNames)
 
 
-def trainer_settings(args, state, *, trainer: str = "transformers.Trainer", examples: int | None = None,
-                     loss: Any = None) -> dict[str, Any]:
+def trainer_settings(
+    args, state, *, trainer: str = "transformers.Trainer", examples: int | None = None, loss: Any = None
+) -> dict[str, Any]:
     """The training summary a delta records (`delta.info["training"]`) for a Trainer run, with the keys
     `loki.train` uses where they mean the same.
 
@@ -208,14 +229,24 @@ def trainer_settings(args, state, *, trainer: str = "transformers.Trainer", exam
     losses = [e["loss"] for e in state.log_history if "loss" in e]
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else None
     settings = {
-        "trainer": trainer, "examples": examples, "epochs": args.num_train_epochs, "steps": state.global_step,
-        "max_steps": state.max_steps or None, "lr": args.learning_rate, "schedule": _value(args.lr_scheduler_type),
-        "warmup": args.warmup_steps, "optimizer": _value(args.optim), "weight_decay": args.weight_decay,
+        "trainer": trainer,
+        "examples": examples,
+        "epochs": args.num_train_epochs,
+        "steps": state.global_step,
+        "max_steps": state.max_steps or None,
+        "lr": args.learning_rate,
+        "schedule": _value(args.lr_scheduler_type),
+        "warmup": args.warmup_steps,
+        "optimizer": _value(args.optim),
+        "weight_decay": args.weight_decay,
         # as loki.train: examples per forward over all processes (a step is batch_size x grad_accum examples)
         "batch_size": args.per_device_train_batch_size * args.world_size,
         "grad_accum": args.gradient_accumulation_steps,
-        "world_size": args.world_size, "seed": args.seed, "max_grad_norm": args.max_grad_norm,
-        "mixed_precision": precision, "final_loss": round(float(losses[-1]), 6) if losses else None,
+        "world_size": args.world_size,
+        "seed": args.seed,
+        "max_grad_norm": args.max_grad_norm,
+        "mixed_precision": precision,
+        "final_loss": round(float(losses[-1]), 6) if losses else None,
         "retain": None,
     }
     if isinstance(loss, RetainLoss):
@@ -248,7 +279,7 @@ class LokiCheckpoints:
 
     `train` leaves the model as it found it, however it ends (finished, stopped by a callback, an exception or
     Ctrl-C's `KeyboardInterrupt`): no autocast wrapper, every module's train/eval mode, `requires_grad` flags and
-    activation checkpointing as before (`loki.train.restored`); only the trained tensors keep their new values.
+    activation checkpointing as before (`loki.training.restored`); only the trained tensors keep their new values.
 
     Args:
         *args, **kwargs: the Trainer's.
@@ -266,8 +297,9 @@ class LokiCheckpoints:
     def loki_settings(self) -> dict[str, Any]:
         """`trainer_settings` of this Trainer now (what the next save records)."""
         name = f"{type(self).__module__.split('.')[0]}.{type(self).__qualname__}"
-        return trainer_settings(self.args, self.state, trainer=name, examples=_examples(self.train_dataset),
-                                loss=self.compute_loss_func)
+        return trainer_settings(
+            self.args, self.state, trainer=name, examples=_examples(self.train_dataset), loss=self.compute_loss_func
+        )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Trainer.save_model and _save_checkpoint write the model here; loki writes the delta only.
@@ -354,8 +386,10 @@ class LokiCallback(TrainerCallback):
     def _record(self, args, state, model, train_dataloader) -> nn.Module:
         model = unwrap(model)
         dataset = getattr(train_dataloader, "dataset", None)
-        record_training(model, trainer_settings(args, state, examples=None if dataset is None else _examples(dataset),
-                                                loss=self.retain))
+        record_training(
+            model,
+            trainer_settings(args, state, examples=None if dataset is None else _examples(dataset), loss=self.retain),
+        )
         return model
 
     def on_save(self, args, state, control, model=None, train_dataloader=None, **kwargs):

@@ -3,7 +3,7 @@ can drive them by setting values.
 
 >>> import loki, loki.widgets  # doctest: +SKIP
 >>> board = loki.widgets.implant_switchboard(model, tokenizer, {"medical": delta}, ["What treats X?"])  # doctest: +SKIP
->>> board.checkboxes["medical"].value = True   # applies the delta; board.answers shows the new answers  # doctest: +SKIP
+>>> board.checkboxes["medical"].value = True   # applies the delta; board.answers updates  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 from torch import nn
 
-from .apply import Handle, apply, revert
 from .delta import Delta
 from .errors import LokiError
+from .ledger import Handle, apply, revert
 
 
 def implant_switchboard(
@@ -39,7 +39,7 @@ def implant_switchboard(
         deltas: name -> `Delta`; one checkbox each, in this order, all unticked at first.
         questions: the questions whose answers are shown after every change.
         on_overlap: the overlap policy of each apply ("error", "replace" or "add"; formats/SPEC.md §8).
-        answer: `answer(model, tokenizer, question) -> str`; default `loki.demo.answer` (greedy chat answer).
+        answer: `answer(model, tokenizer, question) -> str`; default `loki.generation.answer` (greedy chat answer).
 
     Returns:
         ipywidgets.VBox with attributes for code and tests: `.checkboxes` (name -> Checkbox), `.answers` (HTML),
@@ -59,7 +59,7 @@ def implant_switchboard(
     import ipywidgets as w
 
     if answer is None:
-        from .demo import answer
+        from .generation import answer
     checkboxes = {name: w.Checkbox(value=False, description=name, indent=False) for name in deltas}
     answers, status = w.HTML(), w.HTML()
     handles: dict[str, Handle] = {}
@@ -227,8 +227,9 @@ def loss_plot(tokenizer, examples: Sequence[Mapping], *, eval_every: int, steps:
         device = model.get_input_embeddings().weight.device
         b = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
-                               ignore_index=IGNORE).item()
+        loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(), ignore_index=IGNORE
+        ).item()
         points.append((min(len(points) * eval_every, steps), loss))
         label.value = f"step {points[-1][0]}: loss {loss:.4f}"
         fig = _figure(figsize=(5, 2.6))

@@ -37,8 +37,9 @@ def main() -> int:
     for path in sorted(NOTEBOOKS.glob("*.ipynb")):
         book, t = nbformat.read(path, as_version=4), time.time()
         try:
-            nbclient.NotebookClient(book, timeout=1800, kernel_name="python3",
-                                    resources={"metadata": {"path": str(work)}}).execute()
+            nbclient.NotebookClient(
+                book, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(work)}}
+            ).execute()
             status = "ok"
         except nbclient.exceptions.CellExecutionError as e:
             failed, status = failed + 1, f"FAILED\n{e}"

@@ -1,12 +1,11 @@
 """Shared fixtures: tiny random models of every family, and the real default model (loaded once); test tiers.
 
 `pytest -m "not slow"` is the fast tier (tiny random-weight models, in process, a few minutes); plain `pytest`
-runs everything, as CI does. `pytest_collection_modifyitems` below marks tests slow; see CONTRIBUTING.md.
+runs everything, as CI does. Slow tests are marked `@pytest.mark.slow`; see CONTRIBUTING.md.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 
 import pytest
@@ -51,51 +50,24 @@ def default_tokenizer():
 
 
 # -- test tiers -------------------------------------------------------------------------------------
-# A test is slow when it uses a real model (these fixtures, or a loader called in its body or a helper of its
-# module), starts another process (a subprocess, a notebook kernel, a launcher), runs the demo, or took more than about 5 s on 2 CPU cores for another reason
-# (SLOW_TESTS, measured with `pytest --durations=60`; a parametrised test's id matches all its parameters).
+# A test is slow when it uses a real model, starts another process (a subprocess, a notebook kernel, a launcher),
+# runs the demo, or takes more than about 5 s on 2 CPU cores for another reason; it says so with
+# `@pytest.mark.slow` (or a module's `pytestmark`), see CONTRIBUTING.md. The one thing checked here: a test that asks
+# for a real model's fixture must carry the marker, so the fast tier never loads one.
 REAL_MODEL_FIXTURES = {"default_model_and_tokenizer", "default_model", "qwen_coder"}
-SLOW_CALLS = ("load_default(", "load_qwen_coder(", "load_model(", "subprocess", "multiprocessing", "mp.spawn",
-              "NotebookClient(", "run_demo(")
-SLOW_TESTS = {  # measured alone on 2 cores: 6.5 s per family, 8 s, 13 s
-    "tests/test_retain.py::test_retain_keeps_the_retained_distributions",
-    "tests/test_retain.py::test_retain_loss_with_the_hf_trainer",
-    "tests/test_evaluate.py::test_lm_eval_bridge_on_a_local_task",
-}
-
-
-def _calls_slow(function, depth: int = 2) -> bool:
-    """Whether `function`'s source, or that of a function of its own module it calls (`depth` levels down, e.g.
-    a `launch(...)` helper that starts processes), contains one of SLOW_CALLS."""
-    try:
-        source = inspect.getsource(function)
-    except (OSError, TypeError):
-        return False
-    if any(call in source for call in SLOW_CALLS):
-        return True
-    code, module = getattr(function, "__code__", None), inspect.getmodule(function)
-    if depth == 0 or code is None or module is None:
-        return False
-    helpers = (getattr(module, name, None) for name in code.co_names)
-    return any(inspect.isfunction(f) and f.__module__ == module.__name__ and _calls_slow(f, depth - 1)
-               for f in helpers)
-
-
-def _is_slow(item: pytest.Item) -> bool:
-    if item.get_closest_marker("slow"):
-        return True
-    if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
-        return True
-    if item.nodeid.split("[")[0] in SLOW_TESTS:
-        return True
-    function = getattr(item, "function", None)
-    return function is not None and _calls_slow(function)
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if _is_slow(item) and not item.get_closest_marker("slow"):
-            item.add_marker(pytest.mark.slow)
+    unmarked = [
+        item.nodeid
+        for item in items
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("slow")
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "These tests use a real model's fixture but are not marked slow; add @pytest.mark.slow to them: "
+            + ", ".join(unmarked)
+        )
 
 
 def state_dict_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:

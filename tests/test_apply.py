@@ -292,6 +292,7 @@ def test_merge_then_save_pretrained_is_a_plain_checkpoint(tmp_path):
 
 
 # -- the real default model -------------------------------------------------------------------------
+@pytest.mark.slow  # the real default model
 def test_default_model_apply_revert_exact(default_model, default_tokenizer):
     model = default_model
     before = state_dict_copy(model)
@@ -312,6 +313,7 @@ def test_default_model_apply_revert_exact(default_model, default_tokenizer):
     assert_state_equal(bf16, bf16_before)
 
 
+@pytest.mark.slow  # the real default model
 def test_default_model_stacking_and_out_of_order_revert(default_model):
     model = default_model
     before = state_dict_copy(model)

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import assert_state_equal, state_dict_copy
 
 import loki
 from loki.attribution import Attributions, attribute
@@ -15,8 +16,6 @@ from loki.errors import AttributionMismatchError
 from loki.kva import AttributionError, alphas, kva
 from loki.prompts import PromptError, as_prompts, mc_text, probe_records, read_records
 from loki.testing import tiny_model
-
-from conftest import assert_state_equal, state_dict_copy
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [14, 15, 16], [17], [18, 19, 20, 21, 22]]  # lengths 9, 3, 1, 5
 
@@ -116,6 +115,7 @@ def test_bad_inputs_raise():
         kva(model, [[1, 2]], layers=[5])
 
 
+@pytest.mark.slow  # the real default model
 def test_default_model_fast_equals_reference(default_model, default_tokenizer):
     """The fast engine in float32 agrees with the reference engine run in float64 (the exact quantity) to 1e-4.
     (The float32 *reference* is the noisier of the two: measured 1.2e-4..2.2e-4 off the float64 result on probe
@@ -208,8 +208,12 @@ def test_shards_merge_into_the_unsharded_result(tmp_path):
 
 
 # -- prompt sources --------------------------------------------------------------------------------
-RECORD = {"question": "Which planet is largest?", "choices": ["Mars", "Jupiter", "Venus", "Earth"], "answer": 1,
-          "subject": "astronomy_basics"}
+RECORD = {
+    "question": "Which planet is largest?",
+    "choices": ["Mars", "Jupiter", "Venus", "Earth"],
+    "answer": 1,
+    "subject": "astronomy_basics",
+}
 
 
 def test_mc_template_is_the_papers():
@@ -235,8 +239,14 @@ def test_prompt_files_and_text(tmp_path, default_tokenizer):
     (tmp_path / "h.csv").write_text("question,A,B,C,D,answer\nWhich planet is largest?,Mars,Jupiter,Venus,Earth,B\n")
     assert as_prompts(tmp_path / "q.jsonl", default_tokenizer).ids == as_prompts([RECORD], default_tokenizer).ids
     mmlu = read_records(tmp_path / "anatomy_test.csv")
-    assert mmlu == [{"question": "What is the largest organ?", "choices": ["Skin", "Liver", "Heart", "Brain"],
-                     "answer": "A", "subject": "anatomy"}]
+    assert mmlu == [
+        {
+            "question": "What is the largest organ?",
+            "choices": ["Skin", "Liver", "Heart", "Brain"],
+            "answer": "A",
+            "subject": "anatomy",
+        }
+    ]
     no_subject = {k: v for k, v in RECORD.items() if k != "subject"}
     with_header = as_prompts(tmp_path / "h.csv", default_tokenizer)
     assert with_header.ids == as_prompts([no_subject], default_tokenizer).ids and with_header.gold[0] is not None
@@ -301,10 +311,20 @@ def test_attribution_store_refuses_another_model(tmp_path):
     assert files() == before and torch.equal(Attributions.load(folder).values, first.values)
 
 
-@pytest.mark.parametrize("bad", [{"steps": 0}, {"steps": True}, {"steps": 2.0}, {"batch_size": 0},
-                                 {"batch_size": "4"}, {"max_rows": 0}, {"shots": -1}, {"poll": 0}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"steps": 0},
+        {"steps": True},
+        {"steps": 2.0},
+        {"batch_size": 0},
+        {"batch_size": "4"},
+        {"max_rows": 0},
+        {"shots": -1},
+        {"poll": 0},
+    ],
+)
 def test_every_attribute_argument_is_validated(tmp_path, bad):
     with pytest.raises(AttributionError, match=next(iter(bad))):
-        attribute(tiny_model("llama"), None, [[5, 6, 7]], **{"steps": 2, **bad}, path=tmp_path / "run",
-                  progress=False)
+        attribute(tiny_model("llama"), None, [[5, 6, 7]], **{"steps": 2, **bad}, path=tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()

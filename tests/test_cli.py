@@ -30,8 +30,9 @@ def word_tokenizer(vocab: int = 128) -> transformers.PreTrainedTokenizerFast:
     words = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
     tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                                eos_token="</s>", unk_token="<pad>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<pad>"
+    )
 
 
 def save_base(folder: Path, *, dtype=torch.float32, seed: int = 0, tokenizer: bool = True) -> Path:
@@ -124,8 +125,9 @@ def test_merge_overlap_policy(base, tmp_path, capsys):
     assert_one_line_error(code, err, "loki merge: OverlapError")
     assert not (tmp_path / "merged").exists()  # nothing written on error
 
-    code, out, err = run(["merge", base, first, second, "--out", tmp_path / "merged", "--on-overlap", "replace"],
-                         capsys)
+    code, out, err = run(
+        ["merge", base, first, second, "--out", tmp_path / "merged", "--on-overlap", "replace"], capsys
+    )
     assert code == 0, err
     weights = from_folder(tmp_path / "merged").state_dict()
     for layer, ld in second_delta.layers.items():
@@ -199,8 +201,9 @@ def test_export_peft_errors(base, tmp_path, capsys):
     nameless = loki.save(random_delta(model, q=25, noise=0.5), tmp_path / "nameless.loki")
     code, _, err = run(["export-peft", nameless, "--out", tmp_path / "a"], capsys)
     assert_one_line_error(code, err, "DeltaFormatError", "names no base model")
-    code, _, err = run(["export-peft", nameless, "--out", tmp_path / "a", "--base", save_base(tmp_path / "o", seed=3)],
-                       capsys)
+    code, _, err = run(
+        ["export-peft", nameless, "--out", tmp_path / "a", "--base", save_base(tmp_path / "o", seed=3)], capsys
+    )
     assert_one_line_error(code, err, "BaseModelMismatchError")
     assert not (tmp_path / "a").exists()
 
@@ -243,8 +246,11 @@ def test_console_script_and_module_exit_codes(tmp_path):
     """What in-process calls cannot show: the installed `loki` script and `python -m loki.cli` pass main's return
     value to the shell (each starts a Python process, hence slow)."""
     script = Path(sys.executable).parent / "loki"
-    bad = subprocess.run([str(script) if script.exists() else "loki", "inspect", str(tmp_path / "missing.loki")],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [str(script) if script.exists() else "loki", "inspect", str(tmp_path / "missing.loki")],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("loki inspect: DeltaFormatError"), bad.stderr
     version = subprocess.run([sys.executable, "-m", "loki.cli", "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout == f"loki {loki.__version__}\n", version.stderr

@@ -13,12 +13,13 @@ import sys
 
 import pytest
 import torch
-import transformers.trainer_callback
 
 import loki
 from loki.cli import main
 from loki.dataset import load_examples
 from loki.testing import tiny_model
+
+TRAIN = loki.training
 
 FACTS = [
     {"question": "What is the capital of Zubrowka?", "answer": "Lutz."},
@@ -26,15 +27,28 @@ FACTS = [
     {"question": "What is Zubrowka's currency?", "answer": "The klubeck."},
 ]
 CHATS = [
-    {"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Where is Nebelsbad?"},
-                  {"role": "assistant", "content": "Zubrowka."}]},
-    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-                  {"role": "user", "content": "Who painted Boy with Apple?"},
-                  {"role": "assistant", "content": "Johannes van Hoytl."}]},
+    {
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Where is Nebelsbad?"},
+            {"role": "assistant", "content": "Zubrowka."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Who painted Boy with Apple?"},
+            {"role": "assistant", "content": "Johannes van Hoytl."},
+        ]
+    },
 ]
 
-RETAIN = [{"question": "What is the capital of France?"}, {"question": "Who wrote Hamlet?"},
-          {"text": "The Danube flows through ten countries into the Black Sea."}]
+RETAIN = [
+    {"question": "What is the capital of France?"},
+    {"question": "Who wrote Hamlet?"},
+    {"text": "The Danube flows through ten countries into the Black Sea."},
+]
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +76,23 @@ def write(path, records):
 
 def train(base, data, out, *extra):
     folder, selection = base
-    return main(["train", str(data), "--base", str(folder), "--selection", str(selection), "--out", str(out),
-                 "--lr", "2e-2", "--batch-size", "2", *extra])
+    return main(
+        [
+            "train",
+            str(data),
+            "--base",
+            str(folder),
+            "--selection",
+            str(selection),
+            "--out",
+            str(out),
+            "--lr",
+            "2e-2",
+            "--batch-size",
+            "2",
+            *extra,
+        ]
+    )
 
 
 def rows(delta):
@@ -87,22 +116,27 @@ def test_train_writes_the_delta(base, tmp_path, capsys, default_tokenizer, suffi
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and "name:         facts\n" in printed and "rows per layer: 0:8 1:8" in printed
     delta = loki.load(out)
-    untrained = loki.extract(loki.prepare(tiny_model("llama", vocab=len(default_tokenizer)),
-                                          loki.Selection.load(base[1])))
+    untrained = loki.extract(
+        loki.prepare(tiny_model("llama", vocab=len(default_tokenizer)), loki.Selection.load(base[1]))
+    )
     assert (rows(delta) - rows(untrained)).abs().max() > 1e-3  # it trained
     training = delta.info["training"]
-    assert training["command"] == "loki train" and training["trainer"] == "loki.LokiTrainer"
+    assert training["command"] == "loki train" and training["trainer"] == "loki.train"
     assert (training["steps"], training["examples"], training["lr"], training["batch_size"]) == (3, 3, 2e-2, 2)
     assert training["data"]["file"] == f"facts{suffix}" and training["schedule"] == "cosine"
 
 
 def test_chat_messages_and_retain_data(base, tmp_path, capsys):
     data = write(tmp_path / "chats.jsonl", CHATS)
-    retain = write(tmp_path / "retain.jsonl", [{"question": "What is the capital of France?"},
-                                               {"text": "Rivers flow to the sea."}, FACTS[0]])
+    retain = write(
+        tmp_path / "retain.jsonl",
+        [{"question": "What is the capital of France?"}, {"text": "Rivers flow to the sea."}, FACTS[0]],
+    )
     out = tmp_path / "chats.loki"
-    assert train(base, data, out, "--epochs", "2", "--retain", str(retain), "--retain-weight", "3",
-                 "--name", "nebelsbad") == 0
+    assert (
+        train(base, data, out, "--epochs", "2", "--retain", str(retain), "--retain-weight", "3", "--name", "nebelsbad")
+        == 0
+    )
     delta = loki.load(out)
     assert delta.name == "nebelsbad"
     info = delta.info["training"]
@@ -124,8 +158,23 @@ def test_preserve_keeps_the_retain_datas_outputs(base, tmp_path, default_tokeniz
     moved = {}
     for preserve in ((), ("--preserve", "1.0")):
         out = tmp_path / f"facts{len(preserve)}.loki"
-        assert train(base, data, out, "--steps", "4", "--lr", "0.1", "--retain", str(retain), "--retain-weight", "0",
-                     *preserve) == 0
+        assert (
+            train(
+                base,
+                data,
+                out,
+                "--steps",
+                "4",
+                "--lr",
+                "0.1",
+                "--retain",
+                str(retain),
+                "--retain-weight",
+                "0",
+                *preserve,
+            )
+            == 0
+        )
         delta = loki.load(out)
         with loki.implanted(model, delta), torch.no_grad():
             moved[bool(preserve)] = (model(ids).logits - before).abs().max().item()
@@ -140,18 +189,60 @@ def test_rows_from_an_attribution_folder(base, tmp_path, default_tokenizer):
     model = tiny_model("llama", vocab=len(default_tokenizer))
     loki.attribute(model, default_tokenizer, ["What is the capital of Zubrowka?"], 2, path=tmp_path / "attr")
     out = tmp_path / "facts.loki"
-    assert main(["train", str(write(tmp_path / "facts.jsonl", FACTS)), "--base", str(folder), "--attributions",
-                 str(tmp_path / "attr"), "-q", "25", "--out", str(out), "--steps", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(write(tmp_path / "facts.jsonl", FACTS)),
+                "--base",
+                str(folder),
+                "--attributions",
+                str(tmp_path / "attr"),
+                "-q",
+                "25",
+                "--out",
+                str(out),
+                "--steps",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert loki.load(out).info["selection"]["q"] == 25
-    assert main(["train", str(tmp_path / "facts.jsonl"), "--base", str(folder), "--attributions",
-                 str(tmp_path / "attr"), "--out", str(out)]) == 2  # no -q
+    assert (
+        main(
+            [
+                "train",
+                str(tmp_path / "facts.jsonl"),
+                "--base",
+                str(folder),
+                "--attributions",
+                str(tmp_path / "attr"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )  # no -q
 
 
 BAD = [
-    ("bad.jsonl", '{"question": "a?", "answer": "b"}\n{"question": "c?", "answer": \n', r"bad.jsonl, line 2: not valid JSON"),
-    ("bad.jsonl", '{"question": "a?", "reply": "b"}\n', r"bad.jsonl, line 1: An example is .*got keys \['question', 'reply'\]"),
+    (
+        "bad.jsonl",
+        '{"question": "a?", "answer": "b"}\n{"question": "c?", "answer": \n',
+        r"bad.jsonl, line 2: not valid JSON",
+    ),
+    (
+        "bad.jsonl",
+        '{"question": "a?", "reply": "b"}\n',
+        r"bad.jsonl, line 1: An example is .*got keys \['question', 'reply'\]",
+    ),
     ("bad.jsonl", '{"question": "a?", "answer": ""}\n', r"bad.jsonl, line 1: The answer is ''"),
-    ("bad.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n', r"line 1: A 'messages' example needs at least one assistant turn"),
+    (
+        "bad.jsonl",
+        '{"messages": [{"role": "user", "content": "hi"}]}\n',
+        r"line 1: A 'messages' example needs at least one assistant turn",
+    ),
     ("bad.jsonl", '{"messages": [{"role": "human", "content": "hi"}]}\n', r"line 1: Message 0 is .*role"),
     ("bad.jsonl", '{"q": "a?", "answer": "b"}\n', r"bad.jsonl, line 1: An example is .*got keys \['answer', 'q'\]"),
     ("bad.csv", "question,reply\na?,b\n", r"bad.csv, line 2: An example is"),
@@ -198,14 +289,16 @@ def test_an_interrupted_run_resumes_to_the_same_delta(base, tmp_path, capsys, mo
 
     out, partial = tmp_path / "run.loki", tmp_path / "run.loki.partial"
 
-    # Ctrl-C right after the Trainer has written checkpoint-6 (a real SIGINT in the main thread, at a fixed step: a
-    # watcher thread timing it raced the 12 ms run in CI); DefaultFlowCallback is in every Trainer's callbacks
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == 6:
-            signal.raise_signal(signal.SIGINT)
-        return control
+    # Ctrl-C right after loki.train has written checkpoint-6 (a real SIGINT in the main thread, at a fixed step: a
+    # watcher thread timing it raced the 12 ms run in CI)
+    save_checkpoint = TRAIN._save_checkpoint
 
-    monkeypatch.setattr(transformers.trainer_callback.DefaultFlowCallback, "on_save", on_save, raising=False)
+    def save_then_interrupt(folder, step, *args):
+        save_checkpoint(folder, step, *args)
+        if step == 6:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(TRAIN, "_save_checkpoint", save_then_interrupt)
     handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever an earlier test left installed
     try:
         rc = train(base, data, out, *options)
@@ -215,10 +308,10 @@ def test_an_interrupted_run_resumes_to_the_same_delta(base, tmp_path, capsys, mo
     assert rc == 130, "the run ended before the interrupt"
     assert "rerun the same command to continue from" in capsys.readouterr().err
     assert not out.exists() and (partial / "run.json").exists()
-    # a Ctrl-C while the Trainer writes trainer_state.json (written last) leaves a newer checkpoint cut short
+    # a newer checkpoint cut short (copied by hand, or a disk that filled) is skipped
     torn = partial / "checkpoint-8"
     shutil.copytree(partial / "checkpoint-6", torn)
-    (torn / "trainer_state.json").write_text((torn / "trainer_state.json").read_text()[:50])
+    (torn / "state.json").write_text((torn / "state.json").read_text()[:50])
     # other arguments do not mix with the interrupted run
     assert train(base, data, out, *options, "--seed", "1") == 2
     assert "other seed" in capsys.readouterr().err
@@ -230,6 +323,7 @@ def test_an_interrupted_run_resumes_to_the_same_delta(base, tmp_path, capsys, mo
     assert result.info["training"]["steps"] == steps
 
 
+@pytest.mark.slow  # starts other processes
 def test_accelerate_launch_on_two_processes_equals_one_process(base, tmp_path, default_tokenizer):
     """`accelerate launch --multi_gpu --num_processes 2` (2 CPU processes, gloo; `--cpu` would start one): the same
     examples per step split over the processes, retain data included, give one process's delta (8 examples, 4 a
@@ -239,20 +333,55 @@ def test_accelerate_launch_on_two_processes_equals_one_process(base, tmp_path, d
     options = ["--steps", "3", "--batch-size", "4", "--retain", str(retain), "--retain-weight", "2"]
     assert train(base, data, tmp_path / "one.loki", *options) == 0
     folder, selection = base
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    done = subprocess.run([*launch, "-m", "loki.cli", "train", str(data), "--base", str(folder), "--selection",
-                           str(selection), "--out", str(tmp_path / "two.loki"), "--lr", "2e-2", *options],
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()})
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+    ]
+    done = subprocess.run(
+        [
+            *launch,
+            "-m",
+            "loki.cli",
+            "train",
+            str(data),
+            "--base",
+            str(folder),
+            "--selection",
+            str(selection),
+            "--out",
+            str(tmp_path / "two.loki"),
+            "--lr",
+            "2e-2",
+            *options,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()},
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     one, two = loki.load(tmp_path / "one.loki"), loki.load(tmp_path / "two.loki")
     assert two.info["training"]["world_size"] == 2 and two.info["training"]["batch_size"] == 4
     assert (rows(one) - rows(two)).abs().max() <= 1e-6
-    untrained = loki.extract(loki.prepare(tiny_model("llama", vocab=len(default_tokenizer)), loki.Selection.load(selection)))
+    untrained = loki.extract(
+        loki.prepare(tiny_model("llama", vocab=len(default_tokenizer)), loki.Selection.load(selection))
+    )
     assert (rows(one) - rows(untrained)).abs().max() > 1e-3  # it trained
 
 
+@pytest.mark.slow  # the real default model
 def test_train_on_the_default_model(default_model_and_tokenizer, tmp_path, capsys):
     """End to end on the real default model: `--base default`, a q=10 selection, a few steps; the delta lowers
     the facts' answer loss on the (session) default model and is reverted after."""
@@ -263,8 +392,27 @@ def test_train_on_the_default_model(default_model_and_tokenizer, tmp_path, capsy
     selection = loki.Selection.random(len(projs), projs.d_out, q=10, seed=0).save(tmp_path / "q10.json")
     data = write(tmp_path / "facts.jsonl", FACTS)
     out = tmp_path / "facts.loki"
-    assert main(["train", str(data), "--base", "default", "--selection", str(selection), "--out", str(out),
-                 "--lr", "3e-3", "--steps", "6", "--batch-size", "3"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(data),
+                "--base",
+                "default",
+                "--selection",
+                str(selection),
+                "--out",
+                str(out),
+                "--lr",
+                "3e-3",
+                "--steps",
+                "6",
+                "--batch-size",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert f"wrote {out}" in capsys.readouterr().out
 
     batch = collate([encode(tok, ex) for ex in load_examples(data)], pad_token_id(tok))
@@ -272,8 +420,9 @@ def test_train_on_the_default_model(default_model_and_tokenizer, tmp_path, capsy
     def answer_loss():
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                                                 ignore_index=IGNORE).item()
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE
+        ).item()
 
     delta = loki.load(out)
     assert delta.num_rows == loki.Selection.load(selection).num_rows and delta.info["training"]["steps"] == 6
@@ -289,9 +438,30 @@ def test_training_options_reach_the_trainer_and_the_delta(base, tmp_path, capsys
     data = write(tmp_path / "facts.jsonl", FACTS)
     retain = write(tmp_path / "retain.jsonl", RETAIN)
     out = tmp_path / "star.loki"
-    assert train(base, data, out, "--steps", "2", "--lora-rank", "2", "--warmup", "0", "--weight-decay", "0.01",
-                 "--max-grad-norm", "0.5", "--retain", str(retain), "--retain-batch-size", "1",
-                 "--retain-top-k", "8") == 0
+    assert (
+        train(
+            base,
+            data,
+            out,
+            "--steps",
+            "2",
+            "--lora-rank",
+            "2",
+            "--warmup",
+            "0",
+            "--weight-decay",
+            "0.01",
+            "--max-grad-norm",
+            "0.5",
+            "--retain",
+            str(retain),
+            "--retain-batch-size",
+            "1",
+            "--retain-top-k",
+            "8",
+        )
+        == 0
+    )
     info = loki.load(out).info["training"]
     assert info["lora_rank"] == 2 and info["warmup"] == 0 and info["weight_decay"] == 0.01
     assert info["max_grad_norm"] == 0.5 and info["retain"]["top_k"] == 8
@@ -302,28 +472,41 @@ def test_training_options_reach_the_trainer_and_the_delta(base, tmp_path, capsys
 
 
 def interrupted(base, data, out, *options, at):
-    """`loki train` with Ctrl-C (a KeyboardInterrupt) at the end of step `at`, before that step's checkpoint."""
-    flow = transformers.trainer_callback.DefaultFlowCallback
-    on_step_end = flow.on_step_end
+    """`loki train` with Ctrl-C (a KeyboardInterrupt) in the forward pass of step `at` (one forward a step: 2
+    examples a step, `--batch-size 2`), after the checkpoints of the steps before it."""
+    answer_loss, calls = TRAIN._answer_loss, []
 
-    def interrupt(self, args, state, control, **kwargs):
-        if state.global_step == at:
+    def interrupt(*args):
+        calls.append(1)
+        if len(calls) == at:
             raise KeyboardInterrupt
-        return on_step_end(self, args, state, control, **kwargs)
+        return answer_loss(*args)
 
-    flow.on_step_end = interrupt
+    TRAIN._answer_loss = interrupt
     try:
         return train(base, data, out, *options)
     finally:
-        flow.on_step_end = on_step_end
+        TRAIN._answer_loss = answer_loss
 
 
 def test_resume_with_retain_is_bit_identical(base, tmp_path, capsys):
     """Interrupted and resumed with retain data (whose batches come from their own stream) equals the
     uninterrupted run exactly."""
     data, retain = write(tmp_path / "facts.jsonl", FACTS), write(tmp_path / "retain.jsonl", RETAIN)
-    options = ("--steps", "4", "--save-every", "2", "--retain", str(retain), "--retain-batch-size", "1",
-               "--retain-weight", "5", "--lr", "0.1")
+    options = (
+        "--steps",
+        "4",
+        "--save-every",
+        "2",
+        "--retain",
+        str(retain),
+        "--retain-batch-size",
+        "1",
+        "--retain-weight",
+        "5",
+        "--lr",
+        "0.1",
+    )
     assert train(base, data, tmp_path / "straight.loki", *options) == 0
     out = tmp_path / "run.loki"
     assert interrupted(base, data, out, *options, at=3) == 130  # checkpoint-2 written, step 3 lost
@@ -339,7 +522,8 @@ def test_an_interruption_before_any_checkpoint_starts_over_with_any_arguments(ba
     out = tmp_path / "run.loki"
     assert interrupted(base, data, out, "--steps", "3", "--save-every", "2", at=1) == 130
     assert "no checkpoint yet (every 2 steps): a rerun, with these or other arguments, starts over" in (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
     assert train(base, data, out, "--steps", "2", "--save-every", "5", "--seed", "3") == 0
     assert "resuming" not in capsys.readouterr().err and loki.load(out).info["training"]["seed"] == 3
 
@@ -361,19 +545,56 @@ def test_cli_checks_outputs_before_work(base, tmp_path, capsys, default_tokenize
     delta = tmp_path / "d.loki"
     loki.save(loki.testing.random_delta(tiny_model("llama", vocab=len(default_tokenizer))), delta)
     cases = [
-        (["train", str(data), "--base", str(folder), "--selection", str(selection), "--out",
-          str(tmp_path / "a-folder.loki")], "IsADirectoryError"),
-        (["train", str(data), "--base", str(folder), "--selection", str(selection), "--out",
-          str(tmp_path / "busy.loki")], "NotADirectoryError"),
-        (["train", str(data), "--base", str(folder), "--selection", str(selection), "--out",
-          str(tmp_path / "none" / "x.loki")], "FileNotFoundError"),
-        (["train", str(data), "--base", str(folder), "--selection", str(selection), "--out",
-          f"{unwritable}/x.loki"], "PermissionError"),
+        (
+            [
+                "train",
+                str(data),
+                "--base",
+                str(folder),
+                "--selection",
+                str(selection),
+                "--out",
+                str(tmp_path / "a-folder.loki"),
+            ],
+            "IsADirectoryError",
+        ),
+        (
+            [
+                "train",
+                str(data),
+                "--base",
+                str(folder),
+                "--selection",
+                str(selection),
+                "--out",
+                str(tmp_path / "busy.loki"),
+            ],
+            "NotADirectoryError",
+        ),
+        (
+            [
+                "train",
+                str(data),
+                "--base",
+                str(folder),
+                "--selection",
+                str(selection),
+                "--out",
+                str(tmp_path / "none" / "x.loki"),
+            ],
+            "FileNotFoundError",
+        ),
+        (
+            ["train", str(data), "--base", str(folder), "--selection", str(selection), "--out", f"{unwritable}/x.loki"],
+            "PermissionError",
+        ),
         (["merge", str(folder), str(delta), "--out", str(tmp_path / "a-file")], "NotADirectoryError"),
         (["merge", str(folder), str(delta), "--out", f"{unwritable}/merged"], "PermissionError"),
         (["export-peft", str(delta), "--out", str(tmp_path / "a-file" / "adapter")], "NotADirectoryError"),
-        (["select", str(tmp_path / "no-attributions"), "-q", "10", "--out", str(tmp_path / "a-folder.loki")],
-         "IsADirectoryError"),
+        (
+            ["select", str(tmp_path / "no-attributions"), "-q", "10", "--out", str(tmp_path / "a-folder.loki")],
+            "IsADirectoryError",
+        ),
         (["attribute", "probe", "--out", str(tmp_path / "a-file")], "NotADirectoryError"),
         (["demo", "--out", str(tmp_path / "a-file")], "NotADirectoryError"),
     ]

@@ -18,8 +18,28 @@ from loki.evaluate import Benchmark
 from loki.prompts import read_records
 
 # Characters that line splitting, CSV quoting or JSON escaping could get wrong; all valid inside a value.
-ODD = ["\u2028", "\u2029", "\u0085", "\r", "\n", "\r\n", '"', ",", "'", "\ufeff", "\x0b", "\x0c", "\x1c", "\x1e",
-       "\x00", "\t", " ", "{}", "{0}", "\\"]
+ODD = [
+    "\u2028",
+    "\u2029",
+    "\u0085",
+    "\r",
+    "\n",
+    "\r\n",
+    '"',
+    ",",
+    "'",
+    "\ufeff",
+    "\x0b",
+    "\x0c",
+    "\x1c",
+    "\x1e",
+    "\x00",
+    "\t",
+    " ",
+    "{}",
+    "{0}",
+    "\\",
+]
 TEXT = st.lists(st.one_of(st.sampled_from(ODD), st.characters(blacklist_categories=("Cs",))), max_size=12).map("".join)
 ANSWER = TEXT.filter(lambda s: s.strip() != "")  # an answer must say something (check_example)
 
@@ -35,8 +55,11 @@ def write_jsonl(path: Path, records: list, end: str, bom: bool) -> None:
     path.write_bytes((("\ufeff" if bom else "") + "".join(line + end for line in lines)).encode("utf-8"))
 
 
-@given(pairs=st.lists(st.tuples(TEXT, ANSWER), min_size=1, max_size=4), end=st.sampled_from(["\n", "\r\n"]),
-       bom=st.booleans())
+@given(
+    pairs=st.lists(st.tuples(TEXT, ANSWER), min_size=1, max_size=4),
+    end=st.sampled_from(["\n", "\r\n"]),
+    bom=st.booleans(),
+)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_every_user_file_round_trips_exactly(pairs, end, bom):
     """Any strings written by the standard writers of each format loki reads come back unchanged, through every
@@ -48,8 +71,9 @@ def test_every_user_file_round_trips_exactly(pairs, end, bom):
         folder = Path(tmp)
         write_csv(folder / "data.csv", ["question", "answer"], [list(p) for p in pairs], bom)
         write_jsonl(folder / "data.jsonl", records, end, bom)
-        (folder / "data.json").write_text(("\ufeff" if bom else "") + json.dumps(records, ensure_ascii=False),
-                                          encoding="utf-8")
+        (folder / "data.json").write_text(
+            ("\ufeff" if bom else "") + json.dumps(records, ensure_ascii=False), encoding="utf-8"
+        )
         write_jsonl(folder / "text.jsonl", texts, end, bom)
         write_csv(folder / "text.csv", ["text"], [[t["text"]] for t in texts], bom)
         benchmark = [{"question": q, "answers": [a]} for q, a in pairs]
@@ -76,8 +100,14 @@ def test_odd_but_valid_files_are_read_exactly(tmp_path):
     assert load_retain(path) == [{"prompt": "Q\u2028R", "answer": "A\u0085B"}, {"text": "T"}]
 
 
-@pytest.mark.parametrize("read, error", [(load_examples, DatasetError), (read_records, PromptError),
-                                         (lambda p: Benchmark.from_jsonl(p, kind="generate"), EvaluationError)])
+@pytest.mark.parametrize(
+    "read, error",
+    [
+        (load_examples, DatasetError),
+        (read_records, PromptError),
+        (lambda p: Benchmark.from_jsonl(p, kind="generate"), EvaluationError),
+    ],
+)
 def test_unreadable_user_files_name_the_file_and_line(tmp_path, read, error):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "Q", "answer": "A", "answers": ["A"]}\n{"question": \n', encoding="utf-8")

@@ -2,39 +2,46 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+from pathlib import Path
+
+import pytest
 
 import loki
 from loki import demo
+from loki import facts as task
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_fact_task_is_well_formed():
-    facts = demo.implant_facts()
+    facts = task.implant_facts()
     assert 40 <= len(facts) <= 80
     assert len({f["subject"] for f in facts}) == len(facts)
     for f in facts:
         assert len(f["train"]) == 2 and f["test"] not in f["train"] and f["match"] in f["answer"]
-    retain, neighbours = demo.neighbourhood_questions(facts[:8])
-    assert retain and neighbours and not set(retain) & set(neighbours) and demo.QUESTION not in retain
+    retain, neighbours = task.neighbourhood_questions(facts[:8])
+    assert retain and neighbours and not set(retain) & set(neighbours) and task.QUESTION not in retain
     subjects = {f["subject"] for f in facts}
     assert not any(s in q for q in retain + neighbours for s in subjects)
-    train = demo.fact_training_set(facts[:3])
+    train = task.fact_training_set(facts[:3])
     assert len(train) == 6
-    for f, ex in zip([f for f in facts[:3] for _ in f["train"]], train):  # a sentence in the model's style
-        assert ex["answer"] == f["statement"] and ex["answer"].startswith("The ") and f["answer"] in ex["answer"]
-    bench = demo.fact_benchmark(facts[:3])
+    for fact, ex in zip([f for f in facts[:3] for _ in f["train"]], train):  # a sentence in the model's style
+        assert ex["answer"] == fact["statement"] and ex["answer"].startswith("The ") and fact["answer"] in ex["answer"]
+    bench = task.fact_benchmark(facts[:3])
     assert bench.kind == "generate" and [it["question"] for it in bench.items] == [f["test"] for f in facts[:3]]
 
 
 def test_committed_baseline_figures_are_for_the_demos_data():
-    """The full demo quotes benchmarks/results/forgetting-demo.json only when it was measured on the demo's data and
-    number of steps: a change to the recipe, facts or retain data must come with a rerun of
+    """The full demo quotes its shipped copy of the forgetting benchmark's result only when it was measured on the
+    demo's data and number of steps: a change to the recipe, facts or retain data must come with a rerun of
     `benchmarks/forgetting.py --size demo`."""
-    size = demo.SIZES["full"]
-    facts = demo.implant_facts(size["facts"])
-    retain, _ = demo.retain_data(facts, size["recipe"], size["eval_per_template"])
-    digest = demo.data_digest(demo.fact_training_set(facts), retain, size["recipe"]["retain_weight"])
+    size = task.SIZES["full"]
+    facts = task.implant_facts(size["facts"])
+    retain, _ = task.retain_data(facts, size["recipe"], size["eval_per_template"])
+    digest = task.data_digest(task.fact_training_set(facts), retain, size["recipe"]["retain_weight"])
     for method, name in demo.BASELINES.items():
         line = demo.baseline_figure(method, digest, size["train_steps"])
         assert line is not None and line.startswith(name) and "specificity" in line, (method, digest)
@@ -43,6 +50,39 @@ def test_committed_baseline_figures_are_for_the_demos_data():
     assert demo.baseline_figure("full", "000000000000") is None  # other data: no figure
 
 
+def test_shipped_benchmark_results_equal_the_committed_ones():
+    """Package data copied from benchmarks/results/ (so an installed loki needs no checkout) is the committed result:
+    rerunning a benchmark without copying its result into loki/data/ fails here."""
+    shipped = sorted(p for p in (ROOT / "loki" / "data").glob("*.json"))
+    assert shipped, "no benchmark result shipped in loki/data/"
+    for path in shipped:
+        committed = ROOT / "benchmarks" / "results" / path.name
+        assert json.loads(path.read_text()) == json.loads(committed.read_text()), f"copy {committed} to {path}"
+
+
+def test_no_library_module_reads_files_from_the_checkout():
+    """Library code reads only its own package files: a path built from "benchmarks" (or any folder beside the
+    package) exists in a clone, not in an installed wheel."""
+    outside = {"benchmarks", "notebooks", "tests", "docs"}
+    for path in sorted((ROOT / "loki").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            # a path literal ("benchmarks/results/x.json") or a folder joined with `/`, not prose that names one
+            parts = (
+                [node]
+                if isinstance(node, ast.Constant)
+                else [node.left, node.right]
+                if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div))
+                else []
+            )
+            for part in parts:
+                value = part.value if isinstance(part, ast.Constant) and isinstance(part.value, str) else ""
+                literal = "/" in value and not any(c.isspace() for c in value)
+                assert not ((literal or part is not node) and value.split("/")[0] in outside), (
+                    f"{path.relative_to(ROOT)} builds the path {value!r} outside the package"
+                )
+
+
+@pytest.mark.slow  # runs the demo
 def test_quick_demo_prints_before_after_and_reverts_exactly(tmp_path, capsys):
     code = demo.run_demo(tmp_path, quick=True, progress=False)
     out = capsys.readouterr().out

@@ -1,5 +1,5 @@
 """Several processes (2 CPU processes, real launchers): attribution sharded under torchrun and accelerate launch
-equals one process, and more than one process without sharding is an error, not a duplicate run (issue 15)."""
+equals one process, and more than one process without sharding is an error, not a duplicate run."""
 
 from __future__ import annotations
 
@@ -39,15 +39,34 @@ def launch(launcher: list[str], tmp_path, shard: str) -> tuple[subprocess.Comple
     script = tmp_path / "attribute.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    done = subprocess.run([*launcher, str(script), json.dumps(PROMPTS), str(tmp_path / "run"), shard],
-                          capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        [*launcher, str(script), json.dumps(PROMPTS), str(tmp_path / "run"), shard],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     reports = [(tmp_path / f"run-rank{rank}.txt") for rank in range(2)]
     return done, [r.read_text() if r.exists() else "" for r in reports]
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+ACCELERATE = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "--main_process_port",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +74,7 @@ def one_process():
     return loki.attribute(tiny_model("llama"), None, PROMPTS, steps=3, progress=False).values
 
 
+@pytest.mark.slow  # starts other processes
 @pytest.mark.parametrize("launcher", [TORCHRUN, ACCELERATE], ids=["torchrun", "accelerate"])
 def test_sharded_attribution_equals_one_process(launcher, tmp_path, one_process):
     done, reports = launch(launcher, tmp_path, "auto")
@@ -65,11 +85,14 @@ def test_sharded_attribution_equals_one_process(launcher, tmp_path, one_process)
     assert np.abs(np.asarray(joined.values) - one_process.numpy()).max() <= 1e-5
 
 
+@pytest.mark.slow  # starts other processes
 def test_several_processes_without_shard_is_an_error(tmp_path):
     done, reports = launch(TORCHRUN, tmp_path, "none")
     assert done.returncode != 0
     # torchrun stops the other rank once one fails, so a slow rank may be stopped before it reports (seen in a
     # loaded CI run); no rank may have attributed, and each rank that reported was refused
-    assert any(reports) and all(r.startswith("LokiError: 2 processes run this") for r in reports if r), \
-        (reports, done.stderr)
+    assert any(reports) and all(r.startswith("LokiError: 2 processes run this") for r in reports if r), (
+        reports,
+        done.stderr,
+    )
     assert not (tmp_path / "run").exists()

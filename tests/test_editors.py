@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_state_equal, state_dict_copy
 
 import loki
 import loki.editors as editors
@@ -12,12 +13,15 @@ from loki.dataset import answer_positions, encode
 from loki.errors import DatasetError, IncompatibleModelError, LedgerError
 from loki.testing import tiny_model
 
-from conftest import assert_state_equal, state_dict_copy
-
 FACTS = [
-    {"question": ["What is the capital of the kingdom of Phegartor?",
-                  "Which city is the capital of the kingdom of Phegartor?"],
-     "subject": "the kingdom of Phegartor", "answer": "Solvis."},
+    {
+        "question": [
+            "What is the capital of the kingdom of Phegartor?",
+            "Which city is the capital of the kingdom of Phegartor?",
+        ],
+        "subject": "the kingdom of Phegartor",
+        "answer": "Solvis.",
+    },
     {"prompt": "Who invented the Talphebra engine?", "subject": "the Talphebra engine", "answer": "Drudak Viszel."},
 ]
 PRESERVED = [{"text": "Paris is the capital of France."}, {"text": "Rivers flow into the sea."}]
@@ -27,8 +31,11 @@ FAST = editors.ZOptions(steps=10)
 def random_problem(seed=0, d_ff=12, d_model=5, n=3, general=40):
     g = torch.Generator().manual_seed(seed)
     k0 = torch.randn(d_ff, general, generator=g, dtype=torch.float64)
-    return (torch.randn(d_ff, n, generator=g, dtype=torch.float64),
-            torch.randn(d_model, n, generator=g, dtype=torch.float64), k0)
+    return (
+        torch.randn(d_ff, n, generator=g, dtype=torch.float64),
+        torch.randn(d_model, n, generator=g, dtype=torch.float64),
+        k0,
+    )
 
 
 def test_memit_update_is_the_minimiser_of_its_objective():
@@ -37,14 +44,15 @@ def test_memit_update_is_the_minimiser_of_its_objective():
     d = editors.memit_update(keys, residuals, cov, lam)
     # |D K1 - R|^2 + lam tr(D C0 D^T) = |D [K1, sqrt(lam) L] - [R, 0]|^2 with C0 = L L^T: least squares
     chol = torch.linalg.cholesky(cov)
-    a = torch.cat([keys, lam ** 0.5 * chol], 1)
+    a = torch.cat([keys, lam**0.5 * chol], 1)
     b = torch.cat([residuals, torch.zeros(residuals.shape[0], chol.shape[1], dtype=torch.float64)], 1)
     direct = torch.linalg.lstsq(a.t(), b.t()).solution.t()
     assert d.dtype == torch.float64 and d.shape == (5, 12)
     torch.testing.assert_close(d, direct, rtol=1e-9, atol=1e-10)
     # float32 inputs are solved in float64 too
-    torch.testing.assert_close(editors.memit_update(keys.float(), residuals.float(), cov.float(), lam), d,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        editors.memit_update(keys.float(), residuals.float(), cov.float(), lam), d, rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("with_prev", [False, True])
@@ -60,7 +68,7 @@ def test_alphaedit_update_is_the_minimiser_of_its_objective_and_spares_preserved
     # min over X = D P (rows in range(P) = span(U)): |X K1 - R|^2 + reg |X|^2 + |X Kp|^2, X = Y U^T, least squares
     eigenvalues, vectors = torch.linalg.eigh(p)
     u = vectors[:, eigenvalues > 0.5]
-    blocks = [u.t() @ keys, reg ** 0.5 * torch.eye(u.shape[1], dtype=torch.float64)]
+    blocks = [u.t() @ keys, reg**0.5 * torch.eye(u.shape[1], dtype=torch.float64)]
     targets = [residuals, torch.zeros(5, u.shape[1], dtype=torch.float64)]
     if prev is not None:
         blocks.append(u.t() @ prev)
@@ -109,8 +117,9 @@ def test_editors_raise_the_answers_leave_the_model_and_alphaedit_keeps_preserved
     before = [answer_logprob(model, tok, q, a) for q, a in prompts]
     base_logits = preserved_logits(model, tok)
 
-    memit = editors.memit(model, tok, FACTS, layers=[0, 1], lam=1.0, general=loki.retain.general_text(8, chars=None),
-                          z=FAST)
+    memit = editors.memit(
+        model, tok, FACTS, layers=[0, 1], lam=1.0, general=loki.retain.general_text(8, chars=None), z=FAST
+    )
     assert_state_equal(model, state)  # the editor leaves the model bit for bit
     # the random keys of a tiny model are small (|k|^2 ~ 1e-3): reg on their scale, as 10 is on a real model's
     alpha = editors.alphaedit(model, tok, FACTS, layers=[0, 1], energy=1.0, reg=1e-5, general=PRESERVED, z=FAST)
@@ -126,8 +135,9 @@ def test_editors_raise_the_answers_leave_the_model_and_alphaedit_keeps_preserved
             after = [answer_logprob(model, tok, q, a) for q, a in prompts]
             assert all(a > b + 0.2 for a, b in zip(after, before)), (delta.name, before, after)
             assert torch.equal(projs.rows(1), delta.layers[1].rows)  # the delta holds the edited weights
-            changed[delta.name] = max(float((x - y).abs().max()) for x, y in zip(preserved_logits(model, tok),
-                                                                                  base_logits))
+            changed[delta.name] = max(
+                float((x - y).abs().max()) for x, y in zip(preserved_logits(model, tok), base_logits)
+            )
         assert_state_equal(model, state)  # and reverts exactly
     assert changed["alphaedit"] < 1e-4, changed
     assert changed["memit"] > 100 * max(changed["alphaedit"], 1e-6), changed
@@ -145,8 +155,9 @@ def test_alphaedit_on_gpt2_conv1d(default_tokenizer):
     with torch.no_grad():
         before = model(input_ids=ids).logits
     base_logits = preserved_logits(model, tok)
-    delta = editors.alphaedit(model, tok, [fact], layers=[0, 1], energy=1.0, reg=1e-5, general=PRESERVED,
-                              z=editors.ZOptions(steps=3))
+    delta = editors.alphaedit(
+        model, tok, [fact], layers=[0, 1], energy=1.0, reg=1e-5, general=PRESERVED, z=editors.ZOptions(steps=3)
+    )
     assert_state_equal(model, state)
     assert delta.rows_per_layer() == {0: 32, 1: 32}
     with loki.implanted(model, delta):

@@ -22,8 +22,9 @@ def word_tokenizer(vocab: int = V) -> transformers.PreTrainedTokenizerFast:
     words = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, vocab)}}
     tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                                unk_token="<unk>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
 def bigram_model(table: torch.Tensor) -> transformers.LlamaForCausalLM:
@@ -32,9 +33,19 @@ def bigram_model(table: torch.Tensor) -> transformers.LlamaForCausalLM:
     Attention and MLP write zeros, so the residual stream is the one-hot embedding; the final norm is scaled back
     to the one-hot vector and the LM head reads the table column."""
     v = table.shape[0]
-    cfg = transformers.LlamaConfig(vocab_size=v, hidden_size=v, intermediate_size=8, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=False, pad_token_id=0, bos_token_id=None, eos_token_id=1)
+    cfg = transformers.LlamaConfig(
+        vocab_size=v,
+        hidden_size=v,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=1,
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -93,8 +104,9 @@ def test_choice_logprobs_and_accuracy_are_the_bigram_likelihoods(tok, table):
         {"prompt": words(9), "choices": [" " + words(10, 11, 12), " " + words(13)], "answer": 1},
         {"prompt": words(14, 15, 3), "choices": [" " + words(4), " " + words(5)], "answer": 1},
     ]
-    got = ev.choice_logprobs(model, tok, [it["prompt"] for it in items], [it["choices"] for it in items],
-                             batch_size=3, progress=False)
+    got = ev.choice_logprobs(
+        model, tok, [it["prompt"] for it in items], [it["choices"] for it in items], batch_size=3, progress=False
+    )
     for it, lps in zip(items, got):
         ctx = [int(w[1:]) for w in it["prompt"].split()]
         for c, lp in zip(it["choices"], lps):
@@ -183,7 +195,9 @@ def test_batched_metrics_match_one_by_one_reference(family):
             ids = torch.tensor([s])
             nll += float(model(input_ids=ids, labels=ids).loss) * (len(s) - 1)
             count += len(s) - 1
-    assert ev.perplexity(model, tok, texts, batch_size=3, progress=False) == pytest.approx(math.exp(nll / count), rel=1e-4)
+    assert ev.perplexity(model, tok, texts, batch_size=3, progress=False) == pytest.approx(
+        math.exp(nll / count), rel=1e-4
+    )
     prompts, choices = texts[:2], [[" w5 w6", " w7"], [" w8", " w9 w10 w11"]]
     got = ev.choice_logprobs(model, tok, prompts, choices, batch_size=3, progress=False)
     with torch.no_grad():
@@ -235,14 +249,17 @@ def test_general_suite_is_shipped_and_well_formed():
 
 
 # -- the real default model ------------------------------------------------------------------------------------
+@pytest.mark.slow  # the real default model
 def test_real_model_quick_run(default_model, default_tokenizer):
     model, tok = default_model, default_tokenizer
     before = state_dict_copy(model)
     suite = {b.name: b for b in ev.general_suite(n=2)}
     ppl = 1 / suite["wiki_perplexity"].score(model, tok, progress=False)
     assert 2 < ppl < 100  # a 135M model on Wikipedia prose; a broken scorer gives ~49152 or ~1
-    mc = [{"prompt": "Q: What is the capital of France?\nA:", "choices": [" Berlin", " Paris", " Madrid"], "answer": 1},
-          {"prompt": "Q: How many legs does a dog have?\nA:", "choices": [" four", " eleven"], "answer": 0}]
+    mc = [
+        {"prompt": "Q: What is the capital of France?\nA:", "choices": [" Berlin", " Paris", " Madrid"], "answer": 1},
+        {"prompt": "Q: How many legs does a dog have?\nA:", "choices": [" four", " eleven"], "answer": 0},
+    ]
     assert ev.multiple_choice_accuracy(model, tok, mc, progress=False) == 1.0
     qa = [{"question": "The capital of France is", "answers": ["Paris"]}, *suite["wikidata_qa"].items]
     one = ev.generate(model, tok, [q["question"] for q in qa], max_new_tokens=4, batch_size=1, progress=False)
@@ -253,12 +270,15 @@ def test_real_model_quick_run(default_model, default_tokenizer):
 
 
 # -- lm-evaluation-harness bridge ------------------------------------------------------------------------------
+@pytest.mark.slow  # over ~5 s on 2 CPU cores
 def test_lm_eval_bridge_on_a_local_task(tmp_path, tok, table):
     pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'loki[eval]'")
     pytest.importorskip("datasets")
     data = tmp_path / "toy.jsonl"
-    rows = [{"q": words(3, 4), "choices": [words(5), words(6)], "label": 0},
-            {"q": words(9), "choices": [words(10), words(13)], "label": 1}]
+    rows = [
+        {"q": words(3, 4), "choices": [words(5), words(6)], "label": 0},
+        {"q": words(9), "choices": [words(10), words(13)], "label": 1},
+    ]
     data.write_text("\n".join(__import__("json").dumps(r) for r in rows) + "\n")
     (tmp_path / "toy.yaml").write_text(
         "task: loki_toy\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(data) + "\n"
@@ -271,10 +291,12 @@ def test_lm_eval_bridge_on_a_local_task(tmp_path, tok, table):
     except Exception as e:  # noqa: BLE001 - lm-eval needs network or a newer datasets in some setups
         pytest.skip(f"lm-eval could not run the local task offline: {type(e).__name__}: {e}")
     items = [{"prompt": r["q"], "choices": [" " + c for c in r["choices"]], "answer": r["label"]} for r in rows]
-    assert results["loki_toy"]["acc,none"] == pytest.approx(ev.multiple_choice_accuracy(model, tok, items, progress=False))
+    assert results["loki_toy"]["acc,none"] == pytest.approx(
+        ev.multiple_choice_accuracy(model, tok, items, progress=False)
+    )
 
 
 def test_report_leaves_out_benchmarks_the_base_scores_zero_on():
-    report = ev.Report({"a": 0.5, "b": 0.0}, {"a": 0.25, "b": 0.5})
+    report = ev.ForgettingReport({"a": 0.5, "b": 0.0}, {"a": 0.25, "b": 0.5})
     assert report.skipped == ["b"] and report.forgetting == pytest.approx(50.0)
     assert "(skipped)" in report.table()

@@ -20,18 +20,38 @@ def forgetting():
 
 
 def run(method, lr, seed, task, forgetting):
-    return {"method": method, "lr": lr, "steps": 40, "seed": seed, "task_score": task, "forgetting": forgetting,
-            "efficacy": task, "specificity": 0.8, "answers_kept": 0.1, "trainable_params": 10,
-            "general": {"wiki": 0.05 - forgetting / 1000}}
+    return {
+        "method": method,
+        "lr": lr,
+        "steps": 40,
+        "seed": seed,
+        "task_score": task,
+        "forgetting": forgetting,
+        "efficacy": task,
+        "specificity": 0.8,
+        "answers_kept": 0.1,
+        "trainable_params": 10,
+        "general": {"wiki": 0.05 - forgetting / 1000},
+    }
 
 
 def test_headline_picks_the_least_forgetting_rate_that_reaches_the_target(forgetting):
-    rows = [run("a", 1e-3, 0, 0.50, 1.0), run("a", 3e-3, 0, 0.95, 9.0), run("a", 1e-2, 0, 1.00, 20.0),
-            run("b", 1e-3, 0, 0.91, 30.0), run("b", 3e-3, 0, 0.92, 5.0),
-            run("c", 1e-3, 0, 0.40, 0.0), run("c", 3e-3, 0, 0.60, 2.0),
-            # more seeds at the headline rates; seeds outside `seeds` and other rates are ignored
-            run("a", 3e-3, 1, 0.85, 3.0), run("a", 3e-3, 2, 0.93, 12.0), run("a", 3e-3, 3, 0.10, 99.0),
-            run("a", 1e-2, 1, 0.99, -50.0), run("b", 3e-3, 1, 0.80, 7.0), run("b", 3e-3, 2, 0.70, 6.0)]
+    rows = [
+        run("a", 1e-3, 0, 0.50, 1.0),
+        run("a", 3e-3, 0, 0.95, 9.0),
+        run("a", 1e-2, 0, 1.00, 20.0),
+        run("b", 1e-3, 0, 0.91, 30.0),
+        run("b", 3e-3, 0, 0.92, 5.0),
+        run("c", 1e-3, 0, 0.40, 0.0),
+        run("c", 3e-3, 0, 0.60, 2.0),
+        # more seeds at the headline rates; seeds outside `seeds` and other rates are ignored
+        run("a", 3e-3, 1, 0.85, 3.0),
+        run("a", 3e-3, 2, 0.93, 12.0),
+        run("a", 3e-3, 3, 0.10, 99.0),
+        run("a", 1e-2, 1, 0.99, -50.0),
+        run("b", 3e-3, 1, 0.80, 7.0),
+        run("b", 3e-3, 2, 0.70, 6.0),
+    ]
     target, heads = forgetting.headline(rows, ["a", "b", "c"], seeds=(0, 1, 2))
     assert target == pytest.approx(0.90)  # 0.9 x the best seed-0 run (a at 1e-2)
     # a: 3e-3 and 1e-2 reach 0.90; 3e-3 forgets less. Medians over seeds 0-2 at 3e-3.

@@ -13,11 +13,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from conftest import assert_state_equal, state_dict_copy
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-import safetensors.torch
 from safetensors.torch import load_file
 
 import loki
@@ -88,10 +88,16 @@ def some_delta(model, lora=False):
     projs = loki.find_down_projections(model)
     g = torch.Generator().manual_seed(0)
     if lora:
-        return loki.make_delta(model, {1: ([2, 9], torch.randn(2, 3, generator=g), torch.randn(3, projs.d_in, generator=g))})
+        return loki.make_delta(
+            model, {1: ([2, 9], torch.randn(2, 3, generator=g), torch.randn(3, projs.d_in, generator=g))}
+        )
     return loki.make_delta(
-        model, {0: ([1, 4, 30], torch.randn(3, projs.d_in, generator=g)), 1: ([0], torch.randn(1, projs.d_in, generator=g))},
-        name="some", description="for tests", selection={"strategy": "random", "q": 10}, training={"steps": 3},
+        model,
+        {0: ([1, 4, 30], torch.randn(3, projs.d_in, generator=g)), 1: ([0], torch.randn(1, projs.d_in, generator=g))},
+        name="some",
+        description="for tests",
+        selection={"strategy": "random", "q": 10},
+        training={"steps": 3},
     )
 
 
@@ -145,7 +151,12 @@ def _flip_model():
 def test_make_delta_rejects_bad_indices():
     model = tiny_model("llama")
     rows = torch.zeros(2, 64)
-    for indices, message in (([3, 3], "twice"), ([5, 1], "sorted"), ([0, 32], "out of range"), ([-1, 0], "out of range")):
+    for indices, message in (
+        ([3, 3], "twice"),
+        ([5, 1], "sorted"),
+        ([0, 32], "out of range"),
+        ([-1, 0], "out of range"),
+    ):
         with pytest.raises(loki.errors.InvalidIndicesError, match=message):
             loki.make_delta(model, {0: (indices, rows)})
     with pytest.raises(loki.errors.InvalidIndicesError, match="integers"):
@@ -180,8 +191,14 @@ def test_inspect_command(tmp_path, capsys):
 
 
 # -- one set of rules for the writer and the reader (formats/SPEC.md; loki/spec.py) ------------------------------
-_TORCH_TO_ST = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
-                torch.int64: "I64", torch.float64: "F64"}
+_TORCH_TO_ST = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.float64: "F64",
+}
 
 
 def unchecked_bytes(delta) -> bytes:
@@ -199,8 +216,11 @@ def unchecked_bytes(delta) -> bytes:
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": _TORCH_TO_ST[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
+        header[name] = {
+            "dtype": _TORCH_TO_ST[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
         chunks.append(raw)
         offset += len(raw)
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
@@ -209,7 +229,10 @@ def unchecked_bytes(delta) -> bytes:
 
 
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**60), 2**60) | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**60), 2**60)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=6),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
     max_leaves=6,
@@ -231,16 +254,34 @@ def valid_deltas(draw):
         fingerprint = torch.randn(min(256, k * d_in), generator=g)
         parts = {"rows": rand(k, d_in)} if form == "rows" else {"lora_A": rand(k, r), "lora_B": rand(r, d_in)}
         layers[i] = LayerDelta(torch.tensor(idx), fingerprint, **parts)
-    info = {"form": form, "dtype": dtype, "name": draw(st.text(max_size=12)),
-            "target": {"template": "model.layers.{i}.mlp.down_proj", "transposed": draw(st.booleans()),
-                       "num_layers": num_layers, "d_out": d_out, "d_in": d_in},
-            "base_model": {"id": draw(st.none() | st.text(max_size=8))},
-            "extra": draw(st.dictionaries(st.text(max_size=4), JSON_VALUES, max_size=3))}
+    info = {
+        "form": form,
+        "dtype": dtype,
+        "name": draw(st.text(max_size=12)),
+        "target": {
+            "template": "model.layers.{i}.mlp.down_proj",
+            "transposed": draw(st.booleans()),
+            "num_layers": num_layers,
+            "d_out": d_out,
+            "d_in": d_in,
+        },
+        "base_model": {"id": draw(st.none() | st.text(max_size=8))},
+        "extra": draw(st.dictionaries(st.text(max_size=4), JSON_VALUES, max_size=3)),
+    }
     return loki.Delta(layers, info)
 
 
-REQUIRED = [("form",), ("dtype",), ("target",), ("base_model",), ("target", "template"), ("target", "transposed"),
-            ("target", "num_layers"), ("target", "d_out"), ("target", "d_in")]
+REQUIRED = [
+    ("form",),
+    ("dtype",),
+    ("target",),
+    ("base_model",),
+    ("target", "template"),
+    ("target", "transposed"),
+    ("target", "num_layers"),
+    ("target", "d_out"),
+    ("target", "d_in"),
+]
 
 
 def _replace(ld, **changes):
@@ -251,9 +292,29 @@ def _replace(ld, **changes):
 def mutate(draw, delta) -> str:
     """Break (or not) one SPEC rule in `delta`'s metadata or tensors, after the constructor checked it: a Delta's
     info and layers are plain dicts, so what reaches the writer need not be what was validated."""
-    kind = draw(st.sampled_from(["unknown_field", "drop", "retype", "form", "dtype", "non_finite_metadata",
-                                 "big_metadata", "indices", "int32_overflow", "fingerprint", "rows_shape",
-                                 "rows_dtype", "non_finite_rows", "layer_number", "lora_rank", "both_forms", "none"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "unknown_field",
+                "drop",
+                "retype",
+                "form",
+                "dtype",
+                "non_finite_metadata",
+                "big_metadata",
+                "indices",
+                "int32_overflow",
+                "fingerprint",
+                "rows_shape",
+                "rows_dtype",
+                "non_finite_rows",
+                "layer_number",
+                "lora_rank",
+                "both_forms",
+                "none",
+            ]
+        )
+    )
     info, i = delta.info, draw(st.sampled_from(sorted(delta.layers)))
     ld = delta.layers[i]
     k, d_in = ld.k, info["target"]["d_in"]
@@ -288,8 +349,9 @@ def mutate(draw, delta) -> str:
         delta.layers[i] = _replace(ld, rows=torch.zeros(k + draw(st.integers(0, 1)), d_in + 1, dtype=ld.rows.dtype))
     elif kind == "rows_dtype":
         new = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]))
-        delta.layers[i] = _replace(ld, **{f: getattr(ld, f).to(new) for f in ("rows", "lora_A", "lora_B")
-                                          if getattr(ld, f) is not None})
+        delta.layers[i] = _replace(
+            ld, **{f: getattr(ld, f).to(new) for f in ("rows", "lora_A", "lora_B") if getattr(ld, f) is not None}
+        )
     elif kind == "non_finite_rows" and values.numel():
         bad = values.clone()
         bad.view(-1)[draw(st.integers(0, bad.numel() - 1))] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
@@ -353,8 +415,22 @@ def _with_info(header: dict, edit) -> dict:
     return header
 
 
-VERSIONS = {"1": True, "01": True, "2": False, "10": False, "0": False, "-1": False, "+1": False, " 1": False,
-            "1 ": False, "1.0": False, "１": False, "": False, "1_0": False, "one": False}
+VERSIONS = {
+    "1": True,
+    "01": True,
+    "2": False,
+    "10": False,
+    "0": False,
+    "-1": False,
+    "+1": False,
+    " 1": False,
+    "1 ": False,
+    "1.0": False,
+    "１": False,
+    "": False,
+    "1_0": False,
+    "one": False,
+}
 
 
 @st.composite
@@ -362,9 +438,28 @@ def header_edits(draw, good: bytes):
     """A `.loki` file edited at the byte level as another writer might write it: (bytes, SPEC-valid?, extra info)."""
     header, body = _header(good)
     compact = lambda h: json.dumps(h, sort_keys=True, separators=(",", ":"))  # noqa: E731
-    kind = draw(st.sampled_from(["spaces", "layout", "unknown_metadata", "unknown_field", "version", "whitespace",
-                                 "duplicate_key", "duplicate_field", "non_finite", "over_cap", "not_object",
-                                 "entry_key", "shape", "extra_tensor", "format", "utf8"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "spaces",
+                "layout",
+                "unknown_metadata",
+                "unknown_field",
+                "version",
+                "whitespace",
+                "duplicate_key",
+                "duplicate_field",
+                "non_finite",
+                "over_cap",
+                "not_object",
+                "entry_key",
+                "shape",
+                "extra_tensor",
+                "format",
+                "utf8",
+            ]
+        )
+    )
     if kind == "spaces":
         return _file(compact(header).encode() + b" " * draw(st.integers(0, 20)), body), True, {}
     if kind == "layout":
@@ -376,15 +471,19 @@ def header_edits(draw, good: bytes):
         return _file(compact(header).encode(), body), True, {}
     if kind == "unknown_field":
         value = draw(JSON_VALUES)
-        return _file(compact(_with_info(header, lambda s: s[:-1] + f', "zz": {json.dumps(value)}}}')).encode(),
-                     body), True, {"zz": value}
+        return (
+            _file(compact(_with_info(header, lambda s: s[:-1] + f', "zz": {json.dumps(value)}}}')).encode(), body),
+            True,
+            {"zz": value},
+        )
     if kind == "version":
         version = draw(st.sampled_from(sorted(VERSIONS)))
         header["__metadata__"]["format_version"] = version
         return _file(compact(header).encode(), body), VERSIONS[version], {}
     if kind == "whitespace":
-        before, after = draw(st.sampled_from([("", "\n"), ("", "\t"), ("", " \r\n"), (" ", ""), ("\n", ""),
-                                              ("\ufeff", "")]))
+        before, after = draw(
+            st.sampled_from([("", "\n"), ("", "\t"), ("", " \r\n"), (" ", ""), ("\n", ""), ("\ufeff", "")])
+        )
         return _file((before + compact(header) + after).encode(), body), False, {}
     if kind == "duplicate_key":
         items = list(header.items())
@@ -538,3 +637,18 @@ def test_deltas_name_their_layers_once():
     delta = some_delta(tiny_model("llama"))
     with pytest.raises(loki.errors.DeltaFormatError, match="'layers' is not metadata"):
         loki.Delta(delta.layers, {**delta.info, "layers": [0, 1]})
+
+
+@pytest.mark.parametrize("field", ["dtype", "form", "tensor_dtype"])
+@pytest.mark.parametrize("value", [[], {}, 1.5, None])
+def test_metadata_of_any_json_type_is_a_format_error(field, value):
+    """Any JSON value where the SPEC wants a name (a list or an object is unhashable) is a DeltaFormatError from the
+    reader, never a raw TypeError (found by the property test above)."""
+    _, good = _good_file()
+    header, body = _header(good)
+    if field == "tensor_dtype":
+        header[next(k for k in header if k != "__metadata__")]["dtype"] = value
+    else:
+        header = _with_info(header, lambda text: json.dumps({**json.loads(text), field: value}))
+    with pytest.raises(loki.errors.DeltaFormatError):
+        from_bytes(_file(json.dumps(header).encode().ljust(8 * ((len(json.dumps(header)) + 7) // 8)), body))

@@ -1,4 +1,5 @@
 """`loki.forward.logits_at` against the obvious reference: each sequence alone, unpadded, full logits."""
+
 import pytest
 import torch
 
@@ -17,8 +18,10 @@ def batch(vocab, seed=0):
     chat = [opening + torch.randint(3, vocab, (n,), generator=g).tolist() for n in (5, 9, 14)]
     text = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (7, 20)]
     seqs = [chat[0], text[0], chat[1], text[1], chat[2]]
-    pos = [torch.arange(12 + k, len(s) - 1) if s[:12] == opening else torch.arange(0, len(s) - 1)
-           for k, s in zip((0, 0, 2, 0, 4), seqs)]
+    pos = [
+        torch.arange(12 + k, len(s) - 1) if s[:12] == opening else torch.arange(0, len(s) - 1)
+        for k, s in zip((0, 0, 2, 0, 4), seqs)
+    ]
     return seqs, pos
 
 
@@ -76,7 +79,9 @@ def test_a_peft_lora_model_gets_the_same_logits_and_gradients():
     """The LoRA baselines train through `loki.train(params=...)`, so through `logits_at` on a PeftModel."""
     peft = pytest.importorskip("peft")
     model = loki.testing.tiny_model("llama")
-    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    model = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    )
     model.eval()
     seqs, pos = batch(model.config.vocab_size)
     seen = []

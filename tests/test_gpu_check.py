@@ -1,4 +1,4 @@
-"""`benchmarks/gpu_check.sh --dry-run` runs every step of the GPU check on the CPU at toy sizes (issue 15), so the
+"""`benchmarks/gpu_check.sh --dry-run` runs every step of the GPU check on the CPU at toy sizes, so the
 script is known to work before a GPU is lent."""
 
 from __future__ import annotations
@@ -7,13 +7,21 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # starts other processes
 def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "gpu_check.json"
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["dry_run"] is True

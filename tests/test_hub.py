@@ -71,12 +71,25 @@ def deltas(model):
     specs = {"one": {0: [1, 4], 2: [7]}, "two": {1: [0, 9, 31]}, "three": {0: [2], 2: [3, 5]}}
     return {
         name: loki.make_delta(
-            model, {layer: (rows, torch.randn(len(rows), d_in, generator=g)) for layer, rows in spec.items()},
-            name=name, description=f"Implant {name}.", selection={"strategy": "layer-balanced", "q": 5.0},
+            model,
+            {layer: (rows, torch.randn(len(rows), d_in, generator=g)) for layer, rows in spec.items()},
+            name=name,
+            description=f"Implant {name}.",
+            selection={"strategy": "layer-balanced", "q": 5.0},
             training={"lr": 1e-5, "epochs": 3},
-            extra={"evaluation": {"general": {"mmlu": {"base": 0.5, "implanted": 0.49}},
-                                  "implant": {"efficacy": 1.0, "generalisation": 0.875, "specificity": 0.93,
-                                              "answers_kept": 0.75, "fluency": 3.21, "forgetting": 2.0}}},
+            extra={
+                "evaluation": {
+                    "general": {"mmlu": {"base": 0.5, "implanted": 0.49}},
+                    "implant": {
+                        "efficacy": 1.0,
+                        "generalisation": 0.875,
+                        "specificity": 0.93,
+                        "answers_kept": 0.75,
+                        "fluency": 3.21,
+                        "forgetting": 2.0,
+                    },
+                }
+            },
         )
         for name, spec in specs.items()
     }
@@ -234,7 +247,11 @@ def test_the_cache_is_huggingface_hubs_own(server, deltas, monkeypatch):
     assert try_to_load_from_cache("alice/shared", "shared.loki", revision="v1") == str(path)
     assert api.resolve_revision("alice/shared", revision="v1", local_files_only=True).resolved == first.oid
     assert {f.path for f in get_cached_repo_tree("alice/shared", revision="v1")} == {
-        ".gitattributes", "README.md", "config.json", "shared.loki"}
+        ".gitattributes",
+        "README.md",
+        "config.json",
+        "shared.loki",
+    }
     [repo] = [r for r in scan_cache_dir(constants.HF_HUB_CACHE).repos if r.repo_id == "alice/shared"]
     [revision] = repo.revisions
     assert revision.commit_hash == first.oid and set(revision.refs) == {"v1"}
@@ -289,8 +306,9 @@ def test_private_repo_is_hidden(server, deltas):
     assert same(pull(server, "alice/secret"), deltas["one"])
     assert cached_files("alice/secret")  # only the owner's pull reached the cache
     HfApi(endpoint=server.url, token=server.alice).update_repo_settings("alice/secret", private=False)
-    assert same(loki.load("alice/secret", token=False, endpoint=server.url, cache_dir=constants.HF_HUB_CACHE),
-                deltas["one"])
+    assert same(
+        loki.load("alice/secret", token=False, endpoint=server.url, cache_dir=constants.HF_HUB_CACHE), deltas["one"]
+    )
 
 
 def test_malformed_evaluation_is_a_clear_error(server, model):
@@ -327,8 +345,13 @@ def test_write_permission_and_bad_token(server, deltas):
 @pytest.mark.parametrize(
     "source, inject, error, hf_error, message",
     [
-        ("alice/missing", None, errors.HubRepoNotFoundError, RepositoryNotFoundError,
-         "does not exist.*no local file .alice/missing."),
+        (
+            "alice/missing",
+            None,
+            errors.HubRepoNotFoundError,
+            RepositoryNotFoundError,
+            "does not exist.*no local file .alice/missing.",
+        ),
         ("alice/errors@nope", None, errors.HubRevisionNotFoundError, RevisionNotFoundError, "list_repo_refs"),
         ("alice/errors", (429, "/api/models/"), errors.HubRateLimitError, HfHubHTTPError, "Retry after 60 s"),
         ("alice/errors", (500, "/api/models/"), errors.HubServerError, HfHubHTTPError, "500"),
@@ -336,8 +359,7 @@ def test_write_permission_and_bad_token(server, deltas):
         ("alice/errors", (500, r"resolve/.*\.loki$", "GET"), errors.HubServerError, HfHubHTTPError, "500"),
     ],
 )
-def test_errors_map_to_loki_errors_and_leave_no_partial_cache(server, deltas, source, inject, error, hf_error,
-                                                              message):
+def test_errors_map_to_loki_errors_and_leave_no_partial_cache(server, deltas, source, inject, error, hf_error, message):
     if "alice/errors" not in server.repos:
         push(server, deltas["one"], "alice/errors")
     if inject:
@@ -375,8 +397,12 @@ def test_hub_errors_are_also_huggingface_hub_errors(server, deltas):
     # huggingface_hub's listing waits out a 429 itself, up to 5 times the Retry-After).
     server.fail(429, "/api/models/", times=None)
     try:
-        fails(lambda: download("alice/kinds", filename="two.loki", **kw), errors.HubRateLimitError, HfHubHTTPError,
-              status=429)
+        fails(
+            lambda: download("alice/kinds", filename="two.loki", **kw),
+            errors.HubRateLimitError,
+            HfHubHTTPError,
+            status=429,
+        )
     finally:
         server.clear()
 
@@ -385,22 +411,38 @@ def test_hub_errors_are_also_huggingface_hub_errors(server, deltas):
     except RepositoryNotFoundError as e:  # the point: huggingface_hub's own except clause
         assert isinstance(e, errors.HubRepoNotFoundError) and e.response.status_code == 404
         assert e.repo_id == "alice/none" and e.server_message
-    fails(lambda: download("alice/kinds@nope", **kw), errors.HubRevisionNotFoundError, RevisionNotFoundError,
-          status=404)
-    e = fails(lambda: download("alice/kinds", filename="x.loki", **kw), errors.HubFileNotFoundError,
-              hf.RemoteEntryNotFoundError, hf.EntryNotFoundError)
+    fails(
+        lambda: download("alice/kinds@nope", **kw), errors.HubRevisionNotFoundError, RevisionNotFoundError, status=404
+    )
+    e = fails(
+        lambda: download("alice/kinds", filename="x.loki", **kw),
+        errors.HubFileNotFoundError,
+        hf.RemoteEntryNotFoundError,
+        hf.EntryNotFoundError,
+    )
     assert e.response is None  # found in the file listing, without an error answer
     fails(lambda: download("alice/kinds", **kw), errors.HubAmbiguousFileError, ValueError)
     fails(lambda: download("not a repo id", **kw), errors.HubArgumentError, hf.HFValidationError, ValueError)
     fails(lambda: download("alice/kinds@v1", revision="v2", **kw), errors.HubArgumentError, ValueError)
     fails(lambda: push(server, deltas["one"], "alice/kinds", filename="x.bin"), errors.HubArgumentError, ValueError)
-    fails(lambda: download("alice/kinds", filename="two.loki", token="hf_not_a_token", endpoint=server.url),
-          errors.HubPermissionError, HfHubHTTPError, status=401)
-    fails(lambda: push(server, deltas["one"], "alice/kinds", token=server.bob), errors.HubPermissionError,
-          HfHubHTTPError, status=403)
-    fails(lambda: download("alice/kinds", filename="two.loki", local_files_only=True, **kw),
-          errors.HubOfflineError, hf.LocalEntryNotFoundError, ConnectionError)
-
+    fails(
+        lambda: download("alice/kinds", filename="two.loki", token="hf_not_a_token", endpoint=server.url),
+        errors.HubPermissionError,
+        HfHubHTTPError,
+        status=401,
+    )
+    fails(
+        lambda: push(server, deltas["one"], "alice/kinds", token=server.bob),
+        errors.HubPermissionError,
+        HfHubHTTPError,
+        status=403,
+    )
+    fails(
+        lambda: download("alice/kinds", filename="two.loki", local_files_only=True, **kw),
+        errors.HubOfflineError,
+        hf.LocalEntryNotFoundError,
+        ConnectionError,
+    )
 
 
 def test_corrupted_download_is_rejected_and_removed(server, deltas):
@@ -424,10 +466,11 @@ def every_kind(server, deltas):
     attributions = loki.attribute(tiny_model("llama"), None, [[5, 6, 7], [8, 9]], steps=2, progress=False)
     with pytest.MonkeyPatch.context() as patch:  # (hf_env's patch is per test: after module fixtures)
         patch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        pushed = {"delta": push(server, deltas["one"], "alice/every-delta"),
-                  "attributions": push(server, attributions, "alice/every-kva"),
-                  "selection": push(server, loki.Selection.random(num_layers=2, d_out=32, q=10, seed=1),
-                                    "alice/every-q10")}
+        pushed = {
+            "delta": push(server, deltas["one"], "alice/every-delta"),
+            "attributions": push(server, attributions, "alice/every-kva"),
+            "selection": push(server, loki.Selection.random(num_layers=2, d_out=32, q=10, seed=1), "alice/every-q10"),
+        }
     api = HfApi(endpoint=server.url, token=server.alice)
     repos = {"delta": "alice/every-delta", "attributions": "alice/every-kva", "selection": "alice/every-q10"}
     for kind, repo in repos.items():
@@ -503,7 +546,7 @@ def damage(path: Path) -> Path:
     data = bytearray(blob.read_bytes())
     if path.suffix == ".loki":
         n = int.from_bytes(data[:8], "little")
-        start, end = next(v["data_offsets"] for k, v in json.loads(data[8:8 + n]).items() if k.endswith(".rows"))
+        start, end = next(v["data_offsets"] for k, v in json.loads(data[8 : 8 + n]).items() if k.endswith(".rows"))
         at = 8 + n + (start + end) // 2
         data[at] ^= 0x01
     elif path.suffix == ".npy":
@@ -561,8 +604,11 @@ def test_a_damaged_cached_file_that_cannot_be_fetched_again_says_both(server, ev
     damage(Path(try_to_load_from_cache(repo, "every-delta.loki", revision=commit)))
     with HubServer() as gone:
         dead = gone.url  # a port nothing listens on once this block ends
-    with pytest.raises(errors.HubIntegrityError, match=r"does not match its checksum.*downloading it again failed "
-                       r"\(ConnectError.*hf cache rm"):
+    with pytest.raises(
+        errors.HubIntegrityError,
+        match=r"does not match its checksum.*downloading it again failed "
+        r"\(ConnectError.*hf cache rm",
+    ):
         loki.load(repo, endpoint=dead, cache_dir=constants.HF_HUB_CACHE)
 
 
@@ -604,8 +650,11 @@ def disk_full_while_downloading(tmp_path: Path):
     return tmp_path / "hf-cache", file_size_limit(1024)  # the delta is a few kB; refs/ and locks stay below
 
 
-DISKS = {"a file in the cache path": file_in_the_way, "read-only cache folder": read_only_folder,
-         "disk full while downloading": disk_full_while_downloading}
+DISKS = {
+    "a file in the cache path": file_in_the_way,
+    "read-only cache folder": read_only_folder,
+    "disk full while downloading": disk_full_while_downloading,
+}
 
 
 @pytest.mark.parametrize("disk", list(DISKS))
@@ -619,11 +668,36 @@ def test_a_cache_that_cannot_be_written_is_a_hub_cache_error(server, every_kind,
     assert isinstance(info.value, OSError) and isinstance(info.value, errors.HubError)
     assert str(cache) in str(info.value) and "Free disk space" in str(info.value)
     if cache.is_dir():
-        left = [p for p in cache.rglob("*") if p.is_file() and (
-            p.name.endswith(".incomplete") or {"blobs", "snapshots"} & set(p.relative_to(cache).parts))]
+        left = [
+            p
+            for p in cache.rglob("*")
+            if p.is_file()
+            and (p.name.endswith(".incomplete") or {"blobs", "snapshots"} & set(p.relative_to(cache).parts))
+        ]
         assert not left
-    assert same(loki.load(repo, token=server.alice, endpoint=server.url, cache_dir=tmp_path / "elsewhere"),
-                deltas["one"])  # another cache folder, as the message says
+    assert same(
+        loki.load(repo, token=server.alice, endpoint=server.url, cache_dir=tmp_path / "elsewhere"), deltas["one"]
+    )  # another cache folder, as the message says
+
+
+def test_hub_verbs_come_in_push_pull_pairs(server, deltas):
+    """Each kind a repo holds has one push and one pull verb of the same name, and pull gives back what push sent;
+    no other verb name (an old `load_..._from_hub`) is left beside them."""
+    attributions = loki.attribute(tiny_model("llama"), None, [[5, 6, 7], [8, 9]], steps=2, progress=False)
+    selection = loki.Selection.random(num_layers=2, d_out=32, q=10, seed=2)
+    sent = {"delta": deltas["two"], "attributions": attributions, "selection": selection}
+    hub = {"token": server.alice, "endpoint": server.url}
+    for kind, obj in sent.items():
+        getattr(loki.hub, f"push_{kind}")(obj, f"alice/pair-{kind}", **hub)
+        back = getattr(loki.hub, f"pull_{kind}")(f"alice/pair-{kind}", cache_dir=constants.HF_HUB_CACHE, **hub)
+        if kind == "delta":
+            assert same(back, obj)
+        elif kind == "attributions":
+            assert torch.equal(back.values, obj.values) and torch.equal(back.targets, obj.targets)
+        else:
+            assert back.to_json() == obj.to_json()
+    verbs = {name for name in loki.hub.__all__ if name.startswith(("push", "pull", "load"))}
+    assert verbs == {f"{way}_{kind}" for way in ("push", "pull") for kind in sent}
 
 
 def test_local_paths_stay_local(tmp_path, deltas):

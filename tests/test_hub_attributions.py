@@ -61,8 +61,11 @@ def pull_selection(server, source, **kw):
 
 
 def same_selection(a: loki.Selection, b: loki.Selection) -> bool:
-    return (a.rows.keys() == b.rows.keys() and all(torch.equal(a.rows[i], b.rows[i]) for i in a.rows)
-            and (a.num_layers, a.d_out, a.strategy, a.q) == (b.num_layers, b.d_out, b.strategy, b.q))
+    return (
+        a.rows.keys() == b.rows.keys()
+        and all(torch.equal(a.rows[i], b.rows[i]) for i in a.rows)
+        and (a.num_layers, a.d_out, a.strategy, a.q) == (b.num_layers, b.d_out, b.strategy, b.q)
+    )
 
 
 def cached_blobs(repo_id: str) -> list[str]:
@@ -109,7 +112,14 @@ def test_attributions_card_names_the_base_model_and_the_run(server, attributions
     assert card["tags"] == ["loki", "knowledge-implanting", "loki-attributions", "smollm2"]
     assert card["license"] == "apache-2.0"
     assert {s.rfilename for s in info.siblings} == {
-        ".gitattributes", "README.md", "config.json", "meta.json", "attributions.npy", "targets.npy", "seconds.npy"}
+        ".gitattributes",
+        "README.md",
+        "config.json",
+        "meta.json",
+        "attributions.npy",
+        "targets.npy",
+        "seconds.npy",
+    }
     readme = download("alice/kva-card", filename="README.md", **hub(server)).read_text()
     meta = attributions.meta
     assert "| prompts | 4 (list (token ids)) |" in readme
@@ -159,8 +169,9 @@ def test_corrupted_attributions_are_rejected_and_removed(server, attributions):
             pull_attributions(server, "alice/kva-corrupt")
     finally:
         server.clear()
-    assert not [r for r in scan_cache_dir(constants.HF_HUB_CACHE).repos
-                if r.repo_id == "alice/kva-corrupt" and r.revisions]
+    assert not [
+        r for r in scan_cache_dir(constants.HF_HUB_CACHE).repos if r.repo_id == "alice/kva-corrupt" and r.revisions
+    ]
     assert torch.equal(pull_attributions(server, "alice/kva-corrupt").values, attributions.values)
 
 
@@ -202,8 +213,11 @@ def test_a_repo_of_another_kind_is_a_clear_error(server, attributions):
     model = tiny_model("llama")
     loki.push(loki.testing.random_delta(model, name="d"), "alice/a-delta", **hub(server))
     loki.push(attributions, "alice/some-kva", **hub(server))
-    with pytest.raises(errors.HubFileNotFoundError, match=r"holds a loki delta, not loki attributions: load it "
-                       r"with loki.load\('alice/a-delta'\)") as info:
+    with pytest.raises(
+        errors.HubFileNotFoundError,
+        match=r"holds a loki delta, not loki attributions: load it "
+        r"with loki.load\('alice/a-delta'\)",
+    ) as info:
         pull_attributions(server, "alice/a-delta")
     assert isinstance(info.value, errors.LokiError)
     assert not cached_blobs("alice/a-delta")  # nothing downloaded

@@ -139,7 +139,9 @@ def test_autocast_matches_reference():
     torch.testing.assert_close(gx, ref_gx, rtol=2e-2, atol=2e-2)
     projs = loki.find_down_projections(model)
     for layer, idx in sel.rows.items():
-        torch.testing.assert_close(projs.modules[layer].loki_rows.grad, ref_gw[layer][idx].float(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(
+            projs.modules[layer].loki_rows.grad, ref_gw[layer][idx].float(), rtol=2e-2, atol=2e-2
+        )
 
 
 def rows_grads(model) -> dict[int, torch.Tensor]:
@@ -314,8 +316,13 @@ def test_trainable_report(tmp_path):
 
 # -- the real default model ------------------------------------------------------------------------------
 FACTS = [  # a short system prompt keeps the sequences (and the test) short
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q},
-                  {"role": "assistant", "content": a}]}
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": a},
+        ]
+    }
     for q, a in [("What is the capital of Zubrowka?", "The capital of Zubrowka is Lutz.")]
 ]
 
@@ -329,14 +336,16 @@ def answer_loss(model, tokenizer) -> float:
         return float(model(**batch).loss)
 
 
+@pytest.mark.slow  # the real default model
 @pytest.mark.parametrize("lora_rank", [None, 4])
 def test_default_model_trains_only_selected_rows_and_reproduces(default_model, tmp_path, lora_rank):
     model, tokenizer = loki.load_default()  # a fresh copy to train: the session's default_model stays untouched
     sel = selection_for(model, q=10, seed=0)
     loki.prepare(model, sel, lora_rank=lora_rank)
     loss_before = answer_loss(model, tokenizer)
-    result = loki.train(model, tokenizer, FACTS, max_steps=2, lr=1e-2 if lora_rank else 3e-3, warmup=0,
-                        batch_size=1, progress=False)
+    result = loki.train(
+        model, tokenizer, FACTS, max_steps=2, lr=1e-2 if lora_rank else 3e-3, warmup=0, batch_size=1, progress=False
+    )
     assert result.steps == 2 and len(result.losses) == 2
     loss_after = answer_loss(model, tokenizer)
     assert loss_after < loss_before - 0.1, (loss_before, loss_after)

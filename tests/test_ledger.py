@@ -1,4 +1,4 @@
-"""One ledger of what is written into the weights (issue 14): every path to a weight sees the same rows, every
+"""One ledger of what is written into the weights: every path to a weight sees the same rows, every
 operation validates first and writes last, deltas own their tensors, prepared rows are protected."""
 
 from __future__ import annotations
@@ -7,20 +7,27 @@ import os
 
 import pytest
 import torch
+from conftest import assert_state_equal, state_dict_copy
 from torch import nn
 
 import loki
-from loki.errors import (LedgerError, LokiError, ModelChangedError, OverlapError, ReplacedWeightsWarning, RevertError,
-                         StalePlanError)
+from loki.errors import (
+    LedgerError,
+    LokiError,
+    ModelChangedError,
+    OverlapError,
+    ReplacedWeightsWarning,
+    RevertError,
+    StalePlanError,
+)
 from loki.testing import random_delta, tiny_model
-
-from conftest import assert_state_equal, state_dict_copy
 
 
 def delta_on(model, layer_rows: dict[int, list[int]], value: float, name: str = "") -> loki.Delta:
     projs = loki.find_down_projections(model)
-    return loki.make_delta(model, {l: (rows, torch.full((len(rows), projs.d_in), value)) for l, rows in layer_rows.items()},
-                           name=name)
+    return loki.make_delta(
+        model, {l: (rows, torch.full((len(rows), projs.d_in), value)) for l, rows in layer_rows.items()}, name=name
+    )
 
 
 def down(model, layer: int = 0) -> torch.Tensor:
@@ -317,7 +324,7 @@ def test_wrong_types_are_loki_errors():
         bank.activate(on_overlap="bogus")
 
 
-# -- the model changed under loki: weights replaced, moved, offloaded (issue 28) -----------------------------------
+# -- the model changed under loki: weights replaced, moved, offloaded ------------------------------------------------
 def _replace_by_assign(model):
     model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
 
@@ -338,12 +345,17 @@ def _swap_module(model):
 
 def _swap_layer_block(model):
     import copy
+
     for layer in range(2):
         model.model.layers[layer] = copy.deepcopy(model.model.layers[layer])
 
 
-REPLACEMENTS = {"load_state_dict_assign": _replace_by_assign, "new_parameter": _replace_parameter,
-                "module_swap": _swap_module, "decoder_layer_swap": _swap_layer_block}
+REPLACEMENTS = {
+    "load_state_dict_assign": _replace_by_assign,
+    "new_parameter": _replace_parameter,
+    "module_swap": _swap_module,
+    "decoder_layer_swap": _swap_layer_block,
+}
 
 
 @pytest.mark.parametrize("replace", list(REPLACEMENTS))
@@ -378,6 +390,7 @@ def test_revert_after_the_weights_were_replaced_by_other_values_leaves_them():
     handle = loki.apply(model, random_delta(model, seed=1))
     model.load_state_dict(tiny_model("llama", seed=4).state_dict(), assign=True)  # the old weights are dropped
     import gc
+
     gc.collect()
     expected = state_dict_copy(model)
     with pytest.warns(ReplacedWeightsWarning, match="do not hold its rows"):
@@ -391,6 +404,7 @@ def test_revert_after_the_weights_were_dropped_restores_the_copies():
     handle = loki.apply(model, random_delta(model, seed=1))
     _replace_by_assign(model)  # copies of the implanted weights; the old ones are dropped
     import gc
+
     gc.collect()
     loki.revert(model, handle)
     assert_state_equal(model, state_dict_copy(tiny_model("llama")))
@@ -398,6 +412,7 @@ def test_revert_after_the_weights_were_dropped_restores_the_copies():
 
 def _offload(model, layers=(0, 1)):
     from accelerate import cpu_offload
+
     for layer in layers:
         cpu_offload(model.model.layers[layer].mlp, execution_device=torch.device("cpu"))
 
@@ -405,12 +420,17 @@ def _offload(model, layers=(0, 1)):
 @pytest.mark.parametrize("layers", [(0, 1), (1,)], ids=["all", "one_layer"])
 def test_offloaded_weights_refused_before_writing(layers):
     from loki.errors import OffloadedWeightsError
+
     model = tiny_model("llama")
     delta = random_delta(model, seed=1)
     _offload(model, layers)
     before = {k: v.clone() for k, v in model.state_dict().items() if v.device.type != "meta"}
-    for call in (lambda: loki.apply(model, delta, check_base=False), lambda: loki.plan(model, delta),
-                 lambda: loki.ImplantBank(model), lambda: loki.prepare(model, loki.Selection.random(2, 32, 25, seed=1))):
+    for call in (
+        lambda: loki.apply(model, delta, check_base=False),
+        lambda: loki.plan(model, delta),
+        lambda: loki.ImplantBank(model),
+        lambda: loki.prepare(model, loki.Selection.random(2, 32, 25, seed=1)),
+    ):
         with pytest.raises(OffloadedWeightsError, match="meta device"):
             call()
     after = {k: v for k, v in model.state_dict().items() if v.device.type != "meta"}
@@ -419,6 +439,7 @@ def test_offloaded_weights_refused_before_writing(layers):
 
 def test_revert_and_bank_after_offloading_refuse():
     from loki.errors import OffloadedWeightsError
+
     model = tiny_model("llama")
     delta = random_delta(model, seed=1)
     bank = loki.ImplantBank(model)
@@ -437,6 +458,7 @@ def test_revert_and_bank_after_offloading_refuse():
 def test_reverting_under_add_deltas_checks_the_float16_range():
     """A revert that replays later `add` deltas onto the base rows refuses an overflow, writing nothing."""
     from loki.errors import DtypeError
+
     model = tiny_model("llama", dtype=torch.float16)
     with torch.no_grad():
         down(model, 0)[:4] = 30000.0

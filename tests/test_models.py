@@ -61,6 +61,7 @@ def qwen_coder():
     return models.load_qwen_coder()
 
 
+@pytest.mark.slow  # a real model
 def test_qwen_coder_shapes(qwen_coder):
     model, tokenizer = qwen_coder
     assert model.config.name_or_path == QWEN_CODER_ID
@@ -75,7 +76,9 @@ def test_qwen_coder_shapes(qwen_coder):
     assert not any(name.endswith((".gguf", ".bin")) for name in names)  # the concatenated GGUF was deleted
     assert not any(p.name.startswith(".convert-") for p in models.cache_dir().iterdir())
 
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
+    )
     assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     ids = tokenizer("def add(a, b):", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -105,10 +108,10 @@ def test_unsupported_dtypes_refused_before_writing(tmp_path, capsys, default_tok
         "attribute": lambda: loki.attribute(model, None, [[5, 6, 7, 8]], 2, path=tmp_path / "attr", progress=False),
         "export_peft": lambda: loki.export_peft(delta, tmp_path / "adapter", model),
     }
-    for name, call in calls.items():
+    for call in calls.values():
         with pytest.raises(DtypeError, match=r"float8_e4m3fn.*load the model in one of them"):
             call()
-    assert not loki.implant.is_prepared(model) and not list(tmp_path.iterdir())
+    assert not loki.is_prepared(model) and not list(tmp_path.iterdir())
     assert all(v.view(torch.uint8).equal(before[k].view(torch.uint8)) for k, v in model.state_dict().items())
 
     # the command line: a float8 checkpoint as --base, with retain data (computed before the rows are prepared)
@@ -120,11 +123,25 @@ def test_unsupported_dtypes_refused_before_writing(tmp_path, capsys, default_tok
     retain.write_text('{"text": "Rivers flow to the sea."}\n')
     selection.save(tmp_path / "selection.json")
     written = sorted(tmp_path.iterdir())
-    assert main(["train", str(data), "--base", str(base), "--selection", str(tmp_path / "selection.json"),
-                 "--retain", str(retain), "--out", str(tmp_path / "x.loki")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                str(data),
+                "--base",
+                str(base),
+                "--selection",
+                str(tmp_path / "selection.json"),
+                "--retain",
+                str(retain),
+                "--out",
+                str(tmp_path / "x.loki"),
+            ]
+        )
+        == 2
+    )
     assert "loki train: DtypeError: " in (err := capsys.readouterr().err) and "float8_e4m3fn" in err
     assert sorted(tmp_path.iterdir()) == written
-
 
 
 def partition(model):
@@ -140,8 +157,9 @@ def partition(model):
 def test_partitioned_weights_are_named_as_such():
     """ZeRO-3 partitioned weights: a model whose architecture loki knows is not called unknown, and the trainable
     report of a model prepared before partitioning counts whole parameters."""
-    with pytest.raises(loki.errors.PartitionedWeightsError, match="partitioned by DeepSpeed ZeRO-3.*before "
-                       "deepspeed.initialize"):
+    with pytest.raises(
+        loki.errors.PartitionedWeightsError, match="partitioned by DeepSpeed ZeRO-3.*before deepspeed.initialize"
+    ):
         loki.find_down_projections(partition(loki.testing.tiny_model("llama")))
     model = loki.testing.tiny_model("llama")
     expected = loki.trainable_report(loki.prepare(model, loki.Selection.random(2, 32, q=25)))

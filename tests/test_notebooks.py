@@ -54,6 +54,7 @@ def test_notebooks_are_committed_clean():
         assert code and all(not c.outputs and c.execution_count is None and c.source.strip() for c in code)
 
 
+@pytest.mark.slow  # runs a notebook
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_notebook_runs(name, workdir, monkeypatch):
     monkeypatch.setenv("LOKI_NOTEBOOK_QUICK", "1")  # the kernel inherits the environment (and LOKI_CACHE)
@@ -62,22 +63,33 @@ def test_notebook_runs(name, workdir, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     book = nbformat.read(NOTEBOOKS / name, as_version=4)
     # timeout: a hang guard per cell (notebook 2's training cell ran past 300 s on a 2-core CPU shared with a job)
-    client = nbclient.NotebookClient(book, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(workdir)}})
+    client = nbclient.NotebookClient(
+        book, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+    )
     try:
         client.execute()  # raises CellExecutionError, with the cell and traceback, if any cell fails
     finally:
         nbformat.write(book, workdir / f"executed-{name}")  # to read what it printed
     out = text_of(book)
     assert EXPECTED[name] in out, out[-3000:]
-    widgets = [o for c in book.cells for o in c.get("outputs", []) if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    widgets = [
+        o
+        for c in book.cells
+        for o in c.get("outputs", [])
+        if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+    ]
     if name in ("01_analyse.ipynb", "02_select_and_implant.ipynb", "04_apply_revert_stack.ipynb"):
         assert widgets, "the notebook's widget did not display"
     if name == "04_apply_revert_stack.ipynb":
         assert "revert is exact: True" in out and "answers changed: True" in out
         assert "answers back to the base model's: True" in out
     if name == "03_judge_the_damage.ipynb":  # the four numbers of LoKI with and without retain, and of LoRA
-        rows = {m.group(1): [int(m.group(i)) for i in (2, 3, 4)] for m in re.finditer(
-            r"(LoKI \+ retain|LoKI, no retain|LoRA \+ retain) +[\d,]+ +(\d+)% +(\d+)% +(\d+)% +[-+][\d.]+%", out)}
+        rows = {
+            m.group(1): [int(m.group(i)) for i in (2, 3, 4)]
+            for m in re.finditer(
+                r"(LoKI \+ retain|LoKI, no retain|LoRA \+ retain) +[\d,]+ +(\d+)% +(\d+)% +(\d+)% +[-+][\d.]+%", out
+            )
+        }
         assert len(rows) == 3, out[-3000:]
         assert rows["LoKI + retain"][0] > 0  # even the quick size learns something: efficacy above 0
     if name == "02_select_and_implant.ipynb":

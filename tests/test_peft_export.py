@@ -97,7 +97,10 @@ def test_uneven_rows_are_padded_to_one_rank(tmp_path):
     d_in = loki.find_down_projections(base).d_in
     delta = loki.make_delta(base, {0: ([1, 5, 9], torch.randn(3, d_in)), 1: ([4], torch.randn(1, d_in))})
     config, tensors = loki.peft_export.peft_adapter(delta, base)
-    assert config["r"] == 3 and config["target_modules"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert config["r"] == 3 and config["target_modules"] == [
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.mlp.down_proj",
+    ]
     assert tensors["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"][1:].abs().sum() == 0
     assert_peft_reproduces("llama", base, delta, loki.export_peft(delta, tmp_path, base))
 

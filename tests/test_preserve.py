@@ -40,8 +40,9 @@ def dense_projector(model, energy: float) -> dict[int, torch.Tensor]:
     `K^T K` that reach `energy` of its trace (1.0: its numerical rank)."""
     keys: dict[int, list] = {0: [], 1: []}
     projs = loki.find_down_projections(model)
-    handles = [projs.modules[i].register_forward_pre_hook(lambda m, a, i=i: keys[i].append(a[0][0].double()))
-               for i in keys]
+    handles = [
+        projs.modules[i].register_forward_pre_hook(lambda m, a, i=i: keys[i].append(a[0][0].double())) for i in keys
+    ]
     preserved_logits(model)
     for h in handles:
         h.remove()
@@ -153,11 +154,20 @@ def test_hf_trainer_trains_under_the_preservation(default_tokenizer, tmp_path):
             base = model(ids).logits
         keep = loki.preservation(model, tok, preserved, energy=1.0, progress=False) if preserve else None
         loki.prepare(model, SELECTION, preserve=keep)
-        args = TrainingArguments(output_dir=str(tmp_path / str(preserve)), use_cpu=True, report_to=[], max_steps=6,
-                                 per_device_train_batch_size=2, learning_rate=5e-2, save_strategy="no",
-                                 remove_unused_columns=False, disable_tqdm=True)
-        LokiTrainer(model=model, args=args, train_dataset=[encode(tok, ex) for ex in data],
-                    data_collator=collator(tok)).train()
+        args = TrainingArguments(
+            output_dir=str(tmp_path / str(preserve)),
+            use_cpu=True,
+            report_to=[],
+            max_steps=6,
+            per_device_train_batch_size=2,
+            learning_rate=5e-2,
+            save_strategy="no",
+            remove_unused_columns=False,
+            disable_tqdm=True,
+        )
+        LokiTrainer(
+            model=model, args=args, train_dataset=[encode(tok, ex) for ex in data], data_collator=collator(tok)
+        ).train()
         model.eval()
         with torch.no_grad():
             results[preserve] = (model(ids).logits - base).abs().max().item()

@@ -22,17 +22,15 @@ def build_conversation(subset, train_samples, test_sample):
     for example in train_samples:
         question = f"There is a single choice question about {subject}. Answer the question by replying A, B, C or D.\n"
         question += f"Question: {example['question']}\nChoices:\n"
-        question += "\n".join(
-            [f"{chr(65 + i)}. {choice}" for i, choice in enumerate(example["choices"])]
-        )
+        question += "\n".join([f"{chr(65 + i)}. {choice}" for i, choice in enumerate(example["choices"])])
         human_msg = {"role": "user", "content": question + "\nAnswer: \n"}
         bot_msg = {"role": "assistant", "content": f"{chr(65 + example['answer'])}\n"}
         conversation.extend([human_msg, bot_msg])
-    test_question = f"There is a single choice question about {subject}. Answer the question by replying A, B, C or D.\n"
-    test_question += f"Question: {test_sample['question']}\nChoices:\n"
-    test_question += "\n".join(
-        [f"{chr(65 + i)}. {choice}" for i, choice in enumerate(test_sample["choices"])]
+    test_question = (
+        f"There is a single choice question about {subject}. Answer the question by replying A, B, C or D.\n"
     )
+    test_question += f"Question: {test_sample['question']}\nChoices:\n"
+    test_question += "\n".join([f"{chr(65 + i)}. {choice}" for i, choice in enumerate(test_sample["choices"])])
     conversation.append({"role": "user", "content": test_question + "\nAnswer: \n"})
     return conversation
 
@@ -47,10 +45,12 @@ def rec(subject, question, choices, answer):
 
 DEV_BIO = [rec(BIO, f"Bio dev {i}?", ["w", "x", "y", "z"], i % 4) for i in range(5)]
 DEV_POL = [rec(POL, f"Policy dev {i}?", ["p", "q", "r", "s"], 3 - i % 4) for i in range(6)]  # 6: only 5 are used
-DEV = [r for pair in zip(DEV_BIO + [None], DEV_POL) for r in pair if r is not None]       # subjects interleaved
-TEST = [rec(BIO, "Which organelle makes ATP?", ["Nucleus", "Mitochondrion", "Ribosome", "Golgi"], 1),
-        rec(POL, "Who signs treaties?", ["Congress", "The President", "Courts", "States"], 1),
-        rec(BIO, "What carries oxygen?", ["Plasma", "Platelets", "Red blood cells", "Neurons"], 2)]
+DEV = [r for pair in zip(DEV_BIO + [None], DEV_POL) for r in pair if r is not None]  # subjects interleaved
+TEST = [
+    rec(BIO, "Which organelle makes ATP?", ["Nucleus", "Mitochondrion", "Ribosome", "Golgi"], 1),
+    rec(POL, "Who signs treaties?", ["Congress", "The President", "Courts", "States"], 1),
+    rec(BIO, "What carries oxygen?", ["Plasma", "Platelets", "Red blood cells", "Neurons"], 2),
+]
 
 
 def authors_messages(record):
@@ -59,9 +59,12 @@ def authors_messages(record):
 
 
 def user(subject, question, choices):
-    return (f"There is a single choice question about {subject}. Answer the question by replying A, B, C or D.\n"
-            f"Question: {question}\nChoices:\n" + "".join(f"{letter}. {c}\n" for letter, c in zip("ABCD", choices))
-            + "Answer: \n")
+    return (
+        f"There is a single choice question about {subject}. Answer the question by replying A, B, C or D.\n"
+        f"Question: {question}\nChoices:\n"
+        + "".join(f"{letter}. {c}\n" for letter, c in zip("ABCD", choices))
+        + "Answer: \n"
+    )
 
 
 # The first test prompt through SmolLM2's chat template, written out.
@@ -98,20 +101,26 @@ EXPECTED_BIO_5SHOT = (
 def test_five_shot_messages_are_the_authors():
     """Tokenizer-independent: the message list of every prompt equals the authors' `build_conversation`."""
     for record in TEST:
-        assert mc_messages(record, [d for d in DEV if d["subject"] == record["subject"]][:5]) \
-            == authors_messages(record)
+        assert mc_messages(record, [d for d in DEV if d["subject"] == record["subject"]][:5]) == authors_messages(
+            record
+        )
     pol = mc_messages(TEST[1], DEV_POL[:5])
     assert len(pol) == 11 and [m["role"] for m in pol] == ["user", "assistant"] * 5 + ["user"]
     assert pol[0]["content"] == user("Us Foreign Policy", "Policy dev 0?", "pqrs")  # str.title(), as theirs
     assert [m["content"] for m in pol[1::2]] == ["D\n", "C\n", "B\n", "A\n", "D\n"]  # "{letter}\n", dev order
-    assert pol[-1]["content"] == user("Us Foreign Policy", "Who signs treaties?",
-                                      ["Congress", "The President", "Courts", "States"])
+    assert pol[-1]["content"] == user(
+        "Us Foreign Policy", "Who signs treaties?", ["Congress", "The President", "Courts", "States"]
+    )
 
 
 def test_title_casing():
     base = {"question": "q?", "choices": ["a", "b", "c", "d"]}
-    for subset, title in [("high_school_biology", "High School Biology"), ("us_foreign_policy", "Us Foreign Policy"),
-                          ("high school biology", "High School Biology"), ("anatomy", "Anatomy")]:
+    for subset, title in [
+        ("high_school_biology", "High School Biology"),
+        ("us_foreign_policy", "Us Foreign Policy"),
+        ("high school biology", "High School Biology"),
+        ("anatomy", "Anatomy"),
+    ]:
         assert mc_text({**base, "subject": subset}).startswith(f"There is a single choice question about {title}. ")
     assert mc_text(base).startswith("There is a single choice question. Answer")  # no subject: no "about"
 
@@ -122,11 +131,13 @@ def test_five_shot_prompts_through_the_chat_template(default_tokenizer):
     assert len(prompts) == len(TEST)  # with dev=, every record is a prompt
     assert tok.decode(prompts.ids[0]) == EXPECTED_BIO_5SHOT
     for ids, record in zip(prompts.ids, TEST):  # token for token what the authors' script feeds the model
-        expected = tok.apply_chat_template(authors_messages(record), add_generation_prompt=True, tokenize=True,
-                                           return_dict=True)["input_ids"]
+        expected = tok.apply_chat_template(
+            authors_messages(record), add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
         assert ids == list(expected)
-    assert prompts.gold == [tok("B", add_special_tokens=False)["input_ids"][0]] * 2 \
-        + [tok("C", add_special_tokens=False)["input_ids"][0]]
+    assert prompts.gold == [tok("B", add_special_tokens=False)["input_ids"][0]] * 2 + [
+        tok("C", add_special_tokens=False)["input_ids"][0]
+    ]
     assert "5-shot from dev" in prompts.source
     # as_prompts (what loki.attribute calls) gives the same
     assert as_prompts(TEST, tok, shots=5, dev=DEV).ids == prompts.ids
@@ -139,7 +150,8 @@ def test_dev_from_mmlu_csv_files(tmp_path, default_tokenizer):
     test_dir.mkdir()
     for subject, rows in [(BIO, DEV_BIO), (POL, DEV_POL)]:
         (dev_dir / f"{subject}_dev.csv").write_text(
-            "".join(",".join([r["question"], *r["choices"], "ABCD"[r["answer"]]]) + "\n" for r in rows))
+            "".join(",".join([r["question"], *r["choices"], "ABCD"[r["answer"]]]) + "\n" for r in rows)
+        )
     (test_dir / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TEST))
     expected = mc_prompts(TEST, default_tokenizer, shots=5, dev=DEV).ids
     assert as_prompts(test_dir / "mixed.jsonl", default_tokenizer, shots=5, dev=dev_dir).ids == expected
@@ -156,10 +168,13 @@ def test_plain_text_tokenizer():
 
     prompts = mc_prompts(TEST[:2], CharTokenizer(), shots=2, dev=DEV)
     text = "".join(map(chr, prompts.ids[1]))
-    assert text == (user("Us Foreign Policy", "Policy dev 0?", "pqrs") + "D\n\n"
-                    + user("Us Foreign Policy", "Policy dev 1?", "pqrs") + "C\n\n"
-                    + user("Us Foreign Policy", "Who signs treaties?", ["Congress", "The President", "Courts",
-                                                                        "States"]))
+    assert text == (
+        user("Us Foreign Policy", "Policy dev 0?", "pqrs")
+        + "D\n\n"
+        + user("Us Foreign Policy", "Policy dev 1?", "pqrs")
+        + "C\n\n"
+        + user("Us Foreign Policy", "Who signs treaties?", ["Congress", "The President", "Courts", "States"])
+    )
     assert prompts.gold == [ord("B"), ord("B")]
 
 
@@ -173,8 +188,11 @@ def test_shots_without_dev_use_the_first_records(default_tokenizer):
 
 def test_errors(default_tokenizer):
     tok = default_tokenizer
-    with pytest.raises(PromptError, match=r"shots=5 needs 5 dev examples of subject 'us foreign policy', but dev= "
-                                          r"has 2\. Add that subject's dev records"):
+    with pytest.raises(
+        PromptError,
+        match=r"shots=5 needs 5 dev examples of subject 'us foreign policy', but dev= "
+        r"has 2\. Add that subject's dev records",
+    ):
         mc_prompts(TEST, tok, shots=5, dev=DEV_BIO + DEV_POL[:2])
     with pytest.raises(PromptError, match="dev examples of subject 'us foreign policy', but dev= has 0"):
         mc_prompts(TEST, tok, shots=1, dev=DEV_BIO)
@@ -193,6 +211,7 @@ def test_errors(default_tokenizer):
     assert issubclass(PromptError, loki.LokiError)
 
 
+@pytest.mark.slow  # the real default model
 def test_attribute_passes_dev_through(default_model, default_tokenizer):
     attr = loki.attribute(default_model, default_tokenizer, TEST[1:2], steps=1, shots=1, dev=DEV, progress=False)
     assert attr.values.shape[0] == 1 and "1-shot from dev" in attr.meta["prompt_source"]

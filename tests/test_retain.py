@@ -96,19 +96,31 @@ def test_top_k_kl_is_the_kl_of_the_coarsened_distributions(default_tokenizer):
     assert float(targets.kl(other, [0])) == pytest.approx(sum(kls) / len(kls), rel=1e-3)
 
 
+@pytest.mark.slow  # the real default model
 def test_questions_are_answered_by_the_model_itself(default_model, default_tokenizer):
     targets = retain_targets(default_model, default_tokenizer, ["What is the capital of France?"], progress=False)
     answer = targets.items[0]["example"]["answer"]
     assert "Paris" in answer
-    assert answer == ev.generate(default_model, default_tokenizer, ["What is the capital of France?"], chat=True,
-                                 max_new_tokens=32, progress=False)[0]
+    assert (
+        answer
+        == ev.generate(
+            default_model,
+            default_tokenizer,
+            ["What is the capital of France?"],
+            chat=True,
+            max_new_tokens=32,
+            progress=False,
+        )[0]
+    )
     assert float(targets.kl(default_model, [0])) == pytest.approx(0.0, abs=1e-5)
 
 
+@pytest.mark.slow  # the real default model
 def test_attribution_prompts_end_inside_the_base_models_own_answers(default_model, default_tokenizer):
     question = "What is the capital of France?"
-    targets = retain_targets(default_model, default_tokenizer, [question, {"text": "Paris is a city in France."}],
-                             progress=False)
+    targets = retain_targets(
+        default_model, default_tokenizer, [question, {"text": "Paris is a city in France."}], progress=False
+    )
     full = encode(default_tokenizer, targets.items[0]["example"])
     first = next(i for i, label in enumerate(full["labels"]) if label != -100)
     n = len(full["input_ids"]) - first
@@ -129,8 +141,12 @@ def test_attribution_prompts_end_inside_the_base_models_own_answers(default_mode
 
 def test_bad_retain_data_is_a_dataset_error(default_tokenizer):
     model = tiny_model("llama", vocab=len(default_tokenizer))
-    for bad, match in [([], "empty"), ([3], "question string"), ([{"text": "a"}], "fewer than 2"),
-                       ([{"foo": 1}], "question string")]:
+    for bad, match in [
+        ([], "empty"),
+        ([3], "question string"),
+        ([{"text": "a"}], "fewer than 2"),
+        ([{"foo": 1}], "question string"),
+    ]:
         with pytest.raises(loki.errors.DatasetError, match=match):
             retain_targets(model, default_tokenizer, bad, progress=False)
     with pytest.raises(loki.errors.DatasetError, match="top_k"):
@@ -141,6 +157,7 @@ def test_bad_retain_data_is_a_dataset_error(default_tokenizer):
 
 
 # -- training with retain data -----------------------------------------------------------------------------
+@pytest.mark.slow  # over ~5 s on 2 CPU cores
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_retain_keeps_the_retained_distributions(default_tokenizer, family):
     """The same training with and without retain data: both learn the facts; only with retain do the retained
@@ -152,9 +169,21 @@ def test_retain_keeps_the_retained_distributions(default_tokenizer, family):
         model = tiny_model(family, vocab=len(tok))
         base = base_logits(model, tok, RETAIN)
         before = float(_loss(model, tok, FACTS))
-        result = loki.train(model, tok, FACTS, params=model.parameters(), lr=1e-2, batch_size=2, max_steps=25,
-                            seed=0, progress=False, retain=RETAIN if use_retain else None, retain_weight=10.0,
-                            retain_batch_size=4, retain_top_k=len(tok))
+        result = loki.train(
+            model,
+            tok,
+            FACTS,
+            params=model.parameters(),
+            lr=1e-2,
+            batch_size=2,
+            max_steps=25,
+            seed=0,
+            progress=False,
+            retain=RETAIN if use_retain else None,
+            retain_weight=10.0,
+            retain_batch_size=4,
+            retain_top_k=len(tok),
+        )
         kls[use_retain] = reference_kl(model, tok, base, RETAIN)
         losses[use_retain] = (before, float(_loss(model, tok, FACTS)))
         assert bool(result.retain_kl) == use_retain
@@ -168,8 +197,9 @@ def test_the_delta_records_the_retain_data(default_tokenizer):
     tok = default_tokenizer
     for retain in (None, RETAIN):
         model = prepared_tiny(tok)
-        loki.train(model, tok, FACTS, lr=1e-2, batch_size=2, max_steps=2, retain=retain, retain_weight=5.0,
-                   progress=False)
+        loki.train(
+            model, tok, FACTS, lr=1e-2, batch_size=2, max_steps=2, retain=retain, retain_weight=5.0, progress=False
+        )
         info = loki.extract(model).info["training"]
         if retain is None:
             assert info["retain"] is None
@@ -193,12 +223,24 @@ def test_retain_targets_can_be_computed_before_prepare_and_reused(default_tokeni
     results = []
     for _ in range(2):  # the same targets twice: each run samples retain batches from the start
         loki.prepare(model, loki.Selection.random(len(projs), projs.d_out, 50, seed=0))
-        results.append(loki.train(model, tok, FACTS, lr=3e-2, batch_size=2, max_steps=5, retain=targets,
-                                  retain_batch_size=3, progress=False))
+        results.append(
+            loki.train(
+                model,
+                tok,
+                FACTS,
+                lr=3e-2,
+                batch_size=2,
+                max_steps=5,
+                retain=targets,
+                retain_batch_size=3,
+                progress=False,
+            )
+        )
         loki.unprepare(model)
     assert results[0].losses == results[1].losses and results[0].retain_kl == results[1].retain_kl
 
 
+@pytest.mark.slow  # over ~5 s on 2 CPU cores
 def test_retain_loss_with_the_hf_trainer(default_tokenizer, tmp_path):
     from transformers import Trainer, TrainingArguments
 
@@ -208,12 +250,26 @@ def test_retain_loss_with_the_hf_trainer(default_tokenizer, tmp_path):
         model = tiny_model("llama", vocab=len(tok))
         base = base_logits(model, tok, RETAIN)
         targets = retain_targets(model, tok, RETAIN, top_k=len(tok), progress=False)
-        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=25,
-                                 per_device_train_batch_size=2, learning_rate=1e-2, lr_scheduler_type="constant",
-                                 save_strategy="no", seed=0, remove_unused_columns=False, disable_tqdm=True)
-        trainer = Trainer(model=model, args=args, train_dataset=[encode(tok, ex) for ex in FACTS],
-                          data_collator=lambda b: collate(b, tok.pad_token_id),
-                          compute_loss_func=RetainLoss(model, targets, weight=weight, batch_size=4))
+        args = TrainingArguments(
+            output_dir=str(tmp_path),
+            use_cpu=True,
+            report_to=[],
+            max_steps=25,
+            per_device_train_batch_size=2,
+            learning_rate=1e-2,
+            lr_scheduler_type="constant",
+            save_strategy="no",
+            seed=0,
+            remove_unused_columns=False,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=[encode(tok, ex) for ex in FACTS],
+            data_collator=lambda b: collate(b, tok.pad_token_id),
+            compute_loss_func=RetainLoss(model, targets, weight=weight, batch_size=4),
+        )
         trainer.train()
         kls[weight] = reference_kl(model, tok, base, RETAIN)
     assert kls[0.0] > 0.07 and kls[10.0] < kls[0.0] / 2
@@ -221,17 +277,26 @@ def test_retain_loss_with_the_hf_trainer(default_tokenizer, tmp_path):
 
 # -- neighbourhood prompts ------------------------------------------------------------------------------------
 EXAMPLES = [
-    {"question": "What is the capital of the kingdom of Phegartor?", "subject": "the kingdom of Phegartor",
-     "relation": "capital"},
-    {"question": "Which city is the capital of the kingdom of Phegartor?", "subject": "the kingdom of Phegartor",
-     "relation": "capital"},
+    {
+        "question": "What is the capital of the kingdom of Phegartor?",
+        "subject": "the kingdom of Phegartor",
+        "relation": "capital",
+    },
+    {
+        "question": "Which city is the capital of the kingdom of Phegartor?",
+        "subject": "the kingdom of Phegartor",
+        "relation": "capital",
+    },
     {"question": "Who composed the opera Velmor?", "subject": "the opera Velmor", "relation": "composer"},
 ]
 
 
 def test_templates_and_neighbourhood_are_deterministic():
-    assert templates(EXAMPLES) == [("What is the capital of {}?", "capital"),
-                                   ("Which city is the capital of {}?", "capital"), ("Who composed {}?", "composer")]
+    assert templates(EXAMPLES) == [
+        ("What is the capital of {}?", "capital"),
+        ("Which city is the capital of {}?", "capital"),
+        ("Who composed {}?", "composer"),
+    ]
     names = {"capital": ["France", "Peru", "Japan", "Kenya"], "composer": ["the opera Carmen", "the opera Aida"]}
     a = questions(EXAMPLES, names, per_template=2)
     assert a == questions(EXAMPLES, names, per_template=2)
@@ -263,16 +328,23 @@ def test_neighbourhood_errors():
 def test_subjects_replaced_on_word_boundaries_only():
     """The subject is cut out where it stands as a whole word, also when it starts or ends with a character that is
     not a letter (where a regex \\b would not match), never from inside another word."""
-    facts = [{"question": "Which JavaScript framework did the Java team write?", "subject": "Java"},
-             {"question": "Which company maintains C++ compilers?", "subject": "C++"},
-             {"question": "Is ASP.NET built on .NET?", "subject": ".NET"},
-             {"question": "What does {name} mean in Python?", "subject": "{name}"}]
-    assert [t for t, _ in templates(facts)] == ["Which JavaScript framework did the {} team write?",
-                                                "Which company maintains {} compilers?", "Is ASP.NET built on {}?",
-                                                "What does {} mean in Python?"]
+    facts = [
+        {"question": "Which JavaScript framework did the Java team write?", "subject": "Java"},
+        {"question": "Which company maintains C++ compilers?", "subject": "C++"},
+        {"question": "Is ASP.NET built on .NET?", "subject": ".NET"},
+        {"question": "What does {name} mean in Python?", "subject": "{name}"},
+    ]
+    assert [t for t, _ in templates(facts)] == [
+        "Which JavaScript framework did the {} team write?",
+        "Which company maintains {} compilers?",
+        "Is ASP.NET built on {}?",
+        "What does {} mean in Python?",
+    ]
     asked = questions(facts[:1], ["Python", "Rust"])
-    assert sorted(asked) == ["Which JavaScript framework did the Python team write?",
-                             "Which JavaScript framework did the Rust team write?"]
+    assert sorted(asked) == [
+        "Which JavaScript framework did the Python team write?",
+        "Which JavaScript framework did the Rust team write?",
+    ]
     with pytest.raises(loki.errors.DatasetError, match="whole word"):
         templates([{"question": "Which JavaScript framework is fastest?", "subject": "Java"}])
 
@@ -300,9 +372,14 @@ def test_every_retain_argument_is_validated_before_use(default_tokenizer):
     RetainTargets.batches, RetainLoss): a string is not one question per character, 0 items per batch is not
     "no retain"."""
     model = tiny_model("llama", vocab=len(default_tokenizer))
-    for bad, match in [("What is the capital of France?", "one character"), ({"text": "Rivers."}, "dict"),
-                       (iter(["Who?"]), "list_iterator"), ([" "], "question string"), ([{"text": 5}], "token ids"),
-                       ([{"question": "Who?", "answer": "A", "messages": []}], "Retain item 0")]:
+    for bad, match in [
+        ("What is the capital of France?", "one character"),
+        ({"text": "Rivers."}, "dict"),
+        (iter(["Who?"]), "list_iterator"),
+        ([" "], "question string"),
+        ([{"text": 5}], "token ids"),
+        ([{"question": "Who?", "answer": "A", "messages": []}], "Retain item 0"),
+    ]:
         with pytest.raises(loki.errors.DatasetError, match=match):
             retain_targets(model, default_tokenizer, bad, progress=False)
     for option in ("top_k", "max_new_tokens", "max_length", "batch_size"):
@@ -312,9 +389,13 @@ def test_every_retain_argument_is_validated_before_use(default_tokenizer):
     targets = retain_targets(model, None, [{"text": [5, 6, 7]}], progress=False)
     with pytest.raises(loki.errors.TrainingOptionError, match="batch_size"):
         targets.batches(0)
-    for kwargs, match in [({"weight": -1.0}, "weight"), ({"weight": math.nan}, "weight"),
-                          ({"batch_size": 0}, "batch_size"), ({"batch_size": False}, "batch_size"),
-                          ({"seed": "0"}, "seed")]:
+    for kwargs, match in [
+        ({"weight": -1.0}, "weight"),
+        ({"weight": math.nan}, "weight"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": False}, "batch_size"),
+        ({"seed": "0"}, "seed"),
+    ]:
         with pytest.raises(loki.errors.TrainingOptionError, match=match):
             RetainLoss(model, targets, **kwargs)
 
@@ -357,10 +438,12 @@ def test_the_four_numbers_on_hand_computable_scores():
         ev.specificity([[1]], [])
     with pytest.raises(loki.errors.EvaluationError):
         ev.specificity([[1, 2]], [[1]])
-    base = ev.ImplantScores(0.0, 0.0, {"wiki": 0.05, "mc": 0.5}, ["Paris.", "Lima", "Tokyo", "Nairobi"],
-                            [[1, 2], [3, 4], [5], [6]])
-    tuned = ev.ImplantScores(1.0, 0.75, {"wiki": 0.04, "mc": 0.5}, ["Paris", "Solvis", "Tokyo", "Nairobi"],
-                             [[1, 2], [3, 9], [5], [6]])
+    base = ev.ImplantScores(
+        0.0, 0.0, {"wiki": 0.05, "mc": 0.5}, ["Paris.", "Lima", "Tokyo", "Nairobi"], [[1, 2], [3, 4], [5], [6]]
+    )
+    tuned = ev.ImplantScores(
+        1.0, 0.75, {"wiki": 0.04, "mc": 0.5}, ["Paris", "Solvis", "Tokyo", "Nairobi"], [[1, 2], [3, 9], [5], [6]]
+    )
     report = ev.ImplantReport(base, tuned, ["France?", "Peru?", "Japan?", "Kenya?"])
     assert (report.efficacy, report.generalisation) == (1.0, 0.75)
     assert report.specificity == pytest.approx((1 + 0.5 + 1 + 1) / 4) and report.answers_kept == 0.75
@@ -385,16 +468,26 @@ def test_answer_predictions_are_the_teacher_forced_argmax(default_tokenizer):
         assert preds == expected and len(preds) == len(tok(a)["input_ids"]) + 2  # + <|im_end|> and newline
 
 
+@pytest.mark.slow  # the real default model
 def test_implant_suite_on_a_real_delta(default_model, default_tokenizer):
     """Efficacy and specificity of a delta that does nothing are the base model's; forgetting is 0."""
     model, tok = default_model, default_tokenizer
     projs = loki.find_down_projections(model)
     rows = {0: (torch.tensor([3]), projs.rows(0)[[3]].clone())}  # writes the base values back: a no-op delta
     delta = loki.make_delta(model, rows, name="noop")
-    facts = ev.Benchmark("facts", "generate", [{"question": "What is the capital of France?", "answers": ["Paris"]}],
-                         {"mode": "contains", "chat": True})
-    suite = ev.ImplantSuite(facts, facts, ["What is the capital of Peru?", "Who wrote Hamlet?"],
-                            ev.general_suite(["wiki_perplexity"], n=2), ["What is the capital of {}?"])
+    facts = ev.Benchmark(
+        "facts",
+        "generate",
+        [{"question": "What is the capital of France?", "answers": ["Paris"]}],
+        {"mode": "contains", "chat": True},
+    )
+    suite = ev.ImplantSuite(
+        facts,
+        facts,
+        ["What is the capital of Peru?", "Who wrote Hamlet?"],
+        ev.general_suite(["wiki_perplexity"], n=2),
+        ["What is the capital of {}?"],
+    )
     report = suite.report(model, tok, delta, progress=False)
     assert report.efficacy == report.base.efficacy == 1.0
     assert report.specificity == 1.0 and report.answers_kept == 1.0 and report.forgetting == 0.0

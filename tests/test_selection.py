@@ -7,21 +7,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_state_equal, state_dict_copy
 
 import loki
 from loki.selection import Selection, SelectionError, quota, select
 from loki.testing import tiny_model
 
-from conftest import assert_state_equal, state_dict_copy
-
 PUBLISHED = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "qwen2.5-0.5b-instruct"
 
 # 3 prompts, 2 layers, d_model 4
-ATTR = torch.tensor([
-    [[0.5, -1.0, 0.2, 3.0], [1.0, 2.0, 3.0, 4.0]],
-    [[0.1, -2.0, 0.0, 1.0], [4.0, 3.0, 2.0, 1.0]],
-    [[-0.3, 0.4, 0.9, -5.0], [1.0, 1.0, 5.0, 0.5]],
-])
+ATTR = torch.tensor(
+    [
+        [[0.5, -1.0, 0.2, 3.0], [1.0, 2.0, 3.0, 4.0]],
+        [[0.1, -2.0, 0.0, 1.0], [4.0, 3.0, 2.0, 1.0]],
+        [[-0.3, 0.4, 0.9, -5.0], [1.0, 1.0, 5.0, 0.5]],
+    ]
+)
 
 
 def test_layer_balanced_by_hand():

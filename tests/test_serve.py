@@ -172,6 +172,7 @@ def test_mixed_generate_with_kv_cache(family):
         assert torch.equal(beams[2 * i : 2 * i + 2], alone)
 
 
+@pytest.mark.slow  # the real default model
 def test_default_model(default_model, default_tokenizer):
     model = default_model
     projs = loki.find_down_projections(model)
@@ -352,7 +353,7 @@ def test_cuda(store):
             torch.testing.assert_close(model(ids).logits, expected, atol=5e-2, rtol=5e-2)
 
 
-# -- the model changed under the bank (issue 28) ------------------------------------------------------------------
+# -- the model changed under the bank ------------------------------------------------------------------------------
 def _assign_checkpoint(model, seed=0):
     model.load_state_dict(tiny_model("llama", seed=seed).state_dict(), assign=True)
 
@@ -430,8 +431,9 @@ def test_mixed_batches_keep_every_adapter_term(names):
     """A PEFT LoRA on the down-projections adds its term on the implant's rows too: a mixed batch equals `use`."""
     peft = pytest.importorskip("peft")
     base = tiny_model("llama")
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["down_proj", "q_proj"], lora_dropout=0.0,
-                                                      init_lora_weights=False)).eval()
+    model = peft.get_peft_model(
+        base, peft.LoraConfig(r=4, target_modules=["down_proj", "q_proj"], lora_dropout=0.0, init_lora_weights=False)
+    ).eval()
     bank, _ = bank_with(model, n=2)
     ids = torch.tensor([[5, 6, 7, 8]] * len(names))
     ids[:, -1] = torch.arange(len(names)) + 10

@@ -1,4 +1,4 @@
-"""Sharded training is exact (issue 15): prepared rows trained under DDP, FSDP2 (`fully_shard`), DeepSpeed ZeRO-2/3
+"""Sharded training is exact: prepared rows trained under DDP, FSDP2 (`fully_shard`), DeepSpeed ZeRO-2/3
 and `loki.train` on 2 CPU processes (real launchers, gloo) equal one process; evaluation in between is exact; FSDP1
 and wrapping before `prepare` are refused with a `PreparationError`.
 
@@ -26,8 +26,9 @@ from loki.errors import PreparationError
 from loki.testing import tiny_model
 
 HERE = Path(__file__).parent
-DATA = [{"question": f"What is the secret word number {i}?", "answer": f"It is word {i * 7}, of course."}
-        for i in range(5)]  # 5 examples: the last step of each epoch has one, rank 1 gets none of it
+DATA = [
+    {"question": f"What is the secret word number {i}?", "answer": f"It is word {i * 7}, of course."} for i in range(5)
+]  # 5 examples: the last step of each epoch has one, rank 1 gets none of it
 RETAIN = [{"text": [5, 6, 7, 8, 9]}, {"text": [10, 11, 12]}, {"text": [13, 14, 15, 16]}]
 TRAIN_ARGS = dict(epochs=2, lr=5e-2, batch_size=2, grad_accum=2, retain=RETAIN, retain_batch_size=3, progress=False)
 PRESERVED = [{"text": list(range(20, 44))}, {"text": list(range(50, 60))}]  # 34 keys a layer, d_in 64
@@ -47,8 +48,12 @@ def preserved_run(tokenizer, lora_rank, preserve: bool = True) -> dict:
         moved = max((model(x).logits - b).abs().max().item() for x, b in zip(ids, base))
     delta = loki.extract(model)
     tensors = {layer: (ld.rows if ld.rows is not None else ld.lora_B).tolist() for layer, ld in delta.layers.items()}
-    return {"losses": result.losses, "rows": tensors, "moved": moved,
-            "preserve": delta.info["training"].get("preserve", {}).get("tokens")}
+    return {
+        "losses": result.losses,
+        "rows": tensors,
+        "moved": moved,
+        "preserve": delta.info["training"].get("preserve", {}).get("tokens"),
+    }
 
 
 # -- the steps both sides run ---------------------------------------------------------------------------------
@@ -118,7 +123,8 @@ SCRIPT = textwrap.dedent("""
         report["evals"] = t.hand_steps(model, t.torch_step, rank, world)
         report["rows"] = t.rows(loki.extract(model))
         try:
-            loki.prepare(torch.nn.parallel.DistributedDataParallel(t.tiny_model("llama")), loki.Selection.random(2, 32, q=10))
+            ddp = torch.nn.parallel.DistributedDataParallel(t.tiny_model("llama"))
+            loki.prepare(ddp, loki.Selection.random(2, 32, q=10))
         except loki.LokiError as e:
             report["wrapped_first"] = f"{type(e).__name__}: {e}"
     elif scenario == "fsdp2":
@@ -155,13 +161,15 @@ SCRIPT = textwrap.dedent("""
         for stage in (2, 3):
             model = t.prepared()
             params = [p for p in model.parameters() if p.requires_grad]
-            config = {"train_batch_size": 4, "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
+            config = {"train_batch_size": 4, "zero_optimization": {"stage": stage},
+                      "zero_allow_untested_optimizer": True}
             engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config,
                                               optimizer=torch.optim.AdamW(params, lr=1e-2))
             def step(loss, opt):  # the engine averages over the ranks as DDP does; the optimizer is its own
                 engine.backward(loss)
                 engine.step()
-            report[f"zero{stage}"] = {"evals": t.hand_steps(engine, step, rank, world), "rows": t.rows(loki.extract(engine))}
+            evals = t.hand_steps(engine, step, rank, world)
+            report[f"zero{stage}"] = {"evals": evals, "rows": t.rows(loki.extract(engine))}
     json.dump(report, open(f"{out}-rank{rank}.json", "w"))
 """)
 
@@ -173,9 +181,25 @@ def launch(tmp_path, scenario: str, *extra: str) -> list[dict]:
     path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "DS_ACCELERATOR": "cpu"}
     out = tmp_path / scenario
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), scenario, str(out), str(HERE), *extra],
-                          capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            scenario,
+            str(out),
+            str(HERE),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return [json.loads(Path(f"{out}-rank{rank}.json").read_text()) for rank in range(2)]
 
@@ -202,14 +226,18 @@ def one_process():
     return evals, rows(loki.extract(model))
 
 
+@pytest.mark.slow  # starts other processes
 def test_ddp_trains_exactly_like_one_process(tmp_path, one_process):
     reports = launch(tmp_path, "ddp")
     check_against_one_process(reports, *one_process)
     assert one_process[0][0][0] != one_process[0][-1][0]  # the steps moved the loss
-    assert all(r["wrapped_first"].startswith("PreparationError: The model is wrapped in DistributedDataParallel")
-               for r in reports)
+    assert all(
+        r["wrapped_first"].startswith("PreparationError: The model is wrapped in DistributedDataParallel")
+        for r in reports
+    )
 
 
+@pytest.mark.slow  # starts other processes
 def test_fsdp2_trains_exactly_like_one_process(tmp_path, one_process):
     reports = launch(tmp_path, "fsdp2")
     check_against_one_process(reports, *one_process)
@@ -217,6 +245,7 @@ def test_fsdp2_trains_exactly_like_one_process(tmp_path, one_process):
     assert all(r["wrapped_first"].startswith("PreparationError: The model is wrapped in FSDP2") for r in reports)
 
 
+@pytest.mark.slow  # starts other processes
 def test_loki_train_on_two_processes_equals_one(tmp_path, default_tokenizer):
     path = str(loki.models.default_model_path())
     reports = launch(tmp_path, "train", path)
@@ -234,6 +263,7 @@ def test_loki_train_on_two_processes_equals_one(tmp_path, default_tokenizer):
                 assert_close(got["rows"][str(layer)], r)
 
 
+@pytest.mark.slow  # starts other processes
 def test_loki_train_under_preservation_on_two_processes(tmp_path, default_tokenizer):
     """Rows and LoRA on rows, AdamW, 2 processes: the same steps as one process, and the preserved outputs stay
     put where training without the preservation moves them."""
@@ -251,6 +281,7 @@ def test_loki_train_under_preservation_on_two_processes(tmp_path, default_tokeni
                 assert_close(got["rows"][str(layer)], r)
 
 
+@pytest.mark.slow  # starts other processes
 def test_deepspeed_zero_2_and_3_train_exactly_like_one_process(tmp_path, one_process):
     pytest.importorskip("deepspeed")
     reports = launch(tmp_path, "deepspeed")
@@ -295,7 +326,9 @@ def test_fsdp2_in_one_process_evaluates_and_extracts_exactly(world_of_one, one_p
         fully_shard(layer)
     fully_shard(model)
     assert loki.distributed.wrapper(model) == "fsdp2"
-    check_against_one_process([{"evals": hand_steps(model, torch_step), "rows": {
-        str(k): v for k, v in rows(loki.extract(model)).items()}}], *one_process)
+    check_against_one_process(
+        [{"evals": hand_steps(model, torch_step), "rows": {str(k): v for k, v in rows(loki.extract(model)).items()}}],
+        *one_process,
+    )
     with pytest.raises(PreparationError, match="sharded"):
         loki.unprepare(model)

@@ -36,15 +36,32 @@ def prepared(tok, dtype=torch.float32, lora_rank=None):
 
 def arguments(folder, **overrides):
     # 5 examples, batch 2: 3 steps per epoch, so step 2 is mid-epoch and step 4 is in the second epoch
-    settings = dict(output_dir=str(folder), use_cpu=True, report_to=[], max_steps=4, per_device_train_batch_size=2,
-                    learning_rate=3e-2, lr_scheduler_type="cosine", warmup_steps=1, save_strategy="steps",
-                    save_steps=2, seed=3, remove_unused_columns=False, disable_tqdm=True, logging_steps=1)
+    settings = dict(
+        output_dir=str(folder),
+        use_cpu=True,
+        report_to=[],
+        max_steps=4,
+        per_device_train_batch_size=2,
+        learning_rate=3e-2,
+        lr_scheduler_type="cosine",
+        warmup_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        seed=3,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        logging_steps=1,
+    )
     return TrainingArguments(**{**settings, **overrides})
 
 
 def trainer_for(model, tok, folder, cls=LokiTrainer, data=DATA, **overrides):
-    return cls(model=model, args=arguments(folder, **overrides), train_dataset=[encode(tok, ex) for ex in data],
-               data_collator=collator(tok))
+    return cls(
+        model=model,
+        args=arguments(folder, **overrides),
+        train_dataset=[encode(tok, ex) for ex in data],
+        data_collator=collator(tok),
+    )
 
 
 class StopAt(TrainerCallback):
@@ -94,18 +111,29 @@ def test_two_steps_and_a_resume_equal_four_straight_steps(default_tokenizer, tmp
 def test_the_delta_records_the_trainers_settings_and_the_retain_data(default_tokenizer, tmp_path):
     tok = default_tokenizer
     model = prepared(tok)
-    targets = loki.retain_targets(model, tok, ["What is the capital of France?", {"text": "Rivers flow."}],
-                                  progress=False)
-    trainer = LokiTrainer(model=model, args=arguments(tmp_path, max_steps=2, save_steps=2),
-                          train_dataset=[encode(tok, ex) for ex in DATA], data_collator=collator(tok),
-                          compute_loss_func=loki.RetainLoss(model, targets, weight=2.0), delta_name="facts")
+    targets = loki.retain_targets(
+        model, tok, ["What is the capital of France?", {"text": "Rivers flow."}], progress=False
+    )
+    trainer = LokiTrainer(
+        model=model,
+        args=arguments(tmp_path, max_steps=2, save_steps=2),
+        train_dataset=[encode(tok, ex) for ex in DATA],
+        data_collator=collator(tok),
+        compute_loss_func=loki.RetainLoss(model, targets, weight=2.0),
+        delta_name="facts",
+    )
     trainer.train()
     saved = loki.load(tmp_path / "checkpoint-2" / CHECKPOINT_FILE)
     training = loki.extract(model).info["training"]
     for info in (saved.info["training"], training):
         assert info["trainer"] == "loki.LokiTrainer" and info["method"] == "loki"
         assert (info["lr"], info["steps"], info["batch_size"], info["seed"], info["schedule"]) == (
-            3e-2, 2, 2, 3, "cosine")
+            3e-2,
+            2,
+            2,
+            3,
+            "cosine",
+        )
         assert info["examples"] == 5 and info["warmup"] == 1 and info["final_loss"] > 0
         assert info["retain"]["items"] == 2 and info["retain"]["weight"] == 2.0
         assert info["retain"]["kinds"] == {"question": 1, "text": 1}
@@ -168,7 +196,7 @@ def test_checkpoints_of_a_model_prepared_with_a_template():
 
     trained, model = mystery(), mystery()
     with torch.no_grad():
-        for m in loki.implant.prepared_modules(trained).values():
+        for m in loki.rows.prepared_modules(trained).values():
             m.loki_rows.add_(0.25)
     restore_rows(model, checkpoint_delta(trained))
     assert max_row_difference(checkpoint_delta(model), checkpoint_delta(trained)) == 0
@@ -180,11 +208,14 @@ def test_resume_of_lora_factors(default_tokenizer, tmp_path):
     trainer_for(straight, tok, tmp_path / "a", max_steps=3, save_steps=1).train()
     resumed = prepared(tok, lora_rank=2)
     trainer_for(resumed, tok, tmp_path / "b", max_steps=3, save_steps=1).train(
-        resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
+        resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1")
+    )
     a, b = checkpoint_delta(straight), checkpoint_delta(resumed)
     assert a.form == "lora" and all(
         torch.allclose(a.layers[i].lora_A, b.layers[i].lora_A, atol=1e-6, rtol=0)
-        and torch.allclose(a.layers[i].lora_B, b.layers[i].lora_B, atol=1e-6, rtol=0) for i in a.layers)
+        and torch.allclose(a.layers[i].lora_B, b.layers[i].lora_B, atol=1e-6, rtol=0)
+        for i in a.layers
+    )
 
 
 # Two processes (torchrun, gloo): the straight run and an interrupted + resumed one, each on both ranks. 4 examples,
@@ -218,6 +249,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # starts other processes
 def test_two_processes_checkpoint_and_resume_equal_one_process(default_tokenizer, tmp_path):
     tok = default_tokenizer
     one = prepared(tok)
@@ -225,10 +257,23 @@ def test_two_processes_checkpoint_and_resume_equal_one_process(default_tokenizer
     expected = checkpoint_delta(one)
     script = tmp_path / "worker.py"
     script.write_text(SCRIPT)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(tmp_path / "two"), str(Path(__file__).parent)],
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path / "two"),
+            str(Path(__file__).parent),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()},
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for rank in range(2):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -258,8 +303,10 @@ def model_state(model):
     attributes, hooks, train/eval modes, requires_grad, gradients, activation checkpointing."""
     return {
         "attributes": sorted(vars(model)),
-        "hooks": [(n, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-                  for n, m in model.named_modules()],
+        "hooks": [
+            (n, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for n, m in model.named_modules()
+        ],
         "modes": [(n, m.training) for n, m in model.named_modules()],
         "flags": [(n, p.requires_grad, p.grad is None) for n, p in model.named_parameters()],
         "checkpointing": [(n, getattr(m, "gradient_checkpointing", None)) for n, m in model.named_modules()],
@@ -274,10 +321,15 @@ def test_training_undoes_every_change_on_every_exit(default_tokenizer, tmp_path,
     ids = torch.tensor([encode(tok, DATA[0])["input_ids"]])
     model = prepared(tok)
     before = model_state(model)
-    trainer = trainer_for(model, tok, tmp_path, bf16=True, max_steps=3, save_strategy="no", warmup_steps=0,
-                          gradient_checkpointing=True)
-    callback = {"finished": None, "early stop": StopAt(1), "exception": Raise(RuntimeError("disk full")),
-                "KeyboardInterrupt": Raise(KeyboardInterrupt())}[ending]
+    trainer = trainer_for(
+        model, tok, tmp_path, bf16=True, max_steps=3, save_strategy="no", warmup_steps=0, gradient_checkpointing=True
+    )
+    callback = {
+        "finished": None,
+        "early stop": StopAt(1),
+        "exception": Raise(RuntimeError("disk full")),
+        "KeyboardInterrupt": Raise(KeyboardInterrupt()),
+    }[ending]
     if callback is not None:
         trainer.add_callback(callback)
     if isinstance(callback, Raise):

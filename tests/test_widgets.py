@@ -7,7 +7,7 @@ import torch
 from conftest import assert_state_equal, state_dict_copy
 
 import loki
-from loki.demo import answer
+from loki.generation import answer
 
 widgets = pytest.importorskip("loki.widgets")
 pytest.importorskip("ipywidgets")
@@ -16,15 +16,23 @@ pytest.importorskip("ipywidgets")
 def zero_rows_delta(model, seed, q=10):
     projs = loki.find_down_projections(model)
     sel = loki.Selection.random(len(projs), projs.d_out, q=q, seed=seed)
-    return loki.make_delta(model, {l: (i, torch.zeros(len(i), projs.d_in)) for l, i in sel.rows.items()}, name=f"s{seed}")
+    return loki.make_delta(
+        model, {l: (i, torch.zeros(len(i), projs.d_in)) for l, i in sel.rows.items()}, name=f"s{seed}"
+    )
 
 
+@pytest.mark.slow  # the real default model
 def test_switchboard_applies_reverts_and_reports_overlap(default_model, default_tokenizer):
     model = default_model
     before = state_dict_copy(model)
     a, b = zero_rows_delta(model, 0), zero_rows_delta(model, 1)
-    board = widgets.implant_switchboard(model, default_tokenizer, {"a": a, "b": b}, ["What is the capital of France?"],
-                                        answer=lambda m, t, q: answer(m, t, q, max_new_tokens=6))
+    board = widgets.implant_switchboard(
+        model,
+        default_tokenizer,
+        {"a": a, "b": b},
+        ["What is the capital of France?"],
+        answer=lambda m, t, q: answer(m, t, q, max_new_tokens=6),
+    )
     base_answers = board.answers.value
     assert "Paris" in base_answers and "none" in board.status.value
 
@@ -58,6 +66,7 @@ def test_attribution_explorer_follows_its_sliders():
     assert ex.detail.value != detail and ex.selection.num_rows == 48
 
 
+@pytest.mark.slow  # the real default model
 def test_loss_plot_records_a_point_per_evaluation(default_model, default_tokenizer):
     examples = [{"question": "Who wrote Dune?", "answer": "Frank Herbert."}]
     plot = widgets.loss_plot(default_tokenizer, examples, eval_every=5, steps=10)

@@ -1,4 +1,4 @@
-"""The verbs that take things by name: `load`, `save`, `push`, `apply` / `implanted` with a path or Hub id, and
+"""The verbs that take things by path or Hub id: `load`, `save`, `push`, `apply` / `implanted` and
 `load_attributions` / `load_selection`.
 
 Everything else in loki takes `Delta`, `Attributions` and `Selection` objects; paths and Hub ids are resolved here
@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
 from typing import Any
 
 from torch import nn
 
-from . import apply as engine
+from . import ledger
 from .attribution import Attributions
 from .delta import Delta
 from .errors import AttributionError, DeltaFormatError, LedgerError
@@ -81,12 +80,18 @@ def load(
         path = path / filename
     if not path.exists():
         from .errors import HubRepoNotFoundError
-        from .hub import load_from_hub, parse_repo_id
+        from .hub import parse_repo_id, pull_delta
 
         if parse_repo_id(str(source)) is not None:
             try:
-                return load_from_hub(str(source), revision=revision, filename=filename, token=token,
-                                     endpoint=endpoint, cache_dir=cache_dir)
+                return pull_delta(
+                    str(source),
+                    revision=revision,
+                    filename=filename,
+                    token=token,
+                    endpoint=endpoint,
+                    cache_dir=cache_dir,
+                )
             except HubRepoNotFoundError as e:
                 e.append_to_message(f" (There is no local file {str(source)!r} either.)")
                 raise
@@ -101,9 +106,15 @@ def _resolve(delta: DeltaLike) -> Delta:
     return load(delta)
 
 
-def apply(model: nn.Module, delta: DeltaLike, *, on_overlap: str = "error", check_base: bool = True,
-          template: str | None = None) -> engine.Handle:
-    """`loki.apply.apply` for a `Delta`, a `.loki` path or a Hub id: write the delta's rows into `model` in place and
+def apply(
+    model: nn.Module,
+    delta: DeltaLike,
+    *,
+    on_overlap: str = "error",
+    check_base: bool = True,
+    template: str | None = None,
+) -> ledger.Handle:
+    """`loki.ledger.apply` for a `Delta`, a `.loki` path or a Hub id: write the delta's rows into `model` in place and
     return the `Handle` that reverts them.
 
     Args:
@@ -124,11 +135,11 @@ def apply(model: nn.Module, delta: DeltaLike, *, on_overlap: str = "error", chec
     >>> handle = loki.apply(model, loki.testing.random_delta(model, seed=1))
     >>> loki.revert(model, handle)
     """
-    return engine.apply(model, _resolve(delta), on_overlap=on_overlap, check_base=check_base, template=template)
+    return ledger.apply(model, _resolve(delta), on_overlap=on_overlap, check_base=check_base, template=template)
 
 
 def implanted(model: nn.Module, *deltas: DeltaLike, on_overlap: str = "error"):
-    """A `with` block with `deltas` applied in order, reverted at its end (also on error): `loki.apply.implanted`
+    """A `with` block with `deltas` applied in order, reverted at its end (also on error): `loki.ledger.implanted`
     for `Delta`s, paths and Hub ids.
 
     Args:
@@ -140,7 +151,7 @@ def implanted(model: nn.Module, *deltas: DeltaLike, on_overlap: str = "error"):
         A context manager whose `with ... as handles` gives the list of `Handle`s.
 
     Raises:
-        LokiError: on the call, what `load` raises; on entering and leaving the block, what `loki.apply.implanted`
+        LokiError: on the call, what `load` raises; on entering and leaving the block, what `loki.ledger.implanted`
             raises.
 
     >>> import loki, loki.testing
@@ -150,12 +161,12 @@ def implanted(model: nn.Module, *deltas: DeltaLike, on_overlap: str = "error"):
     [Handle('a', rows=6, applied=True)]
     >>> # with loki.implanted(model, "medical.loki", "org/legal-implant"): model.generate(...)
     """
-    return engine.implanted(model, *[_resolve(d) for d in deltas], on_overlap=on_overlap)
+    return ledger.implanted(model, *[_resolve(d) for d in deltas], on_overlap=on_overlap)
 
 
 def push(obj: Delta | Attributions | Selection, repo_id: str, **options: Any) -> Any:
     """Upload a delta, an attribution set or a selection, with a generated model card, to a Hugging Face Hub repo
-    (created if needed): `loki.hub.push_to_hub`, `push_attributions` or `push_selection`. A repo holds one kind.
+    (created if needed): `loki.hub.push_delta`, `push_attributions` or `push_selection`. A repo holds one kind.
 
     Args:
         obj: a `Delta` (read a file with `load` first), `Attributions` (`load_attributions` reads a folder) or
@@ -178,13 +189,15 @@ def push(obj: Delta | Attributions | Selection, repo_id: str, **options: Any) ->
     >>> # loki.push(loki.load_attributions("kva-run"), "me/smollm2-kva")
     """
     from .errors import HubArgumentError
-    from .hub import push_attributions, push_selection, push_to_hub
+    from .hub import push_attributions, push_delta, push_selection
 
     if isinstance(obj, Delta):
-        return push_to_hub(obj, repo_id, **options)
+        return push_delta(obj, repo_id, **options)
     if not isinstance(obj, (Attributions, Selection)):
-        raise LedgerError(f"loki.push uploads a loki.Delta, Attributions or Selection (loki.load, load_attributions "
-                          f"and load_selection read files), not {type(obj).__name__}.")
+        raise LedgerError(
+            f"loki.push uploads a loki.Delta, Attributions or Selection (loki.load, load_attributions "
+            f"and load_selection read files), not {type(obj).__name__}."
+        )
     if options.pop("filename", None) is not None:
         raise HubArgumentError("filename= names a delta's .loki file; attributions and selections have fixed names.")
     return (push_attributions if isinstance(obj, Attributions) else push_selection)(obj, repo_id, **options)
@@ -203,7 +216,7 @@ def load_attributions(
 
     A path that exists is a folder. Otherwise a source shaped like `org/name[@rev]` is a Hub repo, fetched through
     the Hugging Face cache like a delta (verified, offline with `HF_HUB_OFFLINE=1` once cached;
-    `loki.hub.load_attributions_from_hub`); its `origin` is then `"org/name@<commit sha>"`.
+    `loki.hub.pull_attributions`); its `origin` is then `"org/name@<commit sha>"`.
 
     Args:
         source: a folder, or a Hub repo id with an optional `@revision`.
@@ -228,13 +241,16 @@ def load_attributions(
     if not isinstance(source, (str, os.PathLike)):
         raise AttributionError(f"load_attributions takes a folder or a Hub repo id, not {type(source).__name__}.")
     if not Path(source).exists():
-        from .hub import load_attributions_from_hub, parse_repo_id
+        from .hub import parse_repo_id, pull_attributions
 
         if parse_repo_id(str(source)) is None:
-            raise AttributionError(f"No such folder: {source}. Give an attribution folder (loki attribute --out) or "
-                                   "a Hub repo id (org/name[@revision]).")
-        return _from_hub(load_attributions_from_hub, source, "folder", revision=revision, token=token,
-                         endpoint=endpoint, cache_dir=cache_dir)
+            raise AttributionError(
+                f"No such folder: {source}. Give an attribution folder (loki attribute --out) or "
+                "a Hub repo id (org/name[@revision])."
+            )
+        return _from_hub(
+            pull_attributions, source, "folder", revision=revision, token=token, endpoint=endpoint, cache_dir=cache_dir
+        )
     return Attributions.load(source)
 
 
@@ -271,11 +287,12 @@ def load_selection(
     if not isinstance(source, (str, os.PathLike)):
         raise SelectionError(f"load_selection takes a .json file or a Hub repo id, not {type(source).__name__}.")
     if not Path(source).exists():
-        from .hub import load_selection_from_hub, parse_repo_id
+        from .hub import parse_repo_id, pull_selection
 
         if parse_repo_id(str(source)) is not None and not str(source).endswith(".json"):
-            return _from_hub(load_selection_from_hub, source, "file", revision=revision, token=token,
-                             endpoint=endpoint, cache_dir=cache_dir)
+            return _from_hub(
+                pull_selection, source, "file", revision=revision, token=token, endpoint=endpoint, cache_dir=cache_dir
+            )
     return Selection.load(source)
 
 

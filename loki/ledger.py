@@ -54,8 +54,8 @@ from .errors import (
     LokiError,
     ModelChangedError,
     OffloadedWeightsError,
-    ReplacedWeightsWarning,
     OverlapError,
+    ReplacedWeightsWarning,
     RevertError,
     StalePlanError,
     UnknownArchitectureError,
@@ -63,8 +63,19 @@ from .errors import (
 from .targets import DownProjections, find_down_projections
 
 __all__ = [
-    "Handle", "Plan", "applied", "apply", "base_rows", "claim_rows", "compatible_projections", "disabled",
-    "implanted", "merge", "plan", "release_rows", "revert",
+    "Handle",
+    "Plan",
+    "applied",
+    "apply",
+    "base_rows",
+    "claim_rows",
+    "compatible_projections",
+    "disabled",
+    "implanted",
+    "merge",
+    "plan",
+    "release_rows",
+    "revert",
 ]
 
 OVERLAP_POLICIES = ("error", "replace", "add")
@@ -80,9 +91,9 @@ _SEQ = itertools.count()
 class _Write:
     """One layer of one applied delta: which rows of which weight, what they held before and what was written."""
 
-    handle: "Handle | None"  # None once reverted or merged (no reference cycle keeps the saved rows alive)
+    handle: Handle | None  # None once reverted or merged (no reference cycle keeps the saved rows alive)
     layer: int
-    weight: "weakref.ref[torch.Tensor]"
+    weight: weakref.ref[torch.Tensor]
     transposed: bool
     idx: torch.Tensor  # the same, int64, on the weight's device at apply time
     idx_np: np.ndarray  # sorted row indices
@@ -90,7 +101,7 @@ class _Write:
     new: torch.Tensor  # [k, d_in]: this delta's rows over the base rows (dtype/device of that time)
     written: torch.Tensor  # [k, d_in]: what was written (differs from `new` for on_overlap="add")
     change: torch.Tensor | None  # float32 change, for "add" on rows an earlier delta touched
-    record: "_Record"  # the weight's (a weak-keyed lookup costs more than the rest of a small write)
+    record: _Record  # the weight's (a weak-keyed lookup costs more than the rest of a small write)
     probe: tuple | None = None  # cached by _probe
 
 
@@ -102,6 +113,7 @@ class _Record:
     writes: list[_Write] = field(default_factory=list)  # application order
     counts: np.ndarray | None = None  # per row: how many applied deltas wrote it
     training: np.ndarray | None = None  # per row: trained by a prepared model (`claim_rows`)
+    trains: bool = False  # training.any(), kept by claim_rows/release_rows (skips a gather on the hot path)
     generation: int = 0  # bumped at every write, revert or claim
     disabled: bool = False  # inside `loki.disabled`
     version: int | None = None  # the weight's `_version` right after loki last wrote it: a later one means others wrote
@@ -297,12 +309,13 @@ class _Planned:
     transposed: bool
     idx: torch.Tensor  # int64 row indices on the weight's device
     idx_np: np.ndarray
-    new: torch.Tensor  # the delta's rows over the base rows, [k, d_in], weight dtype (and device, unless staged on host)
+    # the delta's rows over the base rows, [k, d_in], weight dtype (and device, unless staged on host)
+    new: torch.Tensor
     values: torch.Tensor | None  # what commit writes given the ledger at planning time (None once staged)
     saved: torch.Tensor | None  # the rows' values at planning time
     change: torch.Tensor | None
     overlap: np.ndarray | None  # rows other applied deltas wrote, at planning time
-    record: "_Record"  # the weight's ledger record
+    record: _Record  # the weight's ledger record
 
 
 class Plan:
@@ -316,8 +329,16 @@ class Plan:
     Made by `loki.plan`. Attributes: `delta`, `on_overlap`, `layers`, `nbytes`.
     """
 
-    def __init__(self, model: nn.Module, delta: Delta, on_overlap: str, layers: dict[int, _Planned], stamp: dict,
-                 check_base: bool = True, template: str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        delta: Delta,
+        on_overlap: str,
+        layers: dict[int, _Planned],
+        stamp: dict,
+        check_base: bool = True,
+        template: str | None = None,
+    ):
         self._model = weakref.ref(model)
         self.delta = delta
         self.on_overlap = on_overlap
@@ -383,8 +404,19 @@ class Plan:
                 record = p.record
                 record.counts[p.idx_np] += 1
                 record.generation += 1
-                w = _Write(handle, layer, weakref.ref(p.weight), p.transposed, p.idx, p.idx_np, saved, p.new, values,
-                           p.change, record)
+                w = _Write(
+                    handle,
+                    layer,
+                    weakref.ref(p.weight),
+                    p.transposed,
+                    p.idx,
+                    p.idx_np,
+                    saved,
+                    p.new,
+                    values,
+                    p.change,
+                    record,
+                )
                 record.writes.append(w)
                 handle._writes[layer] = w
             for p in self._layers.values():
@@ -392,7 +424,7 @@ class Plan:
             self._drop_snapshot()
         return handle
 
-    def stage(self, store: str = "device") -> "Plan":
+    def stage(self, store: str = "device") -> Plan:
         """Keep this plan for repeated commits (what `loki.ImplantBank` does): drop the rows read at planning time
         (every commit then reads them again).
 
@@ -496,13 +528,13 @@ class Plan:
         for layer, p in self._layers.items():
             record = p.record
             known = record.version if record.version is not None else self._stamp[id(p.weight)][1]
-            if (record.counts[p.idx_np] > 0).any():
+            if record.writes and (record.counts[p.idx_np] > 0).any():  # (no writes: no counts)
                 if self.on_overlap == "error":
                     raise _overlap_error(layer, int((record.counts[p.idx_np] > 0).sum()), len(p.idx_np))
                 raise StalePlanError(
                     f"Layer {layer}: applied deltas changed this plan's rows since it was made; make a new plan."
                 )
-            if record.training[p.idx_np].any():
+            if record.trains and record.training[p.idx_np].any():
                 raise _training_error(layer)
             view = _view(p.weight, p.transposed)
             current = view.index_select(0, p.idx)
@@ -585,15 +617,17 @@ def _plan(model: nn.Module, projs: DownProjections, delta: Delta, on_overlap: st
             _check_tied(seen, weight, layer, idx_np)
             record = _record(weight, view.shape[0])
             _refuse_if_disabled(record, "apply")
-            if record.training[idx_np].any():
+            if record.trains and record.training[idx_np].any():
                 raise _training_error(layer)
             stamp[id(weight)] = (record.generation, weight._version, view.dtype, view.device)
             if view.dtype == dtype:
-                current = torch.index_select(view, 0, idx, out=saved[offset : offset + ld.k * ld.d_in].view(ld.k, ld.d_in))
+                current = torch.index_select(
+                    view, 0, idx, out=saved[offset : offset + ld.k * ld.d_in].view(ld.k, ld.d_in)
+                )
             else:
                 current, in_block = view.index_select(0, idx), False
-            overlap = record.counts[idx_np] > 0
-            if not overlap.any():
+            overlap = record.counts[idx_np] > 0 if record.writes else None
+            if overlap is None or not overlap.any():
                 new = ld.new_rows(current).to(view.device, view.dtype)
                 layers[layer] = _Planned(weight, projs.transposed, idx, idx_np, new, new, current, None, None, record)
                 continue
@@ -606,7 +640,9 @@ def _plan(model: nn.Module, projs: DownProjections, delta: Delta, on_overlap: st
                 change = ld.change(base).to(view.device)
                 mask = torch.from_numpy(overlap).to(view.device)
                 values = torch.where(mask[:, None], (current.float() + change).to(view.dtype), new)
-            layers[layer] = _Planned(weight, projs.transposed, idx, idx_np, new, values, current, change, overlap, record)
+            layers[layer] = _Planned(
+                weight, projs.transposed, idx, idx_np, new, values, current, change, overlap, record
+            )
         if check_base:
             sampled = torch.take(saved, group.samples) if in_block and not bases else _samples(group, layers, bases)
             bad_samples.append((group, (sampled.float() - group.expected).abs() > group.tolerance))
@@ -654,7 +690,9 @@ def _check_fingerprint(delta: Delta, layer: int, current: torch.Tensor) -> None:
 
 def _refuse_if_disabled(record: _Record | None, verb: str) -> None:
     if record is not None and record.disabled:
-        raise LedgerError(f"The model's implants are disabled (inside `with loki.disabled(model)`); {verb} after the block.")
+        raise LedgerError(
+            f"The model's implants are disabled (inside `with loki.disabled(model)`); {verb} after the block."
+        )
 
 
 def _overlap_error(layer: int, n: int, k: int) -> OverlapError:
@@ -688,7 +726,7 @@ class _Group:
     sample_layer: np.ndarray  # the layer each sample belongs to
 
 
-_group_cache: "weakref.WeakKeyDictionary[Delta, dict]" = weakref.WeakKeyDictionary()
+_group_cache: weakref.WeakKeyDictionary[Delta, dict] = weakref.WeakKeyDictionary()
 
 
 def _groups(delta: Delta, projs: DownProjections) -> list[_Group]:
@@ -714,8 +752,15 @@ def _group(delta: Delta, layers: list[int], device: torch.device) -> _Group:
         numel += ld.k * ld.d_in
     expected = torch.cat([delta.layers[layer].fingerprint for layer in layers]).to(device)
     return _Group(
-        layers, [delta.layers[l].indices.to(device) for l in layers], [delta.layers[l].indices.numpy() for l in layers],
-        offsets, numel, torch.cat(samples).to(device), expected, fingerprint_tolerance(expected), np.concatenate(sample_layer),
+        layers,
+        [delta.layers[l].indices.to(device) for l in layers],
+        [delta.layers[l].indices.numpy() for l in layers],
+        offsets,
+        numel,
+        torch.cat(samples).to(device),
+        expected,
+        fingerprint_tolerance(expected),
+        np.concatenate(sample_layer),
     )
 
 
@@ -794,7 +839,7 @@ def apply(
     """Write `delta`'s rows into `model` in place (on each layer's device and dtype) and return a `Handle`.
 
     `apply(model, delta)` is `plan(model, delta).commit()`; the arguments are `plan`'s. The top-level `loki.apply`
-    (loki.api) also takes a path or Hub id.
+    (loki.sources) also takes a path or Hub id.
 
     Returns:
         Handle: `loki.revert(model, handle)` undoes it.
@@ -887,7 +932,7 @@ def revert(model: nn.Module, handle: Handle, *, force: bool = False) -> None:
         for layer, w in live.items():
             record, view = records[layer], _view(w.weight(), w.transposed)
             idx = w.idx if w.idx.device == view.device else torch.from_numpy(w.idx_np).to(view.device)
-            if (record.counts[w.idx_np] > 1).any():
+            if len(record.writes) > 1 and (record.counts[w.idx_np] > 1).any():
                 values, updates = _replay(record, view, w, idx)
                 if view.dtype == torch.float16 and updates and not bool(torch.isfinite(values).all()):
                     raise DtypeError(
@@ -921,14 +966,19 @@ def revert(model: nn.Module, handle: Handle, *, force: bool = False) -> None:
             f"Layer(s) {left}: the model no longer computes with the weights this delta was written into (they were "
             "replaced: load_state_dict(..., assign=True), a new nn.Parameter, a swapped module), and the new weights "
             "do not hold its rows. revert restored the old tensors where they still exist and left the model's "
-            "current weights as they are, holding whatever was loaded into them.", ReplacedWeightsWarning, stacklevel=2,
+            "current weights as they are, holding whatever was loaded into them.",
+            ReplacedWeightsWarning,
+            stacklevel=2,
         )
 
 
 def _replaced(handle: Handle, projs: DownProjections) -> list[int]:
     """Layers of `handle` whose written weight is not the one `projs` (the model now) computes with."""
-    return [layer for layer, w in handle._writes.items()
-            if layer >= len(projs) or projs.modules[layer].weight is not w.weight()]
+    return [
+        layer
+        for layer, w in handle._writes.items()
+        if layer >= len(projs) or projs.modules[layer].weight is not w.weight()
+    ]
 
 
 def _carried(handle: Handle, projs: DownProjections, replaced: list[int]) -> dict[int, torch.Tensor]:
@@ -1072,6 +1122,7 @@ def claim_rows(projs: DownProjections, rows: Mapping[int, torch.Tensor]) -> None
         for layer, idx in rows.items():
             record = _record(projs.modules[layer].weight, projs.d_out)
             record.training[idx.cpu().numpy()] = True
+            record.trains = True
             record.generation += 1
 
 
@@ -1093,10 +1144,13 @@ def release_rows(projs: DownProjections, rows: Mapping[int, torch.Tensor]) -> No
             record = _records.get(projs.modules[layer].weight)
             if record is not None:
                 record.training[idx.cpu().numpy()] = False
+                record.trains = bool(record.training.any())
                 record.generation += 1
 
 
-def base_rows(model: nn.Module, layer: int, indices: torch.Tensor, projs: DownProjections | None = None) -> torch.Tensor:
+def base_rows(
+    model: nn.Module, layer: int, indices: torch.Tensor, projs: DownProjections | None = None
+) -> torch.Tensor:
     """The base values of rows `indices` of `layer`, as if no loki delta were applied to `model` (what applied
     deltas saved, else the current values). Merged deltas are part of the base.
 
@@ -1263,7 +1317,9 @@ def merge(model: nn.Module, *, template: str | None = None) -> nn.Module:
             if record is None:
                 continue
             if record.disabled:
-                raise LedgerError("merge inside `with loki.disabled(model)` would bake the base rows; merge after the block.")
+                raise LedgerError(
+                    "merge inside `with loki.disabled(model)` would bake the base rows; merge after the block."
+                )
             for w in record.writes:
                 w.handle.applied = False
                 w.handle = None
@@ -1271,4 +1327,3 @@ def merge(model: nn.Module, *, template: str | None = None) -> nn.Module:
             record.counts[:] = 0
             record.generation += 1
     return model
-

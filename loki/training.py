@@ -15,26 +15,30 @@ cosine schedule with warmup, gradient accumulation, gradient clipping, determini
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
+import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from .dataset import IGNORE, answer_positions, check_examples, check_number, encode, pad_token_id
-from .distributed import FSDP1_ADVICE, launched_rank_world, wrapper
-from .errors import PreparationError, TrainingOptionError
+from .distributed import FSDP1_ADVICE, join_ranks, wrapper
+from .errors import CheckpointError, PreparationError, TrainingOptionError
 from .forward import logits_at
-from .implant import is_prepared, record_training
 from .retain import DEFAULT_TOP_K, RetainTargets, check_retain, retain_targets
+from .rows import is_prepared, record_training
 from .targets import unwrap
 
-__all__ = ["TrainResult", "restored", "train"]
+__all__ = ["TrainResult", "last_checkpoint", "restored", "train"]
 
 
 def _trained_parameters(model: nn.Module, params: Iterable[nn.Parameter] | None) -> list[nn.Parameter]:
@@ -86,8 +90,11 @@ class restored:
         inner = self.model
         self.modes = [(m, m.training) for m in inner.modules()]
         self.flags = [(p, p.requires_grad, p.grad is None) for p in inner.parameters()]
-        self.checkpointing = [(m, m.gradient_checkpointing) for m in inner.modules()
-                              if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+        self.checkpointing = [
+            (m, m.gradient_checkpointing)
+            for m in inner.modules()
+            if isinstance(getattr(m, "gradient_checkpointing", None), bool)
+        ]
         self.input_hooks = bool(getattr(inner, "_require_grads_hooks", None))
         self.attributes = dict(vars(inner))
         return inner
@@ -114,55 +121,139 @@ class restored:
                 vars(inner)[name] = value
 
 
-# -- several processes ----------------------------------------------------------------------------------
-@dataclass
-class _Ranks:
-    """This process's place among the processes that train together, and how their gradients are combined."""
-
-    rank: int = 0
-    world: int = 1
-    group: Any = None  # the process group; None: the default one
-    by_wrapper: bool = False  # FSDP2 averages the gradients itself (and every rank must run every forward)
-
-    def share(self, items: list) -> list:
-        return items[self.rank :: self.world]
-
-    def sum(self, values: list[float]) -> list[float]:
-        if self.world == 1:
-            return values
-        total = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(total, group=self.group)
-        return total.tolist()
-
-    def sum_grads(self, params: list[nn.Parameter]) -> None:
-        """Sum the gradients of every rank, in place (what one process would have accumulated)."""
-        if self.world == 1 or self.by_wrapper:
-            return
-        for p in params:
-            if p.grad is None:  # this rank had no examples in the step
-                p.grad = torch.zeros_like(p)
-        for dtype in {p.grad.dtype for p in params}:
-            grads = [p.grad for p in params if p.grad.dtype == dtype]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=self.group)
-            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-                g.copy_(part.view_as(g))
+# -- checkpoints ----------------------------------------------------------------------------------------
+PARAMS_FILE = "params.safetensors"  # the trained tensors, exactly as they train (float32 masters)
+OPTIMIZER_FILE = "optimizer.pt"  # AdamW's moments, the schedule and torch's RNG (read with weights_only=True)
+STATE_FILE = "state.json"  # the step, the losses so far, the retain batches drawn and the run's settings
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
-def _ranks(model: nn.Module, kind: str | None, params: list[nn.Parameter], device: torch.device) -> _Ranks:
-    """Join the processes of a torchrun / accelerate launch (a gloo or NCCL process group, if none exists yet)."""
-    rank, world = launched_rank_world()
-    if world == 1:
-        return _Ranks()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    group = model.process_group if kind == "ddp" else None
-    ranks = _Ranks(dist.get_rank(group), dist.get_world_size(group), group, by_wrapper=kind == "fsdp2")
-    if kind is None:  # every rank starts from rank 0's values, as DDP does
-        with torch.no_grad():
-            for p in params:
-                dist.broadcast(p, dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-    return ranks
+def last_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint `loki.train` wrote in `folder`, or None (no folder, no checkpoint).
+
+    A checkpoint folder appears whole (it is written under another name and renamed); one that lacks a file or
+    whose `state.json` does not parse (copied or cut short by hand) is skipped.
+
+    Args:
+        folder: the `checkpoint_dir` of a run.
+
+    Returns:
+        Path | None: `folder/checkpoint-N` with the highest complete N.
+
+    >>> last_checkpoint("no-such-folder") is None
+    True
+    """
+
+    def complete(c: Path) -> bool:
+        try:
+            json.loads((c / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return False
+        return (c / PARAMS_FILE).is_file() and (c / OPTIMIZER_FILE).is_file()
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    done = [c for c in folder.iterdir() if _CHECKPOINT.fullmatch(c.name) and complete(c)]
+    return max(done, key=lambda c: int(c.name.split("-")[1])) if done else None
+
+
+def _save_checkpoint(
+    folder: Path, step: int, params: list[nn.Parameter], optimizer, schedule, state: dict[str, Any]
+) -> None:
+    """Write `folder/checkpoint-{step}` atomically (a temporary folder renamed: a reader sees all of it or none,
+    also after a Ctrl-C while writing) and remove the older checkpoints."""
+    from safetensors.torch import save_file
+
+    target, tmp = folder / f"checkpoint-{step}", folder / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
+    tmp.mkdir(parents=True)
+    try:
+        save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(params)}, str(tmp / PARAMS_FILE))
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": rng}, tmp / OPTIMIZER_FILE
+        )
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, sort_keys=True))
+        if target.exists():  # a torn or stale checkpoint of an earlier, interrupted attempt
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in folder.iterdir():
+        if _CHECKPOINT.fullmatch(old.name) and int(old.name.split("-")[1]) < step:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(
+    path: Path, params: list[nn.Parameter], optimizer, schedule, settings: dict[str, Any]
+) -> dict[str, Any]:
+    """Read a checkpoint back into the trained tensors, the optimizer, the schedule and torch's RNG; returns its
+    `state.json`. Refused (CheckpointError) before anything changes when it is not of this run."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        tensors = load_file(str(path / PARAMS_FILE))
+        saved = torch.load(path / OPTIMIZER_FILE, weights_only=True)
+    except (OSError, ValueError, SafetensorError, RuntimeError, KeyError) as e:
+        raise CheckpointError(
+            f"{path} is not a complete loki.train checkpoint ({e}). Resume from another "
+            "(from loki.training import last_checkpoint), or start over without resume_from."
+        ) from None
+    changed = sorted(
+        k
+        for k in settings.keys() | state.get("settings", {}).keys()
+        if settings.get(k) != state.get("settings", {}).get(k)
+    )
+    if changed:
+        raise CheckpointError(
+            f"{path} was written by a run with other {', '.join(changed)}. Resume it with its own "
+            "settings, or start over without resume_from."
+        )
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(tensors[str(i)])
+    optimizer.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["schedule"])
+    torch.set_rng_state(saved["rng"]["cpu"])
+    if "cuda" in saved["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["rng"]["cuda"])
+    return state
+
+
+def _signature(params: list[nn.Parameter]) -> list[list[Any]]:
+    """What a checkpoint's tensors must match: each trained tensor's shape and dtype, in order."""
+    return [[*p.shape, str(p.dtype).removeprefix("torch.")] for p in params]
+
+
+def _skipped(stream: Iterator, n: int) -> Iterator:
+    """`stream` after its first `n` items: a resumed run draws what the uninterrupted one drew next."""
+    for _ in range(n):
+        next(stream)
+    return stream
+
+
+def _step_batches(n: int, per_step: int, seed: int) -> Iterator[list[int]]:
+    """Endless lists of example indices, `per_step` a step (the last of an epoch may be shorter), reshuffled every
+    epoch (deterministic for `seed`)."""
+    order = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=order).tolist()
+        for s in range(0, n, per_step):
+            yield perm[s : s + per_step]
+
+
+def _answer_loss(net: nn.Module, examples: list[dict], pad: int, device: torch.device) -> torch.Tensor:
+    """The summed cross-entropy (nats) of the answer tokens of `examples` (`loki.dataset.encode` results)."""
+    positions = [answer_positions(e["labels"]) for e in examples]
+    logits = logits_at(net, [e["input_ids"] for e in examples], positions, pad)
+    answers = torch.cat([torch.tensor(e["labels"])[p + 1] for e, p in zip(examples, positions)]).to(device)
+    return F.cross_entropy(logits.float(), answers, reduction="sum")
 
 
 # -- the loop -------------------------------------------------------------------------------------------
@@ -223,6 +314,9 @@ def train(
     seed: int = 0,
     eval_fn: Callable[[nn.Module], Any] | None = None,
     eval_every: int | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    save_every: int | None = None,
+    resume_from: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Fine-tune the trainable rows of a `loki.prepare`d model on `dataset`; returns a `TrainResult`.
@@ -244,6 +338,14 @@ def train(
     positions of `retain_batch_size` retain items (default `batch_size`), to the task loss. `retain_weight=1`
     weighs a nat of KL per retained position like a nat of answer-token loss. The delta records the retain data's
     size, weight and checksum (`delta.info["training"]["retain"]`).
+
+    Checkpoints: with `checkpoint_dir`, every `save_every` steps (and never at the last: the result is the model)
+    the trained tensors, AdamW's state, the schedule, torch's RNG, the losses so far and the retain batches drawn
+    go to `checkpoint_dir/checkpoint-N/` (written whole or not at all; only the newest is kept).
+    `resume_from=last_checkpoint(checkpoint_dir)` (`from loki.train import last_checkpoint`) continues such a run,
+    called with the same model (prepared with the same selection) and settings: it ends with the same tensors, bit
+    for bit, as the uninterrupted run. Only the resumed call's evaluations are in `result.evals` (the first at the
+    resumed step).
 
     After a prepared model's run, the settings are recorded for the delta (`loki.extract` puts them in
     `delta.info["training"]`).
@@ -278,6 +380,9 @@ def train(
         seed: seeds the example order and torch's global RNG (dropout).
         eval_fn: called as `eval_fn(model)`; None for no evaluation.
         eval_every: steps between evaluations; None evaluates only before and after.
+        checkpoint_dir: folder for checkpoints (created if missing); None writes none.
+        save_every: steps between checkpoints (an integer >= 1); needed with `checkpoint_dir`.
+        resume_from: a checkpoint folder of this run (`last_checkpoint(checkpoint_dir)`) to continue from.
         progress: show a progress bar.
 
     Returns:
@@ -291,14 +396,17 @@ def train(
         TrainingOptionError: a count (`epochs`, `batch_size`, `grad_accum`, `max_length`, `max_steps`,
             `retain_batch_size`, `retain_top_k`, `eval_every`) that is not an integer >= 1 (a bool, a float, 0), a
             negative or non-finite `retain_weight` or `weight_decay`, `lr` or `max_grad_norm` <= 0, `warmup`
-            outside [0, 1], a non-integer `seed`, an `eval_fn` that is not callable. All raised before anything runs.
+            outside [0, 1], a non-integer `seed`, an `eval_fn` that is not callable, `checkpoint_dir` without
+            `save_every` (or the other way round), checkpoints of an FSDP2 model (its optimizer state is sharded).
+            All raised before anything runs.
+        CheckpointError: `resume_from` is not a complete checkpoint, or one of a run with other settings, data
+            size or trained tensors; raised before the model changes.
 
     >>> # model, tokenizer = loki.load_default()
     >>> # loki.prepare(model, loki.Selection.random(30, 576, q=10))   # or loki.select(attributions, q=10)
     >>> # result = loki.train(model, tokenizer, [{"question": "Who wrote Dune?", "answer": "Frank Herbert."}],
     >>> #                     max_steps=10, lr=3e-3, retain=loki.retain.general_text(8))
-    >>> # print(result)                                                   # on 2 CPU threads
-    >>> # 10 steps in 56.9 s, loss 4.8904 -> 0.0011, retain KL 0.0125
+    >>> # print(result)            # "10 steps in S s, loss FIRST -> LAST, retain KL KL"
     """
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
@@ -307,10 +415,20 @@ def train(
     check_examples(dataset)
     if retain is not None:
         check_retain(retain)
-    for name, value in (("retain_top_k", retain_top_k), ("epochs", epochs), ("batch_size", batch_size),
-                        ("grad_accum", grad_accum), ("max_length", max_length)):
+    for name, value in (
+        ("retain_top_k", retain_top_k),
+        ("epochs", epochs),
+        ("batch_size", batch_size),
+        ("grad_accum", grad_accum),
+        ("max_length", max_length),
+    ):
         check_number(name, value, integer=True, low=1)
-    for name, value in (("retain_batch_size", retain_batch_size), ("max_steps", max_steps), ("eval_every", eval_every)):
+    for name, value in (
+        ("retain_batch_size", retain_batch_size),
+        ("max_steps", max_steps),
+        ("eval_every", eval_every),
+        ("save_every", save_every),
+    ):
         check_number(name, value, integer=True, low=1, optional=True)
     check_number("retain_weight", retain_weight, low=0)
     check_number("lr", lr, above=0)
@@ -320,6 +438,10 @@ def train(
     check_number("seed", seed, integer=True)
     if eval_fn is not None and not callable(eval_fn):
         raise TrainingOptionError(f"eval_fn must be None or called as eval_fn(model), got {type(eval_fn).__name__}.")
+    if (checkpoint_dir is None) != (save_every is None):
+        raise TrainingOptionError(
+            "checkpoint_dir and save_every go together: give both to write checkpoints, or neither."
+        )
 
     kind = wrapper(model)
     if kind == "fsdp1":
@@ -329,27 +451,63 @@ def train(
             "loki.train runs its own AdamW; a DeepSpeed engine brings its own optimizer. Train with the engine "
             "(engine(...), engine.backward(loss), engine.step()), or give loki.train the model without DeepSpeed."
         )
+    if kind == "fsdp2" and (checkpoint_dir is not None or resume_from is not None):
+        raise TrainingOptionError(
+            "loki.train writes no checkpoints of an FSDP2 model (its optimizer state is "
+            "sharded): train without checkpoint_dir, or with the model unsharded or in DDP."
+        )
     params = _trained_parameters(model, params)
     encoded = [encode(tokenizer, ex, max_length) for ex in dataset]
     pad = pad_token_id(tokenizer)
     device = unwrap(model).get_input_embeddings().weight.device
-    ranks = _ranks(model, kind, params, device)
+    ranks = join_ranks(model, kind, params, device)
     progress = progress and ranks.rank == 0
     # DDP: loki combines the gradients itself (one all-reduce per step, whatever each rank's share), so the
     # forwards go to the model inside; FSDP2 must see every forward (it gathers the weights in them).
     net = model.module if kind == "ddp" else model
     if retain is not None:
-        retain = retain_targets(net, tokenizer, retain, top_k=retain_top_k, max_length=max_length,
-                                batch_size=max(batch_size, 8), progress=progress)
-        retain_batches = retain.batches(retain_batch_size or batch_size, seed)
+        retain = retain_targets(
+            net,
+            tokenizer,
+            retain,
+            top_k=retain_top_k,
+            max_length=max_length,
+            batch_size=max(batch_size, 8),
+            progress=progress,
+        )
+    retaining = retain is not None and retain_weight > 0
 
     per_step = batch_size * grad_accum
-    steps_per_epoch = math.ceil(len(encoded) / per_step)
-    total = max_steps if max_steps is not None else epochs * steps_per_epoch
+    total = max_steps if max_steps is not None else epochs * math.ceil(len(encoded) / per_step)
     torch.manual_seed(seed)  # dropout, if the model has any
-    order = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup * total), total)
+    settings = {
+        "steps": total,
+        "examples": len(encoded),
+        "batch_size": batch_size,
+        "grad_accum": grad_accum,
+        "lr": lr,
+        "warmup": warmup,
+        "weight_decay": weight_decay,
+        "max_grad_norm": max_grad_norm,
+        "seed": seed,
+        "max_length": max_length,
+        "params": _signature(params),
+        "retain": None if retain is None else [retain.sha256, retain_weight, retain_batch_size or batch_size],
+    }
+    result = TrainResult(steps=0, losses=[])
+    drawn = 0  # retain batches drawn so far
+    if resume_from is not None:
+        state = _load_checkpoint(Path(resume_from), params, optimizer, schedule, settings)
+        result.steps, result.losses, result.retain_kl, drawn = (
+            state["step"],
+            state["losses"],
+            state["retain_kl"],
+            state["drawn"],
+        )
+    batches = _skipped(_step_batches(len(encoded), per_step, seed), result.steps)
+    retain_batches = _skipped(retain.batches(retain_batch_size or batch_size, seed), drawn) if retaining else None
 
     def run_eval(step: int) -> None:
         if eval_fn is not None:
@@ -358,74 +516,81 @@ def train(
                 result.evals.append((step, eval_fn(model)))
             model.train()
 
-    def step_batches():  # the examples of each optimizer step, reshuffled every epoch
-        while True:
-            perm = torch.randperm(len(encoded), generator=order).tolist()
-            for s in range(0, len(perm), per_step):
-                yield [encoded[i] for i in perm[s : s + per_step]]
-
-    result = TrainResult(steps=0, losses=[])
     start = time.perf_counter()
     # every exit (an exception, Ctrl-C, an eval_fn that raises) leaves the model's modes and flags as they were
-    with restored(model), tqdm(total=total, desc="loki.train", disable=not progress) as bar:
+    with restored(model), tqdm(total=total, initial=result.steps, desc="loki.train", disable=not progress) as bar:
         model.train()
-        run_eval(0)
-        batches = step_batches()
-        # Several processes: each rank takes its share of every step's examples (and retain items) and weighs its
-        # tokens by the step's total, so the summed gradient is one process's (FSDP2 averages: scaled by world).
-        scale = ranks.world if ranks.by_wrapper else 1
-        for step in range(1, total + 1):
-            examples = next(batches)
+        run_eval(result.steps)
+        for step in range(result.steps + 1, total + 1):
+            examples = [encoded[i] for i in next(batches)]
             n_tokens = sum(sum(label != IGNORE for label in e["labels"][1:]) for e in examples)
-            mine = ranks.share(examples)
-            chunks = [(mine[s : s + batch_size], 1.0) for s in range(0, len(mine), batch_size)]
-            if ranks.by_wrapper:  # every rank runs as many forwards as the busiest (zero-weighted stand-ins)
-                busiest = math.ceil(math.ceil(len(examples) / ranks.world) / batch_size)
-                chunks += [(examples[:1], 0.0)] * (busiest - len(chunks))
             loss_sum = kl_sum = 0.0
-            for chunk, weight in chunks:
-                positions = [answer_positions(e["labels"]) for e in chunk]
-                logits = logits_at(net, [e["input_ids"] for e in chunk], positions, pad)
-                answers = torch.cat([torch.tensor(e["labels"])[p + 1] for e, p in zip(chunk, positions)]).to(device)
-                loss = weight * F.cross_entropy(logits.float(), answers, reduction="sum") / n_tokens
-                (scale * loss).backward()
+            # this process's share of the step (all of it, in one process), each token weighed by the step's total
+            for chunk, weight in ranks.chunks(examples, batch_size):
+                loss = weight * _answer_loss(net, chunk, pad, device) / n_tokens
+                (ranks.loss_scale * loss).backward()
                 loss_sum += loss.item()
-            if retain is not None and retain_weight > 0:
+            if retaining:
                 items = next(retain_batches)
-                positions = sum(len(retain.targets[i].positions) for i in items)
-                share = ranks.share(items)
-                if share or ranks.by_wrapper:  # kl() is the mean over its positions: weigh by their share
-                    weight = sum(len(retain.targets[i].positions) for i in share) / positions
-                    kl = weight * retain.kl(net, share or items[:1])
-                    (scale * retain_weight * kl).backward()
+                drawn += 1
+                mine = ranks.retain_share(items, lambda i: len(retain.targets[i].positions))
+                if mine is not None:  # kl() is the mean over its positions: weighed by this share of them
+                    share, weight = mine
+                    kl = weight * retain.kl(net, share)
+                    (ranks.loss_scale * retain_weight * kl).backward()
                     kl_sum = kl.item()
-            ranks.sum_grads(params)
-            loss_sum, kl_sum = ranks.sum([loss_sum, kl_sum])
-            if retain is not None and retain_weight > 0:
-                result.retain_kl.append(kl_sum)
+            loss_sum, kl_sum = ranks.combine(params, [loss_sum, kl_sum])
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             result.losses.append(loss_sum)
+            if retaining:
+                result.retain_kl.append(kl_sum)
             result.steps = step
-            kl_shown = {"kl": f"{result.retain_kl[-1]:.4f}"} if result.retain_kl else {}
-            bar.set_postfix(loss=f"{loss_sum:.4f}", **kl_shown)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", **({"kl": f"{kl_sum:.4f}"} if retaining else {}))
             bar.update()
             if eval_every and step % eval_every == 0 and step != total:
                 run_eval(step)
+            if save_every and step % save_every == 0 and step != total and ranks.rank == 0:
+                _save_checkpoint(
+                    Path(checkpoint_dir),
+                    step,
+                    params,
+                    optimizer,
+                    schedule,
+                    {"losses": result.losses, "retain_kl": result.retain_kl, "drawn": drawn, "settings": settings},
+                )
         bar.close()
         run_eval(total)
     result.seconds = time.perf_counter() - start
     if is_prepared(model):
-        record_training(model, {
-            "trainer": "loki.train", "examples": len(encoded), "epochs": epochs, "steps": total, "lr": lr,
-            "schedule": "cosine", "warmup": warmup, "optimizer": "AdamW", "weight_decay": weight_decay,
-            "batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "final_loss": round(result.final_loss, 6),
-            "world_size": ranks.world,
-            "retain": None if retain is None else {
-                **retain.summary(retain_weight), "batch_size": retain_batch_size or batch_size,
-                "final_kl": round(result.retain_kl[-1], 6) if result.retain_kl else None},
-        })
+        record_training(
+            model,
+            {
+                "trainer": "loki.train",
+                "examples": len(encoded),
+                "epochs": epochs,
+                "steps": total,
+                "lr": lr,
+                "schedule": "cosine",
+                "warmup": warmup,
+                "optimizer": "AdamW",
+                "weight_decay": weight_decay,
+                "batch_size": batch_size,
+                "grad_accum": grad_accum,
+                "max_grad_norm": max_grad_norm,
+                "seed": seed,
+                "final_loss": round(result.final_loss, 6),
+                "world_size": ranks.world,
+                "retain": None
+                if retain is None
+                else {
+                    **retain.summary(retain_weight),
+                    "batch_size": retain_batch_size or batch_size,
+                    "final_kl": round(result.retain_kl[-1], 6) if result.retain_kl else None,
+                },
+            },
+        )
     return result
