@@ -16,7 +16,9 @@ Modules for the rest: `loki.evaluate` (the four numbers, forgetting), `loki.reta
 `loki.hub` (`push_delta`/`pull_delta` and the same for attributions and selections), `loki.generation` (greedy
 answers), `loki.facts` (the fictional-facts task of `loki demo`), `loki.targets`, `loki.trainer` (HF `Trainer`
 with `.loki` checkpoints: `LokiTrainer`, `LokiCallback`),
-`loki.errors` (every error class; the common ones are here too), `loki.testing`.
+`loki.errors` (every error class; the common ones are here too), `loki.testing`. Where the verbs live:
+`loki.ledger` (plan/apply/revert/stack), `loki.sources` (the verbs by path or Hub id), `loki.rows` (trainable
+rows), `loki.training` (`train`'s loop and checkpoints), `loki.serve` and `loki.mixed` (the bank, mixed batches).
 
 >>> import loki
 >>> # model, tokenizer = loki.load_default()

@@ -17,6 +17,19 @@ from .delta import Delta
 from .errors import LokiError
 from .ledger import Handle, apply, revert
 
+EMPTY_ANSWER = "(empty answer)"
+DPI = 110  # sharp on a laptop screen; the images are shown at their own size, not stretched to the page
+
+
+def shown_answer(text: str) -> str:
+    """A model's answer as a reader should see it: an empty (or whitespace-only) answer as "(empty answer)", so it
+    does not look as if the output failed.
+
+    >>> shown_answer(" Paris. "), shown_answer("  ")
+    (' Paris. ', '(empty answer)')
+    """
+    return text if text.strip() else EMPTY_ANSWER
+
 
 def implant_switchboard(
     model: nn.Module,
@@ -66,7 +79,8 @@ def implant_switchboard(
 
     def refresh() -> None:
         rows = "".join(
-            f"<tr><td>{html.escape(q)}</td><td>{html.escape(answer(model, tokenizer, q))}</td></tr>" for q in questions
+            f"<tr><td>{html.escape(q)}</td><td>{html.escape(shown_answer(answer(model, tokenizer, q)))}</td></tr>"
+            for q in questions
         )
         answers.value = f"<table><tr><th>question</th><th>answer</th></tr>{rows}</table>"
 
@@ -100,8 +114,33 @@ def _png(fig) -> bytes:
     import io
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     return buf.getvalue()
+
+
+def _image():
+    """An `ipywidgets.Image` for `_png` bytes, shown at its own pixel size (a VBox would stretch it to the page)."""
+    import ipywidgets as w
+
+    return w.Image(format="png", layout=w.Layout(width="auto", align_self="flex-start"))
+
+
+def _linthresh(scores) -> float:
+    """The linear range of a symmetric log axis for signed `scores`: the 10th percentile of their nonzero
+    magnitudes (attributions span orders of magnitude on both sides of 0; below this the axis is linear)."""
+    import torch
+
+    mag = scores.abs().flatten()
+    mag = mag[mag > 0]
+    return float(torch.quantile(mag.double(), 0.1)) if mag.numel() else 1.0
+
+
+def _symlog_ticks(linthresh: float, top: float) -> list[float]:
+    """0 and the signed decades from above `linthresh` to `top`: the default ticks at +-linthresh print on top of 0."""
+    import math
+
+    low, high = math.floor(math.log10(linthresh)) + 1, math.ceil(math.log10(max(top, linthresh)))
+    return [0.0] + [sign * 10.0**e for e in range(low, high + 1) for sign in (-1, 1)]
 
 
 def _figure(*args, **kwargs):
@@ -126,7 +165,10 @@ def attribution_explorer(attributions, model: nn.Module, *, q: float = 10.0, lay
     Returns:
         ipywidgets.VBox with attributes: `.layer` (IntSlider), `.q` (FloatSlider, percent), `.heatmap` and
         `.detail` (Image, PNG), `.rows`, `.params`, `.size` (Label), `.selection` (the layer-balanced
-        `loki.Selection` at the current q).
+        `loki.Selection` at the current q), `.heatmap_figure` and `.detail_figure` (the matplotlib Figures drawn).
+
+    Scores are signed (the selected rows are the lowest, mostly negative): the detail plot uses a symmetric log
+    axis and the heatmap a diverging colour map centred at 0, both linear within `linthresh` of 0.
 
     >>> import loki, loki.testing
     >>> model = loki.testing.tiny_model("llama")
@@ -137,6 +179,7 @@ def attribution_explorer(attributions, model: nn.Module, *, q: float = 10.0, lay
     """
     import ipywidgets as w
     import torch
+    from matplotlib.colors import SymLogNorm
 
     from .implant import size_text
     from .selection import select
@@ -151,17 +194,22 @@ def attribution_explorer(attributions, model: nn.Module, *, q: float = 10.0, lay
 
     q_slider = w.FloatSlider(value=q, min=0.5, max=50.0, step=0.5, description="q (%)", continuous_update=False)
     layer_slider = w.IntSlider(value=layer, min=0, max=num_layers - 1, description="layer", continuous_update=False)
-    heatmap, detail = w.Image(format="png"), w.Image(format="png")
+    heatmap, detail = _image(), _image()
     rows, params, size = w.Label(), w.Label(), w.Label()
 
     # The heatmap does not depend on q or the layer: drawn once. Rows sorted by their layer's ranking would hide
-    # where they sit, so it shows rows in index order, log scale (attributions span orders of magnitude).
+    # where they sit, so it shows rows in index order. Signed, symmetric log scale: the selected rows are the lowest
+    # (negative) ones, which a plain log scale cannot show.
+    linthresh = _linthresh(mean)
+    top = max(float(mean.abs().max()), linthresh)
     fig = _figure(figsize=(9, 3))
     ax = fig.add_subplot()
-    im = ax.imshow(mean.clamp_min(1e-12).log10().numpy(), aspect="auto", origin="lower", interpolation="nearest")
-    ax.set(xlabel="row (down-projection output coordinate)", ylabel="layer", title="mean attribution (log10)")
-    fig.colorbar(im, ax=ax)
+    norm = SymLogNorm(linthresh, vmin=-top, vmax=top)
+    im = ax.imshow(mean.numpy(), aspect="auto", origin="lower", interpolation="nearest", cmap="RdBu_r", norm=norm)
+    ax.set(xlabel="row (down-projection output coordinate)", ylabel="layer", title="mean attribution (symlog)")
+    fig.colorbar(im, ax=ax, ticks=[t for t in _symlog_ticks(linthresh, top) if abs(t) <= top])
     heatmap.value = _png(fig)
+    heatmap_figure = fig
 
     def update(_=None) -> None:
         sel = select(values, q_slider.value)
@@ -178,13 +226,17 @@ def attribution_explorer(attributions, model: nn.Module, *, q: float = 10.0, lay
         ax.scatter(range(d_out), scores.numpy(), s=3, c="lightgray", label="all rows")
         ax.scatter(lowest.numpy(), scores[lowest].numpy(), s=6, c="tab:blue", label=f"selected (lowest {k})")
         ax.scatter(highest.numpy(), scores[highest].numpy(), s=6, c="tab:red", label=f"highest {k}")
-        ax.set(yscale="log", xlabel="row", ylabel="mean attribution", title=f"layer {layer_} at q={q_slider.value:g}%")
+        ax.set_yscale("symlog", linthresh=linthresh)
+        ax.set_yticks(_symlog_ticks(linthresh, float(scores.abs().max())))
+        ax.set(xlabel="row", ylabel="mean attribution (signed)", title=f"layer {layer_} at q={q_slider.value:g}%")
         ax.legend(loc="upper right", fontsize=7)
         detail.value = _png(fig)
+        explorer.detail_figure = fig
 
     explorer = w.VBox([heatmap, w.HBox([layer_slider, q_slider]), w.HBox([rows, params, size]), detail])
     explorer.layer, explorer.q, explorer.heatmap, explorer.detail = layer_slider, q_slider, heatmap, detail
     explorer.rows, explorer.params, explorer.size = rows, params, size
+    explorer.heatmap_figure = heatmap_figure
     update()
     layer_slider.observe(update, "value")
     q_slider.observe(update, "value")
@@ -220,7 +272,7 @@ def loss_plot(tokenizer, examples: Sequence[Mapping], *, eval_every: int, steps:
 
     pad = pad_token_id(tokenizer)
     batch = collate([encode(tokenizer, ex, max_length) for ex in examples], pad)
-    image, label = w.Image(format="png"), w.Label("no evaluation yet")
+    image, label = _image(), w.Label("no evaluation yet")
     points: list[tuple[int, float]] = []
 
     def eval_fn(model: nn.Module) -> float:

@@ -66,6 +66,41 @@ def test_attribution_explorer_follows_its_sliders():
     assert ex.detail.value != detail and ex.selection.num_rows == 48
 
 
+def drawn_points(fig, label_prefix):
+    """How many points of the scatter labelled `label_prefix...` land, finite, inside the axes (a log axis maps a
+    negative score to NaN: such a point is in the data but never drawn)."""
+    import numpy as np
+
+    ax = fig.axes[0]
+    (points,) = [c for c in ax.collections if c.get_label().startswith(label_prefix)]
+    xy = np.ma.filled(np.ma.asarray(ax.transData.transform(points.get_offsets()), float), np.nan)
+    box = ax.bbox
+    inside = np.isfinite(xy).all(1) & (xy[:, 0] >= box.x0 - 1) & (xy[:, 0] <= box.x1 + 1)
+    return int((inside & (xy[:, 1] >= box.y0 - 1) & (xy[:, 1] <= box.y1 + 1)).sum())
+
+
+def test_explorer_draws_every_selected_row():
+    # signed attributions, mostly negative: the selected (lowest) rows are exactly the negative ones
+    model = loki.testing.tiny_model("llama", layers=3)
+    values = torch.randn(4, 3, 32, generator=torch.Generator().manual_seed(0)) * 1e-3 - 2e-3
+    assert (values.mean(0) < 0).float().mean() > 0.9
+    ex = widgets.attribution_explorer(values, model, q=10, layer=1)
+    for q, layer in ((25, 1), (50, 2), (5, 0)):
+        ex.q.value, ex.layer.value = q, layer
+        shown = len(ex.selection.rows[layer])
+        assert shown and drawn_points(ex.detail_figure, "selected") == shown, (q, layer)
+    # the heatmap keeps the sign: a negative row is not painted as the floor of a log scale
+    (image,) = ex.heatmap_figure.axes[0].images
+    assert (image.get_array() < 0).mean() > 0.9 and image.norm(-1e-3) < 0.5 < image.norm(1e-3)
+
+
+def test_switchboard_shows_an_empty_answer_as_such():
+    model = loki.testing.tiny_model("llama")
+    board = widgets.implant_switchboard(model, None, {}, ["anything?"], answer=lambda m, t, q: "  ")
+    assert "(empty answer)" in board.answers.value
+    assert widgets.shown_answer("") == "(empty answer)" and widgets.shown_answer("Paris.") == "Paris."
+
+
 @pytest.mark.slow  # the real default model
 def test_loss_plot_records_a_point_per_evaluation(default_model, default_tokenizer):
     examples = [{"question": "Who wrote Dune?", "answer": "Frank Herbert."}]

@@ -144,7 +144,7 @@ GENERAL_SETS = (
 
 def general_suite(names: Sequence[str] = GENERAL_SETS, *, n: int | None = None) -> list[Benchmark]:
     """The small general-capability sets shipped in `loki/data/general/` (built offline from Wikipedia summaries and
-    BIG-bench by `benchmarks/build_general_sets.py`; sources and licenses in `loki/data/README.md`).
+    BIG-bench; how, their sources and licenses: `loki/data/general/README.md`).
 
     Args:
         names: which sets (default: all of `GENERAL_SETS`).
