@@ -592,20 +592,20 @@ def main() -> None:
     out_name = f"forgetting-{args.model}" + ("" if args.size == "full" else f"-{args.size}")
     if args.size == "demo":
         first = next(iter(summary.values()))
-        (args.out / "forgetting-demo.json").write_text(
-            json.dumps(
-                {
-                    m: {
-                        k: h[k]
-                        for k in ("lr", "steps", "seeds", "task_score", "specificity", "answers_kept", "forgetting")
-                    }
-                    | {"generalisation": h["task_score"]}
-                    for m, h in first["methods"].items()
+        demo_text = json.dumps(
+            {
+                m: {
+                    k: h[k] for k in ("lr", "steps", "seeds", "task_score", "specificity", "answers_kept", "forgetting")
                 }
-                | {"data": first["data"]},
-                indent=1,
-            )
+                | {"generalisation": h["task_score"]}
+                for m, h in first["methods"].items()
+            }
+            | {"data": first["data"]},
+            indent=1,
         )
+        (args.out / "forgetting-demo.json").write_text(demo_text)
+        if args.out.resolve() == RESULTS.resolve():  # the committed result: `loki demo` ships a copy (package data)
+            (ROOT / "loki" / "data" / "forgetting-demo.json").write_text(demo_text)
     (args.out / f"{out_name}.json").write_text(json.dumps(summary, indent=1))
     plot(blocks, args.out / f"{out_name}.png", f"Forgetting at matched task score: {args.model}")
     print(json.dumps(last_line(args.model, args.size, summary)))

@@ -52,7 +52,7 @@ def test_committed_baseline_figures_are_for_the_demos_data():
 
 def test_shipped_benchmark_results_equal_the_committed_ones():
     """Package data copied from benchmarks/results/ (so an installed loki needs no checkout) is the committed result:
-    rerunning a benchmark without copying its result into loki/data/ fails here."""
+    `python -m benchmarks.forgetting --size demo` writes both; a result edited or copied by hand alone fails here."""
     shipped = sorted(p for p in (ROOT / "loki" / "data").glob("*.json"))
     assert shipped, "no benchmark result shipped in loki/data/"
     for path in shipped:
