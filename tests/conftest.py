@@ -7,6 +7,7 @@ runs everything, as CI does. Slow tests are marked `@pytest.mark.slow`; see CONT
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -17,6 +18,24 @@ from loki.testing import FAMILIES, tiny_model
 # The tests own their model cache, so CI converts the default model once per checkout.
 os.environ.setdefault("LOKI_CACHE", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".loki-cache"))
 torch.set_num_threads(min(4, os.cpu_count() or 1))
+
+# `accelerate launch` on 2 CPU processes (gloo; `--cpu` would start one), for the multi-process tests.
+ACCELERATE = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "--main_process_port",
+    "0",
+]
 
 
 @pytest.fixture(params=FAMILIES)

@@ -9,10 +9,10 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import ACCELERATE
 
 import loki
 from loki.cli import main
@@ -333,25 +333,9 @@ def test_accelerate_launch_on_two_processes_equals_one_process(base, tmp_path, d
     options = ["--steps", "3", "--batch-size", "4", "--retain", str(retain), "--retain-weight", "2"]
     assert train(base, data, tmp_path / "one.loki", *options) == 0
     folder, selection = base
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-    ]
     done = subprocess.run(
         [
-            *launch,
+            *ACCELERATE,
             "-m",
             "loki.cli",
             "train",

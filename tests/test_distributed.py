@@ -11,6 +11,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import ACCELERATE
 
 import loki
 from loki.testing import tiny_model
@@ -51,22 +52,6 @@ def launch(launcher: list[str], tmp_path, shard: str) -> tuple[subprocess.Comple
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
-ACCELERATE = [
-    sys.executable,
-    "-m",
-    "accelerate.commands.launch",
-    "--multi_gpu",
-    "--num_processes",
-    "2",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-    "--main_process_port",
-    "0",
-]
 
 
 @pytest.fixture(scope="module")
