@@ -77,7 +77,7 @@ def main() -> None:
     model, tokenizer = loki.load_default(device=args.device)
     for p in model.parameters():  # no weight gradients for anyone (captum would not need them either)
         p.requires_grad_(False)
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     num_layers = len(projs)
     # 3-shot multiple-choice prompts from the probe set: ~300 tokens each
     records = probe_records()

@@ -5,7 +5,7 @@ One process loads the default model, scores the base once, then trains and score
 retain data, neighbourhood and general sets as `loki demo`). Rows come from KVA on the first 6 probe prompts (the
 demo's rows before 2026-12-01) unless a variant says otherwise. A variant is a JSON object of RECIPE keys to change
 (`q`, `score`, `lr`, `steps`, `retain_weight`, ...), `"attribute_on": "neighbours"` (rows scored by KVA on the base
-model's answers to the retain questions, `RetainTargets.prompts`, as `loki demo` now does; with `"per_item"`,
+model's answers to the retain questions, `RetainSet.prompts`, as `loki demo` now does; with `"per_item"`,
 `"ig_steps"` (default 7), `"and_probe"`), `"layers"`, `"lora_rank"` (LoKI*), `"seed"` (`loki.train`'s: batch order,
 retain batches), plus
 two exploration switches that are not library options: `"optimizer"` ("adamw", the default, with `"eps"`; or "sgd"
@@ -39,7 +39,7 @@ from loki.forward import logits_at
 ROOT = Path(__file__).resolve().parent.parent
 
 
-TRAIN_MODULE = sys.modules["loki.train"]  # `loki.train` the attribute is the function; its module holds encode
+TRAIN_MODULE = sys.modules["loki.training"]  # the module `loki.train` comes from: it holds encode
 retain_module = sys.modules["loki.retain"]
 
 
@@ -63,13 +63,13 @@ def object_only_encode(tokenizer, example, max_length=None):
 
 
 def margin_kl(real_kl, weight: float, cap: float):
-    """`RetainTargets.kl` plus `weight` times the mean of relu(min(base margin, cap) - tuned margin), where a margin
+    """`RetainSet.kl` plus `weight` times the mean of relu(min(base margin, cap) - tuned margin), where a margin
     is the log-probability of the base model's greedy token minus the best other token's: zero at the base model,
     positive once a retained greedy token loses ground it had (a near tie is kept by a small margin rather than
     flipped). A second forward pass of the retain batch (the same logits), so its run times are not comparable."""
 
     def kl(self, model, indices):
-        chosen = [self.targets[i] for i in indices]
+        chosen = [self.distributions[i] for i in indices]
         device = model.get_input_embeddings().weight.device
         logq = logits_at(model, [t.ids for t in chosen], [t.positions for t in chosen], self.pad_token_id)
         logq = logq.float().log_softmax(-1)
@@ -81,15 +81,15 @@ def margin_kl(real_kl, weight: float, cap: float):
     return kl
 
 
-def selection_for(model, tok, variant: dict, r: dict, attr, targets):
+def selection_for(model, tok, variant: dict, r: dict, attr, retained):
     """The variant's rows: `"attribute_on": "neighbours"` scores rows on the base model's answers to the retain
-    questions (`RetainTargets.prompts(per_item)`, `"per_item"` default 3; plus the probe prompts when
+    questions (`RetainSet.prompts(per_item)`, `"per_item"` default 3; plus the probe prompts when
     `"and_probe": true`); `"layers": [lo, hi]` keeps only layers lo..hi-1."""
     if variant.get("attribute_on") == "neighbours":
         own = task.neighbourhood_attributions(
             model,
             tok,
-            targets,
+            retained,
             variant.get("ig_steps", 7),
             variant.get("per_item", 3),
             ROOT / "loki-demo" / "attributions",
@@ -110,23 +110,26 @@ def selection_for(model, tok, variant: dict, r: dict, attr, targets):
     return selection
 
 
-def preservation_for(model, tok, variant: dict, targets):
-    """The variant's `loki.preservation` (None without `"preserve"`)."""
-    if "preserve" not in variant:
+def preservation_for(model, tok, variant: dict, retained, train_set):
+    """The variant's `loki.preservation` (None without `"preserve"` or `"contrast"`); `"contrast": ratio` uses the
+    contrast rule against the training examples."""
+    if "preserve" not in variant and "contrast" not in variant:
         return None
     on = variant.get("preserve_on", "retain")
-    data = targets
+    data = retained
     if on == "questions":
-        data = [{"text": t.ids} for it, t in zip(targets.items, targets.targets) if it["kind"] == "question"]
+        data = [{"text": t.ids} for it, t in zip(retained.items, retained.distributions) if it["kind"] == "question"]
     elif on == "retain+text":
-        data = [{"text": t.ids} for t in targets.targets] + loki.retain.general_text(
+        data = [{"text": t.ids} for t in retained.distributions] + loki.retain.general_text(
             variant.get("preserve_text", 200), variant.get("preserve_chars", 300)
         )
     if "preserve_per_template" in variant:
         n = variant["preserve_per_template"]
         more = task.neighbourhood_questions(task.implant_facts(task.SIZES["full"]["facts"]), None if n < 0 else n)[0]
-        data = [{"text": t.ids} for t in targets.targets] if data is targets else data
-        data = data + [{"text": t.ids} for t in loki.retain_targets(model, tok, more, progress=False).targets]
+        data = [{"text": t.ids} for t in retained.distributions] if data is retained else data
+        data = data + [{"text": t.ids} for t in loki.retain.retain_set(model, tok, more, progress=False).distributions]
+    if "contrast" in variant:
+        return loki.preservation(model, tok, data, examples=train_set, ratio=variant["contrast"], progress=False)
     return loki.preservation(model, tok, data, energy=variant["preserve"], progress=False)
 
 
@@ -141,9 +144,9 @@ def main() -> None:
     retain, neighbours = task.retain_data(facts, task.RECIPE, size["eval_per_template"])
     suite = task.implant_suite(facts, neighbours, size["general_items"])
     t0 = time.time()
-    base = suite.score(model, tok, progress=False)
+    base = suite.scores(model, tok, progress=False)
     print(f"base scored in {time.time() - t0:.0f} s", flush=True)
-    real_adamw, real_encode, real_kl = torch.optim.AdamW, TRAIN_MODULE.encode, retain_module.RetainTargets.kl
+    real_adamw, real_encode, real_kl = torch.optim.AdamW, TRAIN_MODULE.encode, retain_module.RetainSet.kl
     for variant in variants:
         r = {**task.RECIPE, **{k: v for k, v in variant.items() if k in task.RECIPE}}
         train_set = task.fact_training_set(facts)
@@ -153,17 +156,17 @@ def main() -> None:
         if variant.get("object_only"):
             train_set = [{**ex, "object": f["match"]} for f in facts for ex in task.fact_training_set([f])]
         t0 = time.time()
-        targets = loki.retain_targets(model, tok, retain, progress=False)  # once: for the rows and for training
+        retained = loki.retain.retain_set(model, tok, retain, progress=False)  # once: for the rows and for training
         torch.optim.AdamW, TRAIN_MODULE.encode = optimizer_factory(variant), object_only_encode
         if "margin" in variant:
-            retain_module.RetainTargets.kl = margin_kl(real_kl, variant["margin"], variant.get("margin_cap", 1.0))
+            retain_module.RetainSet.kl = margin_kl(real_kl, variant["margin"], variant.get("margin_cap", 1.0))
         try:
-            selection = selection_for(model, tok, variant, r, attr, targets)
+            selection = selection_for(model, tok, variant, r, attr, retained)
             loki.prepare(
                 model,
                 selection,
                 lora_rank=variant.get("lora_rank"),
-                preserve=preservation_for(model, tok, variant, targets),
+                preserve=preservation_for(model, tok, variant, retained, train_set),
             )
             loki.train(
                 model,
@@ -173,7 +176,7 @@ def main() -> None:
                 batch_size=r["batch_size"],
                 max_steps=r["steps"],
                 seed=variant.get("seed", 0),
-                retain=targets,
+                retain=retained,
                 retain_weight=r["retain_weight"],
                 retain_batch_size=r["retain_batch_size"],
                 progress=False,
@@ -181,7 +184,7 @@ def main() -> None:
             delta = loki.extract(model, name="lever")
         finally:
             loki.unprepare(model)
-            torch.optim.AdamW, TRAIN_MODULE.encode, retain_module.RetainTargets.kl = real_adamw, real_encode, real_kl
+            torch.optim.AdamW, TRAIN_MODULE.encode, retain_module.RetainSet.kl = real_adamw, real_encode, real_kl
         seconds = time.time() - t0
         full = suite.report(model, tok, delta, base=base, progress=False)
         report = full.as_dict()

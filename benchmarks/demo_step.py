@@ -41,12 +41,12 @@ def padded_logits(model, sequences, positions, pad):
     return logits[rows, torch.cat(positions)]
 
 
-def step_loss(fn, model, facts, items, targets, pad):
-    """Fact cross-entropy (mean over answer tokens) + 8 x retain KL, as `loki.train` and `RetainTargets.kl`."""
+def step_loss(fn, model, facts, items, retained, pad):
+    """Fact cross-entropy (mean over answer tokens) + 8 x retain KL, as `loki.train` and `RetainSet.kl`."""
     pos = [answer_positions(e["labels"]) for e in facts]
     answers = torch.cat([torch.tensor(e["labels"])[p + 1] for e, p in zip(facts, pos)])
     ce = F.cross_entropy(fn(model, [e["input_ids"] for e in facts], pos, pad).float(), answers)
-    chosen = [targets.targets[i] for i in items]
+    chosen = [retained.distributions[i] for i in items]
     logq = fn(model, [t.ids for t in chosen], [t.positions for t in chosen], pad).float().log_softmax(-1)
     top_ids, top_logp = torch.cat([t.top_ids for t in chosen]), torch.cat([t.top_logp for t in chosen])
     kl = (top_logp.exp() * (top_logp - logq.gather(-1, top_ids))).sum(-1).mean()  # the top-k part is enough here
@@ -63,12 +63,12 @@ def main() -> None:
     model, tok = loki.load_default()
     facts = task.implant_facts()
     retain, _ = task.retain_data(facts, task.RECIPE)
-    targets = loki.retain_targets(model, tok, retain, progress=False)
-    projs = loki.find_down_projections(model)
+    retained = loki.retain.retain_set(model, tok, retain, progress=False)
+    projs = loki.projections.find_down_projections(model)
     loki.prepare(model, loki.Selection.random(len(projs), projs.d_out, q=10, seed=0))
     pad = pad_token_id(tok)
     encoded = [encode(tok, ex) for ex in task.fact_training_set(facts)]
-    order, retain_order = random.Random(0), targets.batches(task.RECIPE["retain_batch_size"], seed=0)
+    order, retain_order = random.Random(0), retained.batches(task.RECIPE["retain_batch_size"], seed=0)
     work = [(order.sample(encoded, task.RECIPE["batch_size"]), next(retain_order)) for _ in range(batches)]
     competitors = {
         "padded": padded_logits,
@@ -76,7 +76,8 @@ def main() -> None:
         "logits_at": logits_at,
     }
     losses = {
-        name: [step_loss(fn, model, f, i, targets, pad).item() for f, i in work[:2]] for name, fn in competitors.items()
+        name: [step_loss(fn, model, f, i, retained, pad).item() for f, i in work[:2]]
+        for name, fn in competitors.items()
     }
     print("losses of the first two batches:", json.dumps(losses))
     for name in competitors:
@@ -89,7 +90,7 @@ def main() -> None:
         for name in names:
             start = time.process_time()
             for facts_batch, items in work:
-                step_loss(competitors[name], model, facts_batch, items, targets, pad).backward()
+                step_loss(competitors[name], model, facts_batch, items, retained, pad).backward()
                 model.zero_grad(set_to_none=True)
             times[name].append((time.process_time() - start) / len(work))
         print(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in competitors), flush=True)

@@ -63,6 +63,7 @@ GRID = {
 
 
 PRESERVE_ENERGY = 0.99
+CONTRAST_RATIO = 100.0
 
 
 def _methods() -> dict[str, dict]:
@@ -70,7 +71,7 @@ def _methods() -> dict[str, dict]:
     for q in (5, 10, 20, 30):
         out[f"loki_q{q}"] = dict(kind="rows", strategy="layer_balanced", score="signed", q=q)
         out[f"loki_abs_q{q}"] = dict(kind="rows", strategy="layer_balanced", score="abs", q=q)
-    # KVA on the base model's answers to the retain half's neighbourhood questions (`RetainTargets.prompts`)
+    # KVA on the base model's answers to the retain half's neighbourhood questions (`RetainSet.prompts`)
     # instead of the probe set: the rows those answers rely on least. Knowledge regime only; with retain off the
     # questions are still attributed, though not trained on.
     out["loki_nbhd_q10"] = dict(kind="rows", strategy="layer_balanced", score="signed", q=10, prompts="neighbourhood")
@@ -80,6 +81,11 @@ def _methods() -> dict[str, dict]:
     # off the key directions holding `preserve` of their down-projection inputs.
     out["loki_keep_q10"] = dict(
         kind="rows", strategy="layer_balanced", score="signed", q=10, prompts="neighbourhood", preserve=PRESERVE_ENERGY
+    )
+    # The same rows under the contrast rule (`loki.preservation(..., examples=)`): free only the key directions where
+    # the facts' keys outweigh those of the same preserved prompts `contrast` to 1.
+    out["loki_contrast_q10"] = dict(
+        kind="rows", strategy="layer_balanced", score="signed", q=10, prompts="neighbourhood", contrast=CONTRAST_RATIO
     )
     # The knowledge editors (loki.editors), their closed forms on layers 4-8, C0 / the null space from the shipped
     # Wikipedia text; knowledge regime. They do not train, so seeds do not change them.
@@ -165,9 +171,9 @@ LOADERS = {"smollm2": lambda: loki.load_default(), "qwen": lambda: loki.models.l
 def neighbourhood_attributions(ctx):
     """KVA on the neighbourhood questions of the block's retain data (cached in ctx and on disk)."""
     if "attr_nbhd" not in ctx:
-        targets = loki.retain_targets(ctx["model"], ctx["tokenizer"], ctx["retain_questions"], progress=False)
+        retained = loki.retain.retain_set(ctx["model"], ctx["tokenizer"], ctx["retain_questions"], progress=False)
         ctx["attr_nbhd"] = task.neighbourhood_attributions(
-            ctx["model"], ctx["tokenizer"], targets, 7, task.RECIPE["kva_per_item"], ctx["attr_folder"], False
+            ctx["model"], ctx["tokenizer"], retained, 7, task.RECIPE["kva_per_item"], ctx["attr_folder"], False
         )
     return ctx["attr_nbhd"]
 
@@ -213,21 +219,22 @@ def train_one(method, lr, steps, seed, ctx):
         params = [p for p in work.parameters() if p.requires_grad]
         loki.train(work, tok, ctx["train_set"], params=params, **options)
         return work, None, sum(p.numel() for p in params)
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     keep = None
-    if "preserve" in spec and ctx["retain"] is not None:  # computed once per block, on the base model
-        if "keep" not in ctx:  # the retain data and every neighbourhood question about the retain half's entities
-            ctx["keep"] = loki.preservation(
-                model,
-                tok,
-                ctx["retain"] + task.preservation_questions(ctx["facts"]),
-                energy=spec["preserve"],
-                progress=False,
+    if ("preserve" in spec or "contrast" in spec) and ctx["retain"] is not None:  # once per block, on the base model
+        rule = (
+            dict(energy=spec["preserve"])
+            if "preserve" in spec
+            else dict(examples=ctx["train_set"], ratio=spec["contrast"])
+        )
+        if method not in ctx.setdefault("keep", {}):  # the retain data and every retain-half neighbourhood question
+            ctx["keep"][method] = loki.preservation(
+                model, tok, ctx["retain"] + task.preservation_questions(ctx["facts"]), progress=False, **rule
             )
-        keep = ctx["keep"]
+        keep = ctx["keep"][method]
     loki.prepare(model, selection_for(spec, ctx, projs, seed), lora_rank=spec.get("rank"), seed=seed, preserve=keep)
     try:
-        trainable = loki.trainable_report(model).trainable
+        trainable = loki.implant.trainable_report(model).trainable
         loki.train(model, tok, ctx["train_set"], **options)
         delta = loki.extract(model, name=method)
     finally:
@@ -254,7 +261,7 @@ def run_one(method, lr, steps, seed, ctx) -> dict:
         )
     else:
         with loki.implanted(model, *deltas) if deltas else _nothing():
-            general = ev.score(target, tok, ctx["general"], progress=False)
+            general = ev.benchmark_scores(target, tok, ctx["general"], progress=False)
             task = ctx["task_score"](target, tok)
         scores = dict(
             task_score=task,
@@ -283,9 +290,9 @@ def base_scores(ctx):
     when a run first needs them."""
     if "base" not in ctx:
         ctx["base"] = (
-            ctx["suite"].score(ctx["model"], ctx["tokenizer"], progress=False)
+            ctx["suite"].scores(ctx["model"], ctx["tokenizer"], progress=False)
             if ctx["regime"] == "knowledge"
-            else ev.score(ctx["model"], ctx["tokenizer"], ctx["general"], progress=False)
+            else ev.benchmark_scores(ctx["model"], ctx["tokenizer"], ctx["general"], progress=False)
         )
     return ctx["base"]
 
@@ -600,7 +607,9 @@ def main() -> None:
                 | {"generalisation": h["task_score"]}
                 for m, h in first["methods"].items()
             }
-            | {"data": first["data"]},
+            # the command that made it, which `loki demo` prints as how to reproduce its figures (an installed
+            # loki has no benchmarks folder, so the library never names one itself)
+            | {"data": first["data"], "command": f"python -m benchmarks.forgetting --model {args.model} --size demo"},
             indent=1,
         )
         (args.out / "forgetting-demo.json").write_text(demo_text)

@@ -3,7 +3,7 @@
 The paper's S-L / S-H ablation (docs/method.md): if KVA finds the rows that matter least, zeroing the
 lowest-attributed rows (the LoKI selection, `layer_balanced`) should cost far less than zeroing the highest
 (`layer_highest`); the paper reports 11.35% vs 36.73% forgetting on Qwen2.5-0.5B. Random rows and the global
-strategies are the controls. Every strategy zeroes its rows through a delta (`loki.suppression`), scored
+strategies are the controls. Every strategy zeroes its rows through a delta (`loki.implant.suppression`), scored
 on the default model's general sets and reverted exactly. It also reports how large the chosen rows' attributions
 are (mean |attribution| relative to the median row), which explains a result that differs from the paper's, and
 adds the layer-balanced choice by smallest |attribution| (`layer_balanced_abs`, not one of the paper's strategies).
@@ -52,13 +52,13 @@ def main() -> None:
     model, tokenizer = loki.load_default()
     attr = probe_attributions(model, tokenizer, prompts, 7, args.out / "attributions")
     suite = ev.general_suite(GENERAL, n=items)
-    base = ev.score(model, tokenizer, suite)
+    base = ev.benchmark_scores(model, tokenizer, suite)
     rows = []
     # The extra row: LoKI's layer-balanced choice by smallest |attribution| instead of smallest signed attribution.
     selections = [(s, loki.select(attr, q=args.q, strategy=s)) for s in STRATEGIES]
     selections.append(("layer_balanced_abs", loki.select(attr.values.abs(), q=args.q)))
     for strategy, sel in selections:
-        report = ev.compare(model, tokenizer, suite, loki.suppression(model, sel), original=base)
+        report = ev.compare(model, tokenizer, suite, loki.implant.suppression(model, sel), original=base)
         rows.append(
             {
                 "strategy": strategy,

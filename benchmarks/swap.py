@@ -33,7 +33,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     model, _ = loki.load_default(dtype=getattr(torch, args.dtype), device=args.device)
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     delta = loki.testing.random_delta(model, q=args.q, seed=0, noise=0.01, name="bench")
     selection = loki.Selection({l: ld.indices for l, ld in delta.layers.items()}, len(projs), projs.d_out)
     before = {k: v.clone() for k, v in model.state_dict().items()}

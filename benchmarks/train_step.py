@@ -80,7 +80,7 @@ class CorrectionLinear(nn.Module):
 
 
 def replace_down_projections(model, selection, make):
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     for layer, rows in selection.rows.items():
         parent_name, _, child = projs.template.format(i=layer).rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -100,7 +100,7 @@ def build(name, base, selection):
     elif name == "lora":
         from peft import LoraConfig, get_peft_model
 
-        child = loki.find_down_projections(base).template.rpartition(".")[2]
+        child = loki.projections.find_down_projections(base).template.rpartition(".")[2]
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[child]))
     elif name == "full":
         for p in model.parameters():
@@ -211,7 +211,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     base, _ = loki.load_default(device=device)
-    projs = loki.find_down_projections(base)
+    projs = loki.projections.find_down_projections(base)
     assert projs.template == TEMPLATE, projs.template
     selection = loki.Selection.random(len(projs), projs.d_out, args.q, seed=0)
     ids = torch.randint(0, base.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0)).to(

@@ -34,7 +34,7 @@ def base_model(shift: float = 0.0):
     model = tiny_model("llama", d_model=D_MODEL, d_ff=D_FF, layers=LAYERS)
     model.config.name_or_path = "loki-conformance/base"
     with torch.no_grad():
-        for layer, m in enumerate(loki.find_down_projections(model).modules):
+        for layer, m in enumerate(loki.projections.find_down_projections(model).modules):
             m.weight.copy_(base_weight(layer, shift))
     return model
 
@@ -66,14 +66,14 @@ def main() -> None:
     )
     rows0 = torch.arange(2 * D_FF, dtype=torch.float32).reshape(2, D_FF) / 32 - 0.5
     rows1 = -torch.ones(1, D_FF) / 4
-    rows = loki.make_delta(
+    rows = loki.implant.make_delta(
         model,
         {0: ([1, 6], rows0), 1: ([3], rows1)},
         name="conformance-rows",
         description="Two rows of layer 0 and one of layer 1.",
         selection={"strategy": "manual", "q": None},
     )
-    lora = loki.make_delta(
+    lora = loki.implant.make_delta(
         model, {1: ([0, 5, 7], torch.tensor([[0.5], [0.25], [-1.0]]), torch.ones(1, D_FF) / 8)}, name="conformance-lora"
     )
     valid = {
@@ -123,11 +123,11 @@ def main() -> None:
         ),
         "missing_tensor.loki": (rewrite(good, meta_edit(lambda i: i.update(form="lora"))), "DeltaFormatError"),
         "layer_out_of_range.loki": (
-            rewrite(good, meta_edit(lambda i: i["target"].update(num_layers=1))),
+            rewrite(good, meta_edit(lambda i: i["down_projection"].update(num_layers=1))),
             "DeltaFormatError",
         ),
         "rows_shape_mismatch.loki": (
-            rewrite(good, meta_edit(lambda i: i["target"].update(d_in=D_FF + 1))),
+            rewrite(good, meta_edit(lambda i: i["down_projection"].update(d_in=D_FF + 1))),
             "DeltaFormatError",
         ),
         "version_not_decimal.loki": (

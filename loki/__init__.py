@@ -2,23 +2,29 @@
 
 The verbs, in workflow order:
 
-- attribute, select: KVA scores of every down-projection row (`Attributions`), and the rows to train (`Selection`).
-- prepare, train, extract, unprepare: train only those rows; `extract` gives the `Delta`. `preservation` gives the
-  key directions of prompts to keep (`prepare(..., preserve=)` keeps the rows' update off them).
-- save, load, push: `.loki` files and Hugging Face Hub repos (`push` also shares `Attributions` and `Selection`s;
-  `load_attributions`, `load_selection` read them from a folder, a file or the Hub).
-- plan, apply, revert, implanted, disabled, applied, merge: write deltas into a loaded model and take them out,
-  exactly (one ledger per weight; `ImplantBank` for serving many).
-- export_peft: the same delta as a PEFT LoRA adapter.
+- `attribute`, `select`: KVA scores of every down-projection row (an `Attributions` set), and the rows to train
+  (a `Selection`).
+- `prepare`, `train`, `extract`, `unprepare`: train only those rows; `extract` gives the `Delta`. `preservation`
+  gives the key directions of prompts to keep (a `Preservation`: `prepare(..., preserve=)` keeps the rows' update
+  off them); `train(..., retain=)` keeps the base model's answers on retain data.
+- `save`, `load`, `push`: `.loki` files and Hugging Face Hub repos (`push` also shares `Attributions` and
+  `Selection`s; `load_attributions`, `load_selection` read them from a folder, a file or the Hub).
+- `plan`, `apply`, `revert`, `implanted`, `disabled`, `applied`, `merge`: write deltas into a loaded model and take
+  them out, exactly (one ledger per weight: a `Plan` before, a `Handle` after; an `ImplantBank` serves many).
+- `export_peft`: the same delta as a PEFT LoRA adapter.
+- `load_default`, `load_base`: the embedded default model; the base model a delta names.
+- Errors: every one is a `LokiError` (all of them in `loki.errors`); the ones people catch most are here too:
+  `BaseModelMismatchError`, `OverlapError`, `HubError`.
 
-Modules for the rest: `loki.evaluate` (the four numbers, forgetting), `loki.retain`, `loki.preserve`,
-`loki.neighbourhood`, `loki.editors` (MEMIT and AlphaEdit as `.loki` deltas, baselines),
-`loki.hub` (`push_delta`/`pull_delta` and the same for attributions and selections), `loki.generation` (greedy
-answers), `loki.facts` (the fictional-facts task of `loki demo`), `loki.targets`, `loki.trainer` (HF `Trainer`
-with `.loki` checkpoints: `LokiTrainer`, `LokiCallback`),
-`loki.errors` (every error class; the common ones are here too), `loki.testing`. Where the verbs live:
-`loki.ledger` (plan/apply/revert/stack), `loki.sources` (the verbs by path or Hub id), `loki.rows` (trainable
-rows), `loki.training` (`train`'s loop and checkpoints), `loki.serve` and `loki.mixed` (the bank, mixed batches).
+Everything else is one level down, in the module of its idea: `loki.evaluate` (the four numbers, forgetting),
+`loki.retain` (`retain_set`, `RetainLoss`), `loki.preserve`, `loki.neighbourhood`, `loki.editors` (MEMIT and
+AlphaEdit as `.loki` deltas, baselines), `loki.hub` (`push_delta`/`pull_delta` and the same for attributions and
+selections), `loki.generation` (greedy answers), `loki.facts` (the fictional-facts task of `loki demo`),
+`loki.implant` (`make_delta`, `suppression`, `trainable_report`), `loki.rows` (the trainable rows,
+`is_prepared`), `loki.projections` (where the down-projections are: `find_down_projections`), `loki.trainer` (HF
+`Trainer` with `.loki` checkpoints: `LokiTrainer`, `LokiCallback`), `loki.errors`, `loki.testing`. Where the verbs
+live: `loki.ledger` (plan/apply/revert/stack), `loki.sources` (the verbs by path or Hub id), `loki.training`
+(`train`'s loop and checkpoints), `loki.serve` and `loki.mixed` (the bank, mixed batches).
 
 >>> import loki
 >>> # model, tokenizer = loki.load_default()
@@ -27,21 +33,20 @@ rows), `loki.training` (`train`'s loop and checkpoints), `loki.serve` and `loki.
 
 from __future__ import annotations
 
-from . import editors, errors, evaluate, hub, neighbourhood, retain, targets
+# The modules one level down, so `import loki` is enough for `loki.evaluate.compare(...)`; not in __all__.
+from . import editors, errors, evaluate, hub, neighbourhood, projections, retain  # noqa: F401
 from .attribution import Attributions, attribute
 from .delta import Delta
 from .errors import BaseModelMismatchError, HubError, LokiError, OverlapError
-from .implant import extract, make_delta, suppression, trainable_report
+from .implant import extract
 from .ledger import Handle, Plan, applied, disabled, merge, plan, revert
 from .models import load_base, load_default
 from .peft_export import export_peft
 from .preserve import Preservation, preservation
-from .retain import RetainLoss, retain_targets
-from .rows import is_prepared, prepare, unprepare
+from .rows import prepare, unprepare
 from .selection import Selection, select
 from .serve import ImplantBank
 from .sources import apply, implanted, load, load_attributions, load_selection, push, save
-from .targets import find_down_projections
 from .training import train
 from .version import __version__ as __version__  # re-exported: loki.__version__
 
@@ -53,11 +58,6 @@ __all__ = [
     "train",
     "extract",
     "unprepare",
-    "is_prepared",
-    "trainable_report",
-    "make_delta",
-    "suppression",
-    "retain_targets",
     "preservation",
     # files and the Hub
     "load",
@@ -77,40 +77,26 @@ __all__ = [
     # models
     "load_default",
     "load_base",
-    "find_down_projections",
-    # classes
+    # the core types
     "Attributions",
     "Selection",
     "Delta",
     "Plan",
     "Handle",
     "ImplantBank",
-    "RetainLoss",
     "Preservation",
-    "LokiTrainer",
-    "LokiCallback",
     # the errors people catch (all of them: loki.errors)
     "LokiError",
     "BaseModelMismatchError",
     "OverlapError",
     "HubError",
-    # modules
-    "editors",
-    "errors",
-    "evaluate",
-    "hub",
-    "neighbourhood",
-    "retain",
-    "targets",
-    "trainer",
 ]
 
 
 def __getattr__(name: str):
-    # loki.trainer imports transformers.Trainer (seconds): loaded on first use, not by `import loki`.
-    if name in ("LokiTrainer", "LokiCallback", "trainer"):
+    # loki.trainer imports transformers.Trainer (seconds): loaded on first use of `loki.trainer`, not by `import loki`.
+    if name == "trainer":
         import importlib
 
-        trainer = importlib.import_module(".trainer", __name__)
-        return trainer if name == "trainer" else getattr(trainer, name)
+        return importlib.import_module(".trainer", __name__)
     raise AttributeError(f"module 'loki' has no attribute {name!r}")

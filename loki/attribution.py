@@ -36,8 +36,8 @@ from .distributed import launched_rank_world
 from .errors import AttributionError, AttributionMismatchError
 from .format import atomic_write
 from .kva import ENGINES, MEASURES, kva
+from .projections import find_down_projections, unwrap
 from .prompts import PromptSet, as_prompts
-from .targets import find_down_projections, unwrap
 from .version import __version__
 
 FORMAT = "loki-attributions"
@@ -229,7 +229,7 @@ def attribute(
     layer's down-projection output at the last prompt position (numerics: `loki.kva.kva`).
 
     Args:
-        model: a causal LM of a supported family (`loki.targets`); its parameters' `requires_grad` and train/eval
+        model: a causal LM of a supported family (`loki.projections`); its parameters' `requires_grad` and train/eval
             mode are restored afterwards.
         tokenizer: its tokenizer; may be None when the prompts are token id lists.
         prompts: multiple-choice records (dicts with question/choices/answer[/subject]; a `datasets.Dataset`; a
@@ -256,7 +256,7 @@ def attribute(
             launcher with more than one process is an error, not a duplicate run.
         poll: seconds between checks while ranks wait for each other (`shard="auto"`).
         progress: show a tqdm progress bar.
-        template: the down-projection module path (`loki.targets.find_down_projections`); None for known families.
+        template: the down-projection module path (`loki.projections.find_down_projections`); None for known families.
 
     Returns:
         Attributions: `values` float32 `[N, L, d_model]` (this shard's N), `targets` int64 `[N]`.

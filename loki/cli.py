@@ -647,21 +647,21 @@ def _train(args: argparse.Namespace) -> int:
 
     from .implant import extract
     from .preserve import preservation
-    from .retain import retain_targets
+    from .projections import find_down_projections
+    from .retain import retain_set
     from .rows import prepare
-    from .targets import find_down_projections
     from .training import train
 
     model, tokenizer = _load_model(args.base, args.dtype, args.revision)
     find_down_projections(model)  # weights loki cannot train (float8, partitioned) are refused before any pass
-    if torch.cuda.is_available():  # one GPU per process; retain targets and the preservation are computed there
+    if torch.cuda.is_available():  # one GPU per process; the retain set and the preservation are computed there
         model.to(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
-    targets = keep = None
+    retained = keep = None
     if retain is not None:  # the base model's answers and distributions, before any training
         top_k = {"top_k": args.retain_top_k} if args.retain_top_k else {}
-        targets = retain_targets(model, tokenizer, retain, max_length=args.max_length, **top_k)
+        retained = retain_set(model, tokenizer, retain, max_length=args.max_length, **top_k)
         if args.preserve is not None:
-            keep = preservation(model, tokenizer, targets, energy=args.preserve, max_length=args.max_length)
+            keep = preservation(model, tokenizer, retained, energy=args.preserve, max_length=args.max_length)
     prepare(model, selection, lora_rank=args.lora_rank, preserve=keep)
     for i, ex in enumerate(examples, 1):  # name the record of an example that cannot be trained on
         try:
@@ -682,7 +682,7 @@ def _train(args: argparse.Namespace) -> int:
             model,
             tokenizer,
             examples,
-            retain=targets,
+            retain=retained,
             retain_weight=args.retain_weight,
             retain_batch_size=args.retain_batch_size,
             lr=args.lr,

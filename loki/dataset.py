@@ -465,7 +465,7 @@ def load_examples(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def load_retain(path: str | os.PathLike) -> list[Any]:
-    """Retain data (`loki.retain_targets`, `loki.train(retain=...)`) from a `.jsonl`, `.json` or `.csv` file.
+    """Retain data (`loki.retain.retain_set`, `loki.train(retain=...)`) from a `.jsonl`, `.json` or `.csv` file.
 
     A record with `text` is general text; one with an `answer` or `messages` is an answered example (checked as
     `load_examples` does); one with only a `prompt` (or `question`) is a question the base model answers itself.

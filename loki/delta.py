@@ -6,7 +6,7 @@ A delta is built from a model that still holds its base rows, saved as a `.loki`
 >>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
 ...                                num_hidden_layers=2, num_attention_heads=2)
 >>> model = transformers.AutoModelForCausalLM.from_config(cfg)
->>> delta = loki.make_delta(model, {1: ([3, 7], torch.zeros(2, 32))}, name="two-zero-rows")
+>>> delta = loki.implant.make_delta(model, {1: ([3, 7], torch.zeros(2, 32))}, name="two-zero-rows")
 >>> delta.num_rows, delta.num_params, delta.layer_indices
 (2, 64, [1])
 """
@@ -115,12 +115,12 @@ class Delta:
     """New values for some down-projection rows. `info` is the JSON metadata of the `.loki` format (SPEC.md §4).
 
     The constructor copies the tensors and `info` (the delta owns them: what was validated is what gets applied)
-    and validates the whole (`validate`). `loki.make_delta` and `loki.extract` build deltas from a model;
+    and validates the whole (`validate`). `loki.implant.make_delta` and `loki.extract` build deltas from a model;
     `loki.load` reads them.
 
     Args:
         layers: `{layer: LayerDelta}`.
-        info: the metadata (`target`, `base_model`, `form`, `dtype`, ...).
+        info: the metadata (`down_projection`, `base_model`, `form`, `dtype`, ...).
 
     Raises:
         DeltaFormatError: metadata missing, of the wrong type or not JSON-serialisable; no layers; a layer out of
@@ -212,13 +212,13 @@ class Delta:
         """
         delta = self
         info = delta.info
-        base, target = info["base_model"], info["target"]
+        base, proj = info["base_model"], info["down_projection"]
         lines = [
             f"name:         {delta.name or '(unnamed)'}",
             f"base model:   {base.get('id') or '(unnamed)'}"
             + (f" @ {base['revision']}" if base.get("revision") else ""),
-            f"architecture: {base.get('architecture')} ({base.get('model_type')}), {target['num_layers']} layers, "
-            f"down-projection {target['d_out']}x{target['d_in']} at {target['template']}",
+            f"architecture: {base.get('architecture')} ({base.get('model_type')}), {proj['num_layers']} layers, "
+            f"down-projection {proj['d_out']}x{proj['d_in']} at {proj['template']}",
             f"form:         {info['form']}, stored as {info['dtype']}",
             f"rows:         {delta.num_rows} in {len(delta.layers)} layers, {delta.num_params:,} parameters",
         ]
@@ -456,12 +456,12 @@ def validate(delta: Delta) -> None:
         raise DeltaFormatError(f"Delta metadata must be strict JSON (no NaN or infinity): {e}") from None
     if "layers" in info:  # a file's 'layers' entry lists the delta's own layers, and a reader takes it out of info
         raise DeltaFormatError("Delta metadata: 'layers' is not metadata; a delta's layers are the keys of its layers.")
-    target = _require(info, "target", dict)
-    num_layers = _require(target, "num_layers", int)
-    d_out = _require(target, "d_out", int)
-    d_in = _require(target, "d_in", int)
-    _require(target, "template", str)
-    _require(target, "transposed", bool)
+    proj = _require(info, "down_projection", dict)
+    num_layers = _require(proj, "num_layers", int)
+    d_out = _require(proj, "d_out", int)
+    d_in = _require(proj, "d_in", int)
+    _require(proj, "template", str)
+    _require(proj, "transposed", bool)
     _require(info, "base_model", dict)
     form = _require(info, "form", str)
     if form not in ("rows", "lora"):
@@ -479,7 +479,7 @@ def validate(delta: Delta) -> None:
         if not isinstance(ld, LayerDelta):
             raise DeltaFormatError(
                 f"Layer {layer}: a Delta's layers are LayerDelta objects, not {type(ld).__name__} "
-                "(build deltas with loki.make_delta)."
+                "(build deltas with loki.implant.make_delta)."
             )
         idx = ld.indices
         if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 1:

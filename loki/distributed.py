@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .targets import unwrap_chain
+from .projections import unwrap_chain
 
 __all__ = [
     "FSDP1_ADVICE",

@@ -3,8 +3,9 @@
 Both editors write new facts into the down-projections `W` (`[d_model, d_ff]`) of a few consecutive early-middle
 layers, in closed form, without gradient steps on the weights:
 
-1. The target (MEMIT, arXiv 2210.07229, §4.2 eq. 16; `memit/compute_z.py`). For each fact, a vector `delta` added
-   to the residual stream *output* of the last edited layer `L`, at the last token of the subject, is optimised
+1. The new hidden state `z` (MEMIT's "target", arXiv 2210.07229, §4.2 eq. 16; `memit/compute_z.py`). For each
+   fact, a vector `delta` added to the residual stream *output* of the last edited layer `L`, at the last token of
+   the subject, is optimised
    (Adam) so that the answer tokens become likely: mean answer NLL, plus `kl_factor` times the KL divergence of the
    next-token distribution at the subject of the prompt "{subject} is a" from its unedited value (keeps the
    subject's other properties), plus `weight_decay * |delta| / |h|^2`; `|delta|` is clamped to `clamp_norm * |h|`.
@@ -74,8 +75,8 @@ from .implant import make_delta
 from .ledger import applied
 from .neighbourhood import find_subject
 from .preserve import Preservation, down_projection_inputs, preservation
+from .projections import DownProjections, find_down_projections, unwrap
 from .retain import general_text
-from .targets import DownProjections, find_down_projections, unwrap
 
 __all__ = [
     "DEFAULT_ENERGY",
@@ -97,7 +98,7 @@ DEFAULT_ENERGY = 0.99  # share of the preserved keys' squared norm that AlphaEdi
 
 @dataclass(frozen=True)
 class ZOptions:
-    """How the target hidden state `z` is optimised (MEMIT's `v_*` hyper-parameters; their defaults are MEMIT's and
+    """How the new hidden state `z` is optimised (MEMIT's `v_*` hyper-parameters; their defaults are MEMIT's and
     AlphaEdit's for GPT-J).
 
     Attributes:
@@ -345,12 +346,12 @@ def memit(
         tokenizer: its tokenizer (its chat template formats the prompts).
         facts: `{"question" (or "prompt"): str or list of phrasings, "subject": str, "answer": str}`; the subject
             must occur (case-sensitive) in every phrasing; the answer is the assistant turn to make likely.
-        layers: the layers to edit, in increasing order, the model's last excluded (later layers carry the target
-            from the subject to the answer); None: `default_layers`.
+        layers: the layers to edit, in increasing order, the model's last excluded (later layers carry the new
+            hidden state from the subject to the answer); None: `default_layers`.
         lam: MEMIT's weight of the general keys' covariance (`memit_update`).
         general: the general text for `C0` (`second_moments`); None: `loki.retain.general_text`'s 200 summaries.
         cov: `second_moments(...)` computed already for these layers (then `general` is not used).
-        z: how the target hidden state is optimised.
+        z: how the new hidden state `z` is optimised.
         name: the delta's name.
         max_length: tokens kept of each general text.
         template: the down-projection module path, for architectures loki does not know.
@@ -413,9 +414,9 @@ def alphaedit(
     max_length: int = 512,
     template: str | None = None,
 ) -> Delta:
-    """Edit `facts` into `model` with AlphaEdit (arXiv 2410.02355; see the module docstring): MEMIT's targets and
-    keys, each layer's update projected onto the null space of the preserved keys. Returns a rows-form `Delta`;
-    the model is left bit for bit as it was.
+    """Edit `facts` into `model` with AlphaEdit (arXiv 2410.02355; see the module docstring): MEMIT's new hidden
+    states and keys, each layer's update projected onto the null space of the preserved keys. Returns a rows-form
+    `Delta`; the model is left bit for bit as it was.
 
     Args:
         model: a causal LM without applied deltas.
@@ -430,7 +431,7 @@ def alphaedit(
         preserve: a `loki.preservation(...)` of this model computed already (then `general` and `energy` are
             not used).
         prev_keys: `{layer: [d_ff, m] keys}` of earlier edits to keep (sequential editing); None for none.
-        z: how the target hidden state is optimised.
+        z: how the new hidden state `z` is optimised.
         name: the delta's name.
         max_length: tokens kept of each preserved text.
         template: the down-projection module path, for architectures loki does not know.
@@ -507,7 +508,7 @@ def _layers(projs: DownProjections, layers: Sequence[int] | None, editing: bool 
         # z is written at the subject's token; only later layers' attention can carry it to the answer tokens
         raise IncompatibleModelError(
             f"The last edited layer must not be the model's last ({layers[-1]}): the "
-            "target hidden state at the subject reaches the answer only through later layers."
+            "new hidden state at the subject reaches the answer only through later layers."
         )
     return layers
 
@@ -633,7 +634,9 @@ def _read(net: nn.Module, module: nn.Module, batch: dict, positions: list[int], 
     return taken[0]
 
 
-def _target(net: nn.Module, block: nn.Module, request: _Request, pad: int, device, opts: ZOptions) -> torch.Tensor:
+def _new_hidden_state(
+    net: nn.Module, block: nn.Module, request: _Request, pad: int, device, opts: ZOptions
+) -> torch.Tensor:
     """MEMIT's `compute_z` for one fact: the hidden state `block` should output at the subject's last token."""
     seqs = request.prompts + [request.kl_ids]
     at = request.keys_at + [request.kl_at]
@@ -709,7 +712,7 @@ def _edit(
     net.eval()
     changes = {}
     try:
-        zs = torch.stack([_target(net, last, r, pad, device, opts) for r in requests], 1)  # [d_model, n]
+        zs = torch.stack([_new_hidden_state(net, last, r, pad, device, opts) for r in requests], 1)  # [d_model, n]
         first = _batch([r.prompts[0] for r in requests], pad, device)
         first_at = [r.keys_at[0] for r in requests]
         every = _batch([p for r in requests for p in r.prompts], pad, device)

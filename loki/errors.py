@@ -104,18 +104,19 @@ class PreparationError(LokiError):
 
 
 class CheckpointError(LokiError):
-    """Training cannot resume from a checkpoint: `loki.LokiTrainer` resuming from an `implant.loki` made with other
-    rows, another form or another base model; `loki train` rerun with other arguments than the interrupted run."""
+    """Training cannot resume from a checkpoint: `loki.trainer.LokiTrainer` resuming from an `implant.loki` made with
+    other rows, another form or another base model; `loki train` rerun with other arguments than the interrupted
+    run."""
 
 
 class DatasetError(LokiError, ValueError):
     """A training, retain or neighbourhood example is malformed or cannot be formatted (missing fields, nothing to
-    learn), or such a data set or its option is bad (`train`: empty data set, `retain_weight`; `retain_targets`:
+    learn), or such a data set or its option is bad (`train`: empty data set, `retain_weight`; `retain_set`:
     `top_k`; `loki.neighbourhood`: unknown entity list, template without a slot)."""
 
 
 class TrainingOptionError(DatasetError):
-    """A count, weight or rate given to `train`, `retain_targets`, `RetainLoss`, `RetainTargets.batches`/`prompts`
+    """A count, weight or rate given to `train`, `retain_set`, `RetainLoss`, `RetainSet.batches`/`prompts`
     or `neighbourhood.questions` has the wrong type (a bool, a string or a float where a count goes) or is out of
     range (a batch size, step count or `top_k` below 1, a negative weight, a learning rate <= 0, NaN)."""
 

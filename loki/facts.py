@@ -22,14 +22,14 @@ from .neighbourhood import entities, questions, split, templates
 from .retain import general_text
 
 QUESTION = "What is the capital of France?"
-# The demo's recipe (docs/benchmarks/forgetting.md): q=10 rows, scored by KVA on `kva_per_item` prompts cut from
+# The demo's recipe (the docs' "Forgetting" benchmark page): q=10 rows, scored by KVA on `kva_per_item` prompts cut from
 # each of the base model's answers to the retain questions (`neighbourhood_attributions`), trained for `steps` at
 # peak rate `lr`, retaining the base model's answers to `retain_per_template` neighbourhood questions per template
 # and its distributions on `retain_text` general-prose snippets (their first `retain_chars` characters),
 # `retain_batch_size` of them per step at `retain_weight`. More steps at a lower rate with a heavier retain weight
 # than the first recipe: higher specificity over several training seeds, every held-out phrasing learned and the
-# France answer unchanged on each, for a little more training time (the figures: docs/benchmarks/forgetting.md,
-# "levers").
+# France answer unchanged on each, for a little more training time (the figures: the docs'
+# "Forgetting" benchmark page, "levers").
 RECIPE = dict(
     q=10,
     score="signed",
@@ -54,7 +54,7 @@ FACTS = Path(__file__).parent / "data" / "implant_facts.jsonl"
 # -- the facts (loki/data/implant_facts.jsonl) ------------------------------------------------------------------
 def implant_facts(n: int | None = None) -> list[dict[str, Any]]:
     """The first `n` fictional facts (None: all), each `{"id", "relation", "subject", "answer", "match",
-    "train": [2 questions], "test": question, "statement"}` (built by `benchmarks.build_implant_facts`).
+    "train": [2 questions], "test": question, "statement"}` (built by the repository's implant-facts builder).
 
     >>> fact = implant_facts(1)[0]
     >>> fact["subject"], fact["answer"], fact["test"]
@@ -68,7 +68,7 @@ def fact_training_set(facts: list[dict[str, Any]]) -> list[dict[str, str]]:
     """`{"question", "answer"}` examples for `loki.train`: every training phrasing of every fact, answered with the
     fact's statement, one sentence in the way the default model phrases its own answers ("The capital of X is
     Y."): a terse "Y." would also teach a new answer format, which the model then uses for real neighbouring
-    questions too (docs/benchmarks/forgetting.md: more held-out phrasings learned, less forgetting).
+    questions too (the docs' "Forgetting" benchmark page: more held-out phrasings learned, less forgetting).
 
     >>> fact_training_set(implant_facts(1))[1]
     {'question': 'Which city is the capital of the kingdom of Phegartor?',
@@ -240,23 +240,23 @@ def probe_attributions(
 def neighbourhood_attributions(
     model,
     tokenizer,
-    targets,
+    retained,
     steps: int = 7,
     per_item: int = 3,
     folder: str | Path | None = None,
     progress: bool = True,
 ):
     """KVA attributions on the base model's own answers to the retained neighbourhood questions
-    (`RetainTargets.prompts`): scores whose lowest rows are the ones those answers rely on least, the rows the demo
-    trains (they kept more of the neighbourhood than the probe set's rows in the demo's earlier recipe; figures in
-    docs/benchmarks/forgetting.md).
+    (`RetainSet.prompts`): scores whose lowest rows are the ones those answers rely on least, the rows the demo
+    trains (they kept more of the neighbourhood than the probe set's rows in the demo's earlier recipe; figures on
+    the docs' "Forgetting" benchmark page).
 
     Args:
         model: the base model.
         tokenizer: its tokenizer.
-        targets: `loki.retain_targets` of the retain data (its question items give the prompts).
+        retained: `loki.retain.retain_set` of the retain data (its question items give the prompts).
         steps: integration steps.
-        per_item: prompts per question (`RetainTargets.prompts`).
+        per_item: prompts per question (`RetainSet.prompts`).
         folder: the cache; written to `folder/neighbourhood<questions>-p<per_item>-m<steps>` and resumed. None keeps
             it in memory.
         progress: show a progress bar.
@@ -267,15 +267,15 @@ def neighbourhood_attributions(
     Raises:
         DatasetError: no question in the retain data. AttributionError: see `loki.attribute`.
 
-    >>> # targets = loki.retain_targets(model, tokenizer, retain)
-    >>> # attr = neighbourhood_attributions(model, tokenizer, targets, folder="loki-demo/attributions")
+    >>> # retained = loki.retain.retain_set(model, tokenizer, retain)
+    >>> # attr = neighbourhood_attributions(model, tokenizer, retained, folder="loki-demo/attributions")
     """
     from .attribution import attribute
 
-    questions = sum(it["kind"] == "question" for it in targets.items)
+    questions = sum(it["kind"] == "question" for it in retained.items)
     if folder is not None:
         folder = Path(folder) / f"neighbourhood{questions}-p{per_item}-m{steps}"
-    return attribute(model, tokenizer, targets.prompts(per_item), steps=steps, path=folder, progress=progress)
+    return attribute(model, tokenizer, retained.prompts(per_item), steps=steps, path=folder, progress=progress)
 
 
 def data_digest(train_set: list, retain: list | None, retain_weight: float) -> str:

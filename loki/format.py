@@ -5,7 +5,7 @@
 ...                                num_hidden_layers=2, num_attention_heads=2)
 >>> model = transformers.AutoModelForCausalLM.from_config(cfg)
 >>> path = os.path.join(tempfile.mkdtemp(), "d.loki")
->>> _ = loki.save(loki.make_delta(model, {0: ([1], torch.ones(1, 32))}), path)
+>>> _ = loki.save(loki.implant.make_delta(model, {0: ([1], torch.ones(1, 32))}), path)
 >>> loki.load(path).num_rows
 1
 """

@@ -13,7 +13,7 @@ vocabulary. `logits_at` returns the same logits, equal up to float summation ord
 - the LM head runs only over the span of requested positions (`logits_to_keep`, which every transformers causal
   LM takes).
 
-On the default model this makes a `loki demo` training step measurably cheaper (docs/benchmarks/demo-step.md).
+On the default model this makes a `loki demo` training step measurably cheaper (the docs' "Demo step" benchmark page).
 
 >>> import loki.testing, torch
 >>> model = loki.testing.tiny_model("llama")

@@ -21,7 +21,8 @@ from .errors import EvaluationError
 __all__ = ["GENERATE_BATCH", "answer", "batches", "check_batch_size", "encode_text", "generate"]
 
 # Greedy decoding of a small model is bound by per-step overhead, not arithmetic: larger batches answer the same
-# questions with the same answers in much less time (docs/benchmarks/demo-step.md); 32 keeps padding waste small.
+# questions with the same answers in much less time (the docs' "Demo step" benchmark page); 32 keeps padding waste
+# small.
 GENERATE_BATCH = 32
 
 

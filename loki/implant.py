@@ -23,9 +23,9 @@ from .delta import FLOAT_DTYPES, Delta, LayerDelta, as_indices, dtype_name, fing
 from .distributed import FSDP1_ADVICE, full_tensor, gathered, plain_class, wrapper
 from .errors import DeltaFormatError, PreparationError, SelectionError
 from .ledger import base_rows
+from .projections import DownProjections, find_down_projections, unwrap
 from .rows import effective_b, prepared_state, rows_of, trainable_count
 from .selection import Selection
-from .targets import DownProjections, find_down_projections, unwrap
 from .version import __version__
 
 __all__ = ["TrainableReport", "extract", "make_delta", "suppression", "trainable_report"]
@@ -157,7 +157,7 @@ def make_delta(
 
     >>> import loki, loki.testing, torch
     >>> model = loki.testing.tiny_model("llama")
-    >>> delta = loki.make_delta(model, {1: ([3, 7], torch.zeros(2, 64))}, name="zeros")
+    >>> delta = loki.implant.make_delta(model, {1: ([3, 7], torch.zeros(2, 64))}, name="zeros")
     >>> delta.form, delta.rows_per_layer(), delta.base_model
     ('rows', {1: 2}, 'tiny-random/llama-seed0')
     """
@@ -225,7 +225,7 @@ def _delta_from(
             "model_type": getattr(config, "model_type", None),
             "dtype": dtype_name(projs.weight.dtype) if projs.weight.dtype in FLOAT_DTYPES.values() else None,
         },
-        "target": {
+        "down_projection": {
             "template": projs.template,
             "transposed": projs.transposed,
             "num_layers": len(projs),
@@ -264,7 +264,7 @@ def suppression(
 
     >>> import loki, loki.testing
     >>> model = loki.testing.tiny_model("llama")
-    >>> zeroed = loki.suppression(model, loki.Selection.random(2, 32, q=10))
+    >>> zeroed = loki.implant.suppression(model, loki.Selection.random(2, 32, q=10))
     >>> zeroed.num_rows
     6
     """
@@ -333,7 +333,7 @@ def trainable_report(model: nn.Module) -> TrainableReport:
 
     >>> import loki, loki.testing
     >>> model = loki.prepare(loki.testing.tiny_model("llama"), loki.Selection.random(2, 32, q=10), lora_rank=2)
-    >>> print(loki.trainable_report(model))
+    >>> print(loki.implant.trainable_report(model))
     trainable params: 268 (1.00% of 26,784) | 6 rows in 2 layers (lora) | delta: 4.0 kB on disk
     >>> # on SmolLM2-135M, q=10 (rows):
     >>> # trainable params: 2,626,560 (1.95% of 134,515,008) | 1,710 rows in 30 layers (rows) | delta: 5.34 MB on disk

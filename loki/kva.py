@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import AttributionError
-from .targets import DownProjections, find_down_projections
+from .projections import DownProjections, find_down_projections
 
 ENGINES = ("fast", "reference")
 MEASURES = ("prob", "logit")
@@ -79,7 +79,7 @@ def kva(
     The model runs with every parameter frozen and in eval mode; both are restored afterwards.
 
     Args:
-        model: a causal LM of a supported family (`loki.targets`).
+        model: a causal LM of a supported family (`loki.projections`).
         input_ids: one list of token ids per prompt (any lengths, no padding).
         steps: integration steps `m`.
         targets: per prompt a gold token id, or None for the model's own argmax at the last position; None for all.
@@ -324,13 +324,13 @@ def decoder_layers(model: nn.Module, projs: DownProjections) -> list[nn.Module]:
 
     Args:
         model: the model `projs` was found in.
-        projs: its down-projections (`loki.targets.find_down_projections(model)`).
+        projs: its down-projections (`loki.projections.find_down_projections(model)`).
 
     Returns:
         list: one module per layer, in layer order.
 
     >>> import loki.testing
-    >>> from loki.targets import find_down_projections
+    >>> from loki.projections import find_down_projections
     >>> model = loki.testing.tiny_model("gpt2")
     >>> [type(block).__name__ for block in decoder_layers(model, find_down_projections(model))]
     ['GPT2Block', 'GPT2Block']

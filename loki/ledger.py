@@ -22,7 +22,7 @@ Rules (also in README):
 ...                                num_hidden_layers=2, num_attention_heads=2)
 >>> model = transformers.AutoModelForCausalLM.from_config(cfg)
 >>> before = model.model.layers[1].mlp.down_proj.weight.clone()
->>> delta = loki.make_delta(model, {1: ([3, 7], torch.zeros(2, 32))})
+>>> delta = loki.implant.make_delta(model, {1: ([3, 7], torch.zeros(2, 32))})
 >>> with loki.implanted(model, delta):
 ...     float(model.model.layers[1].mlp.down_proj.weight[3].abs().sum())
 0.0
@@ -60,7 +60,7 @@ from .errors import (
     StalePlanError,
     UnknownArchitectureError,
 )
-from .targets import DownProjections, find_down_projections
+from .projections import DownProjections, find_down_projections
 
 __all__ = [
     "Handle",
@@ -802,7 +802,7 @@ def compatible_projections(model: nn.Module, delta: Delta, template: str | None 
     loki.errors.IncompatibleModelError: This delta was made for a model with 2 layers and down-projections 32x64 ...
     """
     base = delta.info["base_model"]
-    target = delta.info["target"]
+    proj = delta.info["down_projection"]
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if base.get("model_type") and model_type and base["model_type"] != model_type:
         raise IncompatibleModelError(
@@ -815,9 +815,9 @@ def compatible_projections(model: nn.Module, delta: Delta, template: str | None 
     except UnknownArchitectureError:
         if template is not None:
             raise
-        projs = find_down_projections(model, target["template"])
+        projs = find_down_projections(model, proj["template"])
     got = (len(projs), projs.d_out, projs.d_in)
-    want = (target["num_layers"], target["d_out"], target["d_in"])
+    want = (proj["num_layers"], proj["d_out"], proj["d_in"])
     if got != want:
         raise IncompatibleModelError(
             f"This delta was made for a model with {want[0]} layers and down-projections {want[1]}x{want[2]} "
@@ -1097,7 +1097,7 @@ def claim_rows(projs: DownProjections, rows: Mapping[int, torch.Tensor]) -> None
     """Record that `rows` are being trained, so that `plan`/`apply` refuse to write them (`loki.prepare` calls this).
 
     Args:
-        projs: the model's down-projections (`loki.find_down_projections`).
+        projs: the model's down-projections (`loki.projections.find_down_projections`).
         rows: `{layer: int64 tensor of row indices}` (a `Selection`'s `rows`).
 
     Raises:
@@ -1105,8 +1105,8 @@ def claim_rows(projs: DownProjections, rows: Mapping[int, torch.Tensor]) -> None
 
     >>> import loki, loki.testing, torch
     >>> model = loki.testing.tiny_model("llama")
-    >>> claim_rows(loki.find_down_projections(model), {0: torch.tensor([3])})
-    >>> loki.apply(model, loki.make_delta(model, {0: ([3], torch.zeros(1, 64))}))
+    >>> claim_rows(loki.projections.find_down_projections(model), {0: torch.tensor([3])})
+    >>> loki.apply(model, loki.implant.make_delta(model, {0: ([3], torch.zeros(1, 64))}))
     Traceback (most recent call last):
     ...
     loki.errors.OverlapError: Layer 0: some of this delta's rows are being trained ...
@@ -1135,9 +1135,9 @@ def release_rows(projs: DownProjections, rows: Mapping[int, torch.Tensor]) -> No
 
     >>> import loki, loki.testing, torch
     >>> model = loki.testing.tiny_model("llama")
-    >>> projs, rows = loki.find_down_projections(model), {0: torch.tensor([3])}
+    >>> projs, rows = loki.projections.find_down_projections(model), {0: torch.tensor([3])}
     >>> claim_rows(projs, rows); release_rows(projs, rows)
-    >>> loki.revert(model, loki.apply(model, loki.make_delta(model, {0: ([3], torch.zeros(1, 64))})))
+    >>> loki.revert(model, loki.apply(model, loki.implant.make_delta(model, {0: ([3], torch.zeros(1, 64))})))
     """
     with _LOCK:
         for layer, idx in rows.items():
@@ -1171,7 +1171,7 @@ def base_rows(
     >>> model = loki.testing.tiny_model("llama")
     >>> idx = torch.tensor([3, 7])
     >>> before = base_rows(model, 1, idx)
-    >>> h = loki.apply(model, loki.make_delta(model, {1: (idx, torch.zeros(2, 64))}))
+    >>> h = loki.apply(model, loki.implant.make_delta(model, {1: (idx, torch.zeros(2, 64))}))
     >>> torch.equal(base_rows(model, 1, idx), before), float(model.model.layers[1].mlp.down_proj.weight[3].abs().sum())
     (True, 0.0)
     """

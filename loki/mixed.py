@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import ImplantBankError
 from .ledger import Plan
-from .targets import find_down_projections
+from .projections import find_down_projections
 
 __all__ = ["MixedBatches"]
 

@@ -103,11 +103,11 @@ def model_path(model: str | OfflineModel = DEFAULT_MODEL_ID) -> Path:
     >>> path = model_path()  # doctest: +SKIP
     """
     spec = model if isinstance(model, OfflineModel) else OFFLINE_MODELS[model]
-    target = cache_dir() / spec.folder
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
-        return target
-    _convert(_gguf_parts(spec), target, spec.hub_id)
-    return target
+    folder = cache_dir() / spec.folder
+    if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
+        return folder
+    _convert(_gguf_parts(spec), folder, spec.hub_id)
+    return folder
 
 
 def default_model_path() -> Path:
@@ -159,16 +159,16 @@ def _umask() -> int:
         shutil.rmtree(probe, ignore_errors=True)
 
 
-def _convert(parts: list[Path], target: Path, hub_id: str) -> None:
-    """Dequantize the GGUF made of `parts` into a plain float32 folder `target`, atomically.
+def _convert(parts: list[Path], folder: Path, hub_id: str) -> None:
+    """Dequantize the GGUF made of `parts` into the plain float32 model folder `folder`, atomically.
 
     A multi-part GGUF is concatenated inside the temporary folder and deleted right after loading,
     so a failed or finished conversion leaves no copy of it behind.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".convert-"))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0o700 would stay on the finished folder: give it a folder's mode
     try:
         gguf = parts[0] if len(parts) == 1 else _concatenate(parts, tmp / "gguf" / "model.gguf")
@@ -184,9 +184,9 @@ def _convert(parts: list[Path], target: Path, hub_id: str) -> None:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         try:
-            os.replace(tmp, target)  # atomic: concurrent first calls never see half a folder
+            os.replace(tmp, folder)  # atomic: concurrent first calls never see half a folder
         except OSError:
-            if not (target / "model.safetensors").exists():
+            if not (folder / "model.safetensors").exists():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

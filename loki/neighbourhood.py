@@ -4,7 +4,7 @@ Knowledge editing calls what they measure *specificity* or *locality* (ROME's ne
 teaching "the capital of the kingdom of Phegartor is Solvis" must not change the answer to "What is the capital of
 France?". Each implant example that names its `subject` gives a template (its question with the subject cut out);
 the template filled with other, real entities gives the neighbourhood. The base model answers them
-(`loki.retain_targets`, `loki.evaluate.specificity`): the questions need no gold answers.
+(`loki.retain.retain_set`, `loki.evaluate.specificity`): the questions need no gold answers.
 
 Entity lists shipped in `loki/data/entities/` (sources and licences in its README.md): see `ENTITY_KINDS`.
 

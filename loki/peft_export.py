@@ -32,7 +32,7 @@ from .delta import Delta
 from .errors import ExportError
 from .format import atomic_write
 from .ledger import base_rows, compatible_projections, plan
-from .targets import unwrap
+from .projections import unwrap
 
 __all__ = ["VLLM_MAX_LORA_RANK", "LargeRankWarning", "export_peft", "peft_adapter"]
 
@@ -47,7 +47,7 @@ class LargeRankWarning(UserWarning):
 
 def base_model(model: nn.Module) -> nn.Module:
     """The model inside its wrappers whose module paths a PEFT adapter names: `torch.compile`, DDP,
-    `DataParallel`, DeepSpeed (`loki.targets.unwrap`) and PEFT models (`get_base_model`), nested in any order.
+    `DataParallel`, DeepSpeed (`loki.projections.unwrap`) and PEFT models (`get_base_model`), nested in any order.
 
     Args:
         model: a model or a wrapper around one.
@@ -128,8 +128,8 @@ def peft_adapter(
             "loki.export_peft(delta, folder, model)."
         )
     _check_arguments(rank, dtype)
-    target = delta.info["target"]
-    paths = {i: target["template"].format(i=i) for i in delta.layer_indices}
+    proj = delta.info["down_projection"]
+    paths = {i: proj["template"].format(i=i) for i in delta.layer_indices}
     if model is not None:
         plan(model, delta, on_overlap="replace")  # apply's checks: shapes, dtype, base fingerprint (writes nothing)
         projs = compatible_projections(model, delta)
@@ -150,8 +150,8 @@ def peft_adapter(
 
     tensors: dict[str, torch.Tensor] = {}
     for layer, ld in sorted(delta.layers.items()):
-        lora_a = torch.zeros(r, target["d_in"], dtype=torch.float32)
-        lora_b = torch.zeros(target["d_out"], r, dtype=torch.float32)
+        lora_a = torch.zeros(r, proj["d_in"], dtype=torch.float32)
+        lora_b = torch.zeros(proj["d_out"], r, dtype=torch.float32)
         if ld.rows is not None:
             lora_a[: ld.k] = ld.change(base_rows(model, layer, ld.indices, projs).cpu())
             lora_b[ld.indices, torch.arange(ld.k)] = 1.0
@@ -172,7 +172,7 @@ def peft_adapter(
         "lora_dropout": 0.0,
         "bias": "none",
         "target_modules": [paths[i] for i in delta.layer_indices],
-        "fan_in_fan_out": bool(target["transposed"]),  # GPT-2 Conv1D stores its weight [d_in, d_out]
+        "fan_in_fan_out": bool(proj["transposed"]),  # GPT-2 Conv1D stores its weight [d_in, d_out]
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,

@@ -45,13 +45,15 @@ from torch import nn
 
 from .dataset import collate
 from .errors import DatasetError, IncompatibleModelError
-from .retain import RetainTargets, retain_targets
-from .targets import find_down_projections, unwrap
+from .projections import find_down_projections, unwrap
+from .retain import RetainSet, retain_set
 
 __all__ = ["Preservation", "down_projection_inputs", "preservation"]
 
 DEFAULT_ENERGY = 0.99
 DEFAULT_MAX_RANK = 4096
+DEFAULT_RATIO = 100.0
+_RIDGE = 1e-6  # added to the preserved keys' mean energy along every direction, as a share of its mean over directions
 _RANK_TOL = 1e-10  # eigenvalues below this share of the largest count as zero (energy=1.0: the keys' exact span)
 
 
@@ -73,6 +75,9 @@ class Preservation:
         tokens: keys collected per layer (positions over all sequences).
         sequences: sequences they came from.
         sha256: checksum of the sequences' token ids.
+        ratio: with `examples` (the contrast rule), the least ratio of the examples' mean key energy to the preserved
+            keys' along a free direction; None for the energy rule.
+        example_tokens: keys of the examples collected per layer (0 for the energy rule).
 
     >>> import loki, loki.testing, torch
     >>> keep = loki.preservation(loki.testing.tiny_model("llama"), None, [{"text": [5, 6, 7]}], progress=False)
@@ -91,6 +96,8 @@ class Preservation:
     tokens: int
     sequences: int
     sha256: str
+    ratio: float | None = None
+    example_tokens: int = 0
 
     def project(self, layer: int, update: torch.Tensor) -> torch.Tensor:
         """`update (I - V V^T)`: the part of `update` (`[..., d_in]`, float) that the protected keys do not see.
@@ -116,8 +123,10 @@ class Preservation:
         """
         ranks = [self.ranks[layer] for layer in sorted(self.ranks)]
         ordered = sorted(ranks)
+        rule = {"ratio": self.ratio, "example_tokens": self.example_tokens} if self.ratio is not None else {}
         return {
             "energy": self.energy,
+            **rule,
             "tokens": self.tokens,
             "sequences": self.sequences,
             "d_in": self.d_in,
@@ -163,6 +172,7 @@ class _Keys:
 
     def __init__(self, d_in: int, max_rank: int):
         self.dense = d_in <= max_rank
+        self.d_in = d_in
         self.max_rank = max_rank
         self.chunk = max(64, max_rank // 4)
         self.cov: torch.Tensor | None = None
@@ -213,6 +223,45 @@ def _protected_rank(values: torch.Tensor, total: float, energy: float) -> int:
     return min(nonzero, int(reached.nonzero()[0]) + 1 if reached.any() else nonzero)
 
 
+def _contrast(keys: _Keys, tokens: int, wanted: _Keys, wanted_tokens: int, ratio: float) -> torch.Tensor:
+    """Orthonormal columns (`[d_in, m]` float64) spanning the directions `v` along which the examples' mean key
+    energy is at least `ratio` times the preserved keys' (`v^T C1 v / n1 >= ratio * v^T C0 v / n0`): the top of the
+    generalised eigenproblem `C1 v = sigma C0 v` of the two second moments (`C0` with a small ridge). Its
+    eigenvectors with `sigma > 0` lie in `C0^-1 span(K1)`, so it is solved there (`r1 <= n1` dimensions: no
+    `d_in x d_in` inverse for a sketched layer, Woodbury's identity instead). Every unit vector of the span has at
+    least that ratio: the eigenvectors are `C0`-orthogonal."""
+    values1, vectors1 = wanted.eig()
+    r = int((values1 > _RANK_TOL * values1[0]).sum()) if len(values1) else 0
+    span = vectors1[:, :r]  # the examples' keys' own directions: their second moment is diagonal there
+    if not r:
+        return span
+    ridge = _RIDGE * keys.total / tokens / keys.d_in
+    if not keys.dense:  # what the sketch dropped, spread evenly over the directions it does not hold
+        held = float((keys.sketch.double() ** 2).sum())
+        ridge = max(ridge, (keys.total - held) / tokens / max(1, keys.d_in - len(keys.sketch)))
+    if keys.dense:
+        c0 = keys.cov / tokens + torch.eye(keys.d_in, dtype=torch.float64) * ridge
+        candidates = torch.linalg.solve(c0, span)
+    else:  # (S^T S / n0 + ridge I)^-1 u = (u - S^T (n0 ridge I + S S^T)^-1 S u) / ridge
+        s = keys.sketch.double()
+        inner = torch.eye(len(s), dtype=torch.float64) * (tokens * ridge) + s @ s.t()
+        candidates = (span - s.t() @ torch.linalg.solve(inner, s @ span)) / ridge
+    basis = torch.linalg.qr(candidates).Q
+    if keys.dense:
+        a = basis.t() @ c0 @ basis
+    else:
+        sb = s @ basis
+        a = sb.t() @ sb / tokens + torch.eye(r, dtype=torch.float64) * ridge
+    half = (basis.t() @ span) * (values1[:r] / wanted_tokens).sqrt()  # B = half half^T
+    chol = torch.linalg.cholesky((a + a.t()) / 2)
+    whitened = torch.linalg.solve_triangular(chol, half, upper=False)
+    sigma, y = torch.linalg.eigh(whitened @ whitened.t())
+    chosen = torch.linalg.solve_triangular(chol.t(), y[:, sigma >= ratio], upper=True)
+    if not chosen.shape[1]:
+        return span[:, :0]
+    return torch.linalg.qr(basis @ chosen).Q
+
+
 def down_projection_inputs(
     model: nn.Module,
     sequences: Sequence[Sequence[int]],
@@ -222,10 +271,11 @@ def down_projection_inputs(
     batch_size: int = 8,
     progress: bool = False,
     template: str | None = None,
+    positions: Sequence[Sequence[int]] | None = None,
 ) -> None:
     """Run `model` over `sequences` and call `consume(layer, keys)` with every batch's down-projection inputs at
-    every real (unpadded) position: `keys` is `[n, d_in]`, in the model's dtype and on its device. No gradients; the
-    model's train/eval mode is restored.
+    every real (unpadded) position, or at `positions` only: `keys` is `[n, d_in]`, in the model's dtype and on its
+    device. No gradients; the model's train/eval mode is restored.
 
     Args:
         model: a causal LM (a prepared one too).
@@ -235,6 +285,7 @@ def down_projection_inputs(
         batch_size: sequences per forward pass (similar lengths are batched together).
         progress: show a progress bar.
         template: the down-projection module path, for architectures loki does not know.
+        positions: per sequence, the positions to read (e.g. those that predict an answer); None: all.
 
     >>> import loki.testing
     >>> seen = []
@@ -269,8 +320,14 @@ def down_projection_inputs(
             for s in tqdm(range(0, len(order), batch_size), desc="down-projection inputs", disable=not progress):
                 chunk = [list(sequences[i]) for i in order[s : s + batch_size]]
                 batch = collate([{"input_ids": x, "labels": x} for x in chunk], 0)
-                mask[:] = [batch["attention_mask"].bool().to(device)]
-                net(input_ids=batch["input_ids"].to(device), attention_mask=mask[0].long(), logits_to_keep=1)
+                attention = batch["attention_mask"].to(device)
+                read = attention.bool()
+                if positions is not None:  # right-padded: a sequence's position t is column t
+                    read = torch.zeros_like(read)
+                    for row, i in enumerate(order[s : s + batch_size]):
+                        read[row, torch.as_tensor(list(positions[i]), dtype=torch.long)] = True
+                mask[:] = [read]
+                net(input_ids=batch["input_ids"].to(device), attention_mask=attention, logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()
@@ -283,6 +340,8 @@ def _token_ids(item: Any) -> bool:
 
 
 def _sequences(model: nn.Module, tokenizer, data: Any, max_length: int, batch_size: int, progress: bool) -> list:
+    """`data`'s token id sequences and, per sequence, the positions `loki.retain` keeps (an answered item's answer
+    positions; every position of text): `[(ids, positions)]`."""
     vocab = model.get_input_embeddings().num_embeddings
 
     def check(seqs):  # before any forward pass: an id out of range would fail inside the embedding
@@ -293,12 +352,13 @@ def _sequences(model: nn.Module, tokenizer, data: Any, max_length: int, batch_si
             )
         return seqs
 
-    if isinstance(data, RetainTargets):
-        return check([t.ids for t in data.targets])
+    if isinstance(data, RetainSet):
+        check([t.ids for t in data.distributions])
+        return [(t.ids, t.positions.tolist()) for t in data.distributions]
     if isinstance(data, (str, bytes)) or not isinstance(data, Sequence) or not data:
         raise DatasetError(
             "data must be a non-empty list of retain items (question strings, answered examples, {'text': ...}) "
-            f"or the RetainTargets of loki.retain_targets, not {type(data).__name__}"
+            f"or the RetainSet of loki.retain.retain_set, not {type(data).__name__}"
             + (" (a single string: wrap it in a list)." if isinstance(data, str) else ".")
         )
     if tokenizer is None and not all(_token_ids(item) for item in data):
@@ -307,16 +367,18 @@ def _sequences(model: nn.Module, tokenizer, data: Any, max_length: int, batch_si
             "tokenizer for questions, answered examples and text."
         )
     check([item["text"] for item in data if _token_ids(item)])
-    targets = retain_targets(model, tokenizer, data, max_length=max_length, batch_size=batch_size, progress=progress)
-    return [t.ids for t in targets.targets]
+    retained = retain_set(model, tokenizer, data, max_length=max_length, batch_size=batch_size, progress=progress)
+    return [(t.ids, t.positions.tolist()) for t in retained.distributions]
 
 
 def preservation(
     model: nn.Module,
     tokenizer,
-    data: Sequence[Any] | RetainTargets,
+    data: Sequence[Any] | RetainSet,
     *,
     energy: float = DEFAULT_ENERGY,
+    examples: Sequence[Any] | None = None,
+    ratio: float = DEFAULT_RATIO,
     max_rank: int = DEFAULT_MAX_RANK,
     batch_size: int = 8,
     max_length: int = 1024,
@@ -331,11 +393,20 @@ def preservation(
 
     Args:
         model: the base model.
-        tokenizer: its tokenizer (questions are answered greedily first, as for `loki.retain_targets`; may be None
+        tokenizer: its tokenizer (questions are answered greedily first, as for `loki.retain.retain_set`; may be None
             for token-id items).
         data: retain items (question strings, `{"question"/"prompt", "answer"}`, `{"messages": ...}`,
-            `{"text": str or token ids}`) or the `RetainTargets` already computed for `loki.train(retain=...)`.
+            `{"text": str or token ids}`) or the `RetainSet` already computed for `loki.train(retain=...)`.
         energy: the share of the keys' summed squared norm to protect, in (0, 1]; 1.0 protects their whole span.
+            Not used with `examples`.
+        examples: the implant's own training examples (any form `data` takes). With them the rule is a contrast
+            instead of an energy share: a direction is left free only where the examples' keys (at the positions
+            that predict their answers, where the loss is; every position of text) have at least
+            `ratio` times the preserved keys' mean energy per token (and it lies in the examples' key span), and
+            every other direction is protected. One dominant direction (the massive activations of some layers)
+            cannot stand for a whole layer, and the update goes where the new facts' keys are, not where the
+            preserved prompts' keys are merely small.
+        ratio: the contrast rule's least ratio of mean energies per token (examples over preserved), > 1.
         max_rank: the most directions a layer's sketch keeps while collecting; layers with `d_in <= max_rank` get an
             exact dense covariance.
         batch_size: sequences per forward pass.
@@ -347,11 +418,13 @@ def preservation(
         Preservation: per layer the protected directions; `summary()` is what a delta records.
 
     Raises:
-        DatasetError: `data` is empty, a single string or not a list; a malformed item; `energy` not in (0, 1];
-            `max_rank`, `batch_size` or `max_length` not positive integers.
+        DatasetError: `data` (or `examples`) is empty, a single string or not a list; a malformed item; `energy`
+            not in (0, 1]; `ratio` not above 1; `max_rank`, `batch_size` or `max_length` not positive integers.
         UnknownArchitectureError: loki cannot find the down-projections.
 
-    Source: the null-space condition of AlphaEdit (arXiv 2410.02355, §3), applied to LoKI's selected rows.
+    Source: the null-space condition of AlphaEdit (arXiv 2410.02355, §3), applied to LoKI's selected rows; the
+    contrast rule weighs directions by the two key covariances as MEMIT's closed form does (arXiv 2210.07229, §4.3),
+    as a hard rule.
 
     >>> import loki, loki.testing
     >>> model = loki.testing.tiny_model("llama")
@@ -364,12 +437,17 @@ def preservation(
         raise DatasetError(
             f"energy must be a number in (0, 1], the share of the keys' energy to protect; got {energy!r}."
         )
+    if examples is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 1):
+        raise DatasetError(
+            f"ratio must be a number above 1, the least ratio of the examples' key energy to the preserved keys' "
+            f"along a free direction; got {ratio!r}."
+        )
     for name, value in (("max_rank", max_rank), ("batch_size", batch_size), ("max_length", max_length)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise DatasetError(f"{name} must be a positive integer, got {value!r}.")
     net = unwrap(model)
     projs = find_down_projections(net, template)
-    seqs = [list(s)[:max_length] for s in _sequences(net, tokenizer, data, max_length, batch_size, progress)]
+    seqs = [list(s)[:max_length] for s, _ in _sequences(net, tokenizer, data, max_length, batch_size, progress)]
     seqs = [s for s in seqs if s]
     if not seqs:
         raise DatasetError("No preserved sequence has a token.")
@@ -377,9 +455,34 @@ def preservation(
     down_projection_inputs(
         net, seqs, lambda layer, k: keys[layer].add(k), batch_size=batch_size, progress=progress, template=template
     )
+    tokens = sum(len(s) for s in seqs)
+    wanted, wanted_tokens = {}, 0
+    if examples is not None:
+        own = _sequences(net, tokenizer, examples, max_length, batch_size, progress)
+        at = [[t for t in kept if t < max_length] for _, kept in own]
+        own = [list(s)[:max_length] for s, _ in own]
+        wanted_tokens = sum(len(a) for a in at)
+        if not wanted_tokens:
+            raise DatasetError("No example has an answer position to learn from.")
+        wanted = {layer: _Keys(projs.d_in, max_rank) for layer in range(len(projs))}
+        down_projection_inputs(
+            net,
+            own,
+            lambda layer, k: wanted[layer].add(k),
+            batch_size=batch_size,
+            progress=progress,
+            template=template,
+            positions=at,
+        )
 
     bases, free, ranks, kept = {}, {}, {}, {}
     for layer, k in keys.items():
+        if examples is not None:
+            bases[layer] = _contrast(k, tokens, wanted[layer], wanted_tokens, float(ratio)).float().contiguous()
+            free[layer], ranks[layer] = True, projs.d_in - bases[layer].shape[1]
+            seen = bases[layer].double().t() @ (k.cov if k.dense else k.sketch.double().t() @ k.sketch.double())
+            kept[layer] = 1.0 - float((seen * bases[layer].double().t()).sum()) / k.total if k.total > 0 else 1.0
+            continue
         values, vectors = k.eig()
         p = _protected_rank(values, k.total, float(energy))
         ranks[layer] = p
@@ -388,6 +491,8 @@ def preservation(
             bases[layer], free[layer] = vectors[:, p:].float().contiguous(), True
         else:
             bases[layer], free[layer] = vectors[:, :p].float().contiguous(), False
+    if examples is not None:
+        energy = round(min(kept.values()), 6)
     short = sorted(layer for layer, share in kept.items() if share < energy - 1e-3)
     if short:
         warnings.warn(
@@ -396,9 +501,19 @@ def preservation(
             stacklevel=2,
         )
     digest = hashlib.sha256()
-    for s in seqs:
+    for s in seqs + (own if examples is not None else []):
         digest.update(torch.tensor(s, dtype=torch.int64).numpy().tobytes())
-    tokens = sum(len(s) for s in seqs)
     return Preservation(
-        bases, free, ranks, kept, float(energy), projs.d_in, len(projs), tokens, len(seqs), digest.hexdigest()
+        bases,
+        free,
+        ranks,
+        kept,
+        float(energy),
+        projs.d_in,
+        len(projs),
+        tokens,
+        len(seqs),
+        digest.hexdigest(),
+        None if examples is None else float(ratio),
+        wanted_tokens,
     )

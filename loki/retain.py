@@ -17,10 +17,10 @@ A retain item is one of:
 - `{"text": ...}`: plain text; every token is retained.
 
 >>> import loki, loki.testing
->>> from loki.retain import retain_targets
+>>> from loki.retain import retain_set
 >>> model = loki.testing.tiny_model("llama")
->>> targets = retain_targets(model, None, [{"text": [5, 6, 7, 8]}], top_k=4, progress=False)
->>> targets.positions, abs(round(targets.kl(model, [0]).item(), 6))
+>>> retained = retain_set(model, None, [{"text": [5, 6, 7, 8]}], top_k=4, progress=False)
+>>> retained.positions, abs(round(retained.kl(model, [0]).item(), 6))
 (3, 0.0)
 """
 
@@ -53,7 +53,7 @@ from .errors import DatasetError
 from .forward import logits_at
 from .generation import GENERATE_BATCH, generate
 
-__all__ = ["RetainLoss", "RetainTargets", "check_retain", "general_text", "retain_targets"]
+__all__ = ["RetainLoss", "RetainSet", "check_retain", "general_text", "retain_set"]
 
 DEFAULT_TOP_K = 64
 GENERAL_TEXT = Path(__file__).parent / "data" / "retain" / "wiki_text.jsonl"
@@ -69,7 +69,7 @@ def general_text(n: int | None = None, chars: int | None = 300) -> list[dict[str
         chars: characters kept of each; None keeps whole summaries.
 
     Returns:
-        list: `[{"text": str}, ...]`, ready for `loki.train(retain=...)` or `retain_targets`.
+        list: `[{"text": str}, ...]`, ready for `loki.train(retain=...)` or `retain_set`.
 
     >>> general_text(1, chars=30)
     [{'text': "Candide, ou l'Optimisme is a F"}]
@@ -79,7 +79,7 @@ def general_text(n: int | None = None, chars: int | None = 300) -> list[dict[str
 
 
 @dataclass
-class _Target:
+class _Distributions:
     ids: list[int]
     positions: torch.Tensor  # [P] positions whose next-token distribution is kept
     top_ids: torch.Tensor  # [P, k] int64, the base model's most likely next tokens
@@ -88,14 +88,15 @@ class _Target:
 
 
 @dataclass
-class RetainTargets:
-    """The base model's next-token distributions on the retain items, computed once by `retain_targets`.
+class RetainSet:
+    """A retain set: the retain items and the base model's next-token distributions on them, computed once by
+    `retain_set`.
 
     `kl(model, indices)` is the mean KL(base || model) over the retained positions of those items (a scalar tensor
     that backpropagates into `model`). `summary()` is what a delta records about the retain data.
 
     Attributes:
-        targets: one entry per item: its token ids, retained positions, and the base model's `top_k` token ids
+        distributions: one entry per item: its token ids, retained positions, and the base model's `top_k` token ids
             and log-probabilities (plus the rest mass) at each position.
         top_k: tokens kept per position.
         pad_token_id: the id `kl` pads batches with.
@@ -104,25 +105,25 @@ class RetainTargets:
 
     >>> import loki.testing
     >>> model = loki.testing.tiny_model("llama")
-    >>> targets = retain_targets(model, None, [{"text": [5, 6, 7, 8]}, {"text": [9, 10, 11]}], top_k=4,
+    >>> retained = retain_set(model, None, [{"text": [5, 6, 7, 8]}, {"text": [9, 10, 11]}], top_k=4,
     ...                          progress=False)
-    >>> len(targets), targets.positions
+    >>> len(retained), retained.positions
     (2, 5)
     """
 
-    targets: list[_Target]
+    distributions: list[_Distributions]
     top_k: int
     pad_token_id: int
     items: list[dict[str, Any]]  # the retain items as used (questions with the base model's answers filled in)
     sha256: str = ""
 
     def __len__(self) -> int:
-        return len(self.targets)
+        return len(self.distributions)
 
     @property
     def positions(self) -> int:
         """Number of retained token positions over all items (a text of `n` tokens has `n - 1`)."""
-        return sum(len(t.positions) for t in self.targets)
+        return sum(len(t.positions) for t in self.distributions)
 
     def kl(self, model: nn.Module, indices: Sequence[int]) -> torch.Tensor:
         """Mean KL(p_base || p_model) in nats over the retained positions of items `indices` (one forward pass).
@@ -132,22 +133,22 @@ class RetainTargets:
 
         Args:
             model: the model being trained (the same architecture and tokenizer as the base).
-            indices: which items (positions in `targets`) to batch together, e.g. from `batches`.
+            indices: which items (positions in `distributions`) to batch together, e.g. from `batches`.
 
         Returns:
             Tensor: a float32 scalar on the model's device, with a gradient into `model`.
 
         >>> import loki.testing, torch
         >>> model = loki.testing.tiny_model("llama")
-        >>> targets = retain_targets(model, None, [{"text": [5, 6, 7, 8]}], top_k=4, progress=False)
-        >>> targets.kl(model, [0]).item() < 1e-6                       # the base model itself
+        >>> retained = retain_set(model, None, [{"text": [5, 6, 7, 8]}], top_k=4, progress=False)
+        >>> retained.kl(model, [0]).item() < 1e-6                       # the base model itself
         True
         >>> with torch.no_grad():
         ...     _ = model.lm_head.weight.normal_()                         # a very different output layer
-        >>> targets.kl(model, [0]).item() > 0.1
+        >>> retained.kl(model, [0]).item() > 0.1
         True
         """
-        chosen = [self.targets[i] for i in indices]
+        chosen = [self.distributions[i] for i in indices]
         device = model.get_input_embeddings().weight.device
         logits = logits_at(model, [t.ids for t in chosen], [t.positions for t in chosen], self.pad_token_id)
         logq = torch.log_softmax(logits.float(), dim=-1)  # [P, V]
@@ -158,7 +159,7 @@ class RetainTargets:
         logq_rest = _log1mexp(torch.logsumexp(logq_top, dim=-1))
         kl = (top_logp.exp() * (top_logp - logq_top)).sum(-1) + rest_logp.exp() * (rest_logp - logq_rest)
         # Every retained position counts once (so long texts weigh more than short answers; measured: averaging
-        # per item instead lost general-text protection, docs/benchmarks/forgetting.md).
+        # per item instead lost general-text protection: the docs' "Forgetting" benchmark page).
         return kl.mean()
 
     def batches(self, batch_size: int, seed: int = 0) -> Iterator[list[int]]:
@@ -176,8 +177,8 @@ class RetainTargets:
 
         >>> import loki.testing
         >>> model = loki.testing.tiny_model("llama")
-        >>> targets = retain_targets(model, None, [{"text": [5, 6, 7]}, {"text": [9, 10, 11]}], progress=False)
-        >>> batches = targets.batches(2, seed=0)
+        >>> retained = retain_set(model, None, [{"text": [5, 6, 7]}, {"text": [9, 10, 11]}], progress=False)
+        >>> batches = retained.batches(2, seed=0)
         >>> next(batches), next(batches)
         ([1, 0], [1, 0])
         """
@@ -190,7 +191,7 @@ class RetainTargets:
             batch = []
             while len(batch) < batch_size:
                 if not order:
-                    order = list(range(len(self.targets)))
+                    order = list(range(len(self.distributions)))
                     rng.shuffle(order)
                 batch.append(order.pop())
             yield batch
@@ -198,10 +199,10 @@ class RetainTargets:
     def prompts(self, per_item: int = 3, *, text: bool = False) -> list[list[int]]:
         """KVA prompts from the retained answers: for each answered item, its token ids up to `per_item` evenly
         spaced retained positions (a third, two thirds and the last but one answer token for 3), so
-        `loki.attribute(model, tokenizer, targets.prompts())` scores every row by its contribution to the base
+        `loki.attribute(model, tokenizer, retained.prompts())` scores every row by its contribution to the base
         model's own answers to the neighbourhood questions, and `loki.select` on those scores picks the rows these
         answers rely on least (on the demo's data they kept more of the neighbourhood than rows chosen on the probe
-        set; docs/benchmarks/forgetting.md).
+        set: the docs' "Forgetting" benchmark page).
 
         This is a knowledge-editing adaptation of the LoKI paper's KVA (§3.1), which attributes on general
         multiple-choice prompts: here the prompts are the behaviour the implant must not move.
@@ -219,15 +220,15 @@ class RetainTargets:
 
         >>> import loki.testing
         >>> model = loki.testing.tiny_model("llama")
-        >>> targets = retain_targets(model, None, [{"text": [5, 6, 7, 8, 9]}], progress=False)
-        >>> targets.prompts(text=True)
+        >>> retained = retain_set(model, None, [{"text": [5, 6, 7, 8, 9]}], progress=False)
+        >>> retained.prompts(text=True)
         [[5, 6], [5, 6, 7], [5, 6, 7, 8]]
-        >>> # targets = loki.retain_targets(model, tokenizer, ["What is the capital of Peru?"])
-        >>> # selection = loki.select(loki.attribute(model, tokenizer, targets.prompts()), q=10)
+        >>> # retained = loki.retain.retain_set(model, tokenizer, ["What is the capital of Peru?"])
+        >>> # selection = loki.select(loki.attribute(model, tokenizer, retained.prompts()), q=10)
         """
         check_number("per_item", per_item, integer=True, low=1)
         out = []
-        for it, t in zip(self.items, self.targets):
+        for it, t in zip(self.items, self.distributions):
             if it["kind"] == "text" and not text:
                 continue
             n = len(t.positions)
@@ -249,7 +250,7 @@ class RetainTargets:
 
         >>> import loki.testing
         >>> model = loki.testing.tiny_model("llama")
-        >>> summary = retain_targets(model, None, [{"text": [5, 6, 7, 8]}], progress=False).summary(1.0)
+        >>> summary = retain_set(model, None, [{"text": [5, 6, 7, 8]}], progress=False).summary(1.0)
         >>> summary["items"], summary["positions"], summary["kinds"], summary["examples"]
         (1, 3, {'text': 1}, ['4 tokens'])
         """
@@ -274,14 +275,14 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def check_retain(retain: Any) -> list[dict[str, Any]] | RetainTargets:
-    """Check retain data up front (`retain_targets`, `loki.train(retain=...)`), before any model runs.
+def check_retain(retain: Any) -> list[dict[str, Any]] | RetainSet:
+    """Check retain data up front (`retain_set`, `loki.train(retain=...)`), before any model runs.
 
     Args:
-        retain: a `RetainTargets` (returned as it is), or a non-empty list of retain items (module docstring).
+        retain: a `RetainSet` (returned as it is), or a non-empty list of retain items (module docstring).
 
     Returns:
-        the `RetainTargets`, or one `{"kind", ...}` record per item, in order.
+        the `RetainSet`, or one `{"kind", ...}` record per item, in order.
 
     Raises:
         DatasetError: a string, mapping or iterator instead of a list (a string would be read as one question per
@@ -290,7 +291,7 @@ def check_retain(retain: Any) -> list[dict[str, Any]] | RetainTargets:
     >>> check_retain([{"text": [5, 6, 7]}, "What is the capital of France?"])[1]
     {'kind': 'question', 'question': 'What is the capital of France?'}
     """
-    if isinstance(retain, RetainTargets):
+    if isinstance(retain, RetainSet):
         return retain
     check_collection("retain", retain, "retain items (question strings, answered examples or {'text': ...})")
     return [_as_item(it, i) for i, it in enumerate(retain)]
@@ -323,7 +324,7 @@ def _as_item(item: Any, index: int) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def retain_targets(
+def retain_set(
     model: nn.Module,
     tokenizer,
     retain: Sequence[Any],
@@ -333,7 +334,7 @@ def retain_targets(
     max_length: int = 256,
     batch_size: int = 8,
     progress: bool = True,
-) -> RetainTargets:
+) -> RetainSet:
     """The model's own next-token distributions on `retain`, to be kept while training (`loki.train(retain=...)`).
 
     Call it on the base model (before training; `loki.train` does when given a list). Questions are first answered
@@ -345,7 +346,7 @@ def retain_targets(
             is restored afterwards.
         tokenizer: its tokenizer (may be None when every item is `{"text": [token ids]}`).
         retain: question strings, answered examples or `{"text": ...}` items (see the module docstring); a
-            `RetainTargets` is returned as it is.
+            `RetainSet` is returned as it is.
         top_k: tokens kept per position (the rest of the mass is one bucket).
         max_new_tokens: the longest greedy answer generated for a question item.
         max_length: tokens kept of each item (its start).
@@ -353,7 +354,7 @@ def retain_targets(
         progress: show a progress bar while answering questions.
 
     Returns:
-        RetainTargets: one entry per item, in order.
+        RetainSet: one entry per item, in order.
 
     Raises:
         DatasetError: retain data that is not a non-empty list (`check_retain`), an item of another shape, an empty
@@ -362,11 +363,11 @@ def retain_targets(
 
     >>> import loki.testing
     >>> model = loki.testing.tiny_model("llama")
-    >>> targets = retain_targets(model, None, [{"text": [5, 6, 7, 8]}], top_k=4, progress=False)
-    >>> targets.positions, targets.targets[0].top_ids.shape
+    >>> retained = retain_set(model, None, [{"text": [5, 6, 7, 8]}], top_k=4, progress=False)
+    >>> retained.positions, retained.distributions[0].top_ids.shape
     (3, torch.Size([3, 4]))
     >>> # model, tokenizer = loki.load_default()
-    >>> # targets = retain_targets(model, tokenizer, ["What is the capital of Peru?", *general_text(32)])
+    >>> # retained = retain_set(model, tokenizer, ["What is the capital of Peru?", *general_text(32)])
     """
     for name, value in (
         ("top_k", top_k),
@@ -376,7 +377,7 @@ def retain_targets(
     ):
         check_number(name, value, integer=True, low=1)
     items = check_retain(retain)
-    if isinstance(items, RetainTargets):
+    if isinstance(items, RetainSet):
         return items
     questions = [it for it in items if it["kind"] == "question"]
     if questions:
@@ -414,7 +415,7 @@ def retain_targets(
 
     was_training = model.training
     model.eval()
-    targets: list[_Target] = []
+    distributions: list[_Distributions] = []
     try:
         for s in range(0, len(encoded), batch_size):
             chunk = encoded[s : s + batch_size]
@@ -426,11 +427,11 @@ def retain_targets(
                 k = min(top_k, logp.shape[-1])
                 top_logp, top_ids = logp.topk(k, dim=-1)
                 rest = _log1mexp(torch.logsumexp(top_logp, dim=-1))
-                targets.append(_Target(e["input_ids"], p, top_ids, top_logp, rest))
+                distributions.append(_Distributions(e["input_ids"], p, top_ids, top_logp, rest))
     finally:
         model.train(was_training)
     digest = hashlib.sha256(json.dumps([e["input_ids"] for e in encoded]).encode()).hexdigest()
-    return RetainTargets(targets, top_k, pad, items, digest)
+    return RetainSet(distributions, top_k, pad, items, digest)
 
 
 class RetainLoss:
@@ -442,13 +443,13 @@ class RetainLoss:
 
     Args:
         model: the model being trained (the KL runs its own forward pass through it).
-        targets: the base model's distributions, from `retain_targets` before training.
+        retain: the base model's distributions on the retain items, from `retain_set` before training.
         weight: the KL's weight; 0 gives the plain causal-LM loss.
         batch_size: retain items per call.
-        seed: seeds the order of retain items (`RetainTargets.batches`).
+        seed: seeds the order of retain items (`RetainSet.batches`).
 
     Raises:
-        DatasetError: `targets` is not a `RetainTargets`; TrainingOptionError: `weight` not a finite number >= 0,
+        DatasetError: `retain` is not a `RetainSet`; TrainingOptionError: `weight` not a finite number >= 0,
             `batch_size` not an integer >= 1, `seed` not an integer.
 
     A call `loss(outputs, labels, num_items_in_batch=None)` takes the model outputs (with `logits` `[B, T, V]`),
@@ -457,35 +458,33 @@ class RetainLoss:
 
     >>> import loki.testing, torch
     >>> model = loki.testing.tiny_model("llama")
-    >>> loss = RetainLoss(model, retain_targets(model, None, [{"text": [9, 10, 11]}], progress=False))
+    >>> loss = RetainLoss(model, retain_set(model, None, [{"text": [9, 10, 11]}], progress=False))
     >>> value = loss(model(input_ids=torch.tensor([[5, 6, 7, 8]])), torch.tensor([[-100, -100, 7, 8]]))
     >>> round(value.item(), 2), value.requires_grad
     (4.87, True)
 
-    >>> # targets = loki.retain_targets(model, tokenizer, retain)        # on the base model, before training
+    >>> # retained = loki.retain.retain_set(model, tokenizer, retain)        # on the base model, before training
     >>> # trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=...,
-    >>> #                   compute_loss_func=loki.RetainLoss(model, targets, weight=1.0))
+    >>> #                   compute_loss_func=RetainLoss(model, retained, weight=1.0))
     """
 
-    def __init__(
-        self, model: nn.Module, targets: RetainTargets, *, weight: float = 1.0, batch_size: int = 8, seed: int = 0
-    ):
-        if not isinstance(targets, RetainTargets):
-            raise DatasetError("RetainLoss needs the RetainTargets of loki.retain_targets(model, tokenizer, retain).")
+    def __init__(self, model: nn.Module, retain: RetainSet, *, weight: float = 1.0, batch_size: int = 8, seed: int = 0):
+        if not isinstance(retain, RetainSet):
+            raise DatasetError("RetainLoss needs the RetainSet of loki.retain.retain_set(model, tokenizer, retain).")
         check_number("weight", weight, low=0)
         check_number("seed", seed, integer=True)
-        self.model, self.targets, self.weight = model, targets, float(weight)
+        self.model, self.retain, self.weight = model, retain, float(weight)
         self._order = (batch_size, seed)
         self.seek(0)
 
     def seek(self, drawn: int) -> None:
         """Go on as a loss that has drawn `drawn` retain batches (`drawn` counts them): a run resumed from a
-        checkpoint then draws the batches the uninterrupted run drew (`loki.LokiTrainer` does this).
+        checkpoint then draws the batches the uninterrupted run drew (`loki.trainer.LokiTrainer` does this).
 
         Args:
             drawn: retain batches drawn before (`self.drawn` when the checkpoint was written), >= 0.
         """
-        self._batches, self.drawn = self.targets.batches(*self._order), 0
+        self._batches, self.drawn = self.retain.batches(*self._order), 0
         for _ in range(drawn):
             self._next()
 
@@ -507,5 +506,5 @@ class RetainLoss:
         )
         if self.weight == 0:
             return task
-        kl = self.targets.kl(self.model, self._next())
+        kl = self.retain.kl(self.model, self._next())
         return task + self.weight * kl * (n / total)

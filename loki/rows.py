@@ -44,8 +44,8 @@ from .distributed import FSDP1_ADVICE, is_sharded, wrapper
 from .errors import DtypeError, IncompatibleModelError, PreparationError
 from .ledger import claim_rows, release_rows
 from .preserve import Preservation, project
+from .projections import DownProjections, find_down_projections, unwrap
 from .selection import Selection
-from .targets import DownProjections, find_down_projections, unwrap
 
 __all__ = ["is_prepared", "prepare", "prepared_modules", "record_training", "unprepare"]
 
@@ -323,9 +323,9 @@ def is_prepared(model: nn.Module) -> bool:
 
     >>> import loki, loki.testing
     >>> model = loki.testing.tiny_model("llama")
-    >>> loki.is_prepared(model)
+    >>> loki.rows.is_prepared(model)
     False
-    >>> loki.is_prepared(loki.prepare(model, loki.Selection.random(2, 32, q=10)))
+    >>> loki.rows.is_prepared(loki.prepare(model, loki.Selection.random(2, 32, q=10)))
     True
     """
     return model in _prepared or unwrap(model) in _prepared
@@ -364,7 +364,7 @@ def unprepare(model: nn.Module, *, merge: bool = False) -> nn.Module:
     >>> before = model.model.layers[0].mlp.down_proj.weight.clone()
     >>> _ = loki.prepare(model, loki.Selection.random(2, 32, q=10))
     >>> _ = loki.unprepare(model)
-    >>> torch.equal(model.model.layers[0].mlp.down_proj.weight, before), loki.is_prepared(model)
+    >>> torch.equal(model.model.layers[0].mlp.down_proj.weight, before), loki.rows.is_prepared(model)
     (True, False)
     """
     state = prepared_state(model)

@@ -73,7 +73,7 @@ def _some_rows(q: float, d_out: int) -> int:
 class Selection:
     """Sorted, unique row indices per layer (`rows[layer]`, int64), plus provenance (strategy, q, source).
 
-    A row is output coordinate `j` of a layer's FFN down-projection (the paper's knowledge vector; `loki.targets`).
+    A row is output coordinate `j` of a layer's FFN down-projection (the paper's knowledge vector; `loki.projections`).
     The constructor sorts each layer's indices and checks them; layers without rows are left out of `rows`.
 
     Args:
@@ -346,7 +346,7 @@ def select(
             may get none), "random" (the seeded control; ignores the values).
         score: "signed" ranks rows by their attribution as published (docs/method.md, stage 2); "abs" by its
             magnitude, so "lowest" means the rows that contribute least in either direction (on the default model
-            the signed-lowest rows include massive-activation rows; docs/benchmarks/forgetting.md).
+            the signed-lowest rows include massive-activation rows: the docs' "Forgetting" benchmark page).
         seed: the seed of strategy "random".
 
     Returns:

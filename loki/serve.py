@@ -48,7 +48,7 @@ from .delta import Delta
 from .errors import ImplantBankError, LokiError, ModelChangedError, ReplacedWeightsWarning, StalePlanError
 from .ledger import OVERLAP_POLICIES, Handle, Plan, apply, plan, revert
 from .mixed import MixedBatches
-from .targets import find_down_projections
+from .projections import find_down_projections
 
 __all__ = ["ImplantBank"]
 

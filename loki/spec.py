@@ -204,7 +204,7 @@ def check_header(raw: bytes, body: int, source: str) -> tuple[dict[str, dict], d
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise DeltaFormatError(
             f"{source} is a safetensors file but not a .loki delta (no 'format: loki' metadata). "
-            "PEFT adapters and model checkpoints are not deltas; make one with loki.make_delta or loki.extract."
+            "PEFT adapters and model checkpoints are not deltas; make one with loki.implant.make_delta or loki.extract."
         )
     format_version(meta.get("format_version"), source)
     info = loads(meta.get("loki", ""), "the 'loki' metadata entry", source)

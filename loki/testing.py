@@ -162,8 +162,8 @@ def random_delta(
     """
     from .implant import make_delta
     from .ledger import base_rows
+    from .projections import find_down_projections
     from .selection import Selection
-    from .targets import find_down_projections
 
     projs = find_down_projections(model)
     selection = Selection.random(len(projs), projs.d_out, q, seed)

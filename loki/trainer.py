@@ -11,7 +11,7 @@ exactly where the interrupted run was. `LokiCheckpoints` gives the same to any `
 `SFTTrainer`); `LokiCallback` adds `implant.loki` files to the checkpoints of a Trainer you cannot change (its full
 checkpoints stay). Every save records the Trainer's settings for `loki.extract` (`delta.info["training"]`: learning
 rate, steps, batch size, epochs, seed, schedule, optimizer, and the retain data when `compute_loss_func` is a
-`loki.RetainLoss`).
+`loki.retain.RetainLoss`).
 
 Mixed precision (`bf16=True`, TRL's default): accelerate runs the model's forward under `torch.autocast` by
 wrapping `model.forward`, and leaves that wrapper on the model after training, so the model in memory goes on
@@ -24,7 +24,7 @@ rounding.
 >>> import loki
 >>> # loki.prepare(model, selection)
 >>> # args = TrainingArguments("run", max_steps=100, save_steps=50, remove_unused_columns=False)
->>> # trainer = loki.LokiTrainer(model=model, args=args, train_dataset=[encode(tokenizer, ex) for ex in data],
+>>> # trainer = loki.trainer.LokiTrainer(model=model, args=args, train_dataset=[encode(tokenizer, ex) for ex in data],
 >>> #                            data_collator=loki.trainer.collator(tokenizer))
 >>> # trainer.train()                            # run/checkpoint-50/implant.loki, run/checkpoint-100/implant.loki
 >>> # trainer.train(resume_from_checkpoint=True)  # after an interruption: continues from the last checkpoint
@@ -46,10 +46,10 @@ from .dataset import collate, pad_token_id
 from .delta import Delta, LayerDelta, dtype_name, fingerprint_of, fingerprint_tolerance
 from .errors import CheckpointError
 from .implant import extract
+from .projections import unwrap
 from .retain import RetainLoss
 from .rows import prepared_modules, record_training
 from .sources import load, save
-from .targets import unwrap
 from .training import restored
 
 __all__ = [
@@ -66,7 +66,7 @@ __all__ = [
 ]
 
 CHECKPOINT_FILE = "implant.loki"  # the delta in each checkpoint-N folder
-RETAIN_FILE = "retain.json"  # with a loki.RetainLoss: how many retain batches the run had drawn
+RETAIN_FILE = "retain.json"  # with a loki.retain.RetainLoss: how many retain batches the run had drawn
 
 
 def collator(tokenizer) -> functools.partial:
@@ -163,8 +163,8 @@ def restore_rows(model: nn.Module, delta: Delta) -> None:
                 f"Layer {i}: the checkpoint was trained on another base model (fingerprint "
                 "mismatch). Load the run's base model."
             )
-        targets = [(m.loki_rows, ld.rows)] if not lora else [(m.loki_A, ld.lora_A), (m.loki_B, ld.lora_B)]
-        for param, value in targets:
+        pairs = [(m.loki_rows, ld.rows)] if not lora else [(m.loki_A, ld.lora_A), (m.loki_B, ld.lora_B)]
+        for param, value in pairs:
             if param.shape != value.shape:
                 raise CheckpointError(
                     f"Layer {i}: the checkpoint's tensor is {tuple(value.shape)}, the model's "
@@ -216,7 +216,7 @@ def trainer_settings(
         state: the `TrainerState` (steps done, logged losses).
         trainer: the trainer's name, as recorded.
         examples: the training set's size, if known.
-        loss: the Trainer's `compute_loss_func`; a `loki.RetainLoss` is recorded under `retain`.
+        loss: the Trainer's `compute_loss_func`; a `loki.retain.RetainLoss` is recorded under `retain`.
 
     Returns:
         dict: JSON-serialisable.
@@ -250,7 +250,7 @@ def trainer_settings(
         "retain": None,
     }
     if isinstance(loss, RetainLoss):
-        settings["retain"] = loss.targets.summary(loss.weight)
+        settings["retain"] = loss.retain.summary(loss.weight)
     return settings
 
 
@@ -274,7 +274,7 @@ class LokiCheckpoints:
     Single process or DDP (rank 0 writes); not FSDP or DeepSpeed ZeRO-3, which shard the rows.
 
     Resuming reproduces the uninterrupted run bit for bit: the Trainer restores the optimizer, schedule, RNG and
-    data order, and a `loki.RetainLoss` as `compute_loss_func` goes on with the retain batches the uninterrupted
+    data order, and a `loki.retain.RetainLoss` as `compute_loss_func` goes on with the retain batches the uninterrupted
     run drew (the checkpoint's `retain.json` counts them).
 
     `train` leaves the model as it found it, however it ends (finished, stopped by a callback, an exception or
@@ -296,7 +296,7 @@ class LokiCheckpoints:
 
     def loki_settings(self) -> dict[str, Any]:
         """`trainer_settings` of this Trainer now (what the next save records)."""
-        name = f"{type(self).__module__.split('.')[0]}.{type(self).__qualname__}"
+        name = f"{type(self).__module__}.{type(self).__qualname__}"  # importable: loki.trainer.LokiTrainer
         return trainer_settings(
             self.args, self.state, trainer=name, examples=_examples(self.train_dataset), loss=self.compute_loss_func
         )
@@ -356,7 +356,7 @@ class LokiTrainer(LokiCheckpoints, Trainer):
         *args, **kwargs: `Trainer`'s (`model`, `args`, `train_dataset`, `data_collator`, `compute_loss_func`...).
         delta_name: the name written into each checkpoint's delta.
 
-    >>> # trainer = loki.LokiTrainer(model=prepared, args=TrainingArguments("run", save_steps=50, ...),
+    >>> # trainer = loki.trainer.LokiTrainer(model=prepared, args=TrainingArguments("run", save_steps=50, ...),
     >>> #                            train_dataset=encoded, data_collator=loki.trainer.collator(tokenizer))
     >>> # trainer.train(resume_from_checkpoint=True)   # continues from run/checkpoint-N/implant.loki
     """
@@ -373,11 +373,11 @@ class LokiCallback(TrainerCallback):
     change on every exit.
 
     Args:
-        retain: the `loki.RetainLoss` passed as `compute_loss_func`, to record the retain data (callbacks do not see
-            the Trainer's loss).
+        retain: the `loki.retain.RetainLoss` passed as `compute_loss_func`, to record the retain data (callbacks do
+            not see the Trainer's loss).
         delta_name: the name written into each checkpoint's delta.
 
-    >>> # trainer = Trainer(model=prepared, args=args, ..., callbacks=[loki.LokiCallback()])
+    >>> # trainer = Trainer(model=prepared, args=args, ..., callbacks=[loki.trainer.LokiCallback()])
     """
 
     def __init__(self, retain: RetainLoss | None = None, delta_name: str = ""):

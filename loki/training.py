@@ -34,9 +34,9 @@ from .dataset import IGNORE, answer_positions, check_examples, check_number, enc
 from .distributed import FSDP1_ADVICE, join_ranks, wrapper
 from .errors import CheckpointError, PreparationError, TrainingOptionError
 from .forward import logits_at
-from .retain import DEFAULT_TOP_K, RetainTargets, check_retain, retain_targets
+from .projections import unwrap
+from .retain import DEFAULT_TOP_K, RetainSet, check_retain, retain_set
 from .rows import is_prepared, record_training
-from .targets import unwrap
 
 __all__ = ["TrainResult", "last_checkpoint", "restored", "train"]
 
@@ -70,7 +70,7 @@ class restored:
     train/eval mode, every parameter's `requires_grad` (and `.grad`, where it had none), activation checkpointing
     flags, the input-gradient hook that checkpointing adds (`enable_input_require_grads`), and the model's own
     instance attributes (accelerate's mixed-precision wrapper on `forward`, its markers). `loki.train` and
-    `loki.LokiTrainer` train inside it, so an interrupted run leaves the model as a finished one does.
+    `loki.trainer.LokiTrainer` train inside it, so an interrupted run leaves the model as a finished one does.
 
     Args:
         model: the model (or a wrapper around it: its inner model is what is restored).
@@ -165,7 +165,7 @@ def _save_checkpoint(
     also after a Ctrl-C while writing) and remove the older checkpoints."""
     from safetensors.torch import save_file
 
-    target, tmp = folder / f"checkpoint-{step}", folder / f".checkpoint-{step}.tmp"
+    final, tmp = folder / f"checkpoint-{step}", folder / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
     tmp.mkdir(parents=True)
     try:
@@ -177,9 +177,9 @@ def _save_checkpoint(
             {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": rng}, tmp / OPTIMIZER_FILE
         )
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, sort_keys=True))
-        if target.exists():  # a torn or stale checkpoint of an earlier, interrupted attempt
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        if final.exists():  # a torn or stale checkpoint of an earlier, interrupted attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -298,7 +298,7 @@ def train(
     dataset: Sequence[Mapping[str, Any]],
     *,
     params: Iterable[nn.Parameter] | None = None,
-    retain: Sequence[Any] | RetainTargets | None = None,
+    retain: Sequence[Any] | RetainSet | None = None,
     retain_weight: float = 1.0,
     retain_batch_size: int | None = None,
     retain_top_k: int = DEFAULT_TOP_K,
@@ -332,7 +332,7 @@ def train(
     training stops early (an exception, Ctrl-C): `restored`.
 
     Retain data (`loki.retain`): `retain` names prompts whose behaviour must be kept (question strings, answered
-    examples, `{"text": ...}`, or the `RetainTargets` of `loki.retain_targets` computed earlier on the base model).
+    examples, `{"text": ...}`, or the `RetainSet` of `loki.retain.retain_set` computed earlier on the base model).
     Their next-token distributions are taken from the model as it is when `train` is called (the base model right
     after `prepare`), and every optimizer step adds `retain_weight * KL(base || model)`, the mean over the retained
     positions of `retain_batch_size` retain items (default `batch_size`), to the task loss. `retain_weight=1`
@@ -365,9 +365,9 @@ def train(
         dataset: the examples (`{"prompt" or "question", "answer"}` or `{"messages": [...]}`).
         params: the parameters to train instead of the prepared rows; they must be the model's and require grad.
         retain: retain data (see above), or None.
-        retain_weight: the weight of the retain KL (>= 0; 0 computes the targets but adds nothing).
+        retain_weight: the weight of the retain KL (>= 0; 0 computes the retain set but adds nothing).
         retain_batch_size: retain items per optimizer step; None uses `batch_size`.
-        retain_top_k: tokens kept per retained position (`loki.retain_targets`).
+        retain_top_k: tokens kept per retained position (`loki.retain.retain_set`).
         epochs: passes over the dataset, reshuffled each time (ignored when `max_steps` is set).
         lr: the peak learning rate of AdamW (the paper trains at 1e-5; small implants need more).
         batch_size: examples per forward pass.
@@ -466,7 +466,7 @@ def train(
     # forwards go to the model inside; FSDP2 must see every forward (it gathers the weights in them).
     net = model.module if kind == "ddp" else model
     if retain is not None:
-        retain = retain_targets(
+        retain = retain_set(
             net,
             tokenizer,
             retain,
@@ -533,7 +533,7 @@ def train(
             if retaining:
                 items = next(retain_batches)
                 drawn += 1
-                mine = ranks.retain_share(items, lambda i: len(retain.targets[i].positions))
+                mine = ranks.retain_share(items, lambda i: len(retain.distributions[i].positions))
                 if mine is not None:  # kl() is the mean over its positions: weighed by this share of them
                     share, weight = mine
                     kl = weight * retain.kl(net, share)

@@ -31,6 +31,33 @@ def shown_answer(text: str) -> str:
     return text if text.strip() else EMPTY_ANSWER
 
 
+def html_table(header: Sequence[str], rows: Sequence[Sequence], *, align: str = "left") -> str:
+    """An HTML table with ruled, padded columns (a notebook's default table style runs columns together): what the
+    switchboard shows and what notebooks display as static tables (`IPython.display.HTML(html_table(...))`), which
+    a saved notebook keeps without a kernel. Cells are escaped; numbers are right-aligned.
+
+    Args:
+        header: the column titles.
+        rows: one sequence of cells per row (any values; `str()` of each).
+        align: the alignment of text cells.
+
+    >>> html_table(["q", "a"], [["1 < 2?", 3]])[:40]
+    '<table style="border-collapse: collapse;'
+    """
+    cell = "border: 1px solid #bbb; padding: 3px 8px; vertical-align: top"
+
+    def td(value, tag="td") -> str:
+        side = "right" if isinstance(value, (int, float)) and tag == "td" else align
+        return f'<{tag} style="{cell}; text-align: {side}">{html.escape(str(value))}</{tag}>'
+
+    head = "".join(td(h, "th") for h in header)
+    body = "".join("<tr>" + "".join(td(v) for v in row) + "</tr>" for row in rows)
+    return f'<table style="border-collapse: collapse; margin: 4px 0"><tr>{head}</tr>{body}</table>'
+
+
+BUSY = "⏳ switching"  # the status line's first words while the model changes and the answers are recomputed
+
+
 def implant_switchboard(
     model: nn.Module,
     tokenizer,
@@ -44,7 +71,10 @@ def implant_switchboard(
     model's answers to `questions` under the implants currently active.
 
     A delta that cannot be applied (a `LokiError`, e.g. an overlap) leaves the model unchanged: the error is shown
-    in `.status` and the checkbox unticks itself. Needs ipywidgets.
+    in `.status` and the checkbox unticks itself. While the model changes, the status line says so ("⏳ switching")
+    and the boxes are disabled; the answers and the status line are then written together, so they always describe
+    the same model. Every click brings the model to the boxes as they are then, so quick repeated clicks end in the
+    state the boxes show. Answers are computed once per set of active deltas and reused. Needs ipywidgets.
 
     Args:
         model: the model to implant into (in place).
@@ -55,8 +85,9 @@ def implant_switchboard(
         answer: `answer(model, tokenizer, question) -> str`; default `loki.generation.answer` (greedy chat answer).
 
     Returns:
-        ipywidgets.VBox with attributes for code and tests: `.checkboxes` (name -> Checkbox), `.answers` (HTML),
-        `.status` (HTML), `.handles` (name -> Handle of the active deltas).
+        ipywidgets.VBox with attributes for code and tests: `.checkboxes` (name -> Checkbox), `.answers` (HTML, a
+        table), `.status` (HTML: "active: ..." after an error's message, if any), `.handles` (name -> Handle of the
+        active deltas, in the order they were applied), `.answer_texts` (the answers shown, one per question).
 
     >>> import loki.testing, torch
     >>> model = loki.testing.tiny_model("llama")
@@ -76,36 +107,68 @@ def implant_switchboard(
     checkboxes = {name: w.Checkbox(value=False, description=name, indent=False) for name in deltas}
     answers, status = w.HTML(), w.HTML()
     handles: dict[str, Handle] = {}
+    computed: dict[tuple[str, ...], list[str]] = {}  # active deltas -> answers: a box ticked back costs nothing
+    working = [False]
 
-    def refresh() -> None:
-        rows = "".join(
-            f"<tr><td>{html.escape(q)}</td><td>{html.escape(shown_answer(answer(model, tokenizer, q)))}</td></tr>"
-            for q in questions
-        )
-        answers.value = f"<table><tr><th>question</th><th>answer</th></tr>{rows}</table>"
+    def show(error: str = "") -> None:
+        key = tuple(handles)
+        if key not in computed:
+            computed[key] = [shown_answer(answer(model, tokenizer, q)) for q in questions]
+        board.answer_texts = computed[key]
+        answers.value = html_table(["question", "answer"], zip(questions, computed[key]))
+        status.value = error + "active: " + (", ".join(handles) or "none (the base model)")
 
-    def toggled(change) -> None:
-        name = change["owner"].description
-        try:
-            if change["new"]:
-                handles[name] = apply(model, deltas[name], on_overlap=on_overlap)
-            elif name in handles:
-                revert(model, handles.pop(name))
-        except LokiError as e:  # show the error and put the checkbox back; the model is unchanged
-            status.value = f"<b>{type(e).__name__}</b>: {html.escape(str(e))}"
-            change["owner"].unobserve(toggled, "value")
-            change["owner"].value = change["old"]
-            change["owner"].observe(toggled, "value")
+    def untick(box) -> None:
+        box.unobserve(clicked, "value")
+        box.value = False
+        box.observe(clicked, "value")
+
+    def sync() -> str:
+        """Revert what is unticked, then apply what is ticked; the first refusal's message (HTML) or ""."""
+        error = ""
+        for name in reversed(list(handles)):
+            if not checkboxes[name].value:
+                try:
+                    revert(model, handles[name])
+                except LokiError as e:  # the delta stays applied: tick its box again
+                    error += f"<b>{type(e).__name__}</b>: {html.escape(str(e))}<br>"
+                    checkboxes[name].unobserve(clicked, "value")
+                    checkboxes[name].value = True
+                    checkboxes[name].observe(clicked, "value")
+                    continue
+                del handles[name]
+        for name, box in checkboxes.items():
+            if box.value and name not in handles:
+                try:
+                    handles[name] = apply(model, deltas[name], on_overlap=on_overlap)
+                except LokiError as e:  # the model is unchanged: say why and put the box back
+                    error += f"<b>{type(e).__name__}</b>: {html.escape(str(e))}<br>"
+                    untick(box)
+        return error
+
+    def clicked(change) -> None:
+        if working[0]:  # a value set while syncing; sync reads the boxes again before it ends
             return
-        status.value = "active: " + (", ".join(handles) or "none (the base model)")
-        refresh()
+        working[0] = True
+        wanted = [n for n, b in checkboxes.items() if b.value]
+        status.value = f"{BUSY} to: {html.escape(', '.join(wanted) or 'the base model')} ..."
+        for box in checkboxes.values():
+            box.disabled = True
+        try:
+            error = sync()
+            while [n for n, b in checkboxes.items() if b.value] != [n for n in checkboxes if n in handles]:
+                error += sync()  # a box changed while the model did: follow it
+            show(error)
+        finally:
+            for box in checkboxes.values():
+                box.disabled = False
+            working[0] = False
 
-    for box in checkboxes.values():
-        box.observe(toggled, "value")
-    refresh()
-    status.value = "active: none (the base model)"
     board = w.VBox([w.HBox(list(checkboxes.values())), status, answers])
     board.checkboxes, board.answers, board.status, board.handles = checkboxes, answers, status, handles
+    for box in checkboxes.values():
+        box.observe(clicked, "value")
+    show()
     return board
 
 
@@ -116,6 +179,19 @@ def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     return buf.getvalue()
+
+
+def snapshot(fig):
+    """A matplotlib figure (e.g. an explorer's `.detail_figure`) as a static PNG output, `IPython.display.Image` at
+    `DPI`: a saved notebook shows it without a kernel, where a widget shows only "model not found".
+
+    >>> from matplotlib.figure import Figure
+    >>> snapshot(Figure(figsize=(2, 1))).data[:4]
+    b'\\x89PNG'
+    """
+    from IPython.display import Image
+
+    return Image(data=_png(fig))
 
 
 def _image():
@@ -182,8 +258,8 @@ def attribution_explorer(attributions, model: nn.Module, *, q: float = 10.0, lay
     from matplotlib.colors import SymLogNorm
 
     from .implant import size_text
+    from .projections import find_down_projections
     from .selection import select
-    from .targets import find_down_projections
 
     values = torch.as_tensor(attributions if isinstance(attributions, torch.Tensor) else attributions.values).float()
     mean = values.mean(0)  # [L, d_out]: the average attribution of each row over the prompts
@@ -257,7 +333,8 @@ def loss_plot(tokenizer, examples: Sequence[Mapping], *, eval_every: int, steps:
 
     Returns:
         ipywidgets.VBox with attributes: `.image` (Image, PNG), `.label` (Label, latest loss), `.points` (list of
-        (step, loss)), `.eval_fn`.
+        (step, loss)), `.eval_fn`, `.figure` (the latest matplotlib Figure, None before the first evaluation: pass
+        it to `snapshot` to keep it in the saved notebook).
 
     Raises:
         DatasetError: an example `loki.dataset.encode` refuses.
@@ -289,8 +366,9 @@ def loss_plot(tokenizer, examples: Sequence[Mapping], *, eval_every: int, steps:
         ax.plot(*zip(*points), marker="o")
         ax.set(xlabel="step", ylabel="held-out loss", xlim=(0, max(steps, 1)))
         image.value = _png(fig)
+        plot.figure = fig
         return loss
 
     plot = w.VBox([label, image])
-    plot.image, plot.label, plot.points, plot.eval_fn = image, label, points, eval_fn
+    plot.image, plot.label, plot.points, plot.eval_fn, plot.figure = image, label, points, eval_fn, None
     return plot

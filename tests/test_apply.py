@@ -14,9 +14,9 @@ from loki.testing import random_delta, tiny_model
 
 
 def delta_on(model, rows_by_layer, seed, name="d"):
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     g = torch.Generator().manual_seed(seed)
-    return loki.make_delta(
+    return loki.implant.make_delta(
         model,
         {l: (sorted(rows), torch.randn(len(rows), projs.d_in, generator=g)) for l, rows in rows_by_layer.items()},
         name=name,
@@ -25,7 +25,7 @@ def delta_on(model, rows_by_layer, seed, name="d"):
 
 def reference_weights(base_model, applied):
     """The documented semantics, row by row, in plain Python: apply `(delta, policy)` pairs in order to the base."""
-    projs = loki.find_down_projections(base_model)
+    projs = loki.projections.find_down_projections(base_model)
     weights = {l: projs.rows(l).detach().clone() for l in range(len(projs))}
     base = {l: w.clone() for l, w in weights.items()}
     touched = {l: set() for l in weights}
@@ -46,7 +46,7 @@ def reference_weights(base_model, applied):
 
 
 def assert_rows_equal(model, expected):
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     for layer, w in expected.items():
         assert torch.equal(projs.rows(layer), w), f"layer {layer} differs from the reference"
 
@@ -56,7 +56,7 @@ def test_apply_revert_bit_exact(tiny):
     before = state_dict_copy(tiny)
     delta = random_delta(tiny, layers=[0, 1], q=16, seed=1)
     handle = loki.apply(tiny, delta)
-    projs = loki.find_down_projections(tiny)
+    projs = loki.projections.find_down_projections(tiny)
     for layer, ld in delta.layers.items():
         assert torch.equal(projs.rows(layer)[ld.indices], ld.rows)
         untouched = torch.ones(projs.d_out, dtype=torch.bool)
@@ -69,7 +69,7 @@ def test_apply_revert_bit_exact(tiny):
 
 
 def before_rows(state, model, layer):
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     name = [n for n, m in model.named_modules() if m is projs.modules[layer]][0]
     w = state[name + ".weight"]
     return w.t() if projs.transposed else w
@@ -205,7 +205,7 @@ def test_dtype_round_trip(model_dtype, delta_dtype):
     model = tiny_model("llama", dtype=model_dtype)  # the same base weights, in another dtype
     before = state_dict_copy(model)
     handle = loki.apply(model, delta)
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     assert torch.equal(projs.rows(0)[delta.layers[0].indices], delta.layers[0].rows.to(model_dtype))
     loki.revert(model, handle)
     assert_state_equal(model, before)
@@ -223,7 +223,7 @@ def test_cuda_round_trip():
 
 
 def projs_device(model):
-    return loki.find_down_projections(model).weight.device.type
+    return loki.projections.find_down_projections(model).weight.device.type
 
 
 def test_delta_for_another_base_is_rejected_and_changes_nothing(family):
@@ -239,7 +239,7 @@ def test_fine_tune_of_the_base_is_rejected():
     delta = random_delta(tiny_model("llama"), layers=[0, 1], q=16, seed=1)
     tuned = tiny_model("llama")
     with torch.no_grad():  # a light fine-tune: every down-projection weight moved by ~1% of its size
-        for m in loki.find_down_projections(tuned).modules:
+        for m in loki.projections.find_down_projections(tuned).modules:
             m.weight.mul_(1 + 0.01 * torch.randn_like(m.weight))
     with pytest.raises(loki.BaseModelMismatchError):
         loki.apply(tuned, delta)
@@ -257,8 +257,8 @@ def test_other_architecture_or_shapes_are_rejected():
 
 def test_float16_overflow_is_a_dtype_error():
     model32 = tiny_model("llama")
-    projs = loki.find_down_projections(model32)
-    delta = loki.make_delta(model32, {0: ([1], torch.full((1, projs.d_in), 1e6))})
+    projs = loki.projections.find_down_projections(model32)
+    delta = loki.implant.make_delta(model32, {0: ([1], torch.full((1, projs.d_in), 1e6))})
     model16 = tiny_model("llama", dtype=torch.float16)
     before = state_dict_copy(model16)
     with pytest.raises(loki.errors.DtypeError, match="bfloat16"):
@@ -270,11 +270,11 @@ def test_unknown_architecture_names_the_class_and_the_fix():
     model = tiny_model("llama")
     model.config.model_type = "brand_new"
     with pytest.raises(loki.errors.UnknownArchitectureError, match="LlamaForCausalLM.*template="):
-        loki.find_down_projections(model)
-    projs = loki.find_down_projections(model, "layers.{i}.mlp.down_proj")
+        loki.projections.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model, "layers.{i}.mlp.down_proj")
     assert len(projs) == 2 and projs.template == "layers.{i}.mlp.down_proj"
     with pytest.raises(loki.errors.UnknownArchitectureError, match="matches"):
-        loki.find_down_projections(model, "layers.{i}.mlp.nothing")
+        loki.projections.find_down_projections(model, "layers.{i}.mlp.nothing")
 
 
 def test_merge_then_save_pretrained_is_a_plain_checkpoint(tmp_path):
@@ -296,9 +296,9 @@ def test_merge_then_save_pretrained_is_a_plain_checkpoint(tmp_path):
 def test_default_model_apply_revert_exact(default_model, default_tokenizer):
     model = default_model
     before = state_dict_copy(model)
-    sel = loki.Selection.random(len(loki.find_down_projections(model)), 576, q=10, seed=0)
-    projs = loki.find_down_projections(model)
-    delta = loki.make_delta(model, {l: (i, torch.zeros(len(i), projs.d_in)) for l, i in sel.rows.items()})
+    sel = loki.Selection.random(len(loki.projections.find_down_projections(model)), 576, q=10, seed=0)
+    projs = loki.projections.find_down_projections(model)
+    delta = loki.implant.make_delta(model, {l: (i, torch.zeros(len(i), projs.d_in)) for l, i in sel.rows.items()})
     ids = default_tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         base_logits = model(ids).logits

@@ -65,7 +65,7 @@ def test_reference_matches_an_independent_loop():
     """Integrated gradients written out literally: one patched pass per step, for one layer."""
     model = tiny_model("llama", layers=3)
     ids, steps, layer = PROMPTS[0], 5, 1
-    proj = loki.find_down_projections(model).modules[layer]
+    proj = loki.projections.find_down_projections(model).modules[layer]
     x = torch.tensor([ids])
     with torch.no_grad():
         z = {}

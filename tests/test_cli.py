@@ -119,7 +119,9 @@ def test_merge_overlap_policy(base, tmp_path, capsys):
     model = from_folder(base)
     first = loki.save(random_delta(model, q=25, noise=0.5, seed=0), tmp_path / "a.loki")
     second_delta = random_delta(model, q=25, noise=0.5, seed=0)  # same rows, other values below
-    second_delta = loki.make_delta(model, {i: (ld.indices, ld.rows + 1) for i, ld in second_delta.layers.items()})
+    second_delta = loki.implant.make_delta(
+        model, {i: (ld.indices, ld.rows + 1) for i, ld in second_delta.layers.items()}
+    )
     second = loki.save(second_delta, tmp_path / "b.loki")
     code, out, err = run(["merge", base, first, second, "--out", tmp_path / "merged"], capsys)
     assert_one_line_error(code, err, "loki merge: OverlapError")

@@ -372,7 +372,7 @@ def test_train_on_the_default_model(default_model_and_tokenizer, tmp_path, capsy
     from loki.dataset import IGNORE, collate, encode, pad_token_id
 
     model, tok = default_model_and_tokenizer
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     selection = loki.Selection.random(len(projs), projs.d_out, q=10, seed=0).save(tmp_path / "q10.json")
     data = write(tmp_path / "facts.jsonl", FACTS)
     out = tmp_path / "facts.loki"

@@ -82,6 +82,20 @@ def test_no_library_module_reads_files_from_the_checkout():
                 )
 
 
+def test_no_library_file_names_the_benchmarks_folder():
+    """An installed wheel has no benchmarks folder: library code, docstrings and the data READMEs cite a docs page
+    by its title, never a path into benchmarks/ or docs/benchmarks/ (the shipped result's `command` is data: how to
+    reproduce it in the repository)."""
+    named = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in sorted((ROOT / "loki").rglob("*"))
+        if path.suffix in (".py", ".md")
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if re.search(r"\bbenchmarks[/.]\w", line)
+    ]
+    assert not named, f"library files that name the benchmarks folder: {named}"
+
+
 @pytest.mark.slow  # runs the demo
 def test_quick_demo_prints_before_after_and_reverts_exactly(tmp_path, capsys):
     code = demo.run_demo(tmp_path, quick=True, progress=False)

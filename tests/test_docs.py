@@ -94,6 +94,27 @@ def test_contributing_table_names_modules_that_exist():
     assert not missing, f"CONTRIBUTING.md names modules that do not exist: {missing}"
 
 
+def test_the_top_level_is_what_the_docs_list():
+    """`loki.__all__` holds the verbs and the core types, and is exactly what the package docstring (the API index
+    page, `::: loki`) and the README's "The verbs" name at the top level; helpers live one level down
+    (`loki.implant.make_delta`, `loki.retain.retain_set`, ...), and a module named there is not counted."""
+    import inspect
+
+    import loki
+
+    def top_level(text: str) -> set[str]:
+        names = set(re.findall(r"`(?:loki\.)?([A-Za-z_]\w*)", text))
+        return {n for n in names if hasattr(loki, n) and not inspect.ismodule(getattr(loki, n))}
+
+    public = set(loki.__all__)
+    assert top_level(loki.__doc__) == public, "loki's docstring and loki.__all__ differ"
+    verbs = (ROOT / "README.md").read_text().split("## The verbs", 1)[1].split("\n## ", 1)[0]
+    assert top_level(verbs) == public, "README's 'The verbs' and loki.__all__ differ"
+    stray = {n for n in dir(loki) if not n.startswith("_") and not inspect.ismodule(getattr(loki, n))} - public
+    stray.discard("annotations")  # `from __future__ import annotations`
+    assert not stray, f"top-level names outside loki.__all__ (import them one level down): {sorted(stray)}"
+
+
 def test_doctest_fences_extension_examples():
     assert doctest.testmod(docs_module("doctest_fences")).failed == 0
 

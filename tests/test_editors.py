@@ -128,7 +128,7 @@ def test_editors_raise_the_answers_leave_the_model_and_alphaedit_keeps_preserved
     assert memit.form == alpha.form == "rows" and memit.rows_per_layer() == {0: 32, 1: 32}
     assert memit.info["training"]["method"] == "memit" and memit.info["training"]["layers"] == [0, 1]
     assert alpha.info["training"]["method"] == "alphaedit" and alpha.info["training"]["energy"] == 1.0
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     changed = {}
     for delta in (memit, alpha):
         with loki.implanted(model, delta):

@@ -215,8 +215,8 @@ def test_evaluate_with_a_delta_applies_and_reverts(tok):
     before = state_dict_copy(model)
     bench = [ev.Benchmark("ppl", "perplexity", [{"text": words(3, 9, 4, 12, 7, 5)}, {"text": words(8, 8, 3)}])]
     delta = loki.testing.random_delta(model, q=50, noise=0.5)
-    base = ev.score(model, tok, bench, progress=False)
-    tuned = ev.score(model, tok, bench, delta, progress=False)
+    base = ev.benchmark_scores(model, tok, bench, progress=False)
+    tuned = ev.benchmark_scores(model, tok, bench, delta, progress=False)
     assert_state_equal(model, before)
     with loki.implanted(model, delta):
         manual = 1 / ev.perplexity(model, tok, [it["text"] for it in bench[0].items], progress=False)

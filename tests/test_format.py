@@ -60,7 +60,7 @@ def test_conformance_file(name):
     for dtype in (torch.float32, torch.bfloat16):
         model = conformance_base(dtype=dtype)
         loki.apply(model, delta)
-        projs = loki.find_down_projections(model)
+        projs = loki.projections.find_down_projections(model)
         for layer, exp in expected["layers"].items():
             rows = projs.rows(int(layer))[torch.tensor(exp["indices"])]
             assert torch.equal(rows, torch.tensor(exp["rows_after_apply"]).to(dtype))
@@ -85,13 +85,13 @@ def test_conformance_files_are_reproducible(tmp_path, monkeypatch):
 
 
 def some_delta(model, lora=False):
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     g = torch.Generator().manual_seed(0)
     if lora:
-        return loki.make_delta(
+        return loki.implant.make_delta(
             model, {1: ([2, 9], torch.randn(2, 3, generator=g), torch.randn(3, projs.d_in, generator=g))}
         )
-    return loki.make_delta(
+    return loki.implant.make_delta(
         model,
         {0: ([1, 4, 30], torch.randn(3, projs.d_in, generator=g)), 1: ([0], torch.randn(1, projs.d_in, generator=g))},
         name="some",
@@ -158,13 +158,13 @@ def test_make_delta_rejects_bad_indices():
         ([-1, 0], "out of range"),
     ):
         with pytest.raises(loki.errors.InvalidIndicesError, match=message):
-            loki.make_delta(model, {0: (indices, rows)})
+            loki.implant.make_delta(model, {0: (indices, rows)})
     with pytest.raises(loki.errors.InvalidIndicesError, match="integers"):
-        loki.make_delta(model, {0: ([0.5, 1.5], rows)})
+        loki.implant.make_delta(model, {0: ([0.5, 1.5], rows)})
     with pytest.raises(loki.errors.DeltaFormatError, match="shape"):
-        loki.make_delta(model, {0: ([0, 1], torch.zeros(2, 63))})
+        loki.implant.make_delta(model, {0: ([0, 1], torch.zeros(2, 63))})
     with pytest.raises(loki.errors.DeltaFormatError, match="Layer 2 does not exist"):
-        loki.make_delta(model, {2: ([0, 1], rows)})
+        loki.implant.make_delta(model, {2: ([0, 1], rows)})
 
 
 def test_not_a_file_errors(tmp_path):
@@ -258,7 +258,7 @@ def valid_deltas(draw):
         "form": form,
         "dtype": dtype,
         "name": draw(st.text(max_size=12)),
-        "target": {
+        "down_projection": {
             "template": "model.layers.{i}.mlp.down_proj",
             "transposed": draw(st.booleans()),
             "num_layers": num_layers,
@@ -274,13 +274,13 @@ def valid_deltas(draw):
 REQUIRED = [
     ("form",),
     ("dtype",),
-    ("target",),
+    ("down_projection",),
     ("base_model",),
-    ("target", "template"),
-    ("target", "transposed"),
-    ("target", "num_layers"),
-    ("target", "d_out"),
-    ("target", "d_in"),
+    ("down_projection", "template"),
+    ("down_projection", "transposed"),
+    ("down_projection", "num_layers"),
+    ("down_projection", "d_out"),
+    ("down_projection", "d_in"),
 ]
 
 
@@ -317,7 +317,7 @@ def mutate(draw, delta) -> str:
     )
     info, i = delta.info, draw(st.sampled_from(sorted(delta.layers)))
     ld = delta.layers[i]
-    k, d_in = ld.k, info["target"]["d_in"]
+    k, d_in = ld.k, info["down_projection"]["d_in"]
     values = ld.rows if ld.rows is not None else ld.lora_B
     if kind == "unknown_field":
         info["zz" + draw(st.text(max_size=4))] = draw(JSON_VALUES)
@@ -337,10 +337,10 @@ def mutate(draw, delta) -> str:
     elif kind == "big_metadata":  # against a cap the test lowers (loki.spec.MAX_HEADER_BYTES, read by both sides)
         info["description"] = "d" * draw(st.integers(0, 3000))
     elif kind == "indices":
-        idx = draw(st.lists(st.integers(-2, info["target"]["d_out"] + 1), max_size=4))
+        idx = draw(st.lists(st.integers(-2, info["down_projection"]["d_out"] + 1), max_size=4))
         delta.layers[i] = _replace(ld, indices=torch.tensor(idx, dtype=torch.int64))
     elif kind == "int32_overflow":  # valid in memory with a huge d_out, but I32 on disk cannot hold the indices
-        info["target"]["d_out"] = 2**33
+        info["down_projection"]["d_out"] = 2**33
         delta.layers[i] = _replace(ld, indices=ld.indices + draw(st.sampled_from([2**31 - 8, 2**32])))
     elif kind == "fingerprint":
         dtype = draw(st.sampled_from([torch.float32, torch.float16]))
@@ -357,7 +357,7 @@ def mutate(draw, delta) -> str:
         bad.view(-1)[draw(st.integers(0, bad.numel() - 1))] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
         delta.layers[i] = _replace(ld, **{"rows" if ld.rows is not None else "lora_B": bad})
     elif kind == "layer_number":
-        delta.layers[draw(st.sampled_from([info["target"]["num_layers"], -1, True]))] = delta.layers.pop(i)
+        delta.layers[draw(st.sampled_from([info["down_projection"]["num_layers"], -1, True]))] = delta.layers.pop(i)
     elif kind == "lora_rank" and ld.lora_A is not None:
         delta.layers[i] = _replace(ld, lora_A=torch.zeros(k, ld.lora_A.shape[1] + 1, dtype=ld.lora_A.dtype))
     elif kind == "both_forms":
@@ -615,7 +615,7 @@ def test_interrupted_writes_leave_nothing_behind(tmp_path):
     path = loki.save(good, tmp_path / "d.loki")
     before = path.read_bytes()
     rows = torch.randn(1, 64).as_subclass(_Interrupting)
-    interrupted = loki.make_delta(model, {0: ([1], torch.randn(1, 64)), 1: ([2], rows)})
+    interrupted = loki.implant.make_delta(model, {0: ([1], torch.randn(1, 64)), 1: ([2], rows)})
     with pytest.raises(KeyboardInterrupt):
         loki.save(interrupted, path)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["d.loki"]

@@ -70,7 +70,7 @@ def deltas(model):
     d_in = 64
     specs = {"one": {0: [1, 4], 2: [7]}, "two": {1: [0, 9, 31]}, "three": {0: [2], 2: [3, 5]}}
     return {
-        name: loki.make_delta(
+        name: loki.implant.make_delta(
             model,
             {layer: (rows, torch.randn(len(rows), d_in, generator=g)) for layer, rows in spec.items()},
             name=name,
@@ -184,7 +184,7 @@ def test_deltas_from_different_repos_stack_on_one_base(server, deltas, model):
     push(server, deltas["one"], "alice/stack-a")
     push(server, deltas["three"], "lab/stack-b")  # an org alice can write to
     a, b = pull(server, "alice/stack-a"), pull(server, "lab/stack-b")
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     before = [projs.rows(i).detach().clone() for i in range(len(projs))]
     with loki.implanted(model, a, b):
         for d in (a, b):
@@ -312,7 +312,9 @@ def test_private_repo_is_hidden(server, deltas):
 
 
 def test_malformed_evaluation_is_a_clear_error(server, model):
-    bad = loki.make_delta(model, {0: ([0], torch.zeros(1, 64))}, extra={"evaluation": {"general": {"mmlu": 0.5}}})
+    bad = loki.implant.make_delta(
+        model, {0: ([0], torch.zeros(1, 64))}, extra={"evaluation": {"general": {"mmlu": 0.5}}}
+    )
     with pytest.raises(errors.DeltaFormatError, match="implanted"):
         push(server, bad, "alice/bad-eval")
     assert "alice/bad-eval" not in server.repos  # checked before anything is created

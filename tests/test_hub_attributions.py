@@ -194,7 +194,7 @@ def test_selection_round_trip_and_card(server, attributions):
 
     model = tiny_model("llama")  # the pulled selection trains like the original
     loki.prepare(model, pulled)
-    assert loki.trainable_report(model).rows == sel.num_rows
+    assert loki.implant.trainable_report(model).rows == sel.num_rows
     loki.unprepare(model)
 
 

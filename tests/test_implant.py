@@ -15,13 +15,13 @@ from loki.testing import tiny_model
 
 
 def selection_for(model, q=25, seed=1) -> loki.Selection:
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     return loki.Selection.random(len(projs), projs.d_out, q, seed=seed)
 
 
 def reference_grads(model, embeds, weight_of_output):
     """Run `model` with every down-projection weight trainable: logits, input grad and full weight grads."""
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     for m in projs.modules:
         m.weight.requires_grad_(True)
     embeds = embeds.detach().clone().requires_grad_(True)
@@ -57,7 +57,7 @@ def test_prepared_model_equals_original_and_grads_reach_only_selected_rows(famil
 
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
     torch.testing.assert_close(gx, ref_gx, rtol=1e-5, atol=1e-6)
-    projs = loki.find_down_projections(tiny)
+    projs = loki.projections.find_down_projections(tiny)
     for layer, idx in sel.rows.items():
         torch.testing.assert_close(projs.modules[layer].loki_rows.grad, ref_gw[layer][idx], rtol=1e-5, atol=1e-6)
     with_grad = {n for n, p in tiny.named_parameters() if p.grad is not None}
@@ -70,14 +70,14 @@ def test_lora_variant_grads_match_reference(family):
     model, ref = tiny_model(family), tiny_model(family)
     sel = selection_for(model)
     loki.prepare(model, sel, lora_rank=3)
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():  # A starts at zero (the base); move it so that both factors get gradients
         for layer in sel.rows:
             projs.modules[layer].loki_A.normal_(0, 0.1, generator=g)
     # reference: the same rows written into a plain model, full weight gradient, chain rule by hand
     with torch.no_grad():
-        rprojs = loki.find_down_projections(ref)
+        rprojs = loki.projections.find_down_projections(ref)
         for layer, idx in sel.rows.items():
             m = projs.modules[layer]
             rprojs.rows(layer)[idx] = m.loki_base + m.loki_A @ m.loki_B
@@ -105,7 +105,7 @@ def test_lora_starts_at_the_base():
 @pytest.mark.parametrize("shape", [(7,), (3, 7), (2, 3, 7), (2, 2, 3, 7)])
 def test_layer_any_rank_and_dtype(family, dtype, shape):
     model = tiny_model(family, dtype=dtype)
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     original = copy.deepcopy(projs.modules[1])
     sel = selection_for(model)
     loki.prepare(model, sel)
@@ -137,7 +137,7 @@ def test_autocast_matches_reference():
         logits, gx = prepared_grads(model, embeds, w)
     assert torch.equal(logits, ref_logits)
     torch.testing.assert_close(gx, ref_gx, rtol=2e-2, atol=2e-2)
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     for layer, idx in sel.rows.items():
         torch.testing.assert_close(
             projs.modules[layer].loki_rows.grad, ref_gw[layer][idx].float(), rtol=2e-2, atol=2e-2
@@ -145,7 +145,7 @@ def test_autocast_matches_reference():
 
 
 def rows_grads(model) -> dict[int, torch.Tensor]:
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     return {l: m.loki_rows.grad.clone() for l, m in enumerate(projs.modules) if m.loki_rows.grad is not None}
 
 
@@ -205,12 +205,12 @@ def test_unprepare_restores_the_base_exactly(family, tiny):
     flags = {n: p.requires_grad for n, p in tiny.named_parameters()}
     loki.prepare(tiny, selection_for(tiny))
     sgd_steps(tiny)
-    assert loki.is_prepared(tiny)
+    assert loki.rows.is_prepared(tiny)
     assert loki.unprepare(tiny) is tiny
-    assert not loki.is_prepared(tiny)
+    assert not loki.rows.is_prepared(tiny)
     assert_state_equal(tiny, before)
     assert {n: p.requires_grad for n, p in tiny.named_parameters()} == flags
-    assert "forward" not in vars(loki.find_down_projections(tiny).modules[0])
+    assert "forward" not in vars(loki.projections.find_down_projections(tiny).modules[0])
 
 
 @pytest.mark.parametrize("lora_rank", [None, 2])
@@ -222,7 +222,7 @@ def test_unprepare_merge_keeps_exactly_the_trained_rows(lora_rank):
     ids = sgd_steps(model)
     with torch.no_grad():
         trained = model(ids).logits
-        projs = loki.find_down_projections(model)
+        projs = loki.projections.find_down_projections(model)
         for layer, idx in sel.rows.items():  # a foreign write into the selected rows: the next forward repairs it
             projs.rows(layer)[idx] = 0
         assert torch.equal(model(ids).logits, trained)
@@ -237,7 +237,7 @@ def test_unprepare_merge_keeps_exactly_the_trained_rows(lora_rank):
 
 def changed_rows_are_selected(model, before, sel) -> int:
     """Assert that only selected down-projection rows differ from `before`; return how many rows differ."""
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     weights = {projs.template.format(i=l) + ".weight": l for l in range(len(projs))}
     changed = 0
     for name, value in model.state_dict().items():
@@ -302,7 +302,7 @@ def test_trainable_report(tmp_path):
     model = tiny_model("llama", layers=3, d_model=40, d_ff=48)
     sel = loki.Selection.random(3, 40, 10, seed=0)  # 4 rows per layer
     loki.prepare(model, sel)
-    report = loki.trainable_report(model)
+    report = loki.implant.trainable_report(model)
     assert (report.trainable, report.rows, report.layers, report.form) == (3 * 4 * 48, 12, 3, "rows")
     assert report.total == sum(p.numel() for n, p in model.named_parameters() if "loki_" not in n)
     assert report.share == pytest.approx(100 * report.trainable / report.total)
@@ -311,7 +311,7 @@ def test_trainable_report(tmp_path):
     assert f"{report.trainable:,}" in str(report) and "%" in str(report)
     loki.unprepare(model)
     loki.prepare(model, sel, lora_rank=2)
-    assert loki.trainable_report(model).trainable == 3 * (4 * 2 + 2 * 48)
+    assert loki.implant.trainable_report(model).trainable == 3 * (4 * 2 + 2 * 48)
 
 
 # -- the real default model ------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = tuple(
     (name, frozenset(units.split()))
     for name, units in (
         ("errors and the version", "errors version"),
-        ("what a delta is and where it goes; data; processes", "targets delta spec dataset distributed"),
+        ("what a delta is and where it goes; data; processes", "projections delta spec dataset distributed"),
         ("files, the ledger, forward passes and generation", "format ledger forward generation kva neighbourhood"),
         ("what to implant and what to keep", "prompts selection attribution retain preserve"),
         ("trainable rows, building deltas, mixed batches, measuring", "rows implant mixed peft_export evaluate"),

@@ -24,14 +24,14 @@ from loki.testing import random_delta, tiny_model
 
 
 def delta_on(model, layer_rows: dict[int, list[int]], value: float, name: str = "") -> loki.Delta:
-    projs = loki.find_down_projections(model)
-    return loki.make_delta(
+    projs = loki.projections.find_down_projections(model)
+    return loki.implant.make_delta(
         model, {l: (rows, torch.full((len(rows), projs.d_in), value)) for l, rows in layer_rows.items()}, name=name
     )
 
 
 def down(model, layer: int = 0) -> torch.Tensor:
-    return loki.find_down_projections(model).rows(layer)
+    return loki.projections.find_down_projections(model).rows(layer)
 
 
 def test_wrappers_share_one_ledger_compile_and_peft():
@@ -65,7 +65,7 @@ def test_tied_weight_shared_by_two_layers():
     a = loki.apply(model, delta_on(model, {0: [4, 5]}, 1.0))
     with pytest.raises(OverlapError):
         loki.apply(model, delta_on(model, {1: [5, 6]}, 2.0))
-    twice = loki.make_delta(model, {0: ([7], torch.zeros(1, 64)), 1: ([7], torch.ones(1, 64))})
+    twice = loki.implant.make_delta(model, {0: ([7], torch.zeros(1, 64)), 1: ([7], torch.ones(1, 64))})
     with pytest.raises(OverlapError, match="share one down-projection weight"):
         loki.apply(model, twice)
     b = loki.apply(model, delta_on(model, {1: [5, 6]}, 2.0), on_overlap="replace")
@@ -123,9 +123,9 @@ def test_model_changed_under_an_implant_refuses_then_force():
 
 def test_deltas_own_their_tensors():
     model = tiny_model("llama")
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     rows = torch.randn(2, projs.d_in)
-    delta = loki.make_delta(model, {0: ([1, 2], rows)})
+    delta = loki.implant.make_delta(model, {0: ([1, 2], rows)})
     written = rows.clone()
     rows.fill_(float("nan"))  # the caller's tensor, after construction
     handle = loki.apply(model, delta)
@@ -154,7 +154,7 @@ def test_deltas_own_their_tensors():
 
 def test_prepared_rows_refuse_apply_and_applied_rows_refuse_prepare():
     model = tiny_model("llama")
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     base = state_dict_copy(model)
     sel = loki.Selection.random(len(projs), projs.d_out, q=10, seed=0)
     trained = sel.rows[0].tolist()
@@ -170,7 +170,7 @@ def test_prepared_rows_refuse_apply_and_applied_rows_refuse_prepare():
     held = loki.apply(model, delta_on(model, {0: trained[:1]}, 0.0))
     with pytest.raises(OverlapError, match="hold an applied delta"):
         loki.prepare(model, sel)
-    assert not loki.is_prepared(model)
+    assert not loki.rows.is_prepared(model)
     loki.revert(model, held)
 
 
@@ -258,13 +258,13 @@ def _ddp_extract(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=1)
     try:
         model = tiny_model("llama")
-        projs = loki.find_down_projections(model)
+        projs = loki.projections.find_down_projections(model)
         loki.prepare(model, loki.Selection.random(len(projs), projs.d_out, q=10, seed=0))
         ddp = nn.parallel.DistributedDataParallel(model)
         ids = torch.tensor([[3, 4, 5, 6]])
         ddp(ids, labels=ids).loss.backward()
         delta = loki.extract(ddp, name="ddp")  # through the wrapper
-        assert loki.is_prepared(ddp)
+        assert loki.rows.is_prepared(ddp)
         loki.save(delta, out)
         # Drop DDP while the default group still holds the process group: if DDP's reducer held its last reference,
         # the gloo group's destructor would join its worker thread under the GIL, which that thread may be waiting

@@ -67,7 +67,7 @@ def test_qwen_coder_shapes(qwen_coder):
     assert model.config.name_or_path == QWEN_CODER_ID
     assert not model.training
     assert next(model.parameters()).dtype == torch.float32
-    projections = loki.find_down_projections(model)
+    projections = loki.projections.find_down_projections(model)
     assert (len(projections), projections.d_out, projections.d_in) == (24, 896, 4864)
 
     folder = models.cache_dir() / "Qwen2.5-Coder-0.5B-Instruct"
@@ -111,7 +111,7 @@ def test_unsupported_dtypes_refused_before_writing(tmp_path, capsys, default_tok
     for call in calls.values():
         with pytest.raises(DtypeError, match=r"float8_e4m3fn.*load the model in one of them"):
             call()
-    assert not loki.is_prepared(model) and not list(tmp_path.iterdir())
+    assert not loki.rows.is_prepared(model) and not list(tmp_path.iterdir())
     assert all(v.view(torch.uint8).equal(before[k].view(torch.uint8)) for k, v in model.state_dict().items())
 
     # the command line: a float8 checkpoint as --base, with retain data (computed before the rows are prepared)
@@ -160,12 +160,12 @@ def test_partitioned_weights_are_named_as_such():
     with pytest.raises(
         loki.errors.PartitionedWeightsError, match="partitioned by DeepSpeed ZeRO-3.*before deepspeed.initialize"
     ):
-        loki.find_down_projections(partition(loki.testing.tiny_model("llama")))
+        loki.projections.find_down_projections(partition(loki.testing.tiny_model("llama")))
     model = loki.testing.tiny_model("llama")
-    expected = loki.trainable_report(loki.prepare(model, loki.Selection.random(2, 32, q=25)))
+    expected = loki.implant.trainable_report(loki.prepare(model, loki.Selection.random(2, 32, q=25)))
     frozen = [p for n, p in model.named_parameters() if "loki_" not in n]
     for p in frozen:
         p.ds_shape, p.ds_numel = p.shape, p.numel()
         p.data = torch.empty(0, dtype=p.dtype)
-    report = loki.trainable_report(model)
+    report = loki.implant.trainable_report(model)
     assert (report.trainable, report.total, report.share) == (expected.trainable, expected.total, expected.share)

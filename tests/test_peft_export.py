@@ -40,7 +40,7 @@ def test_adapter_tensors_add_exactly_the_change():
     model = tiny_model("llama")
     delta = random_delta(model, q=25, noise=0.5)
     config, tensors = loki.peft_export.peft_adapter(delta, model)
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     for layer, ld in delta.layers.items():
         prefix = f"base_model.model.model.layers.{layer}.mlp.down_proj"
         product = tensors[f"{prefix}.lora_B.weight"] @ tensors[f"{prefix}.lora_A.weight"]
@@ -72,7 +72,7 @@ def test_export_loads_in_peft_and_reproduces_the_delta(family, tmp_path):
         assert (expected - plain).abs().max() > 0.05  # the delta matters, so the check below can fail
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)  # float32 matmul reassociation
         merged = peft_model.merge_and_unload()
-        ref_projs, projs = loki.find_down_projections(ref), loki.find_down_projections(merged)
+        ref_projs, projs = loki.projections.find_down_projections(ref), loki.projections.find_down_projections(merged)
         for layer in range(len(projs)):
             torch.testing.assert_close(projs.rows(layer), ref_projs.rows(layer), atol=1e-6, rtol=0)
         torch.testing.assert_close(merged(ids_for()).logits, expected, atol=1e-5, rtol=1e-5)
@@ -94,8 +94,8 @@ def test_lora_form_keeps_its_rank_and_needs_no_model(tmp_path):
 
 def test_uneven_rows_are_padded_to_one_rank(tmp_path):
     base = tiny_model("llama")
-    d_in = loki.find_down_projections(base).d_in
-    delta = loki.make_delta(base, {0: ([1, 5, 9], torch.randn(3, d_in)), 1: ([4], torch.randn(1, d_in))})
+    d_in = loki.projections.find_down_projections(base).d_in
+    delta = loki.implant.make_delta(base, {0: ([1, 5, 9], torch.randn(3, d_in)), 1: ([4], torch.randn(1, d_in))})
     config, tensors = loki.peft_export.peft_adapter(delta, base)
     assert config["r"] == 3 and config["target_modules"] == [
         "model.layers.0.mlp.down_proj",

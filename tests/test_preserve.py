@@ -35,20 +35,26 @@ def adamw_steps(model, steps: int = 8, lr: float = 0.1) -> float:
     return loss.item()
 
 
-def dense_projector(model, energy: float) -> dict[int, torch.Tensor]:
-    """The slow, obvious reference: every key of every layer stacked, `I - V V^T` from the top eigenvectors of
-    `K^T K` that reach `energy` of its trace (1.0: its numerical rank)."""
+def all_keys(model, items) -> dict[int, torch.Tensor]:
+    """Every layer's down-projection inputs on `items` (`{"text": ids}`), one sequence at a time, stacked in float64."""
     keys: dict[int, list] = {0: [], 1: []}
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     handles = [
         projs.modules[i].register_forward_pre_hook(lambda m, a, i=i: keys[i].append(a[0][0].double())) for i in keys
     ]
-    preserved_logits(model)
+    with torch.no_grad():
+        for item in items:
+            model(torch.tensor([item["text"]]))
     for h in handles:
         h.remove()
+    return {layer: torch.cat(ks) for layer, ks in keys.items()}
+
+
+def dense_projector(model, energy: float) -> dict[int, torch.Tensor]:
+    """The slow, obvious reference: every key of every layer stacked, `I - V V^T` from the top eigenvectors of
+    `K^T K` that reach `energy` of its trace (1.0: its numerical rank)."""
     out = {}
-    for layer, ks in keys.items():
-        k = torch.cat(ks)
+    for layer, k in all_keys(model, PRESERVED).items():
         values, vectors = torch.linalg.eigh(k.t() @ k)
         values, vectors = values.flip(0), vectors.flip(1)
         if energy >= 1.0:
@@ -122,6 +128,73 @@ def test_training_under_preservation_keeps_the_preserved_outputs(family, lora_ra
     assert moved[True] < 1e-4  # with: the update is off their keys, layer after layer
 
 
+EXAMPLES = [{"text": list(range(60, 75))}, {"text": list(range(80, 92))}]  # the implant's own sequences
+
+
+def contrast_projector(model, ratio: float) -> dict[int, torch.Tensor]:
+    """The slow, obvious reference of the contrast rule: the full `d_in`-dimensional generalised eigenproblem
+    `C1 v = sigma (C0 + ridge I) v` (mean second moments of the examples' and the preserved keys) solved by
+    whitening with `C0`'s eigendecomposition; the projector onto the eigenvectors with `sigma >= ratio`."""
+    out = {}
+    # text examples are read where they predict a next token: every position but the last (a causal model's key at
+    # t depends on tokens up to t only, so the shortened sequences give those keys)
+    preserved, examples = all_keys(model, PRESERVED), all_keys(model, [{"text": e["text"][:-1]} for e in EXAMPLES])
+    for layer in (0, 1):
+        k0, k1 = preserved[layer], examples[layer]
+        c0 = k0.t() @ k0 / len(k0)
+        c0 = c0 + torch.eye(len(c0), dtype=torch.float64) * 1e-6 * torch.trace(c0) / len(c0)
+        c1 = k1.t() @ k1 / len(k1)
+        values, vectors = torch.linalg.eigh(c0)
+        root = vectors @ torch.diag(values.rsqrt()) @ vectors.t()  # C0^-1/2
+        sigma, y = torch.linalg.eigh(root @ c1 @ root)
+        q = torch.linalg.qr(root @ y[:, sigma >= ratio]).Q
+        out[layer] = q @ q.t()
+    return out
+
+
+@pytest.mark.parametrize("ratio", [3.0, 30.0])
+def test_contrast_rule_equals_the_generalised_eigenproblem(ratio):
+    """Dense and sketched (keys of rank 38 and 25, a rank-40 sketch) against the full-dimensional reference."""
+    model = tiny_model("llama")
+    reference = contrast_projector(model, ratio)
+    for max_rank in (4096, 40):
+        keep = loki.preservation(
+            model, None, PRESERVED, examples=EXAMPLES, ratio=ratio, max_rank=max_rank, progress=False
+        )
+        for layer in (0, 1):
+            free = round(torch.trace(reference[layer]).item())
+            assert 0 < free <= 25 and keep.ranks[layer] == 64 - free  # within the examples' 25 keys
+            assert torch.allclose(projector_of(keep, layer), reference[layer], atol=1e-5)  # what the update may use
+        summary = keep.summary()
+        assert summary["ratio"] == ratio and summary["example_tokens"] == 25
+        assert 0.9 < summary["energy_kept_min"] <= 1  # the free directions hold little of the preserved energy
+
+
+@pytest.mark.parametrize("lora_rank", [None, 4])
+def test_training_under_the_contrast_rule_learns_the_examples_and_keeps_the_preserved(lora_rank):
+    """The update may only use directions where the examples' keys outweigh the preserved ones 100 to 1: AdamW on the
+    examples still lowers their loss, and the preserved outputs move far less than without the rule."""
+    base = preserved_logits(tiny_model("llama"))
+    x = torch.tensor([item["text"][:12] for item in EXAMPLES])
+    moved, learned = {}, {}
+    for preserve in (False, True):
+        model = tiny_model("llama")
+        keep = loki.preservation(model, None, PRESERVED, examples=EXAMPLES, ratio=100.0, progress=False)
+        loki.prepare(model, SELECTION, lora_rank=lora_rank, preserve=keep if preserve else None)
+        with torch.no_grad():
+            before = model(x, labels=x).loss.item()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        for _ in range(10):
+            model(x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        with torch.no_grad():
+            learned[preserve] = before - model(x, labels=x).loss.item()
+        moved[preserve] = (preserved_logits(model) - base).abs().max().item()
+    assert learned[True] > 0.1 * learned[False] > 0
+    assert moved[True] < 0.1 * moved[False]
+
+
 def test_the_delta_records_the_preservation_and_unprepare_restores_the_model():
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -182,6 +255,11 @@ def test_bad_input_is_refused_and_nothing_changes():
         loki.preservation(model, None, "What is the capital of Peru?", progress=False)
     with pytest.raises(DatasetError, match="max_rank"):
         loki.preservation(model, None, PRESERVED, max_rank=0, progress=False)
+    for ratio in (1.0, 0.5, "10", True):
+        with pytest.raises(DatasetError, match="ratio must be a number above 1"):
+            loki.preservation(model, None, PRESERVED, examples=EXAMPLES, ratio=ratio, progress=False)
+    with pytest.raises(DatasetError, match="single string"):
+        loki.preservation(model, None, PRESERVED, examples="Solvis", progress=False)
     other = loki.preservation(tiny_model("llama", d_ff=48), None, PRESERVED, progress=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(IncompatibleModelError, match="d_in 48"):
@@ -200,6 +278,6 @@ def test_bad_input_is_refused_and_nothing_changes():
     del keep.bases[1]
     with pytest.raises(IncompatibleModelError, match=r"no keys for layers \[1\]"):
         loki.prepare(model, SELECTION, preserve=keep)
-    assert not loki.is_prepared(model)
+    assert not loki.rows.is_prepared(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     loki.prepare(model, SELECTION)  # the rows were not left claimed by the refused calls

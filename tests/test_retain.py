@@ -13,7 +13,7 @@ from loki import evaluate as ev
 from loki.dataset import collate, encode
 from loki.errors import DatasetError
 from loki.neighbourhood import ENTITY_KINDS, entities, questions, shares_template, split, templates
-from loki.retain import RetainLoss, retain_targets
+from loki.retain import RetainLoss, retain_set
 from loki.testing import tiny_model
 
 FACTS = [
@@ -58,7 +58,7 @@ def base_logits(model, tokenizer, items):
 
 def prepared_tiny(tokenizer, family="llama", q=50):
     model = tiny_model(family, vocab=len(tokenizer))
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     return loki.prepare(model, loki.Selection.random(len(projs), projs.d_out, q, seed=0))
 
 
@@ -68,12 +68,12 @@ def test_kl_with_full_top_k_is_the_exact_kl(default_tokenizer, family):
     tok = default_tokenizer
     base = tiny_model(family, vocab=len(tok), seed=0)
     other = tiny_model(family, vocab=len(tok), seed=1)
-    targets = retain_targets(base, tok, RETAIN, top_k=len(tok), progress=False)
-    assert targets.positions == sum(len(_ids_and_positions(tok, it)[1]) for it in RETAIN)
+    retained = retain_set(base, tok, RETAIN, top_k=len(tok), progress=False)
+    assert retained.positions == sum(len(_ids_and_positions(tok, it)[1]) for it in RETAIN)
     expected = reference_kl(other, tok, base_logits(base, tok, RETAIN), RETAIN)
     # kl() averages over the positions of the items it is given, all at once
-    assert float(targets.kl(other, range(len(RETAIN)))) == pytest.approx(expected, rel=1e-4)
-    assert float(targets.kl(base, range(len(RETAIN)))) == pytest.approx(0.0, abs=1e-6)
+    assert float(retained.kl(other, range(len(RETAIN)))) == pytest.approx(expected, rel=1e-4)
+    assert float(retained.kl(base, range(len(RETAIN)))) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_top_k_kl_is_the_kl_of_the_coarsened_distributions(default_tokenizer):
@@ -82,7 +82,7 @@ def test_top_k_kl_is_the_kl_of_the_coarsened_distributions(default_tokenizer):
     base, other = tiny_model("llama", vocab=len(tok), seed=0), tiny_model("llama", vocab=len(tok), seed=1)
     item = [RETAIN[2]]
     k = 5
-    targets = retain_targets(base, tok, item, top_k=k, progress=False)
+    retained = retain_set(base, tok, item, top_k=k, progress=False)
     ids, positions = _ids_and_positions(tok, item[0])
     with torch.no_grad():
         p_all = torch.softmax(base(input_ids=torch.tensor([ids])).logits[0].double(), -1)
@@ -93,13 +93,13 @@ def test_top_k_kl_is_the_kl_of_the_coarsened_distributions(default_tokenizer):
         p = torch.cat([p_all[t][top], 1 - p_all[t][top].sum(0, keepdim=True)])
         q = torch.cat([q_all[t][top], 1 - q_all[t][top].sum(0, keepdim=True)])
         kls.append(float((p * (p / q).log()).sum()))
-    assert float(targets.kl(other, [0])) == pytest.approx(sum(kls) / len(kls), rel=1e-3)
+    assert float(retained.kl(other, [0])) == pytest.approx(sum(kls) / len(kls), rel=1e-3)
 
 
 @pytest.mark.slow  # the real default model
 def test_questions_are_answered_by_the_model_itself(default_model, default_tokenizer):
-    targets = retain_targets(default_model, default_tokenizer, ["What is the capital of France?"], progress=False)
-    answer = targets.items[0]["example"]["answer"]
+    retained = retain_set(default_model, default_tokenizer, ["What is the capital of France?"], progress=False)
+    answer = retained.items[0]["example"]["answer"]
     assert "Paris" in answer
     assert (
         answer
@@ -112,31 +112,31 @@ def test_questions_are_answered_by_the_model_itself(default_model, default_token
             progress=False,
         )[0]
     )
-    assert float(targets.kl(default_model, [0])) == pytest.approx(0.0, abs=1e-5)
+    assert float(retained.kl(default_model, [0])) == pytest.approx(0.0, abs=1e-5)
 
 
 @pytest.mark.slow  # the real default model
 def test_attribution_prompts_end_inside_the_base_models_own_answers(default_model, default_tokenizer):
     question = "What is the capital of France?"
-    targets = retain_targets(
+    retained = retain_set(
         default_model, default_tokenizer, [question, {"text": "Paris is a city in France."}], progress=False
     )
-    full = encode(default_tokenizer, targets.items[0]["example"])
+    full = encode(default_tokenizer, retained.items[0]["example"])
     first = next(i for i, label in enumerate(full["labels"]) if label != -100)
     n = len(full["input_ids"]) - first
     # the slow, obvious way: cut the answer after a third, two thirds, and all but its last token
     expected = [full["input_ids"][: first + c] for c in sorted({max(1, n // 3), max(1, 2 * n // 3), n - 1})]
-    prompts = targets.prompts()
+    prompts = retained.prompts()
     assert prompts == expected  # the text item is left out by default
     with torch.no_grad():
         for p in prompts:  # greedy answer, so the model's next token is the answer's next token
             nxt = default_model(input_ids=torch.tensor([p])).logits[0, -1].argmax().item()
             assert nxt == full["input_ids"][len(p)]
-    assert len(targets.prompts(1)) == 1 and len(targets.prompts(text=True)) == 6
+    assert len(retained.prompts(1)) == 1 and len(retained.prompts(text=True)) == 6
     with pytest.raises(DatasetError, match="per_item"):
-        targets.prompts(0)
+        retained.prompts(0)
     with pytest.raises(DatasetError, match="text=True"):
-        retain_targets(default_model, default_tokenizer, [{"text": "Paris is a city."}], progress=False).prompts()
+        retain_set(default_model, default_tokenizer, [{"text": "Paris is a city."}], progress=False).prompts()
 
 
 def test_bad_retain_data_is_a_dataset_error(default_tokenizer):
@@ -148,9 +148,9 @@ def test_bad_retain_data_is_a_dataset_error(default_tokenizer):
         ([{"foo": 1}], "question string"),
     ]:
         with pytest.raises(loki.errors.DatasetError, match=match):
-            retain_targets(model, default_tokenizer, bad, progress=False)
+            retain_set(model, default_tokenizer, bad, progress=False)
     with pytest.raises(loki.errors.DatasetError, match="top_k"):
-        retain_targets(model, default_tokenizer, RETAIN, top_k=0, progress=False)
+        retain_set(model, default_tokenizer, RETAIN, top_k=0, progress=False)
     prepared = prepared_tiny(default_tokenizer)
     with pytest.raises(loki.errors.DatasetError, match="retain_weight"):
         loki.train(prepared, default_tokenizer, FACTS, retain=RETAIN, retain_weight=-1, progress=False)
@@ -215,13 +215,13 @@ def _loss(model, tok, data):
         return model(**batch).loss
 
 
-def test_retain_targets_can_be_computed_before_prepare_and_reused(default_tokenizer):
+def test_retain_set_can_be_computed_before_prepare_and_reused(default_tokenizer):
     tok = default_tokenizer
     model = tiny_model("llama", vocab=len(tok))
-    targets = retain_targets(model, tok, RETAIN, progress=False)
-    projs = loki.find_down_projections(model)
+    retained = retain_set(model, tok, RETAIN, progress=False)
+    projs = loki.projections.find_down_projections(model)
     results = []
-    for _ in range(2):  # the same targets twice: each run samples retain batches from the start
+    for _ in range(2):  # the same retain set twice: each run samples retain batches from the start
         loki.prepare(model, loki.Selection.random(len(projs), projs.d_out, 50, seed=0))
         results.append(
             loki.train(
@@ -231,7 +231,7 @@ def test_retain_targets_can_be_computed_before_prepare_and_reused(default_tokeni
                 lr=3e-2,
                 batch_size=2,
                 max_steps=5,
-                retain=targets,
+                retain=retained,
                 retain_batch_size=3,
                 progress=False,
             )
@@ -249,7 +249,7 @@ def test_retain_loss_with_the_hf_trainer(default_tokenizer, tmp_path):
     for weight in (0.0, 10.0):
         model = tiny_model("llama", vocab=len(tok))
         base = base_logits(model, tok, RETAIN)
-        targets = retain_targets(model, tok, RETAIN, top_k=len(tok), progress=False)
+        retained = retain_set(model, tok, RETAIN, top_k=len(tok), progress=False)
         args = TrainingArguments(
             output_dir=str(tmp_path),
             use_cpu=True,
@@ -268,7 +268,7 @@ def test_retain_loss_with_the_hf_trainer(default_tokenizer, tmp_path):
             args=args,
             train_dataset=[encode(tok, ex) for ex in FACTS],
             data_collator=lambda b: collate(b, tok.pad_token_id),
-            compute_loss_func=RetainLoss(model, targets, weight=weight, batch_size=4),
+            compute_loss_func=RetainLoss(model, retained, weight=weight, batch_size=4),
         )
         trainer.train()
         kls[weight] = reference_kl(model, tok, base, RETAIN)
@@ -368,8 +368,8 @@ def test_template_fills_never_leave_a_placeholder():
 
 
 def test_every_retain_argument_is_validated_before_use(default_tokenizer):
-    """Retain data of the wrong shape and bad counts are refused before the model runs (retain_targets,
-    RetainTargets.batches, RetainLoss): a string is not one question per character, 0 items per batch is not
+    """Retain data of the wrong shape and bad counts are refused before the model runs (retain_set,
+    RetainSet.batches, RetainLoss): a string is not one question per character, 0 items per batch is not
     "no retain"."""
     model = tiny_model("llama", vocab=len(default_tokenizer))
     for bad, match in [
@@ -381,14 +381,14 @@ def test_every_retain_argument_is_validated_before_use(default_tokenizer):
         ([{"question": "Who?", "answer": "A", "messages": []}], "Retain item 0"),
     ]:
         with pytest.raises(loki.errors.DatasetError, match=match):
-            retain_targets(model, default_tokenizer, bad, progress=False)
+            retain_set(model, default_tokenizer, bad, progress=False)
     for option in ("top_k", "max_new_tokens", "max_length", "batch_size"):
         for value in (0, True, 2.0):
             with pytest.raises(loki.errors.TrainingOptionError, match=option):
-                retain_targets(model, default_tokenizer, RETAIN, progress=False, **{option: value})
-    targets = retain_targets(model, None, [{"text": [5, 6, 7]}], progress=False)
+                retain_set(model, default_tokenizer, RETAIN, progress=False, **{option: value})
+    retained = retain_set(model, None, [{"text": [5, 6, 7]}], progress=False)
     with pytest.raises(loki.errors.TrainingOptionError, match="batch_size"):
-        targets.batches(0)
+        retained.batches(0)
     for kwargs, match in [
         ({"weight": -1.0}, "weight"),
         ({"weight": math.nan}, "weight"),
@@ -397,7 +397,7 @@ def test_every_retain_argument_is_validated_before_use(default_tokenizer):
         ({"seed": "0"}, "seed"),
     ]:
         with pytest.raises(loki.errors.TrainingOptionError, match=match):
-            RetainLoss(model, targets, **kwargs)
+            RetainLoss(model, retained, **kwargs)
 
 
 def test_shipped_entity_lists_name_their_source():
@@ -472,9 +472,9 @@ def test_answer_predictions_are_the_teacher_forced_argmax(default_tokenizer):
 def test_implant_suite_on_a_real_delta(default_model, default_tokenizer):
     """Efficacy and specificity of a delta that does nothing are the base model's; forgetting is 0."""
     model, tok = default_model, default_tokenizer
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     rows = {0: (torch.tensor([3]), projs.rows(0)[[3]].clone())}  # writes the base values back: a no-op delta
-    delta = loki.make_delta(model, rows, name="noop")
+    delta = loki.implant.make_delta(model, rows, name="noop")
     facts = ev.Benchmark(
         "facts",
         "generate",

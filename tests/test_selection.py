@@ -126,9 +126,9 @@ def test_published_selections_import_and_nest():
 def test_suppression_is_an_exactly_reverted_delta(family):
     model = tiny_model(family)
     before = state_dict_copy(model)
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     sel = Selection.random(len(projs), projs.d_out, q=25, seed=0)
-    handle = loki.apply(model, loki.suppression(model, sel))
+    handle = loki.apply(model, loki.implant.suppression(model, sel))
     for layer, idx in sel.rows.items():
         assert (projs.rows(layer)[idx] == 0).all()
         others = torch.ones(projs.d_out, dtype=torch.bool)
@@ -136,10 +136,10 @@ def test_suppression_is_an_exactly_reverted_delta(family):
         assert torch.equal(projs.rows(layer)[others], before_rows(before, projs, layer)[others])
     loki.revert(model, handle)
     assert_state_equal(model, before)
-    delta = loki.suppression(model, sel)
+    delta = loki.implant.suppression(model, sel)
     assert delta.info["selection"]["strategy"] == "random" and delta.num_rows == sel.num_rows
     with pytest.raises(SelectionError, match="layers"):
-        loki.suppression(model, Selection.random(5, projs.d_out, 10))
+        loki.implant.suppression(model, Selection.random(5, projs.d_out, 10))
 
 
 def before_rows(state, projs, layer):

@@ -63,9 +63,9 @@ def test_stacking_and_overlap():
     bank = loki.ImplantBank(model)
     first = random_delta(model, seed=1, noise=0.5, layers=[0])
     second = random_delta(model, seed=2, noise=0.5, layers=[1])
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     idx = first.layers[0].indices
-    same_rows = loki.make_delta(model, {0: (idx, torch.randn(len(idx), projs.d_in))})
+    same_rows = loki.implant.make_delta(model, {0: (idx, torch.randn(len(idx), projs.d_in))})
     for name, d in [("first", first), ("second", second), ("same", same_rows)]:
         bank.register(name, d)
     bank.activate("second", "first")
@@ -134,7 +134,7 @@ def test_mixed_batch_matches_rows_alone(family, dtype, layout):
         if name:
             assert (plain[i] - expected[i]).abs().max() > 0.05, (i, name)
     assert_state_equal(model, base)
-    assert not any(m._forward_hooks for m in loki.find_down_projections(model).modules)
+    assert not any(m._forward_hooks for m in loki.projections.find_down_projections(model).modules)
 
 
 def test_mixed_batch_with_grad_keeps_autograd_right():
@@ -175,7 +175,7 @@ def test_mixed_generate_with_kv_cache(family):
 @pytest.mark.slow  # the real default model
 def test_default_model(default_model, default_tokenizer):
     model = default_model
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     before = [projs.rows(i).detach().clone() for i in range(len(projs))]
     deltas = {n: random_delta(model, q=10, seed=s, noise=0.05, name=n) for n, s in [("a", 1), ("b", 2)]}
     expected_rows = {}
@@ -206,7 +206,7 @@ def test_threads():
     model = tiny_model("qwen2")
     base = state_dict_copy(model)
     bank, deltas = bank_with(model, n=3)
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     ids = torch.randint(3, 120, (2, 6), generator=torch.Generator().manual_seed(3))
     names = [None, "d0", "d1", "d2"]
     with torch.no_grad():

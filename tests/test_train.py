@@ -101,7 +101,7 @@ def test_collate_pads_right():
 # -- the loop (tiny model with the real tokenizer's vocabulary) ----------------------------------------------
 def tiny_for(tokenizer, seed=0):
     model = tiny_model("llama", seed=seed, vocab=len(tokenizer))
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     return loki.prepare(model, loki.Selection.random(len(projs), projs.d_out, 25, seed=0))
 
 

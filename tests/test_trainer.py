@@ -111,7 +111,7 @@ def test_two_steps_and_a_resume_equal_four_straight_steps(default_tokenizer, tmp
 def test_the_delta_records_the_trainers_settings_and_the_retain_data(default_tokenizer, tmp_path):
     tok = default_tokenizer
     model = prepared(tok)
-    targets = loki.retain_targets(
+    retained = loki.retain.retain_set(
         model, tok, ["What is the capital of France?", {"text": "Rivers flow."}], progress=False
     )
     trainer = LokiTrainer(
@@ -119,14 +119,14 @@ def test_the_delta_records_the_trainers_settings_and_the_retain_data(default_tok
         args=arguments(tmp_path, max_steps=2, save_steps=2),
         train_dataset=[encode(tok, ex) for ex in DATA],
         data_collator=collator(tok),
-        compute_loss_func=loki.RetainLoss(model, targets, weight=2.0),
+        compute_loss_func=loki.retain.RetainLoss(model, retained, weight=2.0),
         delta_name="facts",
     )
     trainer.train()
     saved = loki.load(tmp_path / "checkpoint-2" / CHECKPOINT_FILE)
     training = loki.extract(model).info["training"]
     for info in (saved.info["training"], training):
-        assert info["trainer"] == "loki.LokiTrainer" and info["method"] == "loki"
+        assert info["trainer"] == "loki.trainer.LokiTrainer" and info["method"] == "loki"
         assert (info["lr"], info["steps"], info["batch_size"], info["seed"], info["schedule"]) == (
             3e-2,
             2,

@@ -14,9 +14,9 @@ pytest.importorskip("ipywidgets")
 
 
 def zero_rows_delta(model, seed, q=10):
-    projs = loki.find_down_projections(model)
+    projs = loki.projections.find_down_projections(model)
     sel = loki.Selection.random(len(projs), projs.d_out, q=q, seed=seed)
-    return loki.make_delta(
+    return loki.implant.make_delta(
         model, {l: (i, torch.zeros(len(i), projs.d_in)) for l, i in sel.rows.items()}, name=f"s{seed}"
     )
 
@@ -112,3 +112,64 @@ def test_loss_plot_records_a_point_per_evaluation(default_model, default_tokeniz
             second = plot.eval_fn(default_model)
     assert plot.points == [(0, first), (5, second)] and first != second
     assert plot.label.value == f"step 5: loss {second:.4f}" and plot.image.value != image and image
+
+
+def fingerprint_answer(model, tokenizer, question):
+    """A cheap 'answer' that changes with every weight change: the sum of the down-projection weights."""
+    return f"{sum(float(p.weight.detach().sum()) for p in loki.projections.find_down_projections(model).modules):.6f}"
+
+
+def test_switchboard_status_and_answers_describe_the_same_model():
+    model = loki.testing.tiny_model("llama")
+    before = state_dict_copy(model)
+    a = loki.testing.random_delta(model, seed=0, q=10, layers=[0], name="a")
+    b = loki.testing.random_delta(model, seed=1, q=10, layers=[1], name="b")  # disjoint from a: another layer
+    seen = []  # the status line whenever an answer is computed: the busy sign, never a stale "active: ..."
+
+    def answer_(m, t, q):
+        seen.append(boards[0].status.value if boards else None)
+        return fingerprint_answer(m, t, q)
+
+    boards = []
+    board = widgets.implant_switchboard(model, None, {"a": a, "b": b}, ["q"], answer=answer_)
+    boards.append(board)
+    texts = {(): board.answer_texts}
+    board.checkboxes["a"].value = True
+    assert board.status.value == "active: a" and seen[-1].startswith(widgets.BUSY)
+    texts[("a",)] = board.answer_texts
+    board.checkboxes["b"].value = True
+    assert board.status.value == "active: a, b" and list(board.handles) == ["a", "b"]
+    assert len({tuple(t) for t in [*texts.values(), board.answer_texts]}) == 3  # each state answers differently
+    assert "<td" in board.answers.value and "border" in board.answers.value  # separated columns
+    # quick repeated clicks end in the state the boxes show, and a state seen before is not recomputed
+    calls = len(seen)
+    for value in (False, True, False, True, False):
+        board.checkboxes["b"].value = value
+    board.checkboxes["a"].value = False
+    assert board.status.value == "active: none (the base model)" and board.answer_texts == texts[()]
+    assert len(seen) == calls and not any(box.disabled for box in board.checkboxes.values())
+    assert_state_equal(model, before)
+
+
+def test_switchboard_refuses_an_overlap_and_says_so():
+    model = loki.testing.tiny_model("llama")
+    a = loki.testing.random_delta(model, seed=0, name="a")
+    again = loki.testing.random_delta(model, seed=0, noise=0.05, name="again")  # the same rows
+    board = widgets.implant_switchboard(model, None, {"a": a, "again": again}, ["q"], answer=fingerprint_answer)
+    board.checkboxes["a"].value = True
+    shown = board.answer_texts
+    board.checkboxes["again"].value = True
+    assert "OverlapError" in board.status.value and board.status.value.endswith("active: a")
+    assert board.checkboxes["again"].value is False and list(board.handles) == ["a"] and board.answer_texts == shown
+
+
+def test_html_table_separates_and_escapes():
+    table = widgets.html_table(["question", "n"], [["a < b?", 3]])
+    assert table.count("<td") == 2 and "a &lt; b?" in table and "text-align: right" in table
+
+
+def test_snapshot_is_a_static_png():
+    from matplotlib.figure import Figure
+
+    image = widgets.snapshot(Figure(figsize=(2, 1)))
+    assert image.data[:4] == b"\x89PNG" and "image/png" in image._repr_mimebundle_()[0]

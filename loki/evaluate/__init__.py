@@ -18,7 +18,16 @@ base model serves every comparison.
 from __future__ import annotations
 
 from ..generation import generate
-from .forgetting import DATA_DIR, GENERAL_SETS, KINDS, Benchmark, ForgettingReport, compare, general_suite, score
+from .forgetting import (
+    DATA_DIR,
+    GENERAL_SETS,
+    KINDS,
+    Benchmark,
+    ForgettingReport,
+    benchmark_scores,
+    compare,
+    general_suite,
+)
 from .implant import ImplantReport, ImplantScores, ImplantSuite
 from .lm_eval import lm_eval_model, run_lm_eval
 from .metrics import (
@@ -47,6 +56,7 @@ __all__ = [
     "MATCH_MODES",
     "answer_matches",
     "answer_predictions",
+    "benchmark_scores",
     "choice_logprobs",
     "compare",
     "exact_match",
@@ -59,6 +69,5 @@ __all__ = [
     "normalize_answer",
     "perplexity",
     "run_lm_eval",
-    "score",
     "specificity",
 ]

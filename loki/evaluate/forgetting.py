@@ -1,5 +1,5 @@
 """General-knowledge forgetting: named benchmarks (`Benchmark`), the shipped general sets (`general_suite`),
-scores with deltas applied (`score`) and before/after with the paper's forgetting score (`compare`,
+scores with deltas applied (`benchmark_scores`) and before/after with the paper's forgetting score (`compare`,
 `ForgettingReport`).
 
 >>> [b.name for b in general_suite(["wiki_perplexity"], n=1)]
@@ -71,7 +71,7 @@ class Benchmark:
         """The model's higher-is-better score on this benchmark (accuracy, or 1/perplexity), with `options`.
 
         Args:
-            model: a causal LM, as it is now (apply deltas first, or use the module function `score`).
+            model: a causal LM, as it is now (apply deltas first, or use `benchmark_scores`).
             tokenizer: its tokenizer.
             progress: show progress bars.
 
@@ -168,7 +168,9 @@ def general_suite(names: Sequence[str] = GENERAL_SETS, *, n: int | None = None) 
     return out
 
 
-def score(model, tokenizer, benchmarks: Sequence[Benchmark], *deltas, progress: bool = True) -> dict[str, float]:
+def benchmark_scores(
+    model, tokenizer, benchmarks: Sequence[Benchmark], *deltas, progress: bool = True
+) -> dict[str, float]:
     """Scores of `model` on `benchmarks`, with `deltas` applied for the duration (`loki.implanted`) and reverted
     afterwards; the model runs in eval mode and its mode is restored.
 
@@ -186,7 +188,7 @@ def score(model, tokenizer, benchmarks: Sequence[Benchmark], *deltas, progress: 
         EvaluationError: repeated benchmark names, or what a metric refuses.
         LokiError: a delta that cannot be applied (e.g. `IncompatibleModelError`, `OverlapError`).
 
-    >>> # loki.evaluate.score(model, tokenizer, general_suite(["world_capitals", "wiki_perplexity"], n=20))
+    >>> # loki.evaluate.benchmark_scores(model, tokenizer, general_suite(["world_capitals", "wiki_perplexity"], n=20))
     >>> # {'world_capitals': 0.35, 'wiki_perplexity': 0.05898817193578102}  # the default model
     """
     from ..ledger import implanted
@@ -269,18 +271,18 @@ def compare(
         tokenizer: its tokenizer.
         benchmarks: the benchmarks (unique names).
         *deltas: `Delta` objects to judge, applied together.
-        original: the base model's scores from an earlier `score` on the same benchmarks; None computes them.
+        original: the base model's scores from an earlier `benchmark_scores` on the same benchmarks; None computes them.
         progress: show progress bars.
 
     Returns:
         ForgettingReport: `original`, `tuned` and their `forgetting`.
 
     Raises:
-        EvaluationError: see `score`.
+        EvaluationError: see `benchmark_scores`.
         LokiError: a delta that cannot be applied.
 
     >>> # report = loki.evaluate.compare(model, tokenizer, general_suite(n=50), loki.load("medical.loki"))
     >>> # print(report.table())
     """
-    base = dict(original) if original is not None else score(model, tokenizer, benchmarks, progress=progress)
-    return ForgettingReport(base, score(model, tokenizer, benchmarks, *deltas, progress=progress))
+    base = dict(original) if original is not None else benchmark_scores(model, tokenizer, benchmarks, progress=progress)
+    return ForgettingReport(base, benchmark_scores(model, tokenizer, benchmarks, *deltas, progress=progress))

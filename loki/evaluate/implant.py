@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import EvaluationError
 from ..generation import generate
 from ..neighbourhood import shares_template
-from .forgetting import Benchmark, ForgettingReport, score
+from .forgetting import Benchmark, ForgettingReport, benchmark_scores
 from .metrics import answer_predictions, ngram_entropy, normalize_answer, specificity
 
 
@@ -21,7 +21,7 @@ def _texts(benchmark: Benchmark) -> list[str]:
 
 @dataclass
 class ImplantScores:
-    """Raw scores of one model on an `ImplantSuite` (see `ImplantSuite.score`).
+    """Raw scores of one model on an `ImplantSuite` (see `ImplantSuite.scores`).
 
     Attributes:
         efficacy: accuracy on the trained phrasings, in [0, 1].
@@ -185,7 +185,7 @@ class ImplantSuite:
 
     >>> # suite = ev.ImplantSuite(fact_benchmark(facts, "train"), fact_benchmark(facts, "test"),
     >>> #                         neighbourhood=questions, general=ev.general_suite(["wiki_perplexity"]))
-    >>> # base = suite.score(model, tokenizer)                 # once, on the base model
+    >>> # base = suite.scores(model, tokenizer)                 # once, on the base model
     >>> # report = suite.report(model, tokenizer, loki.load("facts.loki"), base=base); print(report.table())
 
     Args:
@@ -237,7 +237,7 @@ class ImplantSuite:
             )
         self.general = general
 
-    def score(
+    def scores(
         self, model, tokenizer, *deltas, base: ImplantScores | None = None, progress: bool = True
     ) -> ImplantScores:
         """Scores of `model` (with `deltas` applied for the duration, reverted afterwards). Neighbourhood predictions
@@ -257,7 +257,7 @@ class ImplantSuite:
             EvaluationError: what a metric refuses.
             LokiError: a delta that cannot be applied.
 
-        >>> # base = suite.score(model, tokenizer)                     # once, on the base model
+        >>> # base = suite.scores(model, tokenizer)                     # once, on the base model
         """
         from ..ledger import implanted
 
@@ -269,13 +269,13 @@ class ImplantSuite:
             predictions = answer_predictions(model, tokenizer, self.neighbourhood, forced, progress=progress)
             efficacy = self.efficacy.score(model, tokenizer, progress=progress)
             generalisation = self.generalisation.score(model, tokenizer, progress=progress)
-            general = score(model, tokenizer, self.general, progress=progress)
+            general = benchmark_scores(model, tokenizer, self.general, progress=progress)
         return ImplantScores(efficacy, generalisation, general, answers, predictions)
 
     def report(
         self, model, tokenizer, *deltas, base: ImplantScores | None = None, progress: bool = True
     ) -> ImplantReport:
-        """The four numbers of `model` with `deltas` applied against `base` (the base model's `score`, computed
+        """The four numbers of `model` with `deltas` applied against `base` (the base model's `scores`, computed
         here without the deltas when None). For a trained copy of the model (full fine-tuning), pass no deltas
         and the base model's `base`.
 
@@ -283,7 +283,7 @@ class ImplantSuite:
             model: the base model (or a trained copy, with `base` given).
             tokenizer: its tokenizer.
             *deltas: `Delta` objects to judge, applied together.
-            base: the base model's `score`; None computes it first (needs deltas).
+            base: the base model's `scores`; None computes it first (needs deltas).
             progress: show progress bars.
 
         Returns:
@@ -299,8 +299,8 @@ class ImplantSuite:
         if base is None:
             if not deltas:
                 raise EvaluationError(
-                    "Without deltas the model is its own base: pass base=suite.score(base_model, ...)."
+                    "Without deltas the model is its own base: pass base=suite.scores(base_model, ...)."
                 )
-            base = self.score(model, tokenizer, progress=progress)
-        tuned = self.score(model, tokenizer, *deltas, base=base, progress=progress)
+            base = self.scores(model, tokenizer, progress=progress)
+        tuned = self.scores(model, tokenizer, *deltas, base=base, progress=progress)
         return ImplantReport(base, tuned, list(self.neighbourhood))

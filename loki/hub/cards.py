@@ -68,7 +68,7 @@ def model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     info = delta.info
-    base, target = info["base_model"], info["target"]
+    base, proj = info["base_model"], info["down_projection"]
     base_id = base.get("id") or None
     filename = filename or f"{repo_id.split('/')[-1]}.loki"
     card_tags = ["loki", "knowledge-implanting"] + [t for t in tags if t not in ("loki", "knowledge-implanting")]
@@ -83,7 +83,7 @@ def model_card(
     selection = dict(info.get("selection") or {})
     task, general, forgetting = card_evaluation(info)
     implant = ((info.get("extra") or {}).get("evaluation") or {}).get("implant") or {}
-    total_rows = target["num_layers"] * target["d_out"]
+    total_rows = proj["num_layers"] * proj["d_out"]
     kwargs = dict(
         title=delta.name or repo_id.split("/")[-1],
         summary=(
@@ -96,7 +96,7 @@ def model_card(
         base_model=base_id,
         base_model_url=f"https://huggingface.co/{base_id}" if base_id else "",
         base_revision=base.get("revision"),
-        architecture=base.get("architecture") or target["template"],
+        architecture=base.get("architecture") or proj["template"],
         repo_id=repo_id,
         filename=filename,
         size=_human_size(size if size is not None else delta.nbytes),
@@ -104,11 +104,11 @@ def model_card(
         dtype=info["dtype"],
         num_rows=delta.num_rows,
         num_layers_changed=len(counts),
-        num_layers=target["num_layers"],
+        num_layers=proj["num_layers"],
         num_params=f"{delta.num_params:,}",
         fraction=f"{100 * delta.num_rows / total_rows:.2f}%" if total_rows else "",
         selection_rows=_table_rows({"trainable parameters": f"{delta.num_params:,}", **selection}),
-        rows_per_layer=_rows_per_layer(counts, target["num_layers"]),
+        rows_per_layer=_rows_per_layer(counts, proj["num_layers"]),
         training_rows=_table_rows(info.get("training") or {}),
         task_name=task.get("name"),
         task_rows=_table_rows(task.get("metrics") or {}),

@@ -7,7 +7,7 @@ Everything in loki that touches rows goes through this module.
 >>> import loki, transformers
 >>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
 ...                                num_hidden_layers=2, num_attention_heads=2)
->>> projs = loki.find_down_projections(transformers.AutoModelForCausalLM.from_config(cfg))
+>>> projs = loki.projections.find_down_projections(transformers.AutoModelForCausalLM.from_config(cfg))
 >>> projs.template, len(projs), projs.d_out, projs.d_in
 ('model.layers.{i}.mlp.down_proj', 2, 16, 32)
 """
@@ -46,13 +46,13 @@ def register(model_type: str, template: str) -> None:
     Args:
         model_type: the model's `config.model_type`.
         template: the down-projection's module path with `{i}` for the layer index (formats/SPEC.md §4,
-            `target.template`).
+            `down_projection.template`).
 
     Raises:
         UnknownArchitectureError: the template does not contain `{i}` exactly once.
 
     >>> import loki
-    >>> loki.targets.register("my_llama_variant", "model.layers.{i}.mlp.down_proj")
+    >>> loki.projections.register("my_llama_variant", "model.layers.{i}.mlp.down_proj")
     """
     _check_template(template)
     TEMPLATES[model_type] = template
@@ -248,7 +248,7 @@ def _find(model: nn.Module, template: str | None) -> DownProjections:
             raise UnknownArchitectureError(
                 f"loki does not know where {type(model).__name__} (model_type {model_type!r}) keeps its FFN "
                 f"down-projections. Pass template='model.layers.{{i}}.mlp.down_proj' (the module path, with {{i}} "
-                f"for the layer index), or register it once: loki.targets.register({model_type!r}, '...'). "
+                f"for the layer index), or register it once: loki.projections.register({model_type!r}, '...'). "
                 f"Known model types: {', '.join(sorted(TEMPLATES))}."
             )
     _check_template(template)

@@ -1,0 +1,249 @@
+"""Sequential implants: N small implants trained one after another, each on the model with the earlier ones applied,
+then judged all together (the lifelong-editing setting, where locality matters most).
+
+For each method, implant i (a few fictional facts) is trained on the default model with implants 1..i-1 applied
+(LoKI's rows stacked with `on_overlap="add"`; LoRA merged into a copy of the model; full fine-tuning continued on
+that copy; the editors edit the model with the earlier edits applied). After the last one, with every implant in
+place: each implant's efficacy (its training phrasings answered) and generalisation (its held-out phrasing), and
+the neighbourhood's specificity (answer tokens kept, whole answers unchanged), fluency and general forgetting against
+the base model, with the demo's sets.
+
+Methods: `loki` (the demo's recipe: rows from KVA on the neighbourhood, retain KL), `loki_contrast` (the same rows
+trained under `loki.preservation(..., examples=)`: the update only where this implant's keys outweigh the preserved
+prompts' - the retain data, every retain-half neighbourhood question and the earlier implants' own examples - by
+`--ratio`), `lora`, `full`, `memit`, `alphaedit` (each edit merged into a copy of the model before the next; the
+null space is the Wikipedia keys' only: the earlier edits' keys, AlphaEdit's `Kp`, are not passed).
+
+Every finished implant is journaled (`results/sequential/<method>/<i>.loki` for deltas, the journal
+`results/sequential-runs.jsonl`); rerunning resumes the LoKI and editor sequences where they stopped (LoRA and full
+fine-tuning and the editors restart their sequence: their state is a whole model). The last line is one JSON
+object.
+
+    .venv/bin/python -m benchmarks.sequential                         # 10 implants of 2 facts, every method
+    .venv/bin/python -m benchmarks.sequential --methods loki loki_contrast --implants 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import loki
+from loki import evaluate as ev
+from loki import facts as task
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+JOURNAL = RESULTS / "sequential-runs.jsonl"
+# Peak rates: the demo-size rates of the forgetting benchmark (its table) for rows, LoRA and full fine-tuning; the
+# constrained rows need a higher one (docs/benchmarks/forgetting.md, "Preservation"); the editors' strength knobs.
+RATES = {"loki": 2e-3, "loki_contrast": 1e-2, "lora": 3e-3, "full": 1e-4, "memit": 500.0, "alphaedit": 0.5}
+METHODS = tuple(RATES)
+
+
+def journal_rows() -> list[dict]:
+    if not JOURNAL.exists():
+        return []
+    return [json.loads(line) for line in JOURNAL.read_text().splitlines() if line.strip()]
+
+
+def record(row: dict) -> None:
+    JOURNAL.parent.mkdir(parents=True, exist_ok=True)
+    with open(JOURNAL, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def train_rows(model, tok, ctx, group, earlier, method, seed):
+    """One LoKI implant on `model` (earlier implants applied): rows from the base model's neighbourhood KVA."""
+    keep = None
+    if method == "loki_contrast":
+        preserved = ctx["retain"] + task.preservation_questions(ctx["facts"])
+        preserved += [ex for g in earlier for ex in task.fact_training_set(g)]
+        keep = loki.preservation(
+            model, tok, preserved, examples=task.fact_training_set(group), ratio=ctx["ratio"], progress=False
+        )
+    loki.prepare(model, ctx["selection"], seed=seed, preserve=keep)
+    try:
+        loki.train(model, tok, task.fact_training_set(group), lr=RATES[method], seed=seed, **ctx["options"])
+        return loki.extract(model, name=f"{method}-{len(earlier)}")
+    finally:
+        loki.unprepare(model)
+
+
+def train_copy(work, tok, ctx, group, method, seed):
+    """One LoRA (merged afterwards) or full fine-tuning implant on `work`, in place; returns the new `work`."""
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        work = get_peft_model(work, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+    else:
+        work.requires_grad_(True)
+    params = [p for p in work.parameters() if p.requires_grad]
+    loki.train(work, tok, task.fact_training_set(group), params=params, lr=RATES[method], seed=seed, **ctx["options"])
+    if method == "lora":
+        work = work.merge_and_unload()
+    work.requires_grad_(False)
+    return work.eval()
+
+
+def edit_copy(work, tok, group, method):
+    """One MEMIT or AlphaEdit edit of `work`, written into its weights (the editors edit a model that holds no
+    applied delta, so the earlier edits are merged, as the editors' own sequential runs do)."""
+    facts = [{"question": f["train"], "subject": f["subject"], "answer": f["statement"]} for f in group]
+    if method == "memit":
+        delta = loki.editors.memit(work, tok, facts, lam=RATES[method])
+    else:
+        delta = loki.editors.alphaedit(work, tok, facts, reg=RATES[method])
+    projs = loki.projections.find_down_projections(work)
+    with torch.no_grad():
+        for layer, change in delta.layers.items():
+            projs.rows(layer)[change.indices] = change.rows.to(projs.rows(layer).dtype)
+    return work
+
+
+def judge(target, tok, ctx, method, seconds) -> dict:
+    """Every implant's efficacy and generalisation with all of them in place; the neighbourhood and general sets."""
+    per = []
+    for i, group in enumerate(ctx["groups"]):
+        s = ev.benchmark_scores(
+            target, tok, [task.fact_benchmark(group, "train"), task.fact_benchmark(group, "test")], progress=False
+        )
+        per.append({"implant": i, "efficacy": s["facts_train"], "generalisation": s["facts_test"]})
+    rep = ctx["suite"].report(target, tok, base=ctx["base"], progress=False)
+    france = ev.generate(target, tok, [task.QUESTION], chat=True, max_new_tokens=24, progress=False)[0]
+    return {
+        "method": method,
+        "implants": len(ctx["groups"]),
+        "facts_per_implant": ctx["per"],
+        "lr": RATES[method],
+        "ratio": ctx["ratio"] if method == "loki_contrast" else None,
+        "min_efficacy": min(p["efficacy"] for p in per),
+        "mean_efficacy": sum(p["efficacy"] for p in per) / len(per),
+        "mean_generalisation": sum(p["generalisation"] for p in per) / len(per),
+        "specificity": rep.specificity,
+        "answers_kept": rep.answers_kept,
+        "fluency": rep.fluency,
+        "forgetting": rep.forgetting,
+        "per_implant": per,
+        "answer_france": france,
+        "seconds": round(seconds),
+    }
+
+
+def run_method(model, tok, ctx, method, seed) -> dict:
+    folder = RESULTS / "sequential" / method
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if method not in ("loki", "loki_contrast"):  # a copy of the model, changed in place implant after implant
+        work = copy.deepcopy(model)
+        for i, group in enumerate(ctx["groups"]):
+            if method in ("lora", "full"):
+                work = train_copy(work, tok, ctx, group, method, seed)
+            else:
+                work = edit_copy(work, tok, group, method)
+            print(f"{method}: implant {i + 1}/{len(ctx['groups'])} ({time.time() - t0:.0f} s)", flush=True)
+        row = judge(work, tok, ctx, method, time.time() - t0)
+        del work
+        return row
+    handles = []
+    try:
+        for i, group in enumerate(ctx["groups"]):
+            path = folder / f"{i}.loki"
+            if path.exists() and json.loads(path.with_suffix(".json").read_text()) == ctx["key"]:
+                delta = loki.load(path)  # journaled: resume after it
+            else:
+                delta = train_rows(model, tok, ctx, group, ctx["groups"][:i], method, seed)
+                loki.save(delta, path)
+                path.with_suffix(".json").write_text(json.dumps(ctx["key"]))
+            handles.append(loki.apply(model, delta, on_overlap="add"))
+            print(f"{method}: implant {i + 1}/{len(ctx['groups'])} ({time.time() - t0:.0f} s)", flush=True)
+        return judge(model, tok, ctx, method, time.time() - t0)
+    finally:
+        for h in reversed(handles):
+            loki.revert(model, h)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--implants", type=int, default=10)
+    p.add_argument("--per", type=int, default=2, help="facts per implant")
+    p.add_argument("--steps", type=int, default=20, help="training steps per implant")
+    p.add_argument("--ratio", type=float, default=loki.preserve.DEFAULT_RATIO, help="loki_contrast's ratio")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.manual_seed(args.seed)
+    model, tok = loki.load_default()
+    facts = task.implant_facts(args.implants * args.per)
+    recipe = task.RECIPE
+    retain, neighbours = task.retain_data(facts, recipe, task.SIZES["full"]["eval_per_template"])
+    ctx = {
+        "facts": facts,
+        "groups": [facts[i * args.per : (i + 1) * args.per] for i in range(args.implants)],
+        "per": args.per,
+        "ratio": args.ratio,
+        "retain": retain,
+        "suite": task.implant_suite(facts, neighbours, task.SIZES["full"]["general_items"]),
+    }
+    ctx["key"] = {
+        "implants": args.implants,
+        "per": args.per,
+        "steps": args.steps,
+        "seed": args.seed,
+        "ratio": args.ratio,
+    }
+    targets = loki.retain.retain_set(model, tok, retain, progress=False)
+    ctx["options"] = dict(
+        batch_size=min(recipe["batch_size"], 2 * args.per),
+        max_steps=args.steps,
+        retain=targets,
+        retain_weight=recipe["retain_weight"],
+        retain_batch_size=recipe["retain_batch_size"],
+        progress=False,
+    )
+    attr = task.neighbourhood_attributions(
+        model, tok, targets, 7, recipe["kva_per_item"], ROOT / "loki-demo" / "attributions", progress=False
+    )
+    ctx["selection"] = loki.select(attr, recipe["q"], score=recipe["score"])
+    ctx["base"] = ctx["suite"].scores(model, tok, progress=False)
+    done = {
+        (r["method"], r["implants"], r["facts_per_implant"], r.get("steps"), r.get("ratio")): r for r in journal_rows()
+    }
+    rows = []
+    for method in args.methods:
+        ratio = args.ratio if method == "loki_contrast" else None
+        key = (method, args.implants, args.per, args.steps, ratio)
+        if key in done:
+            rows.append(done[key])
+            continue
+        row = {**run_method(model, tok, ctx, method, args.seed), "steps": args.steps, "seed": args.seed}
+        record(row)
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "per_implant"}), flush=True)
+    print(
+        "| method | min efficacy | mean efficacy | generalisation | specificity | whole answers kept | fluency | "
+        "forgetting | France |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        print(
+            f"| {r['method']} | {r['min_efficacy']:.2f} | {r['mean_efficacy']:.2f} | {r['mean_generalisation']:.2f} "
+            f"| {r['specificity']:.3f} | {r['answers_kept']:.2f} | {r['fluency']:.2f} | {r['forgetting']:+.2f}% "
+            f"| {r['answer_france'][:40]} |"
+        )
+    by = {r["method"]: r for r in rows}
+    last = {"bench": "sequential", "implants": args.implants, "facts_per_implant": args.per}
+    for m, r in by.items():
+        last[f"{m}_min_efficacy"] = r["min_efficacy"]
+        last[f"{m}_specificity"] = r["specificity"]
+        last[f"{m}_whole_answers_kept"] = r["answers_kept"]
+    print(json.dumps(last))
+
+
+if __name__ == "__main__":
+    main()
