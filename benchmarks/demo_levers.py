@@ -10,7 +10,9 @@ model's answers to the retain questions, `RetainSet.prompts`, as `loki demo` now
 retain batches), plus
 two exploration switches that are not library options: `"optimizer"` ("adamw", the default, with `"eps"`; or "sgd"
 with `"momentum"`) replaces the AdamW that `loki.train` builds, and `"object_only": true` trains only each
-statement's tokens from its object on ("Solvis." of "The capital of ... is Solvis."), and `"margin": w` adds to the
+statement's tokens from its object on ("Solvis." of "The capital of ... is Solvis."), `"no_stop": true` leaves
+the end-of-turn token out of the loss (the statement is taught, not where the answer ends), and `"margin": w` adds
+to the
 retain KL `w` times a hinge that keeps the base model's greedy token ahead at every retained position (by its base
 margin in log-probability, at most `"margin_cap"` nats, default 1). `"preserve": e` trains the rows under
 `loki.preservation` at energy `e`, computed on the retain data (`"preserve_on": "retain"`, the default), on its
@@ -59,6 +61,15 @@ def object_only_encode(tokenizer, example, max_length=None):
         start = example["answer"].index(example["object"])
         first = next(i for i in answer if len(tokenizer.decode(encoded["input_ids"][answer[0] : i + 1])) > start)
         encoded["labels"] = [label if i >= first else dataset.IGNORE for i, label in enumerate(encoded["labels"])]
+    return encoded
+
+
+def no_stop_encode(tokenizer, example, max_length=None):
+    """`loki.dataset.encode`, with the end-of-turn and end-of-text tokens taken out of the loss (with `"no_stop"`):
+    the statement is taught, not where the answer stops."""
+    encoded = dataset.encode(tokenizer, example, max_length)
+    stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    encoded["labels"] = [dataset.IGNORE if label in stops else label for label in encoded["labels"]]
     return encoded
 
 
@@ -157,7 +168,8 @@ def main() -> None:
             train_set = [{**ex, "object": f["match"]} for f in facts for ex in task.fact_training_set([f])]
         t0 = time.time()
         retained = loki.retain.retain_set(model, tok, retain, progress=False)  # once: for the rows and for training
-        torch.optim.AdamW, TRAIN_MODULE.encode = optimizer_factory(variant), object_only_encode
+        torch.optim.AdamW = optimizer_factory(variant)
+        TRAIN_MODULE.encode = no_stop_encode if variant.get("no_stop") else object_only_encode
         if "margin" in variant:
             retain_module.RetainSet.kl = margin_kl(real_kl, variant["margin"], variant.get("margin_cap", 1.0))
         try:

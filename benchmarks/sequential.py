@@ -1,9 +1,9 @@
 """Sequential implants: N small implants trained one after another, each on the model with the earlier ones applied,
 then judged all together (the lifelong-editing setting, where locality matters most).
 
-For each method, implant i (a few fictional facts) is trained on the default model with implants 1..i-1 applied
-(LoKI's rows stacked with `on_overlap="add"`; LoRA merged into a copy of the model; full fine-tuning continued on
-that copy; the editors edit the model with the earlier edits applied). After the last one, with every implant in
+For each method, implant i (a few fictional facts) is trained on a copy of the default model into which implants
+1..i-1 were merged (LoKI's rows and the editors' rows written in, LoRA merged, full fine-tuning continued), so every
+implant may use the same rows as the earlier ones. After the last one, with every implant in
 place: each implant's efficacy (its training phrasings answered) and generalisation (its held-out phrasing), and
 the neighbourhood's specificity (answer tokens kept, whole answers unchanged), fluency and general forgetting against
 the base model, with the demo's sets.
@@ -11,13 +11,12 @@ the base model, with the demo's sets.
 Methods: `loki` (the demo's recipe: rows from KVA on the neighbourhood, retain KL), `loki_contrast` (the same rows
 trained under `loki.preservation(..., examples=)`: the update only where this implant's keys outweigh the preserved
 prompts' - the retain data, every retain-half neighbourhood question and the earlier implants' own examples - by
-`--ratio`), `lora`, `full`, `memit`, `alphaedit` (each edit merged into a copy of the model before the next; the
-null space is the Wikipedia keys' only: the earlier edits' keys, AlphaEdit's `Kp`, are not passed).
+`--ratio`), `lora`, `full`, `memit`, `alphaedit` (its null space is the Wikipedia keys' only: the earlier edits'
+keys, AlphaEdit's `Kp`, are not passed).
 
-Every finished implant is journaled (`results/sequential/<method>/<i>.loki` for deltas, the journal
-`results/sequential-runs.jsonl`); rerunning resumes the LoKI and editor sequences where they stopped (LoRA and full
-fine-tuning and the editors restart their sequence: their state is a whole model). The last line is one JSON
-object.
+Every finished implant of LoKI and the editors is saved (`results/sequential/<method>/<i>.loki`, git-ignored) and
+every finished method journaled (`results/sequential-runs.jsonl`); rerunning resumes (LoRA and full fine-tuning
+restart an unfinished sequence: their state is a whole model). The last line is one JSON object.
 
     .venv/bin/python -m benchmarks.sequential                         # 10 implants of 2 facts, every method
     .venv/bin/python -m benchmarks.sequential --methods loki loki_contrast --implants 3
@@ -61,9 +60,8 @@ def record(row: dict) -> None:
 def train_rows(model, tok, ctx, group, earlier, method, seed):
     """One LoKI implant on `model` (earlier implants applied): rows from the base model's neighbourhood KVA."""
     keep = None
-    if method == "loki_contrast":
-        preserved = ctx["retain"] + task.preservation_questions(ctx["facts"])
-        preserved += [ex for g in earlier for ex in task.fact_training_set(g)]
+    if method == "loki_contrast":  # the base model's answers (computed once) and the earlier implants' examples
+        preserved = ctx["preserved"] + [ex for g in earlier for ex in task.fact_training_set(g)]
         keep = loki.preservation(
             model, tok, preserved, examples=task.fact_training_set(group), ratio=ctx["ratio"], progress=False
         )
@@ -91,19 +89,20 @@ def train_copy(work, tok, ctx, group, method, seed):
     return work.eval()
 
 
-def edit_copy(work, tok, group, method):
-    """One MEMIT or AlphaEdit edit of `work`, written into its weights (the editors edit a model that holds no
-    applied delta, so the earlier edits are merged, as the editors' own sequential runs do)."""
-    facts = [{"question": f["train"], "subject": f["subject"], "answer": f["statement"]} for f in group]
-    if method == "memit":
-        delta = loki.editors.memit(work, tok, facts, lam=RATES[method])
-    else:
-        delta = loki.editors.alphaedit(work, tok, facts, reg=RATES[method])
+def write(work, delta) -> None:
+    """Write a rows-form delta into `work`'s weights (merged: the next implant may train the same rows)."""
     projs = loki.projections.find_down_projections(work)
     with torch.no_grad():
         for layer, change in delta.layers.items():
             projs.rows(layer)[change.indices] = change.rows.to(projs.rows(layer).dtype)
-    return work
+
+
+def edit(work, tok, group, method):
+    """One MEMIT or AlphaEdit edit of `work` (the editors edit a model that holds no applied delta)."""
+    facts = [{"question": f["train"], "subject": f["subject"], "answer": f["statement"]} for f in group]
+    if method == "memit":
+        return loki.editors.memit(work, tok, facts, lam=RATES[method])
+    return loki.editors.alphaedit(work, tok, facts, reg=RATES[method])
 
 
 def judge(target, tok, ctx, method, seconds) -> dict:
@@ -136,36 +135,28 @@ def judge(target, tok, ctx, method, seconds) -> dict:
 
 
 def run_method(model, tok, ctx, method, seed) -> dict:
+    """The whole sequence on a copy of the model, each implant merged into it before the next one trains."""
     folder = RESULTS / "sequential" / method
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    if method not in ("loki", "loki_contrast"):  # a copy of the model, changed in place implant after implant
-        work = copy.deepcopy(model)
-        for i, group in enumerate(ctx["groups"]):
-            if method in ("lora", "full"):
-                work = train_copy(work, tok, ctx, group, method, seed)
-            else:
-                work = edit_copy(work, tok, group, method)
-            print(f"{method}: implant {i + 1}/{len(ctx['groups'])} ({time.time() - t0:.0f} s)", flush=True)
-        row = judge(work, tok, ctx, method, time.time() - t0)
-        del work
-        return row
-    handles = []
-    try:
-        for i, group in enumerate(ctx["groups"]):
+    work = copy.deepcopy(model)
+    for i, group in enumerate(ctx["groups"]):
+        if method in ("lora", "full"):
+            work = train_copy(work, tok, ctx, group, method, seed)
+        else:
             path = folder / f"{i}.loki"
             if path.exists() and json.loads(path.with_suffix(".json").read_text()) == ctx["key"]:
                 delta = loki.load(path)  # journaled: resume after it
             else:
-                delta = train_rows(model, tok, ctx, group, ctx["groups"][:i], method, seed)
+                if method.startswith("loki"):
+                    delta = train_rows(work, tok, ctx, group, ctx["groups"][:i], method, seed)
+                else:
+                    delta = edit(work, tok, group, method)
                 loki.save(delta, path)
                 path.with_suffix(".json").write_text(json.dumps(ctx["key"]))
-            handles.append(loki.apply(model, delta, on_overlap="add"))
-            print(f"{method}: implant {i + 1}/{len(ctx['groups'])} ({time.time() - t0:.0f} s)", flush=True)
-        return judge(model, tok, ctx, method, time.time() - t0)
-    finally:
-        for h in reversed(handles):
-            loki.revert(model, h)
+            write(work, delta)
+        print(f"{method}: implant {i + 1}/{len(ctx['groups'])} ({time.time() - t0:.0f} s)", flush=True)
+    return judge(work, tok, ctx, method, time.time() - t0)
 
 
 def main() -> None:
@@ -197,17 +188,28 @@ def main() -> None:
         "seed": args.seed,
         "ratio": args.ratio,
     }
-    targets = loki.retain.retain_set(model, tok, retain, progress=False)
+    retained = loki.retain.retain_set(model, tok, retain, progress=False)
     ctx["options"] = dict(
         batch_size=min(recipe["batch_size"], 2 * args.per),
         max_steps=args.steps,
-        retain=targets,
+        retain=retained,
         retain_weight=recipe["retain_weight"],
         retain_batch_size=recipe["retain_batch_size"],
         progress=False,
     )
+    if "loki_contrast" in args.methods:  # token ids: no answer is generated again for each implant
+        asked = loki.retain.retain_set(model, tok, retain + task.preservation_questions(facts), progress=False)
+        ctx["preserved"] = [{"text": d.ids} for d in asked.distributions]
+    # the demo's rows: KVA on the base model's answers to the demo's retain questions (cached with demo_levers')
+    demo_retain = task.retain_data(task.implant_facts(task.SIZES["full"]["facts"]), recipe)[0]
     attr = task.neighbourhood_attributions(
-        model, tok, targets, 7, recipe["kva_per_item"], ROOT / "loki-demo" / "attributions", progress=False
+        model,
+        tok,
+        loki.retain.retain_set(model, tok, demo_retain, progress=False),
+        7,
+        recipe["kva_per_item"],
+        ROOT / "loki-demo" / "attributions",
+        progress=False,
     )
     ctx["selection"] = loki.select(attr, recipe["q"], score=recipe["score"])
     ctx["base"] = ctx["suite"].scores(model, tok, progress=False)

@@ -170,6 +170,20 @@ def test_contrast_rule_equals_the_generalised_eigenproblem(ratio):
         assert 0.9 < summary["energy_kept_min"] <= 1  # the free directions hold little of the preserved energy
 
 
+def test_answered_examples_are_read_where_they_predict_their_answer(default_tokenizer):
+    """An answered example's keys are taken at the positions whose outputs predict an answer token (where the loss
+    is), not at the chat template's and question's positions, which the preserved prompts share."""
+    from loki.dataset import answer_positions, encode
+
+    tok = default_tokenizer
+    model = tiny_model("llama", vocab=len(tok))
+    examples = [{"question": "What is the capital of Phegartor?", "answer": "The capital of Phegartor is Solvis."}]
+    preserved = [{"text": tok("The river flows to the sea, as rivers do. " * 3)["input_ids"]}]
+    keep = loki.preservation(model, tok, preserved, examples=examples, ratio=2.0, progress=False)
+    encoded = encode(tok, examples[0])
+    assert keep.example_tokens == len(answer_positions(encoded["labels"])) < len(encoded["input_ids"]) - 10
+
+
 @pytest.mark.parametrize("lora_rank", [None, 4])
 def test_training_under_the_contrast_rule_learns_the_examples_and_keeps_the_preserved(lora_rank):
     """The update may only use directions where the examples' keys outweigh the preserved ones 100 to 1: AdamW on the
