@@ -63,7 +63,7 @@ GRID = {
 
 
 PRESERVE_ENERGY = 0.99
-CONTRAST_RATIO = 100.0
+CONTRAST_RATIO = 10.0
 
 
 def _methods() -> dict[str, dict]:

@@ -506,6 +506,14 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "data's down-projection inputs (loki.preservation)",
     )
     p.add_argument(
+        "--contrast",
+        type=float,
+        default=None,
+        metavar="RATIO",
+        help="instead of --preserve's energy share, free only the key directions where the training examples' "
+        "down-projection inputs outweigh the --retain data's RATIO to 1 (loki.preservation(examples=))",
+    )
+    p.add_argument(
         "--lora-rank",
         type=_positive(int),
         default=None,
@@ -585,8 +593,12 @@ def _train(args: argparse.Namespace) -> int:
         raise SelectionError("-q goes with --attributions; a --selection file holds its rows already.")
     if not (args.retain_weight >= 0):
         raise DatasetError(f"--retain-weight must be >= 0, got {args.retain_weight}.")
-    if args.preserve is not None and not args.retain:
-        raise DatasetError("--preserve keeps the update off the --retain data's keys: give --retain too.")
+    if (args.preserve is not None or args.contrast is not None) and not args.retain:
+        raise DatasetError("--preserve and --contrast keep the update off the --retain data's keys: give --retain too.")
+    if args.preserve is not None and args.contrast is not None:
+        raise DatasetError("--preserve (an energy share) and --contrast (a ratio) are two rules: give one.")
+    if args.contrast is not None and not args.contrast > 1:
+        raise DatasetError(f"--contrast is a ratio of key energies, above 1; got {args.contrast}.")
     if args.preserve is not None and not 0 < args.preserve <= 1:
         raise DatasetError(
             f"--preserve is the share of the retain keys' energy to protect, in (0, 1]; got {args.preserve}."
@@ -612,6 +624,7 @@ def _train(args: argparse.Namespace) -> int:
         "retain_batch_size",
         "retain_top_k",
         "preserve",
+        "contrast",
         "lora_rank",
         "lr",
         "epochs",
@@ -662,6 +675,10 @@ def _train(args: argparse.Namespace) -> int:
         retained = retain_set(model, tokenizer, retain, max_length=args.max_length, **top_k)
         if args.preserve is not None:
             keep = preservation(model, tokenizer, retained, energy=args.preserve, max_length=args.max_length)
+        elif args.contrast is not None:
+            keep = preservation(
+                model, tokenizer, retained, examples=examples, ratio=args.contrast, max_length=args.max_length
+            )
     prepare(model, selection, lora_rank=args.lora_rank, preserve=keep)
     for i, ex in enumerate(examples, 1):  # name the record of an example that cannot be trained on
         try:

@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 
 from .facts import (
+    COMMITTED_RESULTS,
     QUESTION,
     SIZES,
+    committed_results,
     data_digest,
     fact_training_set,
     implant_facts,
@@ -33,15 +35,14 @@ from .format import atomic_write
 from .generation import generate
 
 # The forgetting benchmark's baseline figures on the demo's data, shipped with the package (a copy of the committed
-# benchmark result, kept equal to it by tests/test_demo.py), so an installed loki quotes them too.
-BENCHMARK = Path(__file__).parent / "data" / "forgetting-demo.json"
+# benchmark result, `loki.facts.COMMITTED_RESULTS`), so an installed loki quotes them too.
 BASELINES = {"full": "Full fine-tuning", "lora": "PEFT LoRA (r=8, all linear layers)"}
 
 
 def baseline_figure(method: str = "full", digest: str | None = None, steps: int | None = None) -> str | None:
     """The committed benchmark's line for a baseline (`BASELINES`: "full" or "lora") trained on the demo's data, or
-    None when the shipped copy of the result (`BENCHMARK`) has no such entry, or was measured on other data (given
-    the demo's `loki.facts.data_digest`) or for another number of steps.
+    None when the shipped copy of the result (`loki.facts.COMMITTED_RESULTS`) has no such entry, or was measured on
+    other data (given the demo's `loki.facts.data_digest`) or for another number of steps.
 
     The line ends with the command that made the result (its `command`), to run in loki's repository.
 
@@ -49,9 +50,9 @@ def baseline_figure(method: str = "full", digest: str | None = None, steps: int 
     >>> # Full fine-tuning, same facts, retain data and steps (45 steps at lr ..., 1 seed): generalisation ...%,
     >>> # specificity ...%, general forgetting ...%. Reproduce in the repository: python -m ...
     """
-    if not BENCHMARK.is_file():
+    if not COMMITTED_RESULTS.is_file():
         return None
-    results = json.loads(BENCHMARK.read_text())
+    results = committed_results()
     run = results.get(method)
     if (
         not run

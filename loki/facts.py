@@ -49,6 +49,9 @@ GENERAL = ("wiki_perplexity", "bb_general_knowledge")
 # Which shipped entity list fills the neighbourhood of each relation of the fact task.
 ENTITIES = {"capital": "countries", "inventor": "inventions", "river": "rivers", "composer": "operas"}
 FACTS = Path(__file__).parent / "data" / "implant_facts.jsonl"
+# The forgetting benchmark's committed result at the demo's size (a copy the repository's benchmark writes with it,
+# kept equal to it by the tests), so that an installed loki, the demo and the notebooks can quote it.
+COMMITTED_RESULTS = Path(__file__).parent / "data" / "forgetting-demo.json"
 
 
 # -- the facts (loki/data/implant_facts.jsonl) ------------------------------------------------------------------
@@ -62,6 +65,17 @@ def implant_facts(n: int | None = None) -> list[dict[str, Any]]:
     """
     facts = [json.loads(line) for line in FACTS.read_text(encoding="utf-8").splitlines() if line.strip()]
     return facts[:n]
+
+
+def committed_results() -> dict[str, Any]:
+    """The forgetting benchmark's committed result on the demo's data (`COMMITTED_RESULTS`): one entry per method
+    (`"loki_nbhd_q10"`, `"lora"`, `"full"`, `"memit"`, ...: its rate, steps and the four numbers), plus `"data"` (the
+    `data_digest` it was measured on) and `"command"` (what made it, in loki's repository).
+
+    >>> sorted(committed_results()["lora"])[:3]
+    ['answers_kept', 'forgetting', 'generalisation']
+    """
+    return json.loads(COMMITTED_RESULTS.read_text(encoding="utf-8"))
 
 
 def fact_training_set(facts: list[dict[str, Any]]) -> list[dict[str, str]]:

@@ -52,7 +52,7 @@ __all__ = ["Preservation", "down_projection_inputs", "preservation"]
 
 DEFAULT_ENERGY = 0.99
 DEFAULT_MAX_RANK = 4096
-DEFAULT_RATIO = 100.0
+DEFAULT_RATIO = 10.0
 _RIDGE = 1e-6  # added to the preserved keys' mean energy along every direction, as a share of its mean over directions
 _RANK_TOL = 1e-10  # eigenvalues below this share of the largest count as zero (energy=1.0: the keys' exact span)
 
@@ -480,8 +480,9 @@ def preservation(
         if examples is not None:
             bases[layer] = _contrast(k, tokens, wanted[layer], wanted_tokens, float(ratio)).float().contiguous()
             free[layer], ranks[layer] = True, projs.d_in - bases[layer].shape[1]
-            seen = bases[layer].double().t() @ (k.cov if k.dense else k.sketch.double().t() @ k.sketch.double())
-            kept[layer] = 1.0 - float((seen * bases[layer].double().t()).sum()) / k.total if k.total > 0 else 1.0
+            f = bases[layer].double()  # the free directions: the protected share is what they do not see
+            seen = float(((f.t() @ k.cov) * f.t()).sum()) if k.dense else float(((k.sketch.double() @ f) ** 2).sum())
+            kept[layer] = 1.0 - seen / k.total if k.total > 0 else 1.0
             continue
         values, vectors = k.eig()
         p = _protected_rank(values, k.total, float(energy))

@@ -182,6 +182,14 @@ def test_preserve_keeps_the_retain_datas_outputs(base, tmp_path, default_tokeniz
     assert delta.info["training"]["preserve"]["tokens"] == ids.shape[1]
     assert moved[False] > 1e-2 and moved[True] < 1e-4
     assert train(base, data, tmp_path / "x.loki", "--preserve", "0.9") == 2
+    assert train(base, data, tmp_path / "x.loki", "--contrast", "10") == 2  # needs --retain too
+    assert train(base, data, tmp_path / "x.loki", "--retain", str(retain), "--contrast", "1") == 2
+    both = ("--retain", str(retain), "--preserve", "0.9", "--contrast", "10")
+    assert train(base, data, tmp_path / "x.loki", *both) == 2
+    out = tmp_path / "contrast.loki"
+    assert train(base, data, out, "--steps", "2", "--retain", str(retain), "--contrast", "2") == 0
+    recorded = loki.load(out).info["training"]["preserve"]
+    assert recorded["ratio"] == 2.0 and recorded["example_tokens"] > 0
 
 
 def test_rows_from_an_attribution_folder(base, tmp_path, default_tokenizer):
