@@ -89,14 +89,6 @@ def train_copy(work, tok, ctx, group, method, seed):
     return work.eval()
 
 
-def write(work, delta) -> None:
-    """Write a rows-form delta into `work`'s weights (merged: the next implant may train the same rows)."""
-    projs = loki.projections.find_down_projections(work)
-    with torch.no_grad():
-        for layer, change in delta.layers.items():
-            projs.rows(layer)[change.indices] = change.rows.to(projs.rows(layer).dtype)
-
-
 def edit(work, tok, group, method):
     """One MEMIT or AlphaEdit edit of `work` (the editors edit a model that holds no applied delta)."""
     facts = [{"question": f["train"], "subject": f["subject"], "answer": f["statement"]} for f in group]
@@ -154,7 +146,8 @@ def run_method(model, tok, ctx, method, seed) -> dict:
                     delta = edit(work, tok, group, method)
                 loki.save(delta, path)
                 path.with_suffix(".json").write_text(json.dumps(ctx["key"]))
-            write(work, delta)
+            loki.apply(work, delta)
+            loki.merge(work)  # baked in: the next implant may train the same rows
         print(f"{method}: implant {i + 1}/{len(ctx['groups'])} ({time.time() - t0:.0f} s)", flush=True)
     return judge(work, tok, ctx, method, time.time() - t0)
 
