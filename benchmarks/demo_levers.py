@@ -6,22 +6,27 @@ retain data, neighbourhood and general sets as `loki demo`). Rows come from KVA 
 demo's rows before 2026-12-01) unless a variant says otherwise. A variant is a JSON object of RECIPE keys to change
 (`q`, `score`, `lr`, `steps`, `retain_weight`, ...), `"attribute_on": "neighbours"` (rows scored by KVA on the base
 model's answers to the retain questions, `RetainSet.prompts`, as `loki demo` now does; with `"per_item"`,
-`"ig_steps"` (default 7), `"and_probe"`), `"layers"`, `"lora_rank"` (LoKI*), `"seed"` (`loki.train`'s: batch order,
-retain batches), plus
-two exploration switches that are not library options: `"optimizer"` ("adamw", the default, with `"eps"`; or "sgd"
-with `"momentum"`) replaces the AdamW that `loki.train` builds, and `"object_only": true` trains only each
-statement's tokens from its object on ("Solvis." of "The capital of ... is Solvis."), `"no_stop": true` leaves
-the end-of-turn token out of the loss (the statement is taught, not where the answer ends), and `"margin": w` adds
-to the
-retain KL `w` times a hinge that keeps the base model's greedy token ahead at every retained position (by its base
-margin in log-probability, at most `"margin_cap"` nats, default 1). `"preserve": e` trains the rows under
-`loki.preservation` at energy `e`, computed on the retain data (`"preserve_on": "retain"`, the default), on its
-questions only (`"questions"`), or on `"preserve_text": n` general-prose snippets as well (`"retain+text"`);
-`"preserve_per_template": n` adds the base model's answers to n neighbourhood questions per template (all: -1) about
-the retain half of the entities (never the evaluation half).
+`"ig_steps"` (default 7), `"and_probe"`), `"layers"`, `"lora_rank"` (LoKI*), `"seed"` (`loki.train`'s: batch
+order, retain batches), plus exploration switches that are not library options:
+- `"optimizer"`: "adamw" (the default, with `"eps"`), "sgd" (with `"momentum"`) or "row_adam" (Adam with one
+  second moment per row, `RowAdam`) replaces the AdamW that `loki.train` builds;
+- `"object_only": true` trains only each statement's tokens from its object on ("Solvis." of "The capital of ... is
+  Solvis.");
+- `"no_stop": true` leaves the end-of-turn token out of the loss (the statement is taught, not where the answer
+  ends);
+- `"margin": w` adds to the retain KL `w` times a hinge that keeps the base model's greedy token ahead at every
+  retained position (by its base margin in log-probability, at most `"margin_cap"` nats, default 1);
+- `"preserve": e` trains the rows under `loki.preservation` at energy `e`, computed on the retain data
+  (`"preserve_on": "retain"`, the default), on its questions only (`"questions"`), or on `"preserve_text": n`
+  general-prose snippets as well (`"retain+text"`); `"preserve_per_template": n` adds the base model's answers to n
+  neighbourhood questions per template (all: -1) about the retain half of the entities (never the evaluation half);
+  `"contrast": ratio` uses the contrast rule (`loki.preservation(..., examples=, ratio=)`) instead;
+- `"oracle": true` adds the 32 judged neighbourhood questions themselves to the retain data (never a recipe: it
+  measures how much of the neighbourhood the retain loss keeps when it knows the very questions).
+
 Each result is printed and appended as one JSON line to `results/demo-levers.jsonl`.
 
-    .venv/bin/python benchmarks/demo_levers.py '[{"eps": 1e-5}, {"score": "abs"}, {"q": 20, "lr": 2e-3}]'
+    .venv/bin/python -m benchmarks.demo_levers '[{"eps": 1e-5}, {"score": "abs"}, {"q": 20, "lr": 2e-3}]'
 
 About 35 s for the base, then 150 s a variant, on an idle 2-core CPU (cached demo attributions in loki-demo/).
 """
@@ -34,6 +39,7 @@ from pathlib import Path
 import torch
 
 import loki
+from benchmarks.answer_fragility import relative_change
 from loki import dataset, generation
 from loki import facts as task
 from loki.forward import logits_at
@@ -45,11 +51,42 @@ TRAIN_MODULE = sys.modules["loki.training"]  # the module `loki.train` comes fro
 retain_module = sys.modules["loki.retain"]
 
 
+class RowAdam(torch.optim.Optimizer):
+    """Adam with one second moment per row (the mean of the squared gradient over the row's last dimension) instead
+    of one per coordinate. AdamW moves every coordinate of a trained row by about the rate, whether its gradient is
+    signal or noise, so the update leaves the span of the keys that produced the gradients and reaches every
+    prompt; here each row moves along its momentum (a sum of gradients, so inside that span), rows and layers still
+    scaled to a common rate."""
+
+    def __init__(self, params, lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["t"], state["m"] = 0, torch.zeros_like(p)
+                    state["v"] = torch.zeros(*p.shape[:-1], 1, dtype=p.dtype, device=p.device)
+                state["t"] += 1
+                t, m, v = state["t"], state["m"], state["v"]
+                m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                v.mul_(b2).add_(p.grad.pow(2).mean(-1, keepdim=True), alpha=1 - b2)
+                step = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + group["eps"])
+                p.mul_(1 - group["lr"] * group["weight_decay"]).add_(step, alpha=-group["lr"])
+
+
 def optimizer_factory(variant: dict):
     """What `loki.train` calls as `torch.optim.AdamW(params, lr=..., weight_decay=...)`, for this variant."""
     real = torch.optim.AdamW
     if variant.get("optimizer", "adamw") == "sgd":
         return lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr, momentum=variant.get("momentum", 0.9))
+    if variant.get("optimizer") == "row_adam":
+        return lambda params, lr, weight_decay: RowAdam(params, lr=lr, weight_decay=weight_decay)
     return lambda params, lr, weight_decay: real(params, lr=lr, weight_decay=weight_decay, eps=variant.get("eps", 1e-8))
 
 
@@ -164,6 +201,8 @@ def main() -> None:
         # retain data as the variant's recipe builds it (`retain_per_template`, `retain_text`); the evaluation
         # questions are the demo's (retain_data draws them from the other half of the entities either way)
         retain = task.retain_data(facts, r, size["eval_per_template"])[0]
+        if variant.get("oracle"):  # the judged questions retained too: what retain could keep at best
+            retain = retain + neighbours
         if variant.get("object_only"):
             train_set = [{**ex, "object": f["match"]} for f in facts for ex in task.fact_training_set([f])]
         t0 = time.time()
@@ -207,6 +246,7 @@ def main() -> None:
             "train_s": round(seconds),
             "france": france,
             "preserve": delta.info["training"].get("preserve", {}).get("protected"),
+            "relative_change": round(relative_change(model, delta), 5) if delta.info["form"] == "rows" else None,
             **{
                 k: report[k]
                 for k in ("efficacy", "generalisation", "specificity", "answers_kept", "fluency", "forgetting")

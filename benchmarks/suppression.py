@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -44,8 +45,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2 probe prompts, 8 items per general set")
     p.add_argument("--q", type=float, default=1.0, help="percent of rows to zero (default 1, the paper's)")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="where results and attributions go (default: results/; a temporary folder with --quick)",
+    )
     args = p.parse_args()
+    # a quick run is a smoke test: it must not overwrite the committed results or leave caches in the checkout
+    args.out = args.out or (Path(tempfile.mkdtemp(prefix="loki-suppression-")) if args.quick else RESULTS)
     prompts, items = (2, 8) if args.quick else (24, None)
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
 

@@ -3,6 +3,13 @@ and write it as JSON.
 
     .venv/bin/python notebooks/run_all.py              # the default size: the real default model, full settings
     .venv/bin/python notebooks/run_all.py --quick      # the test suite's small size (LOKI_NOTEBOOK_QUICK=1)
+    .venv/bin/python notebooks/run_all.py --save       # the default size, and commit-ready outputs into notebooks/
+
+`--save` writes each notebook that ran without error back into notebooks/ with its outputs, so a reader on GitHub
+or the Hub sees the results without running it. Live widgets (progress bars, sliders) are dropped from the saved
+outputs: without a kernel they only show "model not found"; the notebooks draw their figures and tables as static
+images and HTML beside them. The notebook's metadata records the size, the date and a digest of its code, which
+the test suite checks, so a notebook edited without rerunning this fails `test_notebooks_are_committed_with_outputs`.
 
 Notebook 5 pushes to the local Hub test server (hub/server.py) unless HF_TOKEN and LOKI_HUB_REPO are set. The
 executed copies and `timings.json` (size, per notebook: seconds, ok; the slowest cells) are written next to what the
@@ -12,6 +19,7 @@ notebooks wrote (default: a new temporary folder). docs/notebooks.md quotes the 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -37,10 +45,46 @@ def cell_seconds(cell) -> float | None:
     return (parse(end) - parse(start)).total_seconds()
 
 
+def source_digest(book) -> str:
+    """sha256 of a notebook's code cells: what the saved outputs were computed from (the prose can change freely)."""
+    text = json.dumps([c.source for c in book.cells if c.cell_type == "code"])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+def publishable(book, work: Path, size: str, seconds: float):
+    """The executed notebook as committed: live widget views and run-time metadata dropped, the scratch folder's
+    path written as '.', the size, date and source digest recorded."""
+    book = nbformat.from_dict(json.loads(json.dumps(book)))  # a deep copy
+    for cell in book.cells:
+        cell.metadata.pop("execution", None)
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for out in cell.outputs:
+            if out.output_type in ("display_data", "execute_result") and WIDGET in out.get("data", {}):
+                continue  # its text/plain fallback is a widget's repr, not a result
+            if out.output_type == "stream":
+                out.text = out.text.replace(str(work), ".")
+            kept.append(out)
+        cell.outputs = kept
+    book.metadata.pop("widgets", None)
+    book.metadata["loki"] = {
+        "size": size,
+        "measured": datetime.now(timezone.utc).date().isoformat(),
+        "seconds": round(seconds),
+        "source_sha256": source_digest(book),
+    }
+    return book
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="the test suite's small size")
     p.add_argument("--dir", type=Path, help="where to run (default: a new temporary folder)")
+    p.add_argument("--save", action="store_true", help="write the executed notebooks back into notebooks/")
     p.add_argument("--only", nargs="*", help="run only these notebooks (name prefixes, e.g. 01 02); in order")
     args = p.parse_args()
     work = args.dir or Path(tempfile.mkdtemp(prefix="loki-notebooks-"))
@@ -71,6 +115,8 @@ def main() -> int:
             "slowest_cells": [{"cell": i, "seconds": round(s, 1)} for s, i in slowest],
         }
         nbformat.write(book, work / f"executed-{path.name}")
+        if args.save and ok:
+            nbformat.write(publishable(book, work, "quick" if args.quick else "default", seconds), path)
         print(f"{path.name}: {seconds:.0f} s {'ok' if ok else 'FAILED'}", flush=True)
         if error:
             print(error, flush=True)

@@ -5,6 +5,7 @@ They run in order in one scratch folder, as a user would: notebook 2 writes `fac
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -71,14 +72,38 @@ STATIC = {
 }
 
 
-def test_notebooks_are_committed_clean():
+def run_all_module():
+    """notebooks/run_all.py, imported from its path (notebooks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("run_all", NOTEBOOKS / "run_all.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_notebooks_are_committed_with_their_outputs():
+    """Committed as `notebooks/run_all.py --save` wrote them at the default size: every code cell ran, no errors,
+    no live widget views (they show "model not found" without a kernel), no scratch paths, and the code is the code
+    the outputs came from (edit a code cell, and this fails until the notebooks are run and saved again)."""
+    digest = run_all_module().source_digest
     names = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
     assert names == sorted(EXPECTED)
     for name in names:
         book = nbformat.read(NOTEBOOKS / name, as_version=4)
         nbformat.validate(book)
+        saved = book.metadata.get("loki", {})
+        assert saved.get("size") == "default", f"{name}: run `.venv/bin/python notebooks/run_all.py --save`"
+        assert saved.get("source_sha256") == digest(book), (
+            f"{name}: its code changed since its outputs were saved; run `.venv/bin/python notebooks/run_all.py --save`"
+        )
         code = [c for c in book.cells if c.cell_type == "code"]
-        assert code and all(not c.outputs and c.execution_count is None and c.source.strip() for c in code)
+        assert code and all(c.source.strip() and c.execution_count is not None for c in code), name
+        produced = [o for c in code for o in c.outputs]
+        assert produced, name
+        assert not [o for o in produced if o.output_type == "error"], name
+        assert not [o for o in produced if "application/vnd.jupyter.widget-view+json" in o.get("data", {})], name
+        assert "widgets" not in book.metadata, name
+        assert not re.search(r"/tmp/|loki-notebooks-", text_of(book)), name
+        assert EXPECTED[name].split(":")[0] in text_of(book), name
         # they teach loki's API and the shared task module (loki.facts), not the demo's internals
         assert not [c.source for c in code if re.search(r"loki\.demo\b|from loki import demo|import demo\b", c.source)]
 
