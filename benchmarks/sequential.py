@@ -14,12 +14,18 @@ prompts' - the retain data, every retain-half neighbourhood question and the ear
 `--ratio`), `lora`, `full`, `memit`, `alphaedit` (its null space is the Wikipedia keys' only: the earlier edits'
 keys, AlphaEdit's `Kp`, are not passed).
 
-Every finished implant of LoKI and the editors is saved (`results/sequential/<method>/<i>.loki`, git-ignored) and
-every finished method journaled (`results/sequential-runs.jsonl`); rerunning resumes (LoRA and full fine-tuning
-restart an unfinished sequence: their state is a whole model). The last line is one JSON object.
+`--rehearse` (for the trained methods): each implant's retain set adds, to the base model's retain data, the
+current model's distributions on the earlier implants' training examples (the earlier implants merged), so the
+retain loss keeps the earlier facts as well as the neighbourhood, as a user adding an implant to a model that
+already holds some would (`RetainSet.__add__`).
+
+Every finished implant of LoKI and the editors is saved (`results/sequential/<method>[-rehearse]/<i>.loki`,
+git-ignored) and every finished method journaled (`results/sequential-runs.jsonl`); rerunning resumes (LoRA and
+full fine-tuning restart an unfinished sequence: their state is a whole model). The last line is one JSON object.
 
     .venv/bin/python -m benchmarks.sequential                         # 10 implants of 2 facts, every method
     .venv/bin/python -m benchmarks.sequential --methods loki loki_contrast --implants 3
+    .venv/bin/python -m benchmarks.sequential --methods loki lora --rehearse
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import time
 from pathlib import Path
 
@@ -43,6 +50,7 @@ JOURNAL = RESULTS / "sequential-runs.jsonl"
 # constrained rows need a higher one (docs/benchmarks/forgetting.md, "Preservation"); the editors' strength knobs.
 RATES = {"loki": 2e-3, "loki_contrast": 1e-2, "lora": 3e-3, "full": 1e-4, "memit": 500.0, "alphaedit": 0.5}
 METHODS = tuple(RATES)
+TRAINED = ("loki", "loki_contrast", "lora", "full")  # the methods with a retain loss (`--rehearse` applies to them)
 
 
 def journal_rows() -> list[dict]:
@@ -57,6 +65,18 @@ def record(row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def options_for(work, tok, ctx, earlier) -> dict:
+    """`loki.train`'s options for the next implant. With `--rehearse`, the retain set is the base model's (the
+    neighbourhood and prose, computed once) plus the current model's distributions on the earlier implants' training
+    examples (`RetainSet.__add__`), so the retain loss keeps the earlier facts while the neighbourhood stays anchored
+    to the base model."""
+    if not ctx["rehearse"] or not earlier:
+        return ctx["options"]
+    examples = [ex for g in earlier for ex in task.fact_training_set(g)]
+    retained = ctx["options"]["retain"] + loki.retain.retain_set(work, tok, examples, progress=False)
+    return {**ctx["options"], "retain": retained}
+
+
 def train_rows(model, tok, ctx, group, earlier, method, seed):
     """One LoKI implant on `model` (earlier implants applied): rows from the base model's neighbourhood KVA."""
     keep = None
@@ -65,16 +85,18 @@ def train_rows(model, tok, ctx, group, earlier, method, seed):
         keep = loki.preservation(
             model, tok, preserved, examples=task.fact_training_set(group), ratio=ctx["ratio"], progress=False
         )
+    options = options_for(model, tok, ctx, earlier)
     loki.prepare(model, ctx["selection"], seed=seed, preserve=keep)
     try:
-        loki.train(model, tok, task.fact_training_set(group), lr=RATES[method], seed=seed, **ctx["options"])
+        loki.train(model, tok, task.fact_training_set(group), lr=RATES[method], seed=seed, **options)
         return loki.extract(model, name=f"{method}-{len(earlier)}")
     finally:
         loki.unprepare(model)
 
 
-def train_copy(work, tok, ctx, group, method, seed):
+def train_copy(work, tok, ctx, group, earlier, method, seed):
     """One LoRA (merged afterwards) or full fine-tuning implant on `work`, in place; returns the new `work`."""
+    options = options_for(work, tok, ctx, earlier)
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -82,7 +104,7 @@ def train_copy(work, tok, ctx, group, method, seed):
     else:
         work.requires_grad_(True)
     params = [p for p in work.parameters() if p.requires_grad]
-    loki.train(work, tok, task.fact_training_set(group), params=params, lr=RATES[method], seed=seed, **ctx["options"])
+    loki.train(work, tok, task.fact_training_set(group), params=params, lr=RATES[method], seed=seed, **options)
     if method == "lora":
         work = work.merge_and_unload()
     work.requires_grad_(False)
@@ -113,6 +135,7 @@ def judge(target, tok, ctx, method, seconds) -> dict:
         "facts_per_implant": ctx["per"],
         "lr": RATES[method],
         "ratio": ctx["ratio"] if method == "loki_contrast" else None,
+        "rehearse": ctx["rehearse"] and method in TRAINED,
         "min_efficacy": min(p["efficacy"] for p in per),
         "mean_efficacy": sum(p["efficacy"] for p in per) / len(per),
         "mean_generalisation": sum(p["generalisation"] for p in per) / len(per),
@@ -128,13 +151,13 @@ def judge(target, tok, ctx, method, seconds) -> dict:
 
 def run_method(model, tok, ctx, method, seed) -> dict:
     """The whole sequence on a copy of the model, each implant merged into it before the next one trains."""
-    folder = RESULTS / "sequential" / method
+    folder = RESULTS / "sequential" / (method + ("-rehearse" if ctx["rehearse"] and method in TRAINED else ""))
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     work = copy.deepcopy(model)
     for i, group in enumerate(ctx["groups"]):
         if method in ("lora", "full"):
-            work = train_copy(work, tok, ctx, group, method, seed)
+            work = train_copy(work, tok, ctx, group, ctx["groups"][:i], method, seed)
         else:
             path = folder / f"{i}.loki"
             if path.exists() and json.loads(path.with_suffix(".json").read_text()) == ctx["key"]:
@@ -152,6 +175,13 @@ def run_method(model, tok, ctx, method, seed) -> dict:
     return judge(work, tok, ctx, method, time.time() - t0)
 
 
+def label(row: dict) -> str:
+    """A journaled run's name in the table: its method, and "(rehearse)" if it ran with `--rehearse` ("(rehearse,
+    current)" for the first version of it, which took every retain distribution from the current model)."""
+    rehearse = row.get("rehearse")
+    return row["method"] + ("" if not rehearse else " (rehearse)" if rehearse is True else f" (rehearse, {rehearse})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -160,6 +190,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="training steps per implant")
     p.add_argument("--ratio", type=float, default=loki.preserve.DEFAULT_RATIO, help="loki_contrast's ratio")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--rehearse",
+        action="store_true",
+        help="retain the model as it is before each implant, the earlier implants' examples included (trained methods)",
+    )
     args = p.parse_args()
     torch.manual_seed(args.seed)
     model, tok = loki.load_default()
@@ -172,6 +207,7 @@ def main() -> None:
         "per": args.per,
         "ratio": args.ratio,
         "retain": retain,
+        "rehearse": args.rehearse,
         "suite": task.implant_suite(facts, neighbours, task.SIZES["full"]["general_items"]),
     }
     ctx["key"] = {
@@ -180,6 +216,7 @@ def main() -> None:
         "steps": args.steps,
         "seed": args.seed,
         "ratio": args.ratio,
+        **({"rehearse": True} if args.rehearse else {}),  # earlier runs' saved implants stay valid without it
     }
     retained = loki.retain.retain_set(model, tok, retain, progress=False)
     ctx["options"] = dict(
@@ -207,12 +244,21 @@ def main() -> None:
     ctx["selection"] = loki.select(attr, recipe["q"], score=recipe["score"])
     ctx["base"] = ctx["suite"].scores(model, tok, progress=False)
     done = {
-        (r["method"], r["implants"], r["facts_per_implant"], r.get("steps"), r.get("ratio")): r for r in journal_rows()
+        (
+            r["method"],
+            r["implants"],
+            r["facts_per_implant"],
+            r.get("steps"),
+            r.get("ratio"),
+            r.get("rehearse", False),
+        ): r
+        for r in journal_rows()
     }
     rows = []
     for method in args.methods:
         ratio = args.ratio if method == "loki_contrast" else None
-        key = (method, args.implants, args.per, args.steps, ratio)
+        rehearse = args.rehearse and method in TRAINED
+        key = (method, args.implants, args.per, args.steps, ratio, rehearse)
         if key in done:
             rows.append(done[key])
             continue
@@ -227,11 +273,11 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         print(
-            f"| {r['method']} | {r['min_efficacy']:.2f} | {r['mean_efficacy']:.2f} | {r['mean_generalisation']:.2f} "
+            f"| {label(r)} | {r['min_efficacy']:.2f} | {r['mean_efficacy']:.2f} | {r['mean_generalisation']:.2f} "
             f"| {r['specificity']:.3f} | {r['answers_kept']:.2f} | {r['fluency']:.2f} | {r['forgetting']:+.2f}% "
             f"| {r['answer_france'][:40]} |"
         )
-    by = {r["method"]: r for r in rows}
+    by = {re.sub(r"\W+", "_", label(r)).strip("_"): r for r in rows}
     last = {"bench": "sequential", "implants": args.implants, "facts_per_implant": args.per}
     for m, r in by.items():
         last[f"{m}_min_efficacy"] = r["min_efficacy"]

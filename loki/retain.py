@@ -120,6 +120,34 @@ class RetainSet:
     def __len__(self) -> int:
         return len(self.distributions)
 
+    def __add__(self, other: RetainSet) -> RetainSet:
+        """Both retain sets in one, each item keeping the distributions of the model it was computed on.
+
+        The case it is for: a new implant trained onto a model that already holds earlier ones, retaining the
+        base model's answers to the neighbourhood (computed once) and the current model's answers to the earlier
+        implants' questions, so that neither drifts (`benchmarks/sequential.py --rehearse`).
+
+        Raises:
+            DatasetError: `other` is not a RetainSet, or its `top_k` or pad token differs.
+
+        >>> import loki.testing
+        >>> model = loki.testing.tiny_model("llama")
+        >>> a = retain_set(model, None, [{"text": [5, 6, 7, 8]}], top_k=4, progress=False)
+        >>> b = retain_set(model, None, [{"text": [9, 10, 11]}], top_k=4, progress=False)
+        >>> len(a + b), (a + b).positions
+        (2, 5)
+        """
+        if not isinstance(other, RetainSet):
+            raise DatasetError(f"A RetainSet adds only another RetainSet, not {type(other).__name__}.")
+        if (other.top_k, other.pad_token_id) != (self.top_k, self.pad_token_id):
+            raise DatasetError(
+                f"These retain sets keep top_k={self.top_k} and top_k={other.top_k} tokens with pad ids "
+                f"{self.pad_token_id} and {other.pad_token_id}; compute both with the same tokenizer and top_k."
+            )
+        distributions = self.distributions + other.distributions
+        digest = hashlib.sha256(json.dumps([d.ids for d in distributions]).encode()).hexdigest()
+        return RetainSet(distributions, self.top_k, self.pad_token_id, self.items + other.items, digest)
+
     @property
     def positions(self) -> int:
         """Number of retained token positions over all items (a text of `n` tokens has `n - 1`)."""

@@ -240,6 +240,32 @@ def test_retain_set_can_be_computed_before_prepare_and_reused(default_tokenizer)
     assert results[0].losses == results[1].losses and results[0].retain_kl == results[1].retain_kl
 
 
+def test_added_retain_sets_keep_each_models_distributions(default_tokenizer):
+    """`a + b`: a's items keep the base model's distributions and b's the changed model's (the sequential-implant
+    case: the base's neighbourhood answers and the current model's answers to earlier implants' questions)."""
+    tok = default_tokenizer
+    base = tiny_model("llama", vocab=len(tok))
+    changed = tiny_model("llama", vocab=len(tok))
+    with torch.no_grad():
+        for p in changed.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    a = retain_set(base, tok, RETAIN, progress=False)
+    b = retain_set(changed, tok, FACTS, progress=False)
+    both = a + b
+    assert len(both) == len(a) + len(b) and both.positions == a.positions + b.positions
+    assert both.items == a.items + b.items and both.sha256 not in (a.sha256, b.sha256)
+    with torch.no_grad():
+        for i in range(len(a)):
+            assert torch.equal(both.kl(changed, [i]), a.kl(changed, [i]))
+        for j in range(len(b)):
+            assert torch.equal(both.kl(base, [len(a) + j]), b.kl(base, [j]))
+        assert both.kl(base, list(range(len(a)))).abs() < 1e-5 < both.kl(base, [len(a)])  # each its own model's
+    with pytest.raises(DatasetError, match="top_k"):
+        a + retain_set(changed, tok, FACTS, top_k=8, progress=False)
+    with pytest.raises(DatasetError, match="only another RetainSet"):
+        a + [1]
+
+
 @pytest.mark.slow  # over ~5 s on 2 CPU cores
 def test_retain_loss_with_the_hf_trainer(default_tokenizer, tmp_path):
     from transformers import Trainer, TrainingArguments
