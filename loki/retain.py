@@ -125,7 +125,7 @@ class RetainSet:
 
         The case it is for: a new implant trained onto a model that already holds earlier ones, retaining the
         base model's answers to the neighbourhood (computed once) and the current model's answers to the earlier
-        implants' questions, so that neither drifts (`benchmarks/sequential.py --rehearse`).
+        implants' questions, so that neither drifts.
 
         Raises:
             DatasetError: `other` is not a RetainSet, or its `top_k` or pad token differs.
