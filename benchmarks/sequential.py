@@ -53,6 +53,11 @@ METHODS = tuple(RATES)
 TRAINED = ("loki", "loki_contrast", "lora", "full")  # the methods with a retain loss (`--rehearse` applies to them)
 
 
+def rehearses(method: str, rehearse: bool) -> bool:
+    """Whether `method` runs with rehearsal when `--rehearse` is `rehearse` (the editors have no retain loss)."""
+    return rehearse and method in TRAINED
+
+
 def journal_rows() -> list[dict]:
     if not JOURNAL.exists():
         return []
@@ -135,7 +140,7 @@ def judge(target, tok, ctx, method, seconds) -> dict:
         "facts_per_implant": ctx["per"],
         "lr": RATES[method],
         "ratio": ctx["ratio"] if method == "loki_contrast" else None,
-        "rehearse": ctx["rehearse"] and method in TRAINED,
+        "rehearse": rehearses(method, ctx["rehearse"]),
         "min_efficacy": min(p["efficacy"] for p in per),
         "mean_efficacy": sum(p["efficacy"] for p in per) / len(per),
         "mean_generalisation": sum(p["generalisation"] for p in per) / len(per),
@@ -151,7 +156,7 @@ def judge(target, tok, ctx, method, seconds) -> dict:
 
 def run_method(model, tok, ctx, method, seed) -> dict:
     """The whole sequence on a copy of the model, each implant merged into it before the next one trains."""
-    folder = RESULTS / "sequential" / (method + ("-rehearse" if ctx["rehearse"] and method in TRAINED else ""))
+    folder = RESULTS / "sequential" / (method + ("-rehearse" if rehearses(method, ctx["rehearse"]) else ""))
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     work = copy.deepcopy(model)
@@ -193,7 +198,7 @@ def main() -> None:
     p.add_argument(
         "--rehearse",
         action="store_true",
-        help="retain the model as it is before each implant, the earlier implants' examples included (trained methods)",
+        help="also retain the current model on the earlier implants' examples (trained methods; RetainSet.__add__)",
     )
     args = p.parse_args()
     torch.manual_seed(args.seed)
@@ -257,8 +262,7 @@ def main() -> None:
     rows = []
     for method in args.methods:
         ratio = args.ratio if method == "loki_contrast" else None
-        rehearse = args.rehearse and method in TRAINED
-        key = (method, args.implants, args.per, args.steps, ratio, rehearse)
+        key = (method, args.implants, args.per, args.steps, ratio, rehearses(method, args.rehearse))
         if key in done:
             rows.append(done[key])
             continue

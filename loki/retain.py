@@ -145,8 +145,13 @@ class RetainSet:
                 f"{self.pad_token_id} and {other.pad_token_id}; compute both with the same tokenizer and top_k."
             )
         distributions = self.distributions + other.distributions
-        digest = hashlib.sha256(json.dumps([d.ids for d in distributions]).encode()).hexdigest()
-        return RetainSet(distributions, self.top_k, self.pad_token_id, self.items + other.items, digest)
+        return RetainSet(
+            distributions,
+            self.top_k,
+            self.pad_token_id,
+            self.items + other.items,
+            _digest([d.ids for d in distributions]),
+        )
 
     @property
     def positions(self) -> int:
@@ -458,8 +463,12 @@ def retain_set(
                 distributions.append(_Distributions(e["input_ids"], p, top_ids, top_logp, rest))
     finally:
         model.train(was_training)
-    digest = hashlib.sha256(json.dumps([e["input_ids"] for e in encoded]).encode()).hexdigest()
-    return RetainSet(distributions, top_k, pad, items, digest)
+    return RetainSet(distributions, top_k, pad, items, _digest([e["input_ids"] for e in encoded]))
+
+
+def _digest(ids: list[list[int]]) -> str:
+    """`RetainSet.sha256`: the checksum of the retained token ids, item by item."""
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
 
 
 class RetainLoss:
