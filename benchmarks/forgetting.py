@@ -6,14 +6,18 @@ Regimes:
   the facts' templates about real entities, `loki.neighbourhood`). Four numbers per run: efficacy, generalisation
   (the task score), specificity (answers to *other* neighbourhood questions kept) and general forgetting.
 - `task`: adapt to function calling, >= 1,000 real training examples whose answers are one-line JSON tool calls
-  (benchmarks/data/wikidata_toolcall, built from BIG-bench qa_wikidata), no retain data (the paper's regime).
+  (benchmarks/data/wikidata_toolcall, built from BIG-bench qa_wikidata), without retain data (the paper's regime)
+  and with it: the base model's own chat answers to questions that ask no capital (`chat_retain_data`), so world
+  capitals, a chat set among the general ones, measures whether chat knowledge survives the new answer format.
 
 Methods (same data, same retain data, same recipe `loki.train`): LoKI layer-balanced rows at q = 5, 10, 20, 30
 ranked by signed score (as published) and by |score|; LoKI q=10 rows scored on the base model's answers to the
-neighbourhood questions (`loki_nbhd_q10`, knowledge regime), also trained under `loki.preservation` of the retain
-data (`loki_keep_q10`); LoKI* (q=10 rows as LoRA factors); full fine-tuning; PEFT LoRA on all linear layers; random,
-global-lowest and global-highest rows at q = 10; random rows at q = 20; the knowledge editors MEMIT and AlphaEdit
-(`loki.editors`, closed forms, no training: their "lr" is MEMIT's lambda or AlphaEdit's regulariser).
+neighbourhood questions (`loki_nbhd_q10`), also trained under `loki.preservation` of the retain data
+(`loki_keep_q10`: an energy share; `loki_contrast_q10`: the contrast rule), these three wherever there is retain data
+(in the task regime its chat questions stand for the neighbourhood); LoKI* (q=10 rows as LoRA factors); full
+fine-tuning; PEFT LoRA on all linear layers; random, global-lowest and global-highest rows at q = 10; random rows
+at q = 20; the knowledge editors MEMIT and AlphaEdit (`loki.editors`, closed forms, no training: their "lr" is
+MEMIT's lambda or AlphaEdit's regulariser).
 
 Protocol: every method trains at every rate of its grid with seed 0. The target task score is 0.9 x the best
 score of any run of the block (model, regime, retain); each method's headline is its rate with the lowest general
@@ -72,18 +76,19 @@ def _methods() -> dict[str, dict]:
         out[f"loki_q{q}"] = dict(kind="rows", strategy="layer_balanced", score="signed", q=q)
         out[f"loki_abs_q{q}"] = dict(kind="rows", strategy="layer_balanced", score="abs", q=q)
     # KVA on the base model's answers to the retain half's neighbourhood questions (`RetainSet.prompts`)
-    # instead of the probe set: the rows those answers rely on least. Knowledge regime only; with retain off the
-    # questions are still attributed, though not trained on.
+    # instead of the probe set: the rows those answers rely on least (the task regime's: its chat retain questions).
+    # In the knowledge regime with retain off the questions are still attributed, though not trained on; the task
+    # regime runs it only with retain data.
     out["loki_nbhd_q10"] = dict(kind="rows", strategy="layer_balanced", score="signed", q=10, prompts="neighbourhood")
     out["loki_lora_q10"] = dict(kind="rows_lora", strategy="layer_balanced", score="signed", q=10, rank=16)
-    # The same rows trained under `loki.preservation` (knowledge regime, retain on) of the retain data and of every
-    # neighbourhood question about the retain half of the entities (`task.preservation_questions`): the update kept
-    # off the key directions holding `preserve` of their down-projection inputs.
+    # The same rows trained under `loki.preservation` (retain on) of the retain data and of every neighbourhood
+    # question about the retain half of the entities (`task.preservation_questions`; the task regime's: of its chat
+    # templates): the update kept off the key directions holding `preserve` of their down-projection inputs.
     out["loki_keep_q10"] = dict(
         kind="rows", strategy="layer_balanced", score="signed", q=10, prompts="neighbourhood", preserve=PRESERVE_ENERGY
     )
     # The same rows under the contrast rule (`loki.preservation(..., examples=)`): free only the key directions where
-    # the facts' keys outweigh those of the same preserved prompts `contrast` to 1.
+    # the training examples' keys (facts, or tool calls) outweigh those of the same preserved prompts `contrast` to 1.
     out["loki_contrast_q10"] = dict(
         kind="rows", strategy="layer_balanced", score="signed", q=10, prompts="neighbourhood", contrast=CONTRAST_RATIO
     )
@@ -229,7 +234,7 @@ def train_one(method, lr, steps, seed, ctx):
         )
         if method not in ctx.setdefault("keep", {}):  # the retain data and every retain-half neighbourhood question
             ctx["keep"][method] = loki.preservation(
-                model, tok, ctx["retain"] + task.preservation_questions(ctx["facts"]), progress=False, **rule
+                model, tok, ctx["retain"] + ctx["preserve_questions"], progress=False, **rule
             )
         keep = ctx["keep"][method]
     loki.prepare(model, selection_for(spec, ctx, projs, seed), lora_rank=spec.get("rank"), seed=seed, preserve=keep)
@@ -262,9 +267,9 @@ def run_one(method, lr, steps, seed, ctx) -> dict:
     else:
         with loki.implanted(model, *deltas) if deltas else _nothing():
             general = ev.benchmark_scores(target, tok, ctx["general"], progress=False)
-            task = ctx["task_score"](target, tok)
+            task_score = ctx["task_score"](target, tok)
         scores = dict(
-            task_score=task,
+            task_score=task_score,
             efficacy=None,
             specificity=None,
             answers_kept=None,
@@ -471,22 +476,40 @@ def knowledge_context(model, tok, size, retain_on: bool) -> dict:
         suite=suite,
         retain=retain if retain_on else None,
         retain_questions=[q for q in retain if isinstance(q, str)],
+        preserve_questions=task.preservation_questions(facts),
         retain_weight=size["retain_weight"],
         retain_batch_size=task.RECIPE["retain_batch_size"],
     )
 
 
-def task_context(model, tok, size) -> dict:
+def chat_facts() -> list[dict]:
+    """The facts whose templates ask no capital: their neighbourhood questions are the task regime's chat prompts
+    (the facts themselves are not trained there)."""
+    return [f for f in task.implant_facts() if f["relation"] != "capital"]
+
+
+def chat_retain_data(size) -> list:
+    """The task regime's retain data: the base model's own chat answers to neighbourhood questions about
+    inventions, rivers and operas (the fact templates' retain half) plus the knowledge regime's prose snippets. No
+    capital question: world capitals, scored as general forgetting, stays a chat set training never saw."""
+    return task.retain_data(chat_facts(), {**task.RECIPE, "retain_per_template": size["retain_per_template"]}, 1)[0]
+
+
+def task_context(model, tok, size, retain_on: bool) -> dict:
     from benchmarks.task import load_task, score
 
     train, test = load_task("wikidata_toolcall")
     test = test[: size["task_test"]]
+    retain = chat_retain_data(size) if retain_on else None
     return dict(
         train_set=[{"prompt": r["prompt"], "answer": r["answer"]} for r in train[: size["task_train"]]],
         general=ev.general_suite(task.GENERAL + ("world_capitals",), n=size["general_items"]),
         task_score=lambda m, t: score(m, t, test),
-        retain=None,
-        retain_weight=0.0,
+        retain=retain,
+        retain_questions=[q for q in retain or () if isinstance(q, str)],
+        preserve_questions=task.preservation_questions(chat_facts()),
+        retain_weight=size["retain_weight"] if retain_on else 0.0,
+        retain_batch_size=task.RECIPE["retain_batch_size"],
     )
 
 
@@ -496,7 +519,10 @@ def main() -> None:
     p.add_argument("--size", choices=sorted(SIZES), default="full")
     p.add_argument("--regimes", nargs="+", choices=("knowledge", "task"))
     p.add_argument(
-        "--retain", nargs="+", choices=("on", "off"), help="knowledge regime: with and/or without retain data"
+        "--retain",
+        nargs="+",
+        choices=("on", "off"),
+        help="with and/or without retain data (default: both; the demo's size: on)",
     )
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="only these methods (default: all)")
     p.add_argument("--seeds", nargs="+", type=int, help="seeds at each headline rate (default: the size's)")
@@ -529,14 +555,12 @@ def main() -> None:
     # Every block of the size is reported from the journal (so the committed JSON and plot always hold all of them);
     # only the blocks the flags ask for are trained.
     for regime in size["regimes"]:
-        for retain_on in (True, False) if regime == "knowledge" else (False,):
-            asked = regime in (args.regimes or size["regimes"]) and (
-                regime != "knowledge" or ("on" if retain_on else "off") in wanted
-            )
+        for retain_on in (True, False):
+            asked = regime in (args.regimes or size["regimes"]) and ("on" if retain_on else "off") in wanted
             ctx = (
                 knowledge_context(model, tok, size, retain_on)
                 if regime == "knowledge"
-                else task_context(model, tok, size)
+                else task_context(model, tok, size, retain_on)
             )
             ctx.update(
                 model=model,
@@ -561,9 +585,10 @@ def main() -> None:
             base_general = journal.base_general(
                 block, lambda: base_scores(ctx).general if regime == "knowledge" else base_scores(ctx)
             )
+            # the editors write facts, not a task; rows scored on or kept off the retain questions need retain data
             knowledge_only = lambda m: (
-                {"prompts", "preserve"} & METHODS[m].keys()  # noqa: E731
-                or METHODS[m]["kind"] in ("memit", "alphaedit")
+                METHODS[m]["kind"] in ("memit", "alphaedit")  # noqa: E731
+                or ({"prompts", "preserve", "contrast"} & METHODS[m].keys() and not retain_on)
             )
             for m in [m for m in methods if regime == "knowledge" or not knowledge_only(m)] if asked else ():
                 rates = (
@@ -590,7 +615,10 @@ def main() -> None:
                         )
             rows = journal.rows(block)  # the table shows every journaled run of the block, not only this command's
             target, heads = headline(rows, [m for m in METHODS if any(r["method"] == m for r in rows)], seeds)
-            name = f"{regime}" + (f", retain {'on' if retain_on else 'off'}" if regime == "knowledge" else "")
+            # the task regime without retain data keeps its first name, "task" (the paper's regime)
+            name = f"{regime}" + (
+                f", retain {'on' if retain_on else 'off'}" if regime == "knowledge" or retain_on else ""
+            )
             blocks[name] = (rows, target)
             print(f"\n### {args.model}, {name}\n\n" + table(target, heads, base_general) + "\n", flush=True)
             summary[name] = {"target": target, "base_general": base_general, "methods": heads, "data": block["data"]}

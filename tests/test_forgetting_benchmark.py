@@ -4,6 +4,9 @@ journal rows whose headline can be worked out by hand."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,3 +68,36 @@ def test_headline_picks_the_least_forgetting_rate_that_reaches_the_target(forget
     # `--seeds 1` asks for one more seed: seed 0 stays in the medians (an empty set of runs crashed the script)
     _, heads = forgetting.headline(rows, ["a", "c"], seeds=(1,))
     assert heads["a"]["seeds"] == 2 and heads["a"]["forgetting"] == 6.0 and heads["c"]["seeds"] == 1
+
+
+def test_the_committed_attribution_caches_are_ones_loki_resumes():
+    """The benchmarks' committed KVA caches record the model's fingerprint, so `loki.attribute(path=)` resumes them
+    instead of refusing (`AttributionMismatchError`): a cache from before the fingerprint stopped every LoKI run
+    of the benchmark until it was recomputed."""
+    metas = sorted((ROOT / "benchmarks" / "results" / "attributions").glob("*/*/meta.json"))
+    assert metas, "no committed attribution cache found"
+    for path in metas:
+        meta = json.loads(path.read_text())
+        assert meta["format"] == "loki-attributions"
+        assert len(meta.get("model_fingerprint", "")) == 64, f"{path} records no model fingerprint: recompute it"
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_end_to_end_in_both_regimes(tmp_path):
+    """`--size smoke` trains and reports one LoKI run per regime with retain data, into its own folder: every code
+    path of a run (training, the four numbers, the task score, the journal, the table and the last line)."""
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "benchmarks.forgetting", "--size", "smoke", "--methods", "loki_q10", "--retain", "on"]
+    done = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    assert last["regime"] == "knowledge, retain on" and set(last["blocks"]) == {"task, retain on"}
+    assert last["loki_specificity"] is not None and last["blocks"]["task, retain on"]["loki_forgetting"] is not None
+    runs = [json.loads(line) for line in (out / "forgetting-runs.jsonl").read_text().splitlines()]
+    trained = [r for r in runs if r["method"] == "loki_q10"]
+    assert {(r["regime"], r["retain"]) for r in trained} == {("knowledge", True), ("task", True)}
+    assert all(r["answer_france"] for r in trained)
+    # rerunning resumes: nothing is trained again, the same last line is printed
+    again = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1]) == last
+    assert len((out / "forgetting-runs.jsonl").read_text().splitlines()) == len(runs)
