@@ -586,11 +586,11 @@ def main() -> None:
                 block, lambda: base_scores(ctx).general if regime == "knowledge" else base_scores(ctx)
             )
             # the editors write facts, not a task; rows scored on or kept off the retain questions need retain data
-            knowledge_only = lambda m: (
+            not_for_the_task = lambda m: (
                 METHODS[m]["kind"] in ("memit", "alphaedit")  # noqa: E731
                 or ({"prompts", "preserve", "contrast"} & METHODS[m].keys() and not retain_on)
             )
-            for m in [m for m in methods if regime == "knowledge" or not knowledge_only(m)] if asked else ():
+            for m in [m for m in methods if regime == "knowledge" or not not_for_the_task(m)] if asked else ():
                 rates = (
                     (task.RECIPE["lr"],)
                     if args.size == "demo" and m in (LOKI, "loki_nbhd_q10")
