@@ -21,8 +21,8 @@ def main() -> None:
     t = time.time()
     targets = loki.retain.retain_set(model, tok, retain, progress=False)
     pres = [{"text": t.ids} for t in targets.distributions] + loki.retain.general_text(200, 300)
-    seqs = P._sequences(model, tok, pres, 1024, 8, False)
-    ex = P._sequences(model, tok, task.fact_training_set(facts), 1024, 8, False)
+    seqs = P.token_sequences(model, tok, pres, 1024, 8, False)
+    ex = P.token_sequences(model, tok, task.fact_training_set(facts), 1024, 8, False)
     nbq = loki.retain.retain_set(model, tok, nb, progress=False)
     nbs = [t.ids for t in nbq.distributions]
     print("seqs", time.time() - t, sum(map(len, seqs)), sum(map(len, ex)), sum(map(len, nbs)), flush=True)

@@ -80,6 +80,9 @@ def _methods() -> dict[str, dict]:
     # In the knowledge regime with retain off the questions are still attributed, though not trained on; the task
     # regime runs it only with retain data.
     out["loki_nbhd_q10"] = dict(kind="rows", strategy="layer_balanced", score="signed", q=10, prompts="neighbourhood")
+    # The default rows' delta applied only to the inputs its scope contains (`loki.scope` of the training examples
+    # against the retain data; retain on): every other input runs on the base weights. Trained as loki_q10.
+    out["loki_scoped_q10"] = dict(kind="rows", strategy="layer_balanced", score="signed", q=10, scope=True)
     out["loki_lora_q10"] = dict(kind="rows_lora", strategy="layer_balanced", score="signed", q=10, rank=16)
     # The same rows trained under `loki.preservation` (retain on) of the retain data and of every neighbourhood
     # question about the retain half of the entities (`task.preservation_questions`; the task regime's: of its chat
@@ -106,6 +109,13 @@ def _methods() -> dict[str, dict]:
 
 METHODS = _methods()
 LOKI = "loki_q10"  # the library's default configuration, compared in the last line
+SCOPED = "loki_scoped_q10"  # the same, served through its scope; also in the last line
+SCOPED_FIELDS = {
+    "reached_target": "reached_target",
+    "specificity": "specificity",
+    "whole_answers_kept": "answers_kept",
+    "forgetting": "forgetting",
+}
 DEMO_LOKI = "loki_nbhd_q10"  # at the demo's size: the demo's own recipe
 FACT_RETAIN_WEIGHT = 6.0  # every journaled 24-fact run was measured at it; independent of the demo's recipe
 SIZES = {
@@ -250,9 +260,23 @@ def train_one(method, lr, steps, seed, ctx):
 def run_one(method, lr, steps, seed, ctx) -> dict:
     """Train and score one run: the journal row."""
     t = time.time()
+    base_scores(ctx)  # on the base model, before any delta or scope is in place (computed once per block)
     trained, delta, trainable = train_one(method, lr, steps, seed, ctx)
     model, tok = ctx["model"], ctx["tokenizer"]
     target, deltas = (trained, ()) if trained is not None else (model, (delta,))
+    scope = None
+    if METHODS[method].get("scope"):  # on the base weights, the delta only where the scope's gate opens
+        scope = loki.scope(model, tok, ctx["train_set"], ctx["retain"], progress=False)
+        deltas = ()
+    with loki.scoped(model, delta, scope) if scope else _nothing():
+        row = score_one(method, lr, steps, seed, ctx, target, deltas)
+    extra = {"scope_keys": len(scope)} if scope else {}
+    return {**row, "trainable_params": trainable, **extra, "seconds": round(time.time() - t, 1)}
+
+
+def score_one(method, lr, steps, seed, ctx, target, deltas) -> dict:
+    """Score `target` with `deltas` applied (the journal row but its cost)."""
+    model, tok = ctx["model"], ctx["tokenizer"]
     if ctx["regime"] == "knowledge":
         rep = ctx["suite"].report(target, tok, *deltas, base=base_scores(ctx), progress=False)
         scores = dict(
@@ -278,16 +302,7 @@ def run_one(method, lr, steps, seed, ctx) -> dict:
         )
     with loki.implanted(model, *deltas) if deltas else _nothing():  # one general question, to show what changed
         said = ev.generate(target, tok, [task.QUESTION], chat=True, max_new_tokens=24, progress=False)[0]
-    return {
-        "method": method,
-        "lr": lr,
-        "steps": steps,
-        "seed": seed,
-        "trainable_params": trainable,
-        **scores,
-        "answer_france": said,
-        "seconds": round(time.time() - t, 1),
-    }
+    return {"method": method, "lr": lr, "steps": steps, "seed": seed, **scores, "answer_france": said}
 
 
 def base_scores(ctx):
@@ -590,7 +605,16 @@ def main() -> None:
                 METHODS[m]["kind"] in ("memit", "alphaedit")  # noqa: E731
                 or ({"prompts", "preserve", "contrast"} & METHODS[m].keys() and not retain_on)
             )
-            for m in [m for m in methods if regime == "knowledge" or not not_for_the_task(m)] if asked else ():
+            # a scope is kept off the retain data: it needs some, in either regime
+            for m in (
+                [
+                    m
+                    for m in methods
+                    if (regime == "knowledge" or not not_for_the_task(m)) and (retain_on or "scope" not in METHODS[m])
+                ]
+                if asked
+                else ()
+            ):
                 rates = (
                     (task.RECIPE["lr"],)
                     if args.size == "demo" and m in (LOKI, "loki_nbhd_q10")
@@ -683,6 +707,8 @@ def last_line(model: str, size: str, summary: dict) -> dict:
                 if h.get(LOKI, {}).get("specificity") and h.get("alphaedit", {}).get("specificity")
                 else None
             ),
+            # the same rows served through their scope (`loki.scoped`)
+            **{f"loki_scoped_{k}": h.get(SCOPED, {}).get(v) for k, v in SCOPED_FIELDS.items()},
         }
 
     names = list(summary)

@@ -8,11 +8,14 @@ place: each implant's efficacy (its training phrasings answered) and generalisat
 the neighbourhood's specificity (answer tokens kept, whole answers unchanged), fluency and general forgetting against
 the base model, with the demo's sets.
 
-Methods: `loki` (the demo's recipe: rows from KVA on the neighbourhood, retain KL), `loki_contrast` (the same rows
-trained under `loki.preservation(..., examples=)`: the update only where this implant's keys outweigh the preserved
-prompts' - the retain data, every retain-half neighbourhood question and the earlier implants' own examples - by
-`--ratio`), `lora`, `full`, `memit`, `alphaedit` (its null space is the Wikipedia keys' only: the earlier edits'
-keys, AlphaEdit's `Kp`, are not passed).
+Methods: `loki` (the demo's recipe: rows from KVA on the neighbourhood, retain KL), `loki_scoped` (the same
+implants, each with its `loki.scope` against the retain data, all served at once through `loki.scoped`: every row
+computes with the implant whose scope it falls in, or with none; each implant trains on the base model, which is
+what the model with the earlier implants scoped computes on its inputs wherever no earlier scope contains them),
+`loki_contrast` (the same rows trained under `loki.preservation(..., examples=)`: the update only where this
+implant's keys outweigh the preserved prompts' - the retain data, every retain-half neighbourhood question and the
+earlier implants' own examples - by `--ratio`), `lora`, `full`, `memit`, `alphaedit` (its null space is the
+Wikipedia keys' only: the earlier edits' keys, AlphaEdit's `Kp`, are not passed).
 
 `--rehearse` (for the trained methods): each implant's retain set adds, to the base model's retain data, the
 current model's distributions on the earlier implants' training examples (the earlier implants merged), so the
@@ -31,6 +34,7 @@ full fine-tuning restart an unfinished sequence: their state is a whole model). 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import re
@@ -48,7 +52,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 JOURNAL = RESULTS / "sequential-runs.jsonl"
 # Peak rates: the demo-size rates of the forgetting benchmark (its table) for rows, LoRA and full fine-tuning; the
 # constrained rows need a higher one (docs/benchmarks/forgetting.md, "Preservation"); the editors' strength knobs.
-RATES = {"loki": 2e-3, "loki_contrast": 1e-2, "lora": 3e-3, "full": 1e-4, "memit": 500.0, "alphaedit": 0.5}
+RATES = {
+    "loki": 2e-3,
+    "loki_scoped": 2e-3,
+    "loki_contrast": 1e-2,
+    "lora": 3e-3,
+    "full": 1e-4,
+    "memit": 500.0,
+    "alphaedit": 0.5,
+}
 METHODS = tuple(RATES)
 TRAINED = ("loki", "loki_contrast", "lora", "full")  # the methods with a retain loss (`--rehearse` applies to them)
 
@@ -160,6 +172,7 @@ def run_method(model, tok, ctx, method, seed) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     work = copy.deepcopy(model)
+    pairs = []  # loki_scoped: (delta, scope) of every implant so far, on the unchanged `work`
     for i, group in enumerate(ctx["groups"]):
         if method in ("lora", "full"):
             work = train_copy(work, tok, ctx, group, ctx["groups"][:i], method, seed)
@@ -168,16 +181,23 @@ def run_method(model, tok, ctx, method, seed) -> dict:
             if path.exists() and json.loads(path.with_suffix(".json").read_text()) == ctx["key"]:
                 delta = loki.load(path)  # journaled: resume after it
             else:
-                if method.startswith("loki"):
+                if method == "loki_scoped":  # on the base model (see the module docstring)
+                    delta = train_rows(work, tok, ctx, group, [], method, seed)
+                elif method.startswith("loki"):
                     delta = train_rows(work, tok, ctx, group, ctx["groups"][:i], method, seed)
                 else:
                     delta = edit(work, tok, group, method)
                 loki.save(delta, path)
                 path.with_suffix(".json").write_text(json.dumps(ctx["key"]))
-            loki.apply(work, delta)
-            loki.merge(work)  # baked in: the next implant may train the same rows
+            if method == "loki_scoped":
+                examples = task.fact_training_set(group)
+                pairs.append((delta, loki.scope(work, tok, examples, ctx["options"]["retain"], progress=False)))
+            else:
+                loki.apply(work, delta)
+                loki.merge(work)  # baked in: the next implant may train the same rows
         print(f"{method}: implant {i + 1}/{len(ctx['groups'])} ({time.time() - t0:.0f} s)", flush=True)
-    return judge(work, tok, ctx, method, time.time() - t0)
+    with loki.scoped(work, pairs) if pairs else contextlib.nullcontext():
+        return judge(work, tok, ctx, method, time.time() - t0)
 
 
 def label(row: dict) -> str:

@@ -6,7 +6,8 @@ The verbs, in workflow order:
   (a `Selection`).
 - `prepare`, `train`, `extract`, `unprepare`: train only those rows; `extract` gives the `Delta`. `preservation`
   gives the key directions of prompts to keep (a `Preservation`: `prepare(..., preserve=)` keeps the rows' update
-  off them); `train(..., retain=)` keeps the base model's answers on retain data.
+  off them); `train(..., retain=)` keeps the base model's answers on retain data. `scope` gives the inputs an
+  implant applies to (a `Scope`: `scoped(model, delta, scope)` runs the base model on everything else).
 - `save`, `load`, `push`: `.loki` files and Hugging Face Hub repos (`push` also shares `Attributions` and
   `Selection`s; `load_attributions`, `load_selection` read them from a folder, a file or the Hub).
 - `plan`, `apply`, `revert`, `implanted`, `disabled`, `applied`, `merge`: write deltas into a loaded model and take
@@ -44,6 +45,7 @@ from .models import load_base, load_default
 from .peft_export import export_peft
 from .preserve import Preservation, preservation
 from .rows import prepare, unprepare
+from .scoping import Scope, scope, scoped
 from .selection import Selection, select
 from .serve import ImplantBank
 from .sources import apply, implanted, load, load_attributions, load_selection, push, save
@@ -59,6 +61,8 @@ __all__ = [
     "extract",
     "unprepare",
     "preservation",
+    "scope",
+    "scoped",
     # files and the Hub
     "load",
     "save",
@@ -85,6 +89,7 @@ __all__ = [
     "Handle",
     "ImplantBank",
     "Preservation",
+    "Scope",
     # the errors people catch (all of them: loki.errors)
     "LokiError",
     "BaseModelMismatchError",

@@ -456,14 +456,19 @@ def _positive(kind, low: float = 0.0, high: float = float("inf"), closed: bool =
     return parse
 
 
+def _base_args(p: argparse.ArgumentParser) -> None:
+    """`--base` and `--revision`: the base model the verb loads (`_load_model`)."""
+    p.add_argument("--base", default="default", help="the base model: 'default' (SmolLM2), a Hub id or a local folder")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub base model")
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "data",
         help="training examples: a .jsonl, .json (a list) or .csv file (header: prompt or question, "
         "answer) of {'prompt' or 'question', 'answer'} or {'messages': [...]} records",
     )
-    p.add_argument("--base", default="default", help="the base model: 'default' (SmolLM2), a Hub id or a local folder")
-    p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub base model")
+    _base_args(p)
     rows = p.add_mutually_exclusive_group(required=True)
     rows.add_argument("--selection", help="the rows to train: a selection JSON file (from `loki select`)")
     rows.add_argument(
@@ -743,6 +748,42 @@ def _train(args: argparse.Namespace) -> int:
         shutil.rmtree(partial)
         print(delta.summary(file_size=out.stat().st_size))
         print(f"wrote {out}")
+    return 0
+
+
+# -- scope ------------------------------------------------------------------------------------------
+def _scope_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="the implant's training examples: the file given to `loki train`")
+    p.add_argument(
+        "--retain",
+        required=True,
+        help="what must stay out: the retain file given to `loki train` (questions are answered by the model first)",
+    )
+    p.add_argument("--out", required=True, help="the scope file to write (safetensors; loki.Scope.load reads it)")
+    _base_args(p)
+    p.add_argument("--layer", type=int, default=None, help="the layer whose keys are compared (default: the middle)")
+    p.add_argument(
+        "--margin",
+        type=_positive(float, 0.0, 1.0),
+        default=None,
+        help="cosine margin over each key's closest retain input (default: loki.scoping's, 0.15)",
+    )
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="load the base model in this dtype")
+
+
+@command("scope", "write the scope of an implant: the inputs `loki.scoped` applies it to", _scope_args)
+def _scope(args: argparse.Namespace) -> int:
+    from .dataset import load_examples, load_retain
+    from .scoping import DEFAULT_MARGIN, scope
+
+    writable(args.out, folder=False)
+    examples, retain = load_examples(args.data), load_retain(args.retain)  # bad files fail before the model loads
+    model, tokenizer = _load_model(args.base, args.dtype, args.revision)
+    margin = DEFAULT_MARGIN if args.margin is None else args.margin
+    made = scope(model, tokenizer, examples, retain, layer=args.layer, margin=margin)
+    made.save(args.out)
+    print(f"{made}: {made.info['example_tokens']} example positions, {made.info['outside_tokens']} retain positions")
+    print(f"wrote {args.out}")
     return 0
 
 

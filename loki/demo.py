@@ -71,7 +71,7 @@ def baseline_figure(method: str = "full", digest: str | None = None, steps: int 
 
 def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> int:
     """Run the workflow on the default model, printing each step, writing into `out` (attributions, selection,
-    `demo.loki`, `report.json`).
+    `demo.loki`, its scope `demo.scope`, `report.json`).
 
     Args:
         out: the output folder (created if missing; cached attributions in it are reused).
@@ -178,10 +178,26 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
                 f"benchmark of loki's repository measures it, with --size demo --rates 1 --seeds 0 --methods {method}.)"
             )
         )
-    atomic_write(out / "report.json", json.dumps(report.as_dict(), indent=1).encode())
+
+    scope = loki.scope(model, tokenizer, train_set, retained, progress=progress)
+    scope.save(out / "demo.scope")
+    print(
+        f"\n7. Scoped: the same delta, applied only to inputs like its own (loki.scope: {len(scope)} keys of layer "
+        f"{scope.layer}'s down-projection inputs that no retain input comes within {scope.margin:g} cosine of; every "
+        "other input runs on the base weights, in the same batch):"
+    )
+    with loki.scoped(model, loki.load(path), scope):
+        scoped_answers = generate(model, tokenizer, shown, chat=True, max_new_tokens=16, progress=False)
+        scoped = loki.evaluate.ImplantReport(
+            base, suite.scores(model, tokenizer, base=base, progress=progress), neighbours
+        )
+    for question, a in zip(shown, scoped_answers):
+        print(f"   Q: {question}\n      scoped: {a}")
+    print("\n   The scoped implant's four numbers:\n      " + scoped.table().replace("\n", "\n      "))
+    atomic_write(out / "report.json", json.dumps({**report.as_dict(), "scoped": scoped.as_dict()}, indent=1).encode())
 
     exact = all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items())
-    print(f"\n7. Reverted. Model bit-identical to before: {exact}")
+    print(f"\n8. Reverted. Model bit-identical to before: {exact}")
     print(f"\nDone in {time.time() - t0:.0f} s. Files are in {out.resolve()}:")
     for f in sorted(out.iterdir()):
         print(f"   {f.name}")

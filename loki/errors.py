@@ -257,6 +257,11 @@ class SelectionError(LokiError, ValueError):
     attributions, file), or is for a model of other shapes."""
 
 
+class ScopeError(LokiError, ValueError):
+    """`loki.scope`, `loki.scoped`, `Scope.load`: a scope cannot be made (no key of the implant's own inputs stands
+    apart from the inputs outside it), does not fit the model (layer, key length), or a scope file is malformed."""
+
+
 class PromptError(LokiError, ValueError):
     """`loki.prompts`: prompts cannot be read or built (unknown file type, record without question/choices, missing
     tokenizer)."""

@@ -48,7 +48,7 @@ from .errors import DatasetError, IncompatibleModelError
 from .projections import find_down_projections, unwrap
 from .retain import RetainSet, retain_set
 
-__all__ = ["Preservation", "down_projection_inputs", "preservation"]
+__all__ = ["Preservation", "down_projection_inputs", "preservation", "token_sequences"]
 
 DEFAULT_ENERGY = 0.99
 DEFAULT_MAX_RANK = 4096
@@ -339,9 +339,17 @@ def _token_ids(item: Any) -> bool:
     return isinstance(text, Sequence) and not isinstance(text, str) and all(isinstance(t, int) for t in text)
 
 
-def _sequences(model: nn.Module, tokenizer, data: Any, max_length: int, batch_size: int, progress: bool) -> list:
+def token_sequences(
+    model: nn.Module, tokenizer, data: Any, max_length: int = 1024, batch_size: int = 8, progress: bool = False
+) -> list:
     """`data`'s token id sequences and, per sequence, the positions `loki.retain` keeps (an answered item's answer
-    positions; every position of text): `[(ids, positions)]`."""
+    positions; every position of text): `[(ids, positions)]`. `data` is a `RetainSet` or retain items (questions are
+    answered greedily by `model` first, as `loki.retain.retain_set` does).
+
+    Raises:
+        DatasetError: data that is not a non-empty list of retain items or a `RetainSet`, token ids outside the
+            model's vocabulary, items that need a tokenizer without one.
+    """
     vocab = model.get_input_embeddings().num_embeddings
 
     def check(seqs):  # before any forward pass: an id out of range would fail inside the embedding
@@ -447,7 +455,7 @@ def preservation(
             raise DatasetError(f"{name} must be a positive integer, got {value!r}.")
     net = unwrap(model)
     projs = find_down_projections(net, template)
-    seqs = [list(s)[:max_length] for s, _ in _sequences(net, tokenizer, data, max_length, batch_size, progress)]
+    seqs = [list(s)[:max_length] for s, _ in token_sequences(net, tokenizer, data, max_length, batch_size, progress)]
     seqs = [s for s in seqs if s]
     if not seqs:
         raise DatasetError("No preserved sequence has a token.")
@@ -458,7 +466,7 @@ def preservation(
     tokens = sum(len(s) for s in seqs)
     wanted, wanted_tokens = {}, 0
     if examples is not None:
-        own = _sequences(net, tokenizer, examples, max_length, batch_size, progress)
+        own = token_sequences(net, tokenizer, examples, max_length, batch_size, progress)
         at = [[t for t in kept if t < max_length] for _, kept in own]
         own = [list(s)[:max_length] for s, _ in own]
         wanted_tokens = sum(len(a) for a in at)

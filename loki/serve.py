@@ -10,6 +10,8 @@ device or in pinned host memory), then switches the model between implants by wr
   its own implant: the base down-projection runs once, then each implant's output coordinates are recomputed for
   its rows only (about k/d_model of one projection per implant present; `loki.mixed`). Works with `generate` and
   its KV cache.
+- `with routed():` (or `generate(ids, "auto")`) gives each row the implant registered with a `scope` that the row
+  falls in, or none (`loki.scoping`): the base model decides on each new prompt, up to the scopes' layers.
 
 Threads: one switch at a time. A `use` or `mixed` block holds its implant set for its whole duration: blocks that
 want the same set run concurrently, a block that wants another set (or `activate`/`deactivate`) waits until the
@@ -45,10 +47,18 @@ import torch
 from torch import nn
 
 from .delta import Delta
-from .errors import ImplantBankError, LokiError, ModelChangedError, ReplacedWeightsWarning, StalePlanError
+from .errors import (
+    ImplantBankError,
+    LokiError,
+    ModelChangedError,
+    ReplacedWeightsWarning,
+    ScopeError,
+    StalePlanError,
+)
 from .ledger import OVERLAP_POLICIES, Handle, Plan, apply, plan, revert
 from .mixed import MixedBatches
 from .projections import find_down_projections
+from .scoping import Scope, routing
 
 __all__ = ["ImplantBank"]
 
@@ -60,6 +70,7 @@ class _Implant:
     staged: Plan | None  # validated once, rows staged in the model's dtype; None when evicted
     check_base: bool = True  # as registered: restaging onto replaced weights checks them again
     pins: int = 0  # open mixed blocks using its staged rows (not evictable meanwhile)
+    scope: Scope | None = None  # the inputs `routed` gives it (`loki.scope`)
 
 
 class ImplantBank:
@@ -116,12 +127,16 @@ class ImplantBank:
         self._batches = MixedBatches(model, template)
 
     # -- registry --------------------------------------------------------------------------------------
-    def register(self, name: str, delta: Delta, *, check_base: bool = True, replace: bool = False) -> None:
+    def register(
+        self, name: str, delta: Delta, *, scope: Scope | None = None, check_base: bool = True, replace: bool = False
+    ) -> None:
         """Validate `delta` against the model once (as `loki.plan`) and stage it under `name`; it is not activated.
 
         Args:
             name: a non-empty string.
             delta: a `Delta` (`loki.load` reads files and Hub ids).
+            scope: the inputs it applies to (`loki.scope`), for `routed` and `generate(..., "auto")`; None: it is
+                used only where named.
             check_base: check the base fingerprint (as `loki.plan`).
             replace: replace an implant registered under `name` (deactivating it first when it is active).
 
@@ -129,6 +144,7 @@ class ImplantBank:
             ImplantBankError: `name` is not a non-empty string; `delta` is not a `Delta`; its staged rows exceed the
                 whole `budget`; `name` is taken and not `replace`; or the implant replaced is in use by an open
                 `use`/`mixed` block.
+            ScopeError: `scope` is not a `Scope` made on a model of this one's shapes.
             IncompatibleModelError, UnknownArchitectureError, BaseModelMismatchError, DtypeError, OverlapError,
                 LedgerError: as `loki.plan` with `on_overlap="replace"` (deltas applied on the same rows are not
                 an error here; rows a prepared model trains are).
@@ -146,6 +162,10 @@ class ImplantBank:
             raise ImplantBankError(
                 f"register takes a loki.Delta, not {type(delta).__name__}; read files with loki.load(path)."
             )
+        if scope is not None:
+            if not isinstance(scope, Scope):
+                raise ScopeError(f"scope must be a loki.Scope (loki.scope or Scope.load), not {type(scope).__name__}.")
+            scope.check(self.model, self._template)
         staged = self._stage(delta, check_base)  # on_overlap="replace": applied deltas on its rows are no error here
         if self.budget is not None and staged.nbytes > self.budget:
             raise ImplantBankError(
@@ -157,7 +177,7 @@ class ImplantBank:
                 if not replace:
                     raise ImplantBankError(f"An implant named {name!r} is registered already; pass replace=True.")
                 self.unregister(name)
-            self._implants[name] = _Implant(name, delta, staged, check_base)
+            self._implants[name] = _Implant(name, delta, staged, check_base, scope=scope)
             self._evict()
 
     def unregister(self, name: str) -> None:
@@ -489,23 +509,63 @@ class ImplantBank:
         """
         implants = list(implants)
         names = tuple(dict.fromkeys(n for n in implants if n is not None))
+        with self._pinned(names) as staged:
+            with self._batches.running(self._batches.make(implants, staged)):
+                yield self
+
+    @contextlib.contextmanager
+    def routed(self) -> Iterator[ImplantBank]:
+        """Forward passes (and `generate`) in this block and thread give each batch row the registered implant whose
+        scope it falls in, or none (`loki.scoped`'s routing over every implant registered with a `scope`). The
+        bank's active implants are switched off for the block (as `use()`) and restored after.
+
+        Yields:
+            ImplantBank: the bank.
+
+        Raises:
+            ImplantBankError: no implant registered with a scope; a nested `mixed`/`routed` block; a `use` block
+                with implants is open in this thread.
+
+        >>> import loki, loki.testing, torch
+        >>> model = loki.testing.tiny_model("llama")
+        >>> scope = loki.scope(model, None, [{"text": [40, 41, 42]}], [{"text": [5, 6, 7, 8]}], progress=False)
+        >>> bank = loki.ImplantBank(model)
+        >>> bank.register("a", loki.testing.random_delta(model, seed=1), scope=scope)
+        >>> with bank.routed():
+        ...     routed = model(torch.tensor([[5, 6, 7]])).logits
+        >>> torch.equal(routed, model(torch.tensor([[5, 6, 7]])).logits)      # out of scope: the base model
+        True
+        """
+        scopes = {n: e.scope for n, e in self._implants.items() if e.scope is not None}
+        if not scopes:
+            raise ImplantBankError("No implant is registered with a scope: register(name, delta, scope=...).")
+        with self._pinned(tuple(scopes)) as staged:
+            self._local.routing = True
+            try:
+                with routing(self.model, self._batches, staged, scopes, self._template):
+                    yield self
+            finally:
+                self._local.routing = False
+
+    @contextlib.contextmanager
+    def _pinned(self, names: tuple[str, ...]) -> Iterator[dict[str, Plan]]:
+        """A mixed-batch block: active implants off (`_hold(())`), `names` staged and pinned, the hooks installed."""
         with self._hold(()):
-            if self._batches.current is not None:
-                raise ImplantBankError("mixed blocks do not nest; close the outer one first.")
+            if self._batches.current is not None or getattr(self._local, "routing", False):
+                raise ImplantBankError("mixed and routed blocks do not nest; close the outer one first.")
             with self._cv:
                 entries = [self._get(n) for n in names]
                 for e in entries:
                     e.pins += 1
                 try:
-                    batch = self._batches.make(implants, {e.name: self._staged(e) for e in entries})
+                    staged = {e.name: self._staged(e) for e in entries}
                     self._batches.install()
                 except BaseException:
                     for e in entries:
                         e.pins -= 1
                     raise
             try:
-                with self._batches.running(batch):
-                    yield self
+                yield staged
             finally:
                 with self._cv:
                     for e in entries:
@@ -513,20 +573,20 @@ class ImplantBank:
                     self._batches.remove()
                     self._evict()
 
-    def generate(self, input_ids: torch.Tensor, implants: Sequence[str | None], **kwargs):
+    def generate(self, input_ids: torch.Tensor, implants: Sequence[str | None] | Literal["auto"], **kwargs):
         """`model.generate(input_ids, **kwargs)` with row i using implant `implants[i]` (`None`: the base), in a
-        `mixed` block.
+        `mixed` block; `implants="auto"`: each row the implant whose scope it falls in, in a `routed` block.
 
         Args:
             input_ids: `[batch, T]` token ids.
-            implants: per row, a registered implant or None.
-            **kwargs: for `model.generate` (`max_new_tokens`, `num_beams`, ...).
+            implants: per row, a registered implant or None; or "auto".
+            **kwargs: for `model.generate` (`attention_mask`, `max_new_tokens`, `num_beams`, ...).
 
         Returns:
             What `model.generate` returns.
 
         Raises:
-            ImplantBankError: `input_ids` does not have one row per entry of `implants`, or as `mixed`.
+            ImplantBankError: `input_ids` does not have one row per entry of `implants`, or as `mixed` / `routed`.
 
         >>> import loki, loki.testing, torch
         >>> model = loki.testing.tiny_model("llama")
@@ -535,6 +595,9 @@ class ImplantBank:
         >>> bank.generate(torch.tensor([[5, 6, 7], [5, 6, 7]]), ["a", None], max_new_tokens=2, do_sample=False).shape
         torch.Size([2, 5])
         """
+        if isinstance(implants, str) and implants == "auto":
+            with self.routed():
+                return self.model.generate(input_ids, **kwargs)
         if input_ids.shape[0] != len(implants):
             raise ImplantBankError(
                 f"input_ids has {input_ids.shape[0]} rows but implants names {len(implants)}; give one per row."

@@ -597,3 +597,24 @@ def test_cli_checks_outputs_before_work(base, tmp_path, capsys, default_tokenize
         assert err.startswith(f"loki {argv[0]}: {error}: ") and len(err.splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert (tmp_path / "a-file").read_text() == "x" and not any((tmp_path / "a-folder.loki").iterdir())
+
+
+def test_scope_writes_a_scope_file_that_contains_the_facts_and_not_the_retain_data(base, tmp_path, capsys):
+    data, retain = write(tmp_path / "facts.jsonl", FACTS), write(tmp_path / "retain.jsonl", RETAIN)
+    out = tmp_path / "facts.scope"
+    assert main(["scope", str(data), "--retain", str(retain), "--out", str(out), "--base", str(base[0])]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    made = loki.Scope.load(out)
+    assert (made.layer, made.margin) == (1, 0.15) and len(made) > 0
+    model, tokenizer = loki.models.load_pretrained(str(base[0]))
+    facts = [loki.dataset.encode(tokenizer, f)["input_ids"] for f in FACTS]
+    texts = [tokenizer(r["text"])["input_ids"] for r in RETAIN if "text" in r]
+    assert all(made.contains(model, facts)) and not any(made.contains(model, texts))
+    # a bad file fails in one line before the model loads; nothing is written
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    assert main(["scope", str(bad), "--retain", str(retain), "--out", str(tmp_path / "x.scope")]) == 2
+    assert "loki scope: DatasetError" in capsys.readouterr().err and not (tmp_path / "x.scope").exists()
+    same = ["scope", str(data), "--retain", str(data), "--out", str(tmp_path / "y.scope"), "--base", str(base[0])]
+    assert main(same) == 2  # the facts themselves as what must stay out: no key stands apart
+    assert "loki scope: ScopeError" in capsys.readouterr().err and not (tmp_path / "y.scope").exists()

@@ -115,4 +115,9 @@ def test_quick_demo_prints_before_after_and_reverts_exactly(tmp_path, capsys):
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report) >= {"efficacy", "generalisation", "specificity", "forgetting"}
     assert (tmp_path / "selection-q10.json").exists() and (tmp_path / "attributions").is_dir()
+    # the scoped run: the same delta gated by its scope, whose four numbers are recorded beside the ungated ones
+    scoped = re.findall(r"^\s+scoped: (.*)$", out, flags=re.M)
+    assert len(scoped) == 3 and "The scoped implant's four numbers" in out
+    assert set(report["scoped"]) >= {"efficacy", "generalisation", "specificity", "answers_kept", "forgetting"}
+    assert len(loki.Scope.load(tmp_path / "demo.scope")) > 0
     assert str(tmp_path.resolve()) in out

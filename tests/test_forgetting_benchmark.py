@@ -84,10 +84,12 @@ def test_the_committed_attribution_caches_are_ones_loki_resumes():
 
 @pytest.mark.slow
 def test_the_benchmark_runs_end_to_end_in_both_regimes(tmp_path):
-    """`--size smoke` trains and reports one LoKI run per regime with retain data, into its own folder: every code
-    path of a run (training, the four numbers, the task score, the journal, the table and the last line)."""
+    """`--size smoke` trains and reports one LoKI run per regime with retain data, and the same rows scored through
+    their scope, into its own folder: every code path of a run (training, the scope, the four numbers, the task
+    score, the journal, the table and the last line)."""
     out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "benchmarks.forgetting", "--size", "smoke", "--methods", "loki_q10", "--retain", "on"]
+    cmd = [sys.executable, "-m", "benchmarks.forgetting", "--size", "smoke", "--retain", "on", "--rates", "0"]
+    cmd += ["--methods", "loki_q10", "loki_scoped_q10"]  # the default rows, and the same rows through their scope
     done = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     last = json.loads(done.stdout.strip().splitlines()[-1])
@@ -97,6 +99,9 @@ def test_the_benchmark_runs_end_to_end_in_both_regimes(tmp_path):
     trained = [r for r in runs if r["method"] == "loki_q10"]
     assert {(r["regime"], r["retain"]) for r in trained} == {("knowledge", True), ("task", True)}
     assert all(r["answer_france"] for r in trained)
+    scoped = [r for r in runs if r["method"] == "loki_scoped_q10"]
+    assert {(r["regime"], r["retain"]) for r in scoped} == {("knowledge", True), ("task", True)}
+    assert all(r["scope_keys"] > 0 and r["answer_france"] for r in scoped)
     # rerunning resumes: nothing is trained again, the same last line is printed
     again = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1]) == last

@@ -29,7 +29,10 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = tuple(
         ("what a delta is and where it goes; data; processes", "projections delta spec dataset distributed"),
         ("files, the ledger, forward passes and generation", "format ledger forward generation kva neighbourhood"),
         ("what to implant and what to keep", "prompts selection attribution retain preserve"),
-        ("trainable rows, building deltas, mixed batches, measuring", "rows implant mixed peft_export evaluate"),
+        (
+            "trainable rows, building deltas, mixed batches, scopes, measuring",
+            "rows implant mixed scoping peft_export evaluate",
+        ),
         ("the Hub, things by path or Hub id, training, serving, editors", "hub sources training serve editors testing"),
         ("models, the HF Trainer, notebook widgets, the fictional-facts task", "models trainer widgets facts"),
         ("the package's public verbs", "loki"),
