@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from .attribution import model_fingerprint
@@ -115,6 +115,8 @@ class Scope:
             raise ScopeError(f"A scope's layer must be in 0..{self.num_layers - 1}, got {self.layer!r}.")
         if not (isinstance(self.margin, float) and 0 < self.margin < 1):
             raise ScopeError(f"A scope's margin must be a float in (0, 1), got {self.margin!r}.")
+        if not isinstance(self.info, dict):
+            raise ScopeError(f"A scope's info must be a dict, got {type(self.info).__name__}.")
         if not torch.allclose(keys.float().norm(dim=-1), torch.ones(()), atol=1e-3):
             raise ScopeError("A scope's keys must be unit rows (cosines are taken against them).")
         self.keys, self.thresholds = keys.float(), thr.float()
@@ -195,12 +197,8 @@ class Scope:
             "margin": repr(self.margin),
             "info": json.dumps(self.info, sort_keys=True),
         }
-        tmp = path.with_name(path.name + ".tmp-tensors")
-        save_file({"keys": self.keys.contiguous().cpu(), "thresholds": self.thresholds.contiguous().cpu()}, tmp, meta)
-        try:
-            atomic_write(path, tmp.read_bytes())
-        finally:
-            tmp.unlink(missing_ok=True)
+        tensors = {"keys": self.keys.contiguous().cpu(), "thresholds": self.thresholds.contiguous().cpu()}
+        atomic_write(path, save(tensors, meta))
         return path
 
     @classmethod

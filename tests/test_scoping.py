@@ -215,6 +215,9 @@ def test_a_scope_file_round_trips_and_a_bad_one_is_refused(tmp_path):
     save_file({"keys": made.keys, "thresholds": made.thresholds}, other, {**meta, "layer": "5"})
     with pytest.raises(ScopeError, match="layer"):
         loki.Scope.load(other)
+    save_file({"keys": made.keys, "thresholds": made.thresholds}, other, {**meta, "info": "[1]"})
+    with pytest.raises(ScopeError, match="info"):
+        loki.Scope.load(other)
 
 
 def test_a_bank_routes_each_row_to_the_implant_whose_scope_it_falls_in():
