@@ -9,7 +9,8 @@ The verbs, in workflow order:
   off them); `train(..., retain=)` keeps the base model's answers on retain data. `scope` gives the inputs an
   implant applies to (a `Scope`: `scoped(model, delta, scope)` runs the base model on everything else).
 - `save`, `load`, `push`: `.loki` files and Hugging Face Hub repos (`push` also shares `Attributions` and
-  `Selection`s; `load_attributions`, `load_selection` read them from a folder, a file or the Hub).
+  `Selection`s, and a delta's `Scope` beside it; `load_attributions`, `load_selection`, `load_scope` read them
+  from a folder, a file or the Hub).
 - `plan`, `apply`, `revert`, `implanted`, `disabled`, `applied`, `merge`: write deltas into a loaded model and take
   them out, exactly (one ledger per weight: a `Plan` before, a `Handle` after; an `ImplantBank` serves many).
 - `export_peft`: the same delta as a PEFT LoRA adapter.
@@ -48,7 +49,7 @@ from .rows import prepare, unprepare
 from .scoping import Scope, scope, scoped
 from .selection import Selection, select
 from .serve import ImplantBank
-from .sources import apply, implanted, load, load_attributions, load_selection, push, save
+from .sources import apply, implanted, load, load_attributions, load_scope, load_selection, push, save
 from .training import train
 from .version import __version__ as __version__  # re-exported: loki.__version__
 
@@ -68,6 +69,7 @@ __all__ = [
     "save",
     "push",
     "load_attributions",
+    "load_scope",
     "load_selection",
     # the ledger
     "plan",

@@ -249,6 +249,7 @@ def _push_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--message", help="commit message")
     p.add_argument("--license", help="license for the model card metadata, e.g. apache-2.0")
+    p.add_argument("--scope", help="the delta's scope file (`loki scope --out`), pushed beside it")
     _hub_args(p)
 
 
@@ -259,8 +260,9 @@ def _push_args(p: argparse.ArgumentParser) -> None:
     _push_args,
 )
 def _push(args: argparse.Namespace) -> int:
-    from .sources import load, load_attributions, load_selection, push
+    from .sources import load, load_attributions, load_scope, load_selection, push
 
+    scope = load_scope(args.scope) if args.scope else None  # read (and checked) before anything is uploaded
     if os.path.isdir(args.file) and not args.filename:
         obj = load_attributions(args.file)
     elif args.file.endswith(".json"):
@@ -277,14 +279,17 @@ def _push(args: argparse.Namespace) -> int:
         endpoint=args.endpoint,
         filename=args.filename,
         license=args.license,
+        **({"scope": scope} if scope is not None else {}),
     )
-    print(f"pushed {args.file} to {args.repo_id} @ {commit.oid}\n{commit.commit_url}")
+    pushed = f"{args.file} and {args.scope}" if scope is not None else args.file
+    print(f"pushed {pushed} to {args.repo_id} @ {commit.oid}\n{commit.commit_url}")
     return 0
 
 
 def _pull_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("repo_id", help="Hub repo, namespace/name or namespace/name@revision")
-    p.add_argument("--out", help="also copy the file here (a file path or a folder)")
+    p.add_argument("--out", help="also copy the file here (a file path or a folder; a folder with --scope)")
+    p.add_argument("--scope", action="store_true", help="also the delta's scope (pushed with --scope); its path too")
     _hub_args(p)
 
 
@@ -294,17 +299,22 @@ def _pull(args: argparse.Namespace) -> int:
 
     from .format import read
     from .hub import download
+    from .scoping import Scope
 
     if args.out:
-        writable(args.out, folder=os.path.isdir(args.out))
-    path = download(
-        args.repo_id, revision=args.revision, filename=args.filename, token=args.token, endpoint=args.endpoint
-    )
-    delta = read(path)
+        writable(args.out, folder=args.scope or os.path.isdir(args.out))
+    where = dict(revision=args.revision, filename=args.filename, token=args.token, endpoint=args.endpoint)
+    paths = [download(args.repo_id, **where)]
+    delta = read(paths[0])
+    if args.scope:
+        paths.append(download(args.repo_id, kind="scope", **where))
+        scope = Scope.load(paths[1])
     if args.out:
-        path = shutil.copy(path, args.out)
-    print(path)
-    print(delta.summary(), file=sys.stderr)
+        if args.scope:
+            os.makedirs(args.out, exist_ok=True)
+        paths = [shutil.copy(path, args.out) for path in paths]
+    print("\n".join(str(path) for path in paths))
+    print(delta.summary() + (f"\nscope: {scope!r}" if args.scope else ""), file=sys.stderr)
     return 0
 
 

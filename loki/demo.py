@@ -188,9 +188,7 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
     )
     with loki.scoped(model, loki.load(path), scope):
         scoped_answers = generate(model, tokenizer, shown, chat=True, max_new_tokens=16, progress=False)
-        scoped = loki.evaluate.ImplantReport(
-            base, suite.scores(model, tokenizer, base=base, progress=progress), neighbours
-        )
+    scoped = suite.report(model, tokenizer, loki.load(path), base=base, scope=scope, progress=progress)
     for question, a in zip(shown, scoped_answers):
         print(f"   Q: {question}\n      scoped: {a}")
     print("\n   The scoped implant's four numbers:\n      " + scoped.table().replace("\n", "\n      "))

@@ -116,9 +116,14 @@ def _encode(delta: Delta, source: str) -> tuple[bytes, list[torch.Tensor]]:
             if getattr(ld, kind) is not None:
                 tensors[f"layers.{i}.{kind}"] = getattr(ld, kind)
     info = spec.dumps({**delta.info, "layers": delta.layer_indices}, compact=False)
-    header: dict[str, dict] = {
-        "__metadata__": {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "loki": info}
-    }
+    head, size = _header(tensors, {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "loki": info})
+    spec.check_header(head, size, source)  # what the reader would refuse is refused before a byte is written
+    return struct.pack("<Q", len(head)) + head, [tensors[name] for name in sorted(tensors)]
+
+
+def _header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, int]:
+    """A safetensors header (sorted keys, tensors in name order, padded to 8 bytes) and the data's size in bytes."""
+    header: dict[str, dict] = {"__metadata__": metadata}
     offset = 0
     for name in sorted(tensors):
         t = tensors[name]
@@ -130,9 +135,22 @@ def _encode(delta: Delta, source: str) -> tuple[bytes, list[torch.Tensor]]:
         }
         offset += size
     head = spec.dumps(header).encode()
-    head += b" " * (-len(head) % 8)
-    spec.check_header(head, offset, source)  # what the reader would refuse is refused before a byte is written
-    return struct.pack("<Q", len(head)) + head, [tensors[name] for name in sorted(tensors)]
+    return head + b" " * (-len(head) % 8), offset
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file of `tensors` (any name, dtypes `spec.ST_DTYPES` knows) with string `metadata`, laid out
+    as `to_bytes` lays out a delta (sorted keys, tensors in name order), so equal inputs give equal bytes (the
+    safetensors writer orders metadata by hash). Any safetensors reader reads it.
+
+    >>> import safetensors.torch
+    >>> data = safetensors_bytes({"b": torch.ones(2), "a": torch.zeros(1, 3)}, {"format": "x"})
+    >>> sorted(safetensors.torch.load(data)), data == safetensors_bytes({"a": torch.zeros(1, 3), "b": torch.ones(2)},
+    ...                                                                 {"format": "x"})
+    (['a', 'b'], True)
+    """
+    head, _ = _header(tensors, metadata)
+    return struct.pack("<Q", len(head)) + head + b"".join(spec.encode(tensors[name]) for name in sorted(tensors))
 
 
 def read(path: str | os.PathLike) -> Delta:

@@ -48,13 +48,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from torch import nn
 
 from .attribution import model_fingerprint
 from .delta import Delta
 from .errors import ScopeError
-from .format import atomic_write
+from .format import atomic_write, safetensors_bytes
 from .ledger import Plan, plan
 from .mixed import MixedBatches
 from .preserve import down_projection_inputs, token_sequences
@@ -177,17 +177,40 @@ class Scope:
             [i is not None for i in route(model, [self], input_ids, attention_mask, template, **inputs)]
         )
 
-    def contains(self, model: nn.Module, sequences: Sequence[Sequence[int]], template: str | None = None) -> list[bool]:
-        """Whether each token id sequence is in scope (on the model's current weights, which should be the base).
+    def contains(
+        self,
+        model: nn.Module,
+        sequences: Sequence[Sequence[int]],
+        template: str | None = None,
+        *,
+        batch_size: int = 16,
+    ) -> list[bool]:
+        """Whether each token id sequence is in scope (on the model's current weights, which should be the base),
+        `batch_size` sequences per forward pass (right-padded and masked: the padding follows every real position, so
+        it changes none of their keys beyond rounding, which the margin absorbs).
+
+        Raises:
+            ScopeError: an empty sequence, or a scope that does not fit the model.
 
         >>> # scope.contains(model, [tokenizer("Who founded Velmora?")["input_ids"]])
         """
+        seqs = [list(map(int, s)) for s in sequences]
+        if any(not s for s in seqs):
+            raise ScopeError("An empty token sequence has no key to compare; give at least one token per sequence.")
         device = unwrap(model).get_input_embeddings().weight.device
-        return [bool(self.rows(model, torch.tensor([list(s)], device=device), None, template)[0]) for s in sequences]
+        found: list[bool] = []
+        for start in range(0, len(seqs), batch_size):
+            chunk = seqs[start : start + batch_size]
+            ids = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, s in enumerate(chunk):
+                ids[row, : len(s)], mask[row, : len(s)] = torch.tensor(s), 1
+            found += self.rows(model, ids.to(device), mask.to(device), template).tolist()
+        return found
 
     def save(self, path: str | Path) -> Path:
-        """Write the scope to a safetensors file (keys, thresholds; layer, margin and info as metadata). Returns the
-        path."""
+        """Write the scope to a safetensors file (keys, thresholds; layer, margin and info as metadata; equal scopes
+        give equal bytes). Returns the path."""
         path = Path(path)
         meta = {
             "format": _FORMAT,
@@ -198,7 +221,7 @@ class Scope:
             "info": json.dumps(self.info, sort_keys=True),
         }
         tensors = {"keys": self.keys.contiguous().cpu(), "thresholds": self.thresholds.contiguous().cpu()}
-        atomic_write(path, save(tensors, meta))
+        atomic_write(path, safetensors_bytes(tensors, meta))
         return path
 
     @classmethod

@@ -136,7 +136,7 @@ class ImplantBank:
             name: a non-empty string.
             delta: a `Delta` (`loki.load` reads files and Hub ids).
             scope: the inputs it applies to (`loki.scope`), for `routed` and `generate(..., "auto")`; None: it is
-                used only where named.
+                used only where named. Its shapes are checked here, the weights it was made on by `routed`.
             check_base: check the base fingerprint (as `loki.plan`).
             replace: replace an implant registered under `name` (deactivating it first when it is active).
 
@@ -525,6 +525,8 @@ class ImplantBank:
         Raises:
             ImplantBankError: no implant registered with a scope; a nested `mixed`/`routed` block; a `use` block
                 with implants is open in this thread.
+            ScopeError: a scope made on other weights than the model's with the bank's implants off (another
+                checkpoint, or a delta applied outside the bank); nothing is routed.
 
         >>> import loki, loki.testing, torch
         >>> model = loki.testing.tiny_model("llama")
@@ -540,6 +542,10 @@ class ImplantBank:
         if not scopes:
             raise ImplantBankError("No implant is registered with a scope: register(name, delta, scope=...).")
         with self._pinned(tuple(scopes)) as staged:
+            # the active implants are off now: the scopes must have been made on these (base) weights, or the keys
+            # read here are not the ones their thresholds were set on (one check per distinct model fingerprint)
+            for scope in {s.info.get("model_fingerprint"): s for s in scopes.values()}.values():
+                scope.check(self.model, self._template, weights=True)
             self._local.routing = True
             try:
                 with routing(self.model, self._batches, staged, scopes, self._template):

@@ -1,14 +1,15 @@
 """The verbs that take things by path or Hub id: `load`, `save`, `push`, `apply` / `implanted` and
-`load_attributions` / `load_selection`.
+`load_attributions` / `load_selection` / `load_scope`.
 
-Everything else in loki takes `Delta`, `Attributions` and `Selection` objects; paths and Hub ids are resolved here
-only.
+Everything else in loki takes `Delta`, `Attributions`, `Selection` and `Scope` objects; paths and Hub ids are
+resolved here only.
 
 >>> import loki
 >>> # delta = loki.load("medical.loki")            # a local file
 >>> # delta = loki.load("org/medical-implant@v1")   # a Hub repo, at a branch, tag or commit
 >>> # with loki.implanted(model, "medical.loki", "org/legal-implant"): ...
 >>> # selection = loki.select(loki.load_attributions("org/smollm2-kva"), q=10)   # attribute once, share the result
+>>> # with loki.scoped(model, loki.load("org/medical"), loki.load_scope("org/medical")): ...   # a delta and its scope
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from torch import nn
 from . import ledger
 from .attribution import Attributions
 from .delta import Delta
-from .errors import AttributionError, DeltaFormatError, LedgerError
+from .errors import AttributionError, DeltaFormatError, LedgerError, ScopeError
 from .format import read, save
+from .scoping import Scope
 from .selection import Selection
 
-__all__ = ["apply", "implanted", "load", "load_attributions", "load_selection", "push", "save"]
+__all__ = ["apply", "implanted", "load", "load_attributions", "load_scope", "load_selection", "push", "save"]
 
 DeltaLike = Delta | str | os.PathLike
 
@@ -173,26 +175,30 @@ def push(obj: Delta | Attributions | Selection, repo_id: str, **options: Any) ->
             `Selection` (`load_selection` reads a file).
         repo_id: `"namespace/name"`.
         **options: `private=`, `revision=`, `commit_message=`, `token=`, `endpoint=`, `license=`, `tags=`; for a
-            delta also `filename=`.
+            delta also `filename=` and `scope=` (its `Scope`, pushed beside it).
 
     Returns:
         huggingface_hub.CommitInfo: `.oid` is the commit sha, `.commit_url` its page.
 
     Raises:
-        LedgerError: `obj` is none of the three kinds.
+        LedgerError: `obj` is none of the three kinds (a `Scope` goes with its delta: `scope=`).
         HubArgumentError: `repo_id` is not `namespace/name`, `filename` does not end in `.loki` (or is given for
-            another kind), or the repo holds another kind.
+            another kind, as is `scope`), or the repo holds another kind.
+        ScopeError: a `scope` that is not a `Scope` of the delta's base model's shapes.
         DeltaFormatError: `delta.info["extra"]["evaluation"]` is malformed (checked before any request).
         HubError: a subclass for each Hub failure (`HubPermissionError`, `HubOfflineError`, ...).
 
     >>> # loki.push(delta, "me/medical-implant", private=True, license="apache-2.0")
     >>> # loki.push(loki.load_attributions("kva-run"), "me/smollm2-kva")
+    >>> # loki.push(delta, "me/medical-implant", scope=scope)           # the delta and its scope, one commit
     """
     from .errors import HubArgumentError
     from .hub import push_attributions, push_delta, push_selection
 
     if isinstance(obj, Delta):
         return push_delta(obj, repo_id, **options)
+    if isinstance(obj, Scope):
+        raise LedgerError("A scope is pushed with the delta it gates: loki.push(delta, repo_id, scope=scope).")
     if not isinstance(obj, (Attributions, Selection)):
         raise LedgerError(
             f"loki.push uploads a loki.Delta, Attributions or Selection (loki.load, load_attributions "
@@ -200,6 +206,8 @@ def push(obj: Delta | Attributions | Selection, repo_id: str, **options: Any) ->
         )
     if options.pop("filename", None) is not None:
         raise HubArgumentError("filename= names a delta's .loki file; attributions and selections have fixed names.")
+    if options.pop("scope", None) is not None:
+        raise HubArgumentError("scope= goes beside a delta; attributions and selections have none.")
     return (push_attributions if isinstance(obj, Attributions) else push_selection)(obj, repo_id, **options)
 
 
@@ -294,6 +302,61 @@ def load_selection(
                 pull_selection, source, "file", revision=revision, token=token, endpoint=endpoint, cache_dir=cache_dir
             )
     return Selection.load(source)
+
+
+def load_scope(
+    source: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    filename: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Scope:
+    """Read a delta's scope from a local `.scope` file (`Scope.save`, `loki scope --out`) or from the Hub repo of
+    the delta (`"org/name[@rev]"`, pushed with `loki.push(delta, repo, scope=scope)`), fetched through the Hugging
+    Face cache and verified like the delta.
+
+    Args:
+        source: a `.scope` file (or a folder holding `filename`), or a Hub repo id with an optional `@revision`.
+        revision, token, endpoint, cache_dir: as `load`.
+        filename: the file in a local folder; in a Hub repo, the delta (`"a.loki"`) or scope (`"a.scope"`) whose
+            scope to fetch, needed when the repo holds several deltas.
+
+    Returns:
+        Scope.
+
+    Raises:
+        ScopeError: no such file (and `source` is not shaped like a repo id), or not a valid scope (`Scope.load`).
+        HubError: a subclass for each Hub failure; `HubFileNotFoundError` for a delta pushed without a scope.
+
+    >>> import loki, loki.testing, os, tempfile
+    >>> model = loki.testing.tiny_model("llama")
+    >>> made = loki.scope(model, None, [{"text": [40, 41, 42]}], [{"text": [5, 6, 7]}], progress=False)
+    >>> loki.load_scope(made.save(os.path.join(tempfile.mkdtemp(), "x.scope"))).layer == made.layer
+    True
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        raise ScopeError(f"load_scope takes a .scope file or a Hub repo id, not {type(source).__name__}.")
+    path = Path(source)
+    if path.is_dir() and filename is not None:
+        path = path / filename
+    if not path.exists():
+        from .hub import parse_repo_id, pull_scope
+
+        if parse_repo_id(str(source)) is None or str(source).endswith(".scope"):
+            raise ScopeError(f"No such file: {source}. Give a .scope file (loki scope --out) or a Hub repo id.")
+        return _from_hub(
+            pull_scope,
+            source,
+            "file",
+            revision=revision,
+            filename=filename,
+            token=token,
+            endpoint=endpoint,
+            cache_dir=cache_dir,
+        )
+    return Scope.load(path)
 
 
 def _from_hub(loader, source, what: str, **kwargs):

@@ -193,6 +193,74 @@ def test_deltas_from_different_repos_stack_on_one_base(server, deltas, model):
     assert all(torch.equal(projs.rows(i), w) for i, w in enumerate(before))
 
 
+@pytest.fixture(scope="module")
+def scope_of_one(model):
+    """A scope made on the deltas' base model (what `loki.scope` writes for an implant)."""
+    return loki.scope(model, None, [{"text": [40, 41, 42, 43]}], [{"text": [5, 6, 7, 8]}], margin=0.05, progress=False)
+
+
+def same_scope(a: loki.Scope, b: loki.Scope) -> bool:
+    return (a.layer, a.margin, a.num_layers, a.info) == (b.layer, b.margin, b.num_layers, b.info) and (
+        torch.equal(a.keys, b.keys) and torch.equal(a.thresholds, b.thresholds)
+    )
+
+
+def test_a_delta_and_its_scope_travel_together(server, deltas, scope_of_one):
+    """`push(delta, scope=)` adds `<stem>.scope` in the same commit and says so on the card; `load_scope` gives it
+    back at any revision; a later push without a scope removes the stale one (it gated the delta it replaced)."""
+    api = HfApi(endpoint=server.url, token=server.alice)
+    hub = dict(token=server.alice, endpoint=server.url, cache_dir=constants.HF_HUB_CACHE)
+    first = push(server, deltas["one"], "alice/scoped", scope=scope_of_one)
+    assert {"scoped.loki", "scoped.scope", "README.md", "config.json"} <= set(api.list_repo_files("alice/scoped"))
+    assert same_scope(loki.load_scope("alice/scoped", **hub), scope_of_one)
+    assert same_scope(loki.hub.pull_scope(f"alice/scoped@{first.oid}", **hub), scope_of_one)
+    marker = json.loads(download("alice/scoped", filename="config.json", **hub).read_text())
+    assert marker["delta"] == "scoped.loki" and marker["scope"] == "scoped.scope"
+    readme = download("alice/scoped", filename="README.md", **hub).read_text()
+    assert "`scoped.scope` beside the delta is its scope" in readme and f"{len(scope_of_one):,} keys" in readme
+    assert 'loki.load_scope("alice/scoped")' in readme and "loki.scoped(model, delta, scope)" in readme
+
+    second = push(server, deltas["two"], "alice/scoped")  # no scope: the one beside the old delta goes
+    assert "scoped.scope" not in api.list_repo_files("alice/scoped")
+    assert "load_scope" not in download("alice/scoped", filename="README.md", **hub).read_text()
+    with pytest.raises(errors.HubFileNotFoundError, match="pushed without one.*scope=scope"):
+        loki.load_scope("alice/scoped", **hub)
+    assert same_scope(loki.load_scope(f"alice/scoped@{first.oid}", **hub), scope_of_one)  # history keeps it
+    assert same(pull(server, f"alice/scoped@{second.oid}"), deltas["two"])
+
+
+def test_several_scoped_deltas_in_one_repo_need_a_filename(server, deltas, scope_of_one, model):
+    other = loki.scope(model, None, [{"text": [50, 51, 52]}], [{"text": [5, 6, 7, 8]}], margin=0.05, progress=False)
+    push(server, deltas["one"], "alice/scopes", filename="one.loki", scope=scope_of_one)
+    push(server, deltas["two"], "alice/scopes", filename="two.loki", scope=other)
+    hub = dict(token=server.alice, endpoint=server.url, cache_dir=constants.HF_HUB_CACHE)
+    with pytest.raises(errors.HubAmbiguousFileError, match="filename='one.loki'"):
+        loki.load_scope("alice/scopes", **hub)
+    assert same_scope(loki.load_scope("alice/scopes", filename="two.loki", **hub), other)
+    assert same_scope(loki.load_scope("alice/scopes", filename="one.scope", **hub), scope_of_one)
+    with pytest.raises(errors.HubFileNotFoundError, match="three.loki"):
+        loki.load_scope("alice/scopes", filename="three.scope", **hub)
+
+
+def test_a_scope_that_cannot_go_with_the_delta_is_refused_before_any_request(server, deltas, scope_of_one, tmp_path):
+    server.clear()
+    wide = loki.scope(tiny_model("llama", layers=2), None, [{"text": [40, 41]}], [{"text": [5, 6]}], progress=False)
+    with pytest.raises(errors.ScopeError, match="2 layers.*3"):
+        push(server, deltas["one"], "alice/never", scope=wide)  # made on a model of other shapes
+    with pytest.raises(errors.ScopeError, match="loki.Scope"):
+        push(server, deltas["one"], "alice/never", scope="x.scope")
+    with pytest.raises(errors.LedgerError, match="scope=scope"):
+        loki.push(scope_of_one, "alice/never", token=server.alice, endpoint=server.url)
+    with pytest.raises(errors.HubArgumentError, match="beside a delta"):
+        loki.push(loki.Selection.random(2, 32, q=10), "alice/never", scope=scope_of_one, endpoint=server.url)
+    assert server.count() == 0
+    with pytest.raises(errors.ScopeError, match="No such file"):
+        loki.load_scope("scopes/missing.scope")  # shaped like a repo id, but a .scope path: never a request
+    with pytest.raises(errors.ScopeError, match="not a loki scope|Cannot read"):
+        loki.load_scope(loki.save(deltas["one"], tmp_path / "one.loki"))  # a delta is not a scope
+    assert server.count() == 0
+
+
 # -- cache ------------------------------------------------------------------------------------------
 def test_second_pull_downloads_nothing(server, deltas):
     commit = push(server, deltas["one"], "alice/cached")
@@ -463,13 +531,14 @@ def test_corrupted_download_is_rejected_and_removed(server, deltas):
 
 # -- what the cache holds is checked at every read --------------------------------------------------
 @pytest.fixture(scope="module")
-def every_kind(server, deltas):
-    """One repo of each kind on the module's server, each tagged v1 at its only commit: `{kind: (repo, commit)}`."""
+def every_kind(server, deltas, scope_of_one):
+    """One repo of each kind on the module's server, each tagged v1 at its only commit: `{kind: (repo, commit)}`.
+    The delta goes with its scope."""
     attributions = loki.attribute(tiny_model("llama"), None, [[5, 6, 7], [8, 9]], steps=2, progress=False)
     with pytest.MonkeyPatch.context() as patch:  # (hf_env's patch is per test: after module fixtures)
         patch.setattr(constants, "HF_HUB_DISABLE_XET", True)
         pushed = {
-            "delta": push(server, deltas["one"], "alice/every-delta"),
+            "delta": push(server, deltas["one"], "alice/every-delta", scope=scope_of_one),
             "attributions": push(server, attributions, "alice/every-kva"),
             "selection": push(server, loki.Selection.random(num_layers=2, d_out=32, q=10, seed=1), "alice/every-q10"),
         }
@@ -526,6 +595,11 @@ def delta_of(s, capsys, source, tmp):
     return pull(s, source)
 
 
+def scope_bytes_of(s, capsys, source, tmp):
+    scope = loki.load_scope(source, token=s.alice, endpoint=s.url, cache_dir=constants.HF_HUB_CACHE)
+    return scope.keys.numpy().tobytes() + scope.thresholds.numpy().tobytes()
+
+
 # load path -> (repo kind, revision in the source, the cached file it reads, read(server, capsys, source, tmp_path))
 READS = {
     "load by branch": ("delta", "", "every-delta.loki", delta_of),
@@ -533,6 +607,8 @@ READS = {
     "load by commit": ("delta", "@{commit}", "every-delta.loki", delta_of),
     "load without symlinks": ("delta", "", "every-delta.loki", delta_of),
     "cli pull": ("delta", "", "every-delta.loki", cli_pull),
+    "scope": ("delta", "", "every-delta.scope", scope_bytes_of),
+    "scope by tag": ("delta", "@v1", "every-delta.scope", scope_bytes_of),
     "model card": ("delta", "", "README.md", model_card_of),
     "attributions": ("attributions", "", "attributions.npy", attributions_of),
     "cli select": ("attributions", "@v1", "attributions.npy", cli_select),
@@ -699,7 +775,8 @@ def test_hub_verbs_come_in_push_pull_pairs(server, deltas):
         else:
             assert back.to_json() == obj.to_json()
     verbs = {name for name in loki.hub.__all__ if name.startswith(("push", "pull", "load"))}
-    assert verbs == {f"{way}_{kind}" for way in ("push", "pull") for kind in sent}
+    # a scope travels with its delta: push_delta(scope=) is its push verb
+    assert verbs == {f"{way}_{kind}" for way in ("push", "pull") for kind in sent} | {"pull_scope"}
 
 
 def test_local_paths_stay_local(tmp_path, deltas):
@@ -751,6 +828,23 @@ def test_cli_push_pull_and_offline_pull(server, deltas, tmp_path, capsys, monkey
     assert (tmp_path / "copy.loki").read_bytes() == file.read_bytes()
     assert main(["pull", "alice/nobody", *args]) == 2
     assert "HubRepoNotFoundError" in capsys.readouterr().err
+
+    scope = loki.scope(tiny_model("llama", layers=3), None, [{"text": [40, 41]}], [{"text": [5, 6]}], progress=False)
+    scope_file = scope.save(tmp_path / "two.scope")
+    assert main(["push", str(file), "alice/cli-scoped", "--scope", str(scope_file), *args]) == 0
+    assert "and " + str(scope_file) in capsys.readouterr().out
+    assert main(["pull", "alice/cli-scoped", "--scope", "--out", str(tmp_path / "both"), *args]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.split() == [
+        str(tmp_path / "both" / "cli-scoped.loki"),
+        str(tmp_path / "both" / "cli-scoped.scope"),
+    ]
+    assert (tmp_path / "both" / "cli-scoped.scope").read_bytes() == scope_file.read_bytes()
+    assert "scope: Scope(layer=" in printed.err
+    assert main(["pull", "alice/cli", "--scope", *args]) == 2  # pushed without one
+    assert "HubFileNotFoundError" in capsys.readouterr().err
+    assert main(["push", str(file), "alice/cli-scoped", "--scope", str(tmp_path / "nope.scope"), *args]) == 2
+    assert "ScopeError" in capsys.readouterr().err
 
     # Offline, with neither endpoint nor token: the cache alone answers. In process: HF_HUB_OFFLINE=1 only sets
     # huggingface_hub.constants.HF_HUB_OFFLINE when huggingface_hub is imported, and loki reads nothing else

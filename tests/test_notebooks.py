@@ -65,10 +65,10 @@ def table_rows(markup: str) -> list[list[str]]:
 STATIC = {
     "01_analyse.ipynb": ("image/png", 3),  # the explorer's two figures and the selection's plot
     "02_select_and_implant.ipynb": ("image/png", 1),  # the held-out loss
-    "03_judge_the_damage.ipynb": ("text/html", 2),  # before/after, the baselines
+    "03_judge_the_damage.ipynb": ("text/html", 3),  # before/after, the baselines, the scoped delta
     "04_apply_revert_stack.ipynb": ("text/html", 1),  # the switchboard's states
     "05_share.ipynb": ("text/markdown", 1),  # the model card, rendered
-    "06_hot_swap.ipynb": ("text/html", 1),  # the mixed batch
+    "06_hot_swap.ipynb": ("text/html", 2),  # the mixed batch, the routed one
 }
 
 
@@ -146,9 +146,15 @@ def test_notebook_runs(name, workdir, monkeypatch):
         assert "refused: OverlapError" in out and "refused: True" in out
         assert int(re.search(r"rows zero-lowest shares with the facts delta: (\d+)", out).group(1)) > 0
     if name == "03_judge_the_damage.ipynb":  # this notebook's implant against the committed baselines
-        (baselines,) = [t for t in outputs(book, "text/html") if "LoKI + retain (this notebook)" in t]
+        (baselines,) = [t for t in outputs(book, "text/html") if "[committed]" in t]
         rows = {r[0]: r[1:] for r in table_rows(baselines)}
         assert int(rows["LoKI + retain (this notebook)"][1].rstrip("%")) > 0  # even the quick size learns something
         assert {"LoRA + retain [committed]", "full fine-tuning + retain [committed]"} <= rows.keys(), rows
+        (scoped,) = [t for t in outputs(book, "text/html") if "the same delta, scoped" in t]
+        assert len(table_rows(scoped)) == 2 and (workdir / "facts.scope").is_file()
+    if name == "05_share.ipynb":
+        assert "pulled scope equals pushed: True" in out
+    if name == "06_hot_swap.ipynb":
+        assert "the general question as the base model: True" in out
     if name == "02_select_and_implant.ipynb":
         assert (workdir / "facts.loki").is_file()

@@ -160,6 +160,8 @@ def test_bad_input_raises_scope_error_and_changes_nothing(tmp_path):
         with pytest.raises(ScopeError):
             loki.scope(model, None, IMPLANT, OUTSIDE, progress=False, **bad)
     made = loki.scope(model, None, IMPLANT, OUTSIDE, margin=0.02, progress=False)
+    with pytest.raises(ScopeError, match="empty"):
+        made.contains(model, [[40, 41], []])
     other = tiny_model("llama", d_ff=96)
     with pytest.raises(ScopeError, match="d_in"):
         with loki.scoped(other, random_delta(other), made):
@@ -191,6 +193,8 @@ def test_a_scope_file_round_trips_and_a_bad_one_is_refused(tmp_path):
     assert torch.equal(back.keys, made.keys) and torch.equal(back.thresholds, made.thresholds)
     probes = [[40, 41, 42], [5, 6, 7]]
     assert back.contains(model, probes) == made.contains(model, probes)
+    assert back.save(tmp_path / "again.scope").read_bytes() == path.read_bytes()  # equal scopes, equal bytes
+    assert loki.load_scope(tmp_path, filename="facts.scope").info == made.info
     garbage = tmp_path / "garbage.scope"
     garbage.write_bytes(b"\x80\x04not safetensors at all")  # a pickle's opening: never unpickled
     with pytest.raises(ScopeError, match="Cannot read"):
@@ -218,6 +222,22 @@ def test_a_scope_file_round_trips_and_a_bad_one_is_refused(tmp_path):
     save_file({"keys": made.keys, "thresholds": made.thresholds}, other, {**meta, "info": "[1]"})
     with pytest.raises(ScopeError, match="info"):
         loki.Scope.load(other)
+
+
+def test_an_implant_suite_judges_one_delta_through_its_scope():
+    """`ImplantSuite.report(..., scope=)` gates one delta; two deltas and a scope are refused before any scoring."""
+    from loki import evaluate as ev
+
+    model = tiny_model("llama")
+    made = loki.scope(model, None, IMPLANT, OUTSIDE, margin=0.05, progress=False)
+    facts = ev.Benchmark("facts", "generate", [{"question": "What is the capital of Zubrowka?", "answers": ["Lutz"]}])
+    suite = ev.ImplantSuite(facts, facts, ["Who wrote Hamlet?"], ev.general_suite(["wiki_perplexity"], n=1))
+    one, two = random_delta(model, seed=1), random_delta(model, seed=2)
+    before = state_dict_copy(model)
+    for call in (suite.report, suite.scores):
+        with pytest.raises(loki.errors.EvaluationError, match="one delta"):
+            call(model, None, one, two, scope=made)  # (no tokenizer: refused before anything runs)
+    assert_state_equal(model, before)
 
 
 def test_a_bank_routes_each_row_to_the_implant_whose_scope_it_falls_in():
@@ -253,6 +273,19 @@ def test_a_bank_routes_each_row_to_the_implant_whose_scope_it_falls_in():
     with pytest.raises(ScopeError):  # a scope of another model's shapes: refused, nothing registered
         bank.register("d", deltas["c"], scope=loki.scope(other, None, IMPLANT, OUTSIDE, progress=False))
     assert "d" not in bank
+    reseeded = tiny_model("llama", seed=1)  # same shapes, other weights: registered, refused when routing
+    bank.register(
+        "e", deltas["c"], scope=loki.scope(reseeded, None, IMPLANT, OUTSIDE, progress=False), check_base=False
+    )
+    with pytest.raises(ScopeError, match="other weights"):
+        bank.generate(ids, "auto", attention_mask=mask, **kw)
+    bank.unregister("e")
+    with loki.implanted(model, deltas["c"]):  # a delta applied outside the bank: the scopes' keys would move
+        with pytest.raises(ScopeError, match="other weights"):
+            with bank.routed():
+                pass
+    assert_state_equal(model, before)
+    assert len(bank.generate(ids, "auto", attention_mask=mask, **kw)) == len(rows)  # and still routes after
     empty = loki.ImplantBank(model)
     with pytest.raises(loki.errors.ImplantBankError, match="scope"):
         with empty.routed():

@@ -10,8 +10,14 @@ from typing import Any
 from ..errors import EvaluationError
 from ..generation import generate
 from ..neighbourhood import shares_template
+from ..scoping import Scope, scoped
 from .forgetting import Benchmark, ForgettingReport, benchmark_scores
 from .metrics import answer_predictions, ngram_entropy, normalize_answer, specificity
+
+
+def _check_scope(deltas: tuple, scope: Scope | None) -> None:
+    if scope is not None and len(deltas) != 1:
+        raise EvaluationError(f"scope= gates one delta (as loki.scoped does); got {len(deltas)} deltas.")
 
 
 def _texts(benchmark: Benchmark) -> list[str]:
@@ -238,7 +244,13 @@ class ImplantSuite:
         self.general = general
 
     def scores(
-        self, model, tokenizer, *deltas, base: ImplantScores | None = None, progress: bool = True
+        self,
+        model,
+        tokenizer,
+        *deltas,
+        base: ImplantScores | None = None,
+        scope: Scope | None = None,
+        progress: bool = True,
     ) -> ImplantScores:
         """Scores of `model` (with `deltas` applied for the duration, reverted afterwards). Neighbourhood predictions
         are teacher-forced on `base`'s answers (on the model's own answers when `base` is None: the base run).
@@ -248,20 +260,23 @@ class ImplantSuite:
             tokenizer: its tokenizer.
             *deltas: `Delta` objects to apply together; none scores the model as it is.
             base: the base model's scores; None when this is the base run.
+            scope: the one delta's `Scope`: the delta is served through it (`loki.scoped`: only on inputs in the
+                scope, the base weights on every other) instead of applied.
             progress: show progress bars.
 
         Returns:
             ImplantScores.
 
         Raises:
-            EvaluationError: what a metric refuses.
-            LokiError: a delta that cannot be applied.
+            EvaluationError: what a metric refuses; a `scope` without exactly one delta.
+            LokiError: a delta that cannot be applied (`ScopeError`: a scope that does not fit the model).
 
         >>> # base = suite.scores(model, tokenizer)                     # once, on the base model
         """
         from ..ledger import implanted
 
-        with implanted(model, *deltas):
+        _check_scope(deltas, scope)
+        with scoped(model, deltas[0], scope) if scope is not None else implanted(model, *deltas):
             answers = generate(
                 model, tokenizer, self.neighbourhood, chat=True, max_new_tokens=self.max_new_tokens, progress=progress
             )
@@ -273,7 +288,13 @@ class ImplantSuite:
         return ImplantScores(efficacy, generalisation, general, answers, predictions)
 
     def report(
-        self, model, tokenizer, *deltas, base: ImplantScores | None = None, progress: bool = True
+        self,
+        model,
+        tokenizer,
+        *deltas,
+        base: ImplantScores | None = None,
+        scope: Scope | None = None,
+        progress: bool = True,
     ) -> ImplantReport:
         """The four numbers of `model` with `deltas` applied against `base` (the base model's `scores`, computed
         here without the deltas when None). For a trained copy of the model (full fine-tuning), pass no deltas
@@ -284,23 +305,26 @@ class ImplantSuite:
             tokenizer: its tokenizer.
             *deltas: `Delta` objects to judge, applied together.
             base: the base model's `scores`; None computes it first (needs deltas).
+            scope: the one delta's `Scope`: judge the delta served through it (`loki.scoped`), as `scores`.
             progress: show progress bars.
 
         Returns:
             ImplantReport.
 
         Raises:
-            EvaluationError: neither deltas nor `base`, or what a metric refuses.
-            LokiError: a delta that cannot be applied.
+            EvaluationError: neither deltas nor `base`, a `scope` without exactly one delta, or what a metric refuses.
+            LokiError: a delta that cannot be applied (`ScopeError`: a scope that does not fit the model).
 
         >>> # report = suite.report(model, tokenizer, loki.load("facts.loki"), base=base)
         >>> # report.efficacy, report.generalisation, report.specificity, report.forgetting
+        >>> # scoped = suite.report(model, tokenizer, delta, base=base, scope=loki.scope(model, tok, train, retain))
         """
+        _check_scope(deltas, scope)
         if base is None:
             if not deltas:
                 raise EvaluationError(
                     "Without deltas the model is its own base: pass base=suite.scores(base_model, ...)."
                 )
             base = self.scores(model, tokenizer, progress=progress)
-        tuned = self.scores(model, tokenizer, *deltas, base=base, progress=progress)
+        tuned = self.scores(model, tokenizer, *deltas, base=base, scope=scope, progress=progress)
         return ImplantReport(base, tuned, list(self.neighbourhood))

@@ -10,12 +10,13 @@ back by repo id (`loki.push` and `loki.load`, `loki.load_attributions`, `loki.lo
 ('me/medical-implant', 'v1')
 
 The verbs come in pairs: `push_delta` / `pull_delta`, `push_attributions` / `pull_attributions`, `push_selection`
-/ `pull_selection`; `download` gives the cached file itself. The modules: `push`, `pull` (and the verified cache),
+/ `pull_selection`; a delta's scope goes with it (`push_delta(..., scope=)` / `pull_scope`); `download` gives the
+cached file itself. The modules: `push`, `pull` (and the verified cache),
 `cards` (the three model cards), `errors` (huggingface_hub's errors as loki's), `repo` (ids and what a repo holds).
 
-A repo holds one kind: a delta (`<name>.loki`), attributions (the folder `loki.attribute(..., path=)` writes:
-`meta.json`, `attributions.npy`, `targets.npy`, `seconds.npy`) or a selection (`selection.json`), each with a
-`README.md` model card and a small `config.json` marker.
+A repo holds one kind: a delta (`<name>.loki`, and its scope `<name>.scope` if pushed with one), attributions (the
+folder `loki.attribute(..., path=)` writes: `meta.json`, `attributions.npy`, `targets.npy`, `seconds.npy`) or a
+selection (`selection.json`), each with a `README.md` model card and a small `config.json` marker.
 
 Downloads go through huggingface_hub's own cache functions and the standard Hugging Face cache (`HF_HOME`,
 `HF_HUB_CACHE`), so `HF_HUB_OFFLINE=1` works once a repo was pulled. Every file returned is checked against its
@@ -27,7 +28,7 @@ subclass that says what to do and is also the `huggingface_hub.errors` exception
 from __future__ import annotations
 
 from .cards import attributions_card, model_card, selection_card
-from .pull import download, pull_attributions, pull_delta, pull_selection
+from .pull import download, pull_attributions, pull_delta, pull_scope, pull_selection
 from .push import push_attributions, push_delta, push_selection
 from .repo import parse_repo_id
 
@@ -38,6 +39,7 @@ __all__ = [
     "parse_repo_id",
     "pull_attributions",
     "pull_delta",
+    "pull_scope",
     "pull_selection",
     "push_attributions",
     "push_delta",

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..attribution import Attributions
 from ..errors import DeltaFormatError
+from ..scoping import Scope
 from ..selection import Selection
 from ..version import __version__
-from .repo import parse_repo_id
+from .repo import parse_repo_id, scope_name
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
@@ -36,6 +37,7 @@ def model_card(
     license: str | None = None,
     tags: Iterable[str] = (),
     several_files: bool = False,
+    scope: Scope | None = None,
 ) -> ModelCard:
     """The model card `push_delta` writes: YAML metadata (`library_name: loki`, `base_model`,
     `base_model_relation: adapter`, tags, license) and a body rendered from `loki/templates/model_card.md`.
@@ -53,6 +55,7 @@ def model_card(
         size: the file size in bytes; default the tensors' size.
         license, tags: metadata (`loki` and `knowledge-implanting` are always tagged).
         several_files: the repo holds other `.loki` files (the card then says to pass `filename=`).
+        scope: the `Scope` pushed beside the delta: the card says what it is and serves the delta through it.
 
     Returns:
         huggingface_hub.ModelCard: `str(card)` is the README.md text. No request is made.
@@ -116,6 +119,10 @@ def model_card(
         forgetting=None if forgetting is None else f"{forgetting:.2f}%",
         implant_rows=[(label, _implant_figure(key, float(implant[key]))) for key, label in _FOUR if key in implant],
         several_files=several_files,
+        scope_file=scope_name(filename) if scope is not None else None,
+        scope_layer=scope.layer if scope is not None else None,
+        scope_keys=f"{len(scope):,}" if scope is not None else None,
+        scope_margin=f"{scope.margin:g}" if scope is not None else None,
         loki_version=__version__,
     )
     return ModelCard.from_template(data, template_path=str(CARD_TEMPLATE), **kwargs)

@@ -1,5 +1,5 @@
-"""Pulling from the Hub by repo id and revision (`pull_delta`, `pull_attributions`, `pull_selection`, and
-`download` under them) through huggingface_hub's own cache, every file returned verified against its checksum.
+"""Pulling from the Hub by repo id and revision (`pull_delta`, `pull_attributions`, `pull_selection`, `pull_scope`,
+and `download` under them) through huggingface_hub's own cache, every file returned verified against its checksum.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from ..errors import (
     HubOfflineError,
 )
 from ..format import read
+from ..scoping import Scope
 from ..selection import Selection
 from .errors import hub_errors, not_cached, translate
 from .repo import (
@@ -30,10 +31,12 @@ from .repo import (
     KINDS,
     LOADERS,
     MARKER,
+    SCOPE_SUFFIX,
     SELECTION_FILE,
     held_kind,
     loki_files,
     parse_repo_id,
+    scope_name,
     source_name,
 )
 
@@ -103,6 +106,28 @@ def pull_selection(source: str, **kwargs) -> Selection:
     return Selection.load(_fetch(source, "selection", **kwargs)[2][0])
 
 
+def pull_scope(source: str, **kwargs) -> Scope:
+    """The scope pushed beside a delta (`loki.push(delta, repo, scope=scope)`): `<stem>.scope` next to the repo's
+    `<stem>.loki` (`loki.load_scope` calls this for Hub ids).
+
+    Args:
+        source: `"org/name[@revision]"`.
+        **kwargs: `download`'s keyword arguments (except `kind`); `filename=` names the delta (`"a.loki"`) or its
+            scope (`"a.scope"`), needed when the repo holds several deltas.
+
+    Returns:
+        Scope.
+
+    Raises:
+        HubError: as `download`; `HubFileNotFoundError` when the delta was pushed without a scope (or the repo holds
+            no delta), `HubAmbiguousFileError` for several deltas and no `filename`.
+        ScopeError: the file is not a valid scope.
+
+    >>> # scope = pull_scope("me/medical-implant@v1"); delta = loki.load("me/medical-implant@v1")
+    """
+    return Scope.load(download(source, kind="scope", **kwargs))
+
+
 def download(
     source: str,
     *,
@@ -115,10 +140,11 @@ def download(
     local_files_only: bool = False,
 ) -> Path:
     """The path, in the Hugging Face cache, of what Hub repo `source` (`"org/name[@revision]"`) holds: its `.loki`
-    file (`kind="delta"`), its attribution folder (`kind="attributions"`) or its `selection.json`
-    (`kind="selection"`).
+    file (`kind="delta"`), its attribution folder (`kind="attributions"`), its `selection.json`
+    (`kind="selection"`) or the `.scope` file beside its delta (`kind="scope"`).
 
-    A delta is the repo's only `.loki` file unless `filename` names one. Everything goes through huggingface_hub's
+    A delta is the repo's only `.loki` file unless `filename` names one; its scope is the `.scope` file of the same
+    name (`filename` may name either). Everything goes through huggingface_hub's
     cache functions: `HfApi.resolve_revision` turns a branch or tag into a commit (recording it in the cache's
     `refs/`), the commit's file listing is the one `snapshot_download` caches (read back with
     `get_cached_repo_tree`), and the files come from `hf_hub_download` at that commit. Each download is checked
@@ -131,9 +157,10 @@ def download(
 
     Args:
         source: `"org/name"` or `"org/name@revision"`.
-        kind: "delta", "attributions" or "selection".
+        kind: "delta", "attributions", "selection" or "scope".
         revision: a branch, tag or commit (not also in `source`); default main.
-        filename: the `.loki` file to fetch; needed when the repo holds several (deltas only).
+        filename: the `.loki` file to fetch (or, for `kind="scope"`, whose scope to fetch); needed when the repo
+            holds several (deltas and scopes only).
         token, endpoint: for `huggingface_hub` (`HF_TOKEN` / the saved login, `HF_ENDPOINT`).
         cache_dir: the Hugging Face cache; default `HF_HUB_CACHE`.
         local_files_only: use the cache only.
@@ -143,11 +170,12 @@ def download(
 
     Raises:
         HubArgumentError: `source` is not a repo id, two different revisions are given, an unknown `kind`,
-            `filename` for another kind than a delta, or the Hub rejects the id.
+            `filename` for another kind than a delta or scope, or the Hub rejects the id.
         HubRepoNotFoundError, HubGatedRepoError, HubRevisionNotFoundError: no such repo (or no access), a gated
             repo, no such revision.
         HubFileNotFoundError, HubAmbiguousFileError: no such `filename` / nothing of that kind in the repo (the
-            message says what it holds instead), or several `.loki` files and no `filename`.
+            message says what it holds instead; a delta pushed without a scope), or several `.loki` files and no
+            `filename`.
         HubPermissionError, HubRateLimitError, HubServerError: the Hub answered 401/403, 429, or 5xx / another
             unexpected status.
         HubOfflineError: offline (or unreachable) and what is needed is not cached.
@@ -194,7 +222,7 @@ def _fetch(
     repo_id, revision = _parse_source(source, revision)
     if kind not in KINDS:
         raise HubArgumentError(f"kind must be one of {tuple(KINDS)}, got {kind!r}.")
-    if filename is not None and kind != "delta":
+    if filename is not None and kind not in ("delta", "scope"):
         raise HubArgumentError(f"filename= picks one of several .loki files; {KINDS[kind]} have fixed file names.")
     offline = (
         "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE=1" if constants.is_offline_mode() else None
@@ -291,12 +319,21 @@ def _names(
     cache: str,
 ) -> list[str]:
     """The files to fetch for `kind`, given the commit's file listing (None: not known, offline)."""
-    if kind == "delta":
+    if kind in ("delta", "scope"):
         if files is None:
             if filename is None:
                 raise not_cached(repo_id, revision, cache, offline, "its file listing; or pass filename=")
-            return [filename]
-        return [_pick(repo_id, revision, files, filename)]
+            return [filename if kind == "delta" else scope_name(_delta_name(filename))]
+        if kind == "delta":
+            return [_pick(repo_id, revision, files, filename)]
+        delta = _pick(repo_id, revision, files, filename and _delta_name(filename))
+        if scope_name(delta) not in files:
+            raise HubFileNotFoundError(
+                f"{repo_id}@{revision} holds no scope for {delta} (no {scope_name(delta)}): it was pushed without "
+                "one. Push the delta with its scope: loki.push(delta, repo_id, scope=scope).",
+                repo_id=repo_id,
+            )
+        return [scope_name(delta)]
     needed = list(ATTRIBUTION_FILES) if kind == "attributions" else [SELECTION_FILE]
     if files is None or all(name in files for name in needed):
         return needed
@@ -312,6 +349,11 @@ def _names(
         f"{files[:10]}). Push them there with loki.push.",
         repo_id=repo_id,
     )
+
+
+def _delta_name(filename: str) -> str:
+    """The delta file a scope's `filename=` names: `"a.scope"` -> `"a.loki"`; `"a.loki"` as it is."""
+    return filename.removesuffix(SCOPE_SUFFIX) + ".loki" if filename.endswith(SCOPE_SUFFIX) else filename
 
 
 def _parse_source(source: str, revision: str | None) -> tuple[str, str]:

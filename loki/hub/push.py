@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Any
 from ..attribution import FILES as ATTRIBUTION_FILES
 from ..attribution import FORMAT as ATTRIBUTION_FORMAT
 from ..attribution import Attributions
-from ..errors import HubArgumentError
+from ..errors import HubArgumentError, ScopeError
 from ..format import check, save
+from ..scoping import Scope
 from ..selection import Selection
 from .cards import attributions_card, card_evaluation, model_card, selection_card
 from .errors import hub_errors
-from .repo import DEFAULT_BRANCH, KINDS, MARKER, SELECTION_FILE, check_repo_id, held_kind
+from .repo import DEFAULT_BRANCH, KINDS, MARKER, SELECTION_FILE, check_repo_id, held_kind, scope_name
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo, ModelCard
@@ -38,11 +39,15 @@ def push_delta(
     filename: str | None = None,
     license: str | None = None,
     tags: Iterable[str] = (),
+    scope: Scope | None = None,
 ) -> CommitInfo:
     """Upload `delta` to the Hub repo `repo_id` (created if needed) with a generated model card.
 
     One commit adds `filename` (default `<repo name>.loki`), `README.md` (`model_card`) and the marker
-    `config.json` on branch `revision` (default main; a new branch starts from main).
+    `config.json` on branch `revision` (default main; a new branch starts from main). With `scope`, the same commit
+    adds the scope beside the delta as `<stem>.scope` (`Scope.save`; `loki.load_scope` pulls it) and the card says
+    how to serve the delta through it; without one, a `<stem>.scope` left by an earlier push of this filename is
+    deleted in the same commit (it was made for the delta this push replaces).
 
     Args:
         delta: the `Delta`.
@@ -53,6 +58,7 @@ def push_delta(
         token, endpoint: for `huggingface_hub.HfApi` (`HF_TOKEN` / the saved login, `HF_ENDPOINT`).
         filename: the file's name in the repo, ending in `.loki`.
         license, tags: model card metadata.
+        scope: the delta's `Scope` (`loki.scope`), made on its base model.
 
     Returns:
         huggingface_hub.CommitInfo: `.oid` is the commit sha, `.commit_url` its page.
@@ -60,14 +66,17 @@ def push_delta(
     Raises:
         HubArgumentError: `repo_id` is not `namespace/name`, or `filename` does not end in `.loki` (no request made).
         DeltaFormatError: `delta.info["extra"]["evaluation"]` is malformed (no request made).
+        ScopeError: `scope` is not a `Scope`, or was made on a model of other shapes than the delta's base (its
+            layer count or down-projection input size; no request made).
         HubPermissionError: the token is invalid or may not write there (`HubGatedRepoError` for a gated repo).
         HubRateLimitError, HubServerError: the Hub answered 429, or 5xx / another unexpected status.
         HubOfflineError: the Hub cannot be reached, or `HF_HUB_OFFLINE=1`.
         HubRepoNotFoundError, HubRevisionNotFoundError: as the Hub answers them.
 
     >>> # loki.push(loki.load("tiny.loki"), "me/tiny-implant", private=True, license="apache-2.0")
+    >>> # loki.push(delta, "me/tiny-implant", scope=loki.scope(model, tokenizer, examples, retain))
     """
-    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     check_repo_id(repo_id)
     filename = filename or f"{repo_id.split('/')[1]}.loki"
@@ -75,10 +84,13 @@ def push_delta(
         raise HubArgumentError(f"filename {filename!r} must end in '.loki' so that loki.load finds it in the repo.")
     card_evaluation(delta.info)  # a card that cannot be written fails before anything is created
     check(delta)  # so does a delta the reader would refuse (the same checks save runs)
+    if scope is not None:
+        _check_scope(scope, delta)
 
     def operations(files: list[str]) -> list:
         others = [f for f in files if f.endswith(".loki") and f != filename]
         path = save(delta, Path(tmp) / Path(filename).name)
+        beside = scope_name(filename)
         card = model_card(
             delta,
             repo_id,
@@ -87,6 +99,7 @@ def push_delta(
             license=license,
             tags=tags,
             several_files=bool(others),
+            scope=scope,
         )
         marker = {
             "library_name": "loki",
@@ -94,8 +107,13 @@ def push_delta(
             "format_version": 1,
             "base_model": delta.base_model,
             "delta": filename,
+            **({"scope": beside} if scope is not None else {}),
         }
-        return [CommitOperationAdd(filename, path), *_card_and_marker(card, marker)]
+        if scope is not None:
+            extra = [CommitOperationAdd(beside, scope.save(Path(tmp) / Path(beside).name))]
+        else:  # a scope pushed with an earlier delta of this name does not gate this one
+            extra = [CommitOperationDelete(beside)] if beside in files else []
+        return [CommitOperationAdd(filename, path), *extra, *_card_and_marker(card, marker)]
 
     with tempfile.TemporaryDirectory(prefix="loki-push-") as tmp:
         return _upload(
@@ -232,6 +250,18 @@ def push_selection(
         token=token,
         endpoint=endpoint,
     )
+
+
+def _check_scope(scope: Any, delta: Delta) -> None:
+    """Raise `ScopeError` unless `scope` is a `Scope` of the delta's base model's shapes."""
+    if not isinstance(scope, Scope):
+        raise ScopeError(f"scope= takes a loki.Scope (loki.scope, loki.load_scope), not {type(scope).__name__}.")
+    proj = delta.info["down_projection"]
+    if (scope.num_layers, scope.d_in) != (proj["num_layers"], proj["d_in"]):
+        raise ScopeError(
+            f"The scope was made on a model with {scope.num_layers} layers of d_in {scope.d_in}; the delta's base has "
+            f"{proj['num_layers']} of {proj['d_in']}. Push the scope made on the delta's base model."
+        )
 
 
 def _card_and_marker(card: ModelCard, marker: dict[str, Any]) -> list:

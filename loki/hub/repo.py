@@ -17,8 +17,19 @@ from ..errors import HubArgumentError
 # `config.json`); `download` fetches it next to the delta, once per commit and cache.
 MARKER = "config.json"
 SELECTION_FILE = "selection.json"
-KINDS = {"delta": "a loki delta", "attributions": "loki attributions", "selection": "a loki selection"}
-LOADERS = {"delta": "loki.load", "attributions": "loki.load_attributions", "selection": "loki.load_selection"}
+SCOPE_SUFFIX = ".scope"  # a delta's scope (`loki.Scope`) sits beside it: `<stem>.loki` and `<stem>.scope`
+KINDS = {
+    "delta": "a loki delta",
+    "attributions": "loki attributions",
+    "selection": "a loki selection",
+    "scope": "a loki scope",  # not a kind of repo: a file beside a delta, in a delta repo
+}
+LOADERS = {
+    "delta": "loki.load",
+    "attributions": "loki.load_attributions",
+    "selection": "loki.load_selection",
+    "scope": "loki.load_scope",
+}
 DEFAULT_BRANCH = "main"
 _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*)(?:@(?P<rev>[^\s@]+))?$")
 
@@ -63,6 +74,15 @@ def held_kind(files: list[str]) -> str | None:
 def loki_files(files: Iterable[str]) -> list[str]:
     """The `.loki` files among `files`, sorted."""
     return sorted(f for f in files if f.endswith(".loki"))
+
+
+def scope_name(filename: str) -> str:
+    """The name of the scope file beside the delta file `filename` in a repo: `"a/b.loki"` -> `"a/b.scope"`.
+
+    >>> scope_name("medical.loki")
+    'medical.scope'
+    """
+    return filename.removesuffix(".loki") + SCOPE_SUFFIX
 
 
 def source_name(repo_id: str, revision: str) -> str:
