@@ -386,6 +386,33 @@ def test_malformed_evaluation_is_a_clear_error(server, model):
     with pytest.raises(errors.DeltaFormatError, match="implanted"):
         push(server, bad, "alice/bad-eval")
     assert "alice/bad-eval" not in server.repos  # checked before anything is created
+    scoped = loki.implant.make_delta(
+        model, {0: ([0], torch.zeros(1, 64))}, extra={"evaluation": {"scoped": {"specificity": "high"}}}
+    )
+    with pytest.raises(errors.DeltaFormatError, match="scoped"):
+        push(server, scoped, "alice/bad-eval")
+    assert "alice/bad-eval" not in server.repos
+
+
+def test_the_card_shows_the_figures_served_through_the_scope_beside_the_unscoped_ones(model):
+    unscoped = {"efficacy": 1.0, "specificity": 0.907, "answers_kept": 6 / 32, "forgetting": -3.01}
+    through = {"efficacy": 1.0, "specificity": 0.999, "answers_kept": 31 / 32, "forgetting": 0.07, "fluency": 4.0}
+    delta = loki.implant.make_delta(
+        model, {0: ([0], torch.zeros(1, 64))}, extra={"evaluation": {"implant": unscoped, "scoped": through}}
+    )
+    readme = str(loki.hub.model_card(delta, "me/x"))
+    assert "| The implant's four numbers | value | served through its scope |" in readme
+    assert "| specificity (neighbourhood answer tokens kept, vs. the base model) | 91% | 100% |" in readme
+    assert "| neighbourhood whole answers unchanged | 19% | 97% |" in readme
+    assert "bits) | - | 4.00 |" in readme  # a figure only one of them has
+    assert "lower is better) | -3.01% | +0.07% |" in readme
+    plain = str(
+        loki.hub.model_card(
+            loki.implant.make_delta(model, {0: ([0], torch.zeros(1, 64))}, extra={"evaluation": {"implant": unscoped}}),
+            "me/x",
+        )
+    )
+    assert "served through its scope" not in plain and "| efficacy (training phrasings) | 100% |\n" in plain
 
 
 def test_gated_repo_needs_granted_access(server, deltas):

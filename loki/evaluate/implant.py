@@ -149,7 +149,9 @@ class ImplantReport:
         }
 
     def evaluation(self) -> dict[str, Any]:
-        """The figures for `delta.info["extra"]["evaluation"]`, which `loki.hub.push_delta` puts on the model card."""
+        """The figures for `delta.info["extra"]["evaluation"]`, which `loki.hub.push_delta` puts on the model card.
+        For a card that also shows the delta served through its scope, add the scoped report's figures:
+        `{**report.evaluation(), "scoped": scoped.evaluation()["implant"]}`."""
         return {
             "implant": {
                 "efficacy": self.efficacy,

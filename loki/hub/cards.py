@@ -46,7 +46,9 @@ def model_card(
     `"task": {"name": str, "metrics": {metric: value}}`, `"general": {benchmark: {"base": x, "implanted": y}}`,
     `"forgetting": float` (LoKI's Avg in percent; computed from "general" when absent) and `"implant"`: the four
     numbers `{"efficacy", "generalisation", "specificity", "forgetting"}` and optionally `"answers_kept"` (whole
-    neighbourhood answers unchanged) and `"fluency"` (`ImplantReport.evaluation()` gives all).
+    neighbourhood answers unchanged) and `"fluency"` (`ImplantReport.evaluation()` gives all); `"scoped"`: the same
+    figures of the delta served through its scope, shown in a column beside them (`{**report.evaluation(),
+    "scoped": scoped_report.evaluation()["implant"]}`).
 
     Args:
         delta: the `Delta`.
@@ -85,7 +87,8 @@ def model_card(
     counts = delta.rows_per_layer()
     selection = dict(info.get("selection") or {})
     task, general, forgetting = card_evaluation(info)
-    implant = ((info.get("extra") or {}).get("evaluation") or {}).get("implant") or {}
+    evaluation = (info.get("extra") or {}).get("evaluation") or {}
+    implant, through = evaluation.get("implant") or {}, evaluation.get("scoped") or {}
     total_rows = proj["num_layers"] * proj["d_out"]
     kwargs = dict(
         title=delta.name or repo_id.split("/")[-1],
@@ -117,7 +120,12 @@ def model_card(
         task_rows=_table_rows(task.get("metrics") or {}),
         general_rows=[(name, _num(b), _num(t), _num(t - b, signed=True)) for name, (b, t) in general.items()],
         forgetting=None if forgetting is None else f"{forgetting:.2f}%",
-        implant_rows=[(label, _implant_figure(key, float(implant[key]))) for key, label in _FOUR if key in implant],
+        implant_rows=[
+            (label, *(_implant_figure(key, float(d[key])) if key in d else "-" for d in (implant, through)))
+            for key, label in _FOUR
+            if key in implant or key in through
+        ],
+        scoped_figures=bool(through),
         several_files=several_files,
         scope_file=scope_name(filename) if scope is not None else None,
         scope_layer=scope.layer if scope is not None else None,
@@ -154,13 +162,15 @@ def card_evaluation(info: dict[str, Any]) -> tuple[dict, dict[str, tuple[float, 
         }
         forgetting = evaluation.get("forgetting")
         forgetting = None if forgetting is None else float(forgetting)
-        for key, _ in _FOUR:
-            if key in (evaluation.get("implant") or {}):
-                float(evaluation["implant"][key])
+        for part in ("implant", "scoped"):
+            for key, _ in _FOUR:
+                if key in (evaluation.get(part) or {}):
+                    float(evaluation[part][key])
     except (TypeError, ValueError, KeyError, AttributeError):
         raise DeltaFormatError(
             'delta.info["extra"]["evaluation"] must look like {"task": {"name": str, "metrics": {metric: number}}, '
-            '"general": {benchmark: {"base": number, "implanted": number}}, "forgetting": number} (all optional).'
+            '"general": {benchmark: {"base": number, "implanted": number}}, "forgetting": number, "implant": '
+            '{figure: number}, "scoped": {figure: number}} (all optional).'
         ) from None
     if forgetting is None and general:
         if any(b == 0 for b, _ in general.values()):
