@@ -53,7 +53,7 @@ from .errors import DatasetError
 from .forward import logits_at
 from .generation import GENERATE_BATCH, generate
 
-__all__ = ["RetainLoss", "RetainSet", "check_retain", "general_text", "retain_set"]
+__all__ = ["RetainLoss", "RetainSet", "check_retain", "general_text", "retain_set", "token_digest"]
 
 DEFAULT_TOP_K = 64
 GENERAL_TEXT = Path(__file__).parent / "data" / "retain" / "wiki_text.jsonl"
@@ -150,7 +150,7 @@ class RetainSet:
             self.top_k,
             self.pad_token_id,
             self.items + other.items,
-            _digest([d.ids for d in distributions]),
+            token_digest([d.ids for d in distributions]),
         )
 
     @property
@@ -463,12 +463,16 @@ def retain_set(
                 distributions.append(_Distributions(e["input_ids"], p, top_ids, top_logp, rest))
     finally:
         model.train(was_training)
-    return RetainSet(distributions, top_k, pad, items, _digest([e["input_ids"] for e in encoded]))
+    return RetainSet(distributions, top_k, pad, items, token_digest([e["input_ids"] for e in encoded]))
 
 
-def _digest(ids: list[list[int]]) -> str:
-    """`RetainSet.sha256`: the checksum of the retained token ids, item by item."""
-    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+def token_digest(ids: Sequence[Sequence[int]]) -> str:
+    """The checksum of token id sequences, sequence by sequence (`RetainSet.sha256`; a `Scope`'s `info["sha256"]`).
+
+    >>> token_digest([[1, 2], [3]]) == token_digest([[1, 2], [3]]) != token_digest([[1], [2, 3]])
+    True
+    """
+    return hashlib.sha256(json.dumps([[int(t) for t in s] for s in ids]).encode()).hexdigest()
 
 
 class RetainLoss:

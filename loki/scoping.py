@@ -39,7 +39,6 @@ True
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,7 +47,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from .attribution import model_fingerprint
@@ -58,9 +56,10 @@ from .format import atomic_write, safetensors_bytes
 from .ledger import Plan, plan
 from .mixed import MixedBatches
 from .preserve import down_projection_inputs, token_sequences
-from .projections import find_down_projections, unwrap
+from .projections import DownProjections, find_down_projections, unwrap
+from .retain import token_digest
 
-__all__ = ["Scope", "scope", "scoped", "route", "routing", "DEFAULT_MARGIN"]
+__all__ = ["Scope", "check_scopes", "scope", "scoped", "route", "routing", "DEFAULT_MARGIN"]
 
 DEFAULT_MARGIN = 0.15
 _FORMAT = "loki-scope"
@@ -143,22 +142,8 @@ class Scope:
         return self.excess(keys) > 0
 
     def check(self, model: nn.Module, template: str | None = None, *, weights: bool = False) -> None:
-        """Raise `ScopeError` unless the scope fits `model`: its layer count and down-projection input size, and with
-        `weights` its parameters too (`model_fingerprint`, as recorded in `info`: a scope read on other weights,
-        or on this model with a delta applied, would gate on other keys)."""
-        projs = find_down_projections(unwrap(model), template)
-        if (len(projs), projs.d_in) != (self.num_layers, self.d_in):
-            raise ScopeError(
-                f"The scope was made on a model with {self.num_layers} layers of d_in {self.d_in}; this model has "
-                f"{len(projs)} of {projs.d_in}. Make it on this model: loki.scope(model, tokenizer, examples, outside)."
-            )
-        recorded = self.info.get("model_fingerprint")
-        if weights and recorded is not None and recorded != model_fingerprint(model):
-            raise ScopeError(
-                "The scope was made on other weights than this model's (its model_fingerprint differs): another "
-                "checkpoint, or this one with a delta applied or merged. Use the base model it was made on (revert "
-                "applied deltas first), or make the scope on this one."
-            )
+        """Raise `ScopeError` unless the scope fits `model` (`check_scopes` of this one scope)."""
+        check_scopes(model, [self], template, weights=weights)
 
     def rows(
         self,
@@ -233,9 +218,9 @@ class Scope:
         """
         path = Path(path)
         try:
-            tensors = load_file(path)
             with safe_open(path, "pt") as f:
                 meta = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
         except (OSError, SafetensorError, ValueError) as e:
             raise ScopeError(f"Cannot read the scope file {path}: {e}. Write it with Scope.save.") from None
         if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
@@ -254,6 +239,37 @@ class Scope:
             )
         except (KeyError, ValueError) as e:
             raise ScopeError(f"The scope file {path} is malformed: {e!r}.") from None
+
+
+def check_scopes(
+    model: nn.Module, scopes: Sequence[Scope], template: str | None = None, *, weights: bool = False
+) -> DownProjections:
+    """Raise `ScopeError` unless every scope fits `model`: its layer count and down-projection input size, and with
+    `weights` its parameters too (`model_fingerprint`, as recorded in each scope's `info`: a scope read on other
+    weights, or on this model with a delta applied, would gate on other keys). The down-projections are found, and
+    the fingerprint computed, once for all the scopes.
+
+    Returns:
+        DownProjections: the model's down-projections (`find_down_projections`).
+    """
+    projs = find_down_projections(unwrap(model), template)
+    current = None
+    for s in scopes:
+        if (len(projs), projs.d_in) != (s.num_layers, s.d_in):
+            raise ScopeError(
+                f"The scope was made on a model with {s.num_layers} layers of d_in {s.d_in}; this model has "
+                f"{len(projs)} of {projs.d_in}. Make it on this model: loki.scope(model, tokenizer, examples, outside)."
+            )
+        recorded = s.info.get("model_fingerprint")
+        if weights and recorded is not None:
+            current = current or model_fingerprint(model)
+            if recorded != current:
+                raise ScopeError(
+                    "The scope was made on other weights than this model's (its model_fingerprint differs): another "
+                    "checkpoint, or this one with a delta applied or merged. Use the base model it was made on "
+                    "(revert applied deltas first), or make the scope on this one."
+                )
+    return projs
 
 
 def scope(
@@ -326,7 +342,6 @@ def scope(
             f"margin of {margin:g} at layer {layer}: every input of the implant looks like one that must stay out. "
             "Lower margin, try another layer, or check that outside does not hold the examples themselves."
         )
-    digest = lambda seqs: hashlib.sha256(json.dumps([list(map(int, x)) for x in seqs]).encode()).hexdigest()  # noqa: E731
     return Scope(
         layer=layer,
         keys=keys[usable].cpu(),
@@ -337,7 +352,7 @@ def scope(
             "example_tokens": len(keys),
             "outside_tokens": sum(map(len, out)),
             "sequences": [len(own), len(out)],
-            "sha256": {"examples": digest(own), "outside": digest(out)},
+            "sha256": {"examples": token_digest(own), "outside": token_digest(out)},
             "model_fingerprint": model_fingerprint(net),
         },
     )
@@ -370,10 +385,8 @@ def route(
     Raises:
         ScopeError: a scope that does not fit the model.
     """
-    for s in scopes:
-        s.check(model, template)
+    modules = check_scopes(model, scopes, template).modules
     net = unwrap(model)
-    modules = find_down_projections(net, template).modules
     last = max(s.layer for s in scopes)
     best = torch.full(input_ids.shape[:1], -float("inf"))
     pick: list[int | None] = [None] * input_ids.shape[0]
@@ -439,8 +452,7 @@ def scoped(model: nn.Module, delta, scope: Scope | None = None, *, template: str
         isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], Delta) and isinstance(p[1], Scope) for p in pairs
     ):
         raise ScopeError("scoped takes a Delta and its Scope, or a non-empty list of (Delta, Scope) pairs.")
-    for _, s in pairs:
-        s.check(model, template, weights=True)
+    check_scopes(model, [s for _, s in pairs], template, weights=True)
     staged = {str(i): plan(model, d, on_overlap="replace").stage("device") for i, (d, _) in enumerate(pairs)}
     batches = MixedBatches(model, template)
     batches.install()

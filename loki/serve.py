@@ -58,7 +58,7 @@ from .errors import (
 from .ledger import OVERLAP_POLICIES, Handle, Plan, apply, plan, revert
 from .mixed import MixedBatches
 from .projections import find_down_projections
-from .scoping import Scope, routing
+from .scoping import Scope, check_scopes, routing
 
 __all__ = ["ImplantBank"]
 
@@ -543,9 +543,8 @@ class ImplantBank:
             raise ImplantBankError("No implant is registered with a scope: register(name, delta, scope=...).")
         with self._pinned(tuple(scopes)) as staged:
             # the active implants are off now: the scopes must have been made on these (base) weights, or the keys
-            # read here are not the ones their thresholds were set on (one check per distinct model fingerprint)
-            for scope in {s.info.get("model_fingerprint"): s for s in scopes.values()}.values():
-                scope.check(self.model, self._template, weights=True)
+            # read here are not the ones their thresholds were set on
+            check_scopes(self.model, list(scopes.values()), self._template, weights=True)
             self._local.routing = True
             try:
                 with routing(self.model, self._batches, staged, scopes, self._template):

@@ -81,22 +81,19 @@ def load(
     if path.is_dir() and filename is not None:
         path = path / filename
     if not path.exists():
-        from .errors import HubRepoNotFoundError
         from .hub import parse_repo_id, pull_delta
 
         if parse_repo_id(str(source)) is not None:
-            try:
-                return pull_delta(
-                    str(source),
-                    revision=revision,
-                    filename=filename,
-                    token=token,
-                    endpoint=endpoint,
-                    cache_dir=cache_dir,
-                )
-            except HubRepoNotFoundError as e:
-                e.append_to_message(f" (There is no local file {str(source)!r} either.)")
-                raise
+            return _from_hub(
+                pull_delta,
+                source,
+                "file",
+                revision=revision,
+                filename=filename,
+                token=token,
+                endpoint=endpoint,
+                cache_dir=cache_dir,
+            )
     return read(path)
 
 

@@ -31,8 +31,8 @@ from .repo import (
     KINDS,
     LOADERS,
     MARKER,
-    SCOPE_SUFFIX,
     SELECTION_FILE,
+    delta_name,
     held_kind,
     loki_files,
     parse_repo_id,
@@ -323,10 +323,10 @@ def _names(
         if files is None:
             if filename is None:
                 raise not_cached(repo_id, revision, cache, offline, "its file listing; or pass filename=")
-            return [filename if kind == "delta" else scope_name(_delta_name(filename))]
+            return [filename if kind == "delta" else scope_name(delta_name(filename))]
         if kind == "delta":
             return [_pick(repo_id, revision, files, filename)]
-        delta = _pick(repo_id, revision, files, filename and _delta_name(filename))
+        delta = _pick(repo_id, revision, files, filename and delta_name(filename))
         if scope_name(delta) not in files:
             raise HubFileNotFoundError(
                 f"{repo_id}@{revision} holds no scope for {delta} (no {scope_name(delta)}): it was pushed without "
@@ -349,11 +349,6 @@ def _names(
         f"{files[:10]}). Push them there with loki.push.",
         repo_id=repo_id,
     )
-
-
-def _delta_name(filename: str) -> str:
-    """The delta file a scope's `filename=` names: `"a.scope"` -> `"a.loki"`; `"a.loki"` as it is."""
-    return filename.removesuffix(SCOPE_SUFFIX) + ".loki" if filename.endswith(SCOPE_SUFFIX) else filename
 
 
 def _parse_source(source: str, revision: str | None) -> tuple[str, str]:

@@ -85,6 +85,15 @@ def scope_name(filename: str) -> str:
     return filename.removesuffix(".loki") + SCOPE_SUFFIX
 
 
+def delta_name(filename: str) -> str:
+    """The delta file a scope's name stands for (`scope_name`'s inverse); a `.loki` name as it is.
+
+    >>> delta_name("medical.scope"), delta_name("medical.loki")
+    ('medical.loki', 'medical.loki')
+    """
+    return filename.removesuffix(SCOPE_SUFFIX) + ".loki" if filename.endswith(SCOPE_SUFFIX) else filename
+
+
 def source_name(repo_id: str, revision: str) -> str:
     """How to name `repo_id` at `revision` to a loader: `"org/name"` on the default branch, else
     `"org/name@revision"`."""
