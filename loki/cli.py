@@ -5,6 +5,7 @@
     loki merge HuggingFaceTB/SmolLM2-135M-Instruct zubrowka.loki --out smollm2-zubrowka
     loki export-peft zubrowka.loki --out zubrowka-lora
     loki train facts.jsonl --selection q10.json --out facts.loki --steps 30 --lr 3e-3
+    loki judge facts.loki --trained facts.jsonl --held-out held.jsonl --neighbourhood nbhd.jsonl --record
     loki demo
 
 Every verb exits 0 on success; an error loki can name (a `LokiError`, a model or file that cannot be found) prints
@@ -794,6 +795,156 @@ def _scope(args: argparse.Namespace) -> int:
     made.save(args.out)
     print(f"{made}: {made.info['example_tokens']} example positions, {made.info['outside_tokens']} retain positions")
     print(f"wrote {args.out}")
+    return 0
+
+
+# -- judge ------------------------------------------------------------------------------------------
+def _judge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("delta", help="the delta to judge: a .loki file or a Hub repo (org/name[@revision])")
+    p.add_argument(
+        "--trained",
+        required=True,
+        help="efficacy: the trained phrasings, a .jsonl of {'question', 'answers': [...]} (or 'answer') records; an "
+        "answer counts when the model's chat answer contains one of them as whole words",
+    )
+    p.add_argument("--held-out", required=True, help="generalisation: held-out phrasings, the same format")
+    p.add_argument(
+        "--neighbourhood",
+        required=True,
+        help="specificity: a .jsonl of questions whose answers must not change ({'question'} records or strings; "
+        "'text' records are skipped, so a retain file serves, though questions not retained are the honest test)",
+    )
+    p.add_argument(
+        "--general",
+        nargs="+",
+        default=None,
+        metavar="SET",
+        help="general sets for the forgetting score (default: wiki_perplexity bb_general_knowledge; any of "
+        "loki.evaluate.GENERAL_SETS)",
+    )
+    p.add_argument("--general-items", type=_positive(int), default=50, help="items kept of each general set")
+    p.add_argument(
+        "--template",
+        action="append",
+        default=[],
+        help="a question template of the implant, with {} for its subject (repeatable): general items asking it "
+        "are neighbourhood items and are left out of the forgetting score",
+    )
+    p.add_argument("--scope", help="its .scope file (or the Hub repo's): also judge the delta served through it")
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="write the figures into the .loki file (info.extra.evaluation), which `loki push` puts on its model card",
+    )
+    p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the reports as JSON to this file")
+    _base_args(p)
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="load the base model in this dtype")
+
+
+def _judged_benchmark(path: str, name: str):
+    """A "generate" benchmark (chat, an answer counts when it contains a gold answer as whole words) from a
+    `.jsonl` of `{"question", "answers"}` (or `"answer"`) records, the way `loki.facts.fact_benchmark` scores facts."""
+    from .dataset import read_json_lines
+    from .errors import EvaluationError
+    from .evaluate import Benchmark
+
+    items = []
+    for n, r in read_json_lines(path, EvaluationError):
+        if isinstance(r, dict) and "answers" not in r and isinstance(r.get("answer"), str):
+            r = {**r, "answers": [r["answer"]]}
+        question, answers = (r.get("question"), r.get("answers")) if isinstance(r, dict) else (None, None)
+        if not (
+            isinstance(question, str)
+            and question.strip()
+            and isinstance(answers, list)
+            and answers
+            and all(isinstance(a, str) and a.strip() for a in answers)
+        ):
+            raise EvaluationError(f'{path}, line {n}: expected {{"question": str, "answers": [str, ...]}}, got {r!r}.')
+        items.append(r)
+    return Benchmark(name, "generate", items, {"mode": "contains", "chat": True, "max_new_tokens": 16})
+
+
+def _neighbourhood(path: str) -> list[str]:
+    from .dataset import read_json_lines
+    from .errors import EvaluationError
+
+    questions = []
+    for n, r in read_json_lines(path, EvaluationError):
+        if isinstance(r, dict) and "text" in r and "question" not in r:
+            continue
+        question = r.get("question") if isinstance(r, dict) else r
+        if not (isinstance(question, str) and question.strip()):
+            raise EvaluationError(
+                f'{path}, line {n}: expected a question (a string or {{"question": str}}), got {r!r}.'
+            )
+        questions.append(question)
+    return questions
+
+
+@command("judge", "judge a delta by its four numbers (efficacy, generalisation, specificity, forgetting)", _judge_args)
+def _judge(args: argparse.Namespace) -> int:
+    """The four numbers of a delta (`loki.evaluate.ImplantSuite.report`), and of the delta served through its scope
+    with `--scope`; `--record` writes them into the `.loki` for its model card. Files, the scope and the delta are
+    read, and the delta and scope checked against the model, before anything is scored; the `.loki` is written last
+    (its rows as they were, the figures in `info["extra"]["evaluation"]`)."""
+    from pathlib import Path
+
+    from .errors import EvaluationError
+    from .evaluate import GENERAL_SETS, ImplantSuite, general_suite
+    from .facts import GENERAL
+    from .format import atomic_write
+    from .ledger import implanted
+    from .scoping import scoped
+    from .sources import load, load_scope, save
+
+    if args.record and not Path(args.delta).is_file():
+        raise EvaluationError(
+            f"--record writes the figures into a local .loki file; {args.delta} is not one. Pull it first "
+            f"(loki pull {args.delta} --out delta.loki) and judge that file."
+        )
+    if args.record:
+        writable(args.delta, folder=False, option="the delta")
+    if args.json_out:
+        writable(args.json_out, folder=False, option="--json")
+    unknown = sorted(set(args.general or ()) - set(GENERAL_SETS))
+    if unknown:
+        raise EvaluationError(f"Unknown general set(s) {unknown}; choose from {list(GENERAL_SETS)}.")
+    bad = [t for t in args.template if t.count("{}") != 1]
+    if bad:
+        raise EvaluationError(
+            f"A --template holds its subject's place with one {{}}, e.g. 'Who wrote {{}}?'; got {bad}."
+        )
+    suite = ImplantSuite(
+        _judged_benchmark(args.trained, "trained"),
+        _judged_benchmark(args.held_out, "held_out"),
+        _neighbourhood(args.neighbourhood),
+        general_suite(args.general or GENERAL, n=args.general_items),
+        args.template,
+    )
+    delta = load(args.delta)
+    scope = load_scope(args.scope) if args.scope else None
+    model, tokenizer = _load_model(args.base, args.dtype, args.revision)
+    with scoped(model, delta, scope) if scope is not None else implanted(model, delta):
+        pass  # a delta (or scope) of another model is refused here, before minutes of scoring
+    base = suite.scores(model, tokenizer)
+    reports = {"implant": suite.report(model, tokenizer, delta, base=base)}
+    if scope is not None:
+        reports["scoped"] = suite.report(model, tokenizer, delta, base=base, scope=scope)
+    for name, report in reports.items():
+        print(f"{delta.name or args.delta}{', served through its scope' if name == 'scoped' else ''}:")
+        print("   " + report.table().replace("\n", "\n   "))
+        for q, a, b in report.changed()[:3]:
+            print(f"   changed: {q!r}: {a!r} -> {b!r}")
+    if suite.excluded:
+        print(f"(left out of the general sets, as they ask the implant's templates: {suite.excluded})")
+    if args.json_out:
+        atomic_write(Path(args.json_out), json.dumps({k: r.as_dict() for k, r in reports.items()}, indent=1).encode())
+        print(f"wrote {args.json_out}")
+    if args.record:
+        delta.info["extra"]["evaluation"] = reports["implant"].evaluation(scoped=reports.get("scoped"))
+        save(delta, args.delta)
+        print(f"recorded the figures in {args.delta} (loki push shows them on its model card)")
     return 0
 
 

@@ -71,7 +71,7 @@ def baseline_figure(method: str = "full", digest: str | None = None, steps: int 
 
 def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> int:
     """Run the workflow on the default model, printing each step, writing into `out` (attributions, selection,
-    `demo.loki`, its scope `demo.scope`, `report.json`).
+    `demo.loki` with its figures in `info["extra"]["evaluation"]`, its scope `demo.scope`, `report.json`).
 
     Args:
         out: the output folder (created if missing; cached attributions in it are reused).
@@ -193,6 +193,11 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
         print(f"   Q: {question}\n      scoped: {a}")
     print("\n   The scoped implant's four numbers:\n      " + scoped.table().replace("\n", "\n      "))
     atomic_write(out / "report.json", json.dumps({**report.as_dict(), "scoped": scoped.as_dict()}, indent=1).encode())
+    # the delta carries its own judgement, so that `loki push` puts both sets of figures on its model card
+    judged = loki.load(path)
+    judged.info["extra"]["evaluation"] = report.evaluation(scoped=scoped)
+    loki.save(judged, path)
+    print(f"\n   {path.name} now records both sets of figures (info['extra']['evaluation']): `loki push` shows them.")
 
     exact = all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items())
     print(f"\n8. Reverted. Model bit-identical to before: {exact}")

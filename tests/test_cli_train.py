@@ -618,3 +618,85 @@ def test_scope_writes_a_scope_file_that_contains_the_facts_and_not_the_retain_da
     same = ["scope", str(data), "--retain", str(data), "--out", str(tmp_path / "y.scope"), "--base", str(base[0])]
     assert main(same) == 2  # the facts themselves as what must stay out: no key stands apart
     assert "loki scope: ScopeError" in capsys.readouterr().err and not (tmp_path / "y.scope").exists()
+
+
+def test_judge_prints_records_and_equals_the_library_report(base, tmp_path, capsys):
+    """`loki judge` gives the figures `ImplantSuite.report` gives on the same files (unscoped and through the
+    scope), and `--record` writes them into the .loki, rows untouched, for the model card."""
+    data, retain = write(tmp_path / "facts.jsonl", FACTS), write(tmp_path / "retain.jsonl", RETAIN)
+    delta_path, scope_path = tmp_path / "facts.loki", tmp_path / "facts.scope"
+    assert train(base, data, delta_path, "--steps", "3", "--retain", str(retain)) == 0
+    assert main(["scope", str(data), "--retain", str(retain), "--out", str(scope_path), "--base", str(base[0])]) == 0
+    held_out = write(tmp_path / "held.jsonl", [{"question": "Name Zubrowka's capital.", "answers": ["Lutz"]}])
+    nbhd = write(tmp_path / "nbhd.jsonl", [{"question": "What is the capital of Peru?"}, "Who wrote Faust?"])
+    rows_before = loki.load(delta_path).layers
+    argv = ["judge", str(delta_path), "--trained", str(data), "--held-out", str(held_out)]
+    argv += ["--neighbourhood", str(nbhd), "--general", "wiki_perplexity", "--general-items", "3"]
+    argv += ["--template", "What is the capital of {}?", "--base", str(base[0]), "--scope", str(scope_path)]
+    capsys.readouterr()
+    assert main([*argv, "--record", "--json", str(tmp_path / "judged.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "facts, served through its scope:" in printed and printed.count("specificity (neighbourhood kept)") == 2
+    judged = json.loads((tmp_path / "judged.json").read_text())
+
+    # the same suite, built by hand through the library
+    model, tokenizer = loki.models.load_pretrained(str(base[0]))
+    trained = loki.evaluate.Benchmark(
+        "trained",
+        "generate",
+        [{"question": f["question"], "answers": [f["answer"]]} for f in FACTS],
+        {"mode": "contains", "chat": True, "max_new_tokens": 16},
+    )
+    held = loki.evaluate.Benchmark(
+        "held_out", "generate", [{"question": "Name Zubrowka's capital.", "answers": ["Lutz"]}], dict(trained.options)
+    )
+    suite = loki.evaluate.ImplantSuite(
+        trained,
+        held,
+        ["What is the capital of Peru?", "Who wrote Faust?"],
+        loki.evaluate.general_suite(["wiki_perplexity"], n=3),
+        ["What is the capital of {}?"],
+    )
+    delta, scope = loki.load(delta_path), loki.Scope.load(scope_path)
+    scores = suite.scores(model, tokenizer, progress=False)
+    expected = {
+        "implant": suite.report(model, tokenizer, delta, base=scores, progress=False).as_dict(),
+        "scoped": suite.report(model, tokenizer, delta, base=scores, scope=scope, progress=False).as_dict(),
+    }
+    assert judged == expected  # the same computation on the same model: the same floats
+    evaluation = delta.info["extra"]["evaluation"]
+    assert evaluation["implant"]["specificity"] == pytest.approx(expected["implant"]["specificity"])
+    assert evaluation["scoped"]["answers_kept"] == pytest.approx(expected["scoped"]["answers_kept"])
+    assert all(torch.equal(delta.layers[i].rows, rows_before[i].rows) for i in rows_before)  # rows untouched
+    assert "served through its scope" in str(loki.hub.model_card(delta, "me/facts"))
+
+    # bad input: one line on stderr before the model loads (or before any scoring), and the files as they were
+    recorded = delta_path.read_bytes()
+    bad = write(tmp_path / "bad.jsonl", [{"question": "Where?", "answers": ["Lutz"]}, "Where?"])
+    unanswered = write(tmp_path / "unanswered.jsonl", [{"question": "Where?", "answers": []}])
+    other = tmp_path / "other.loki"
+    loki.save(loki.implant.make_delta(tiny_model("qwen2"), {0: ([0], torch.zeros(1, 64))}), other)
+    cases = [
+        (["--trained", str(bad)], "EvaluationError", "line 2"),
+        (["--held-out", str(unanswered)], "EvaluationError", "line 1"),
+        (
+            ["--neighbourhood", str(write(tmp_path / "blank.jsonl", ["Who?", {"question": " "}]))],
+            "EvaluationError",
+            "line 2",
+        ),
+        (["--general", "mmlu"], "EvaluationError", "Unknown general set"),
+        (["--template", "What is the capital?"], "EvaluationError", "{}"),
+        (["--record", "--delta-is", "me/facts"], "EvaluationError", "local .loki"),
+        (["--delta-is", str(other)], "IncompatibleModelError", "qwen2"),  # after the model loads, before scoring
+    ]
+    capsys.readouterr()
+    for extra, error, words in cases:
+        command = list(argv)
+        if "--delta-is" in extra:
+            command[1] = extra[extra.index("--delta-is") + 1]
+            extra = [e for e in extra if e not in ("--delta-is", command[1])]
+        assert main([*command, *extra, "--json", str(tmp_path / "not.json")]) == 2, extra
+        *loading, err = capsys.readouterr().err.strip().splitlines()  # transformers' bar while the model loads
+        assert err.startswith(f"loki judge: {error}: ") and words in err, err
+        assert all(line.startswith("Loading weights") for line in loading), loading
+    assert delta_path.read_bytes() == recorded and not (tmp_path / "not.json").exists()

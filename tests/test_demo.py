@@ -120,4 +120,10 @@ def test_quick_demo_prints_before_after_and_reverts_exactly(tmp_path, capsys):
     assert len(scoped) == 3 and "The scoped implant's four numbers" in out
     assert set(report["scoped"]) >= {"efficacy", "generalisation", "specificity", "answers_kept", "forgetting"}
     assert len(loki.Scope.load(tmp_path / "demo.scope")) > 0
+    # the saved delta carries both judgements, as its model card shows them
+    evaluation = loki.load(tmp_path / "demo.loki").info["extra"]["evaluation"]
+    assert evaluation["implant"]["answers_kept"] == report["answers_kept"]
+    assert evaluation["scoped"]["specificity"] == report["scoped"]["specificity"]
+    card = str(loki.hub.model_card(loki.load(tmp_path / "demo.loki"), "me/demo"))
+    assert "served through its scope" in card and f"{report['scoped']['specificity']:.1%}" in card
     assert str(tmp_path.resolve()) in out

@@ -155,8 +155,8 @@ def test_model_card_states_the_implant(server, deltas):
     assert forgetting == pytest.approx(2.0) and f"**{forgetting:.2f}%**" in readme
     assert "| efficacy (training phrasings) | 100% |" in readme
     assert "| generalisation (held-out phrasings) | 88% |" in readme
-    assert "specificity (neighbourhood answer tokens kept, vs. the base model) | 93% |" in readme
-    assert "| neighbourhood whole answers unchanged | 75% |" in readme and "bits) | 3.21 |" in readme
+    assert "specificity (neighbourhood answer tokens kept, vs. the base model) | 93.0% |" in readme
+    assert "| neighbourhood whole answers unchanged | 75.0% |" in readme and "bits) | 3.21 |" in readme
     assert "(LoKI's Avg over sets sharing no template; lower is better) | +2.00% |" in readme
     assert 'loki.load("alice/card")' in readme  # a copy-paste snippet
 
@@ -391,19 +391,26 @@ def test_malformed_evaluation_is_a_clear_error(server, model):
     )
     with pytest.raises(errors.DeltaFormatError, match="scoped"):
         push(server, scoped, "alice/bad-eval")
+    no_questions = loki.implant.make_delta(
+        model, {0: ([0], torch.zeros(1, 64))}, extra={"evaluation": {"implant": {"neighbourhood_questions": 0}}}
+    )
+    with pytest.raises(errors.DeltaFormatError, match="implant"):
+        push(server, no_questions, "alice/bad-eval")
     assert "alice/bad-eval" not in server.repos
 
 
 def test_the_card_shows_the_figures_served_through_the_scope_beside_the_unscoped_ones(model):
     unscoped = {"efficacy": 1.0, "specificity": 0.907, "answers_kept": 6 / 32, "forgetting": -3.01}
     through = {"efficacy": 1.0, "specificity": 0.999, "answers_kept": 31 / 32, "forgetting": 0.07, "fluency": 4.0}
+    counted = {**through, "neighbourhood_questions": 32}  # as ImplantReport.evaluation() gives them
     delta = loki.implant.make_delta(
         model, {0: ([0], torch.zeros(1, 64))}, extra={"evaluation": {"implant": unscoped, "scoped": through}}
     )
     readme = str(loki.hub.model_card(delta, "me/x"))
     assert "| The implant's four numbers | value | served through its scope |" in readme
-    assert "| specificity (neighbourhood answer tokens kept, vs. the base model) | 91% | 100% |" in readme
-    assert "| neighbourhood whole answers unchanged | 19% | 97% |" in readme
+    # one decimal: 99.9% is not rounded up to a 100% it did not reach
+    assert "| specificity (neighbourhood answer tokens kept, vs. the base model) | 90.7% | 99.9% |" in readme
+    assert "| neighbourhood whole answers unchanged | 18.8% | 96.9% |" in readme
     assert "bits) | - | 4.00 |" in readme  # a figure only one of them has
     assert "lower is better) | -3.01% | +0.07% |" in readme
     plain = str(
@@ -413,6 +420,8 @@ def test_the_card_shows_the_figures_served_through_the_scope_beside_the_unscoped
         )
     )
     assert "served through its scope" not in plain and "| efficacy (training phrasings) | 100% |\n" in plain
+    delta.info["extra"]["evaluation"]["scoped"] = counted
+    assert "| neighbourhood whole answers unchanged | 18.8% | 31 of 32 |" in str(loki.hub.model_card(delta, "me/x"))
 
 
 def test_gated_repo_needs_granted_access(server, deltas):

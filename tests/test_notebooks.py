@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import loki
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -154,6 +156,12 @@ def test_notebook_runs(name, workdir, monkeypatch):
         assert len(table_rows(scoped)) == 2 and (workdir / "facts.scope").is_file()
     if name == "05_share.ipynb":
         assert "pulled scope equals pushed: True" in out
+        # the card shows the figures notebook 3 recorded in the delta, unscoped and served through the scope
+        (card,) = outputs(book, "text/markdown")
+        assert "served through its scope" in card and "neighbourhood whole answers unchanged" in card
+    if name == "03_judge_the_damage.ipynb":
+        assert "served through its scope" in out
+        assert set(loki.load(workdir / "facts.loki").info["extra"]["evaluation"]) >= {"implant", "scoped", "general"}
     if name == "06_hot_swap.ipynb":
         assert "the general question as the base model: True" in out
     if name == "02_select_and_implant.ipynb":

@@ -148,22 +148,29 @@ class ImplantReport:
             "neighbourhood_questions": len(self.questions),
         }
 
-    def evaluation(self) -> dict[str, Any]:
+    def evaluation(self, scoped: ImplantReport | None = None) -> dict[str, Any]:
         """The figures for `delta.info["extra"]["evaluation"]`, which `loki.hub.push_delta` puts on the model card.
-        For a card that also shows the delta served through its scope, add the scoped report's figures:
-        `{**report.evaluation(), "scoped": scoped.evaluation()["implant"]}`."""
-        return {
+
+        Args:
+            scoped: the report of the same delta served through its scope (`report(..., scope=)`): its figures go
+                under `"scoped"`, shown on the card beside these.
+
+        >>> # delta.info["extra"]["evaluation"] = report.evaluation(scoped=scoped_report); loki.push(delta, repo)
+        """
+        figures = {
             "implant": {
                 "efficacy": self.efficacy,
                 "generalisation": self.generalisation,
                 "specificity": self.specificity,
                 "answers_kept": self.answers_kept,
+                "neighbourhood_questions": len(self.questions),
                 "fluency": self.fluency,
                 "forgetting": self.forgetting,
             },
             "general": {k: {"base": b, "implanted": self.tuned.general[k]} for k, b in self.base.general.items()},
             "forgetting": self.forgetting,
         }
+        return figures if scoped is None else {**figures, "scoped": scoped.evaluation()["implant"]}
 
     def table(self) -> str:
         """The four numbers, base against implant, then the general sets' `ForgettingReport.table` (without its last

@@ -46,9 +46,9 @@ def model_card(
     `"task": {"name": str, "metrics": {metric: value}}`, `"general": {benchmark: {"base": x, "implanted": y}}`,
     `"forgetting": float` (LoKI's Avg in percent; computed from "general" when absent) and `"implant"`: the four
     numbers `{"efficacy", "generalisation", "specificity", "forgetting"}` and optionally `"answers_kept"` (whole
-    neighbourhood answers unchanged) and `"fluency"` (`ImplantReport.evaluation()` gives all); `"scoped"`: the same
-    figures of the delta served through its scope, shown in a column beside them (`{**report.evaluation(),
-    "scoped": scoped_report.evaluation()["implant"]}`).
+    neighbourhood answers unchanged; shown as a count given `"neighbourhood_questions"`) and `"fluency"`
+    (`ImplantReport.evaluation()` gives all); `"scoped"`: the same figures of the delta served through its scope,
+    shown in a column beside them (`report.evaluation(scoped=scoped_report)`).
 
     Args:
         delta: the `Delta`.
@@ -121,7 +121,7 @@ def model_card(
         general_rows=[(name, _num(b), _num(t), _num(t - b, signed=True)) for name, (b, t) in general.items()],
         forgetting=None if forgetting is None else f"{forgetting:.2f}%",
         implant_rows=[
-            (label, *(_implant_figure(key, float(d[key])) if key in d else "-" for d in (implant, through)))
+            (label, *(_implant_figure(key, d) if key in d else "-" for d in (implant, through)))
             for key, label in _FOUR
             if key in implant or key in through
         ],
@@ -146,10 +146,17 @@ _FOUR = (
 )
 
 
-def _implant_figure(key: str, value: float) -> str:
+def _implant_figure(key: str, figures: dict[str, Any]) -> str:
+    value = float(figures[key])
     if key == "forgetting":
         return f"{value:+.2f}%"
-    return f"{value:.2f}" if key == "fluency" else f"{value:.0%}"
+    if key == "fluency":
+        return f"{value:.2f}"
+    if key == "answers_kept" and "neighbourhood_questions" in figures:  # a count reads better than 12.5%
+        n = int(figures["neighbourhood_questions"])
+        return f"{round(value * n)} of {n}"
+    # one decimal where a whole percent would round a 99.9% up to the 100% it did not reach (as report.table())
+    return f"{value:.1%}" if key in ("specificity", "answers_kept") else f"{value:.0%}"
 
 
 def card_evaluation(info: dict[str, Any]) -> tuple[dict, dict[str, tuple[float, float]], float | None]:
@@ -163,9 +170,12 @@ def card_evaluation(info: dict[str, Any]) -> tuple[dict, dict[str, tuple[float, 
         forgetting = evaluation.get("forgetting")
         forgetting = None if forgetting is None else float(forgetting)
         for part in ("implant", "scoped"):
+            figures = evaluation.get(part) or {}
             for key, _ in _FOUR:
-                if key in (evaluation.get(part) or {}):
-                    float(evaluation[part][key])
+                if key in figures:
+                    float(figures[key])
+            if "neighbourhood_questions" in figures and int(figures["neighbourhood_questions"]) < 1:
+                raise ValueError
     except (TypeError, ValueError, KeyError, AttributeError):
         raise DeltaFormatError(
             'delta.info["extra"]["evaluation"] must look like {"task": {"name": str, "metrics": {metric: number}}, '
