@@ -150,7 +150,7 @@ def test_model_card_states_the_implant(server, deltas):
     assert "layer-balanced" in readme and f"{delta.num_params:,}" in readme  # selection and trainable parameters
     assert "layer 0: 2, layer 2: 1" in readme  # rows per layer
     assert "| lr | 1e-05 |" in readme  # training summary
-    assert "| mmlu | 0.5 | 0.49 | -0.01 |" in readme
+    assert "| mmlu | 0.5 | 0.49 | -2.00 |" in readme  # the change in percent of the base score
     forgetting = loki.evaluate.forgetting_score({"mmlu": 0.5}, {"mmlu": 0.49})
     assert forgetting == pytest.approx(2.0) and f"**{forgetting:.2f}%**" in readme
     assert "| efficacy (training phrasings) | 100% |" in readme

@@ -118,7 +118,10 @@ def model_card(
         training_rows=_table_rows(info.get("training") or {}),
         task_name=task.get("name"),
         task_rows=_table_rows(task.get("metrics") or {}),
-        general_rows=[(name, _num(b), _num(t), _num(t - b, signed=True)) for name, (b, t) in general.items()],
+        # the change in percent of the base score, as report.table() gives it (an absolute -9.9e-05 reads as noise)
+        general_rows=[
+            (name, _num(b), _num(t), f"{100 * (t - b) / b:+.2f}" if b else "-") for name, (b, t) in general.items()
+        ],
         forgetting=None if forgetting is None else f"{forgetting:.2f}%",
         implant_rows=[
             (label, *(_implant_figure(key, d) if key in d else "-" for d in (implant, through)))
@@ -199,8 +202,8 @@ def _table_rows(d: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-def _num(x: float, signed: bool = False) -> str:
-    return f"{x:+.4g}" if signed else f"{x:.4g}"
+def _num(x: float) -> str:
+    return f"{x:.4g}"
 
 
 def _rows_per_layer(counts: dict[int, int], num_layers: int) -> str:
