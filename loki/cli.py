@@ -842,11 +842,11 @@ def _judge_args(p: argparse.ArgumentParser) -> None:
 
 
 def _judged_benchmark(path: str, name: str):
-    """A "generate" benchmark (chat, an answer counts when it contains a gold answer as whole words) from a
-    `.jsonl` of `{"question", "answers"}` (or `"answer"`) records, the way `loki.facts.fact_benchmark` scores facts."""
+    """`loki.facts.answer_benchmark` (as the demo scores facts) of a `.jsonl` of `{"question", "answers"}` (or
+    `"answer"`) records."""
     from .dataset import read_json_lines
     from .errors import EvaluationError
-    from .evaluate import Benchmark
+    from .facts import answer_benchmark
 
     items = []
     for n, r in read_json_lines(path, EvaluationError):
@@ -862,7 +862,7 @@ def _judged_benchmark(path: str, name: str):
         ):
             raise EvaluationError(f'{path}, line {n}: expected {{"question": str, "answers": [str, ...]}}, got {r!r}.')
         items.append(r)
-    return Benchmark(name, "generate", items, {"mode": "contains", "chat": True, "max_new_tokens": 16})
+    return answer_benchmark(name, items)
 
 
 def _neighbourhood(path: str) -> list[str]:
@@ -894,8 +894,8 @@ def _judge(args: argparse.Namespace) -> int:
     from .evaluate import GENERAL_SETS, ImplantSuite, general_suite
     from .facts import GENERAL
     from .format import atomic_write
-    from .ledger import implanted
-    from .scoping import scoped
+    from .ledger import plan
+    from .scoping import check_scopes
     from .sources import load, load_scope, save
 
     if args.record and not Path(args.delta).is_file():
@@ -925,8 +925,10 @@ def _judge(args: argparse.Namespace) -> int:
     delta = load(args.delta)
     scope = load_scope(args.scope) if args.scope else None
     model, tokenizer = _load_model(args.base, args.dtype, args.revision)
-    with scoped(model, delta, scope) if scope is not None else implanted(model, delta):
-        pass  # a delta (or scope) of another model is refused here, before minutes of scoring
+    # a scope or delta of another model is refused here, before minutes of scoring (as loki.scoped checks them)
+    if scope is not None:
+        check_scopes(model, [scope], weights=True)
+    plan(model, delta)
     base = suite.scores(model, tokenizer)
     reports = {"implant": suite.report(model, tokenizer, delta, base=base)}
     if scope is not None:

@@ -194,9 +194,8 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
     print("\n   The scoped implant's four numbers:\n      " + scoped.table().replace("\n", "\n      "))
     atomic_write(out / "report.json", json.dumps({**report.as_dict(), "scoped": scoped.as_dict()}, indent=1).encode())
     # the delta carries its own judgement, so that `loki push` puts both sets of figures on its model card
-    judged = loki.load(path)
-    judged.info["extra"]["evaluation"] = report.evaluation(scoped=scoped)
-    loki.save(judged, path)
+    delta.info["extra"]["evaluation"] = report.evaluation(scoped=scoped)
+    loki.save(delta, path)
     print(f"\n   {path.name} now records both sets of figures (info['extra']['evaluation']): `loki push` shows them.")
 
     exact = all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items())

@@ -119,9 +119,26 @@ def fact_benchmark(facts: list[dict[str, Any]], split: str = "test", max_new_tok
     """
     questions = [(f["test"], f) for f in facts] if split == "test" else [(q, f) for f in facts for q in f["train"]]
     items = [{"question": q, "answers": [f["match"]]} for q, f in questions]
-    return ev.Benchmark(
-        f"facts_{split}", "generate", items, {"mode": "contains", "chat": True, "max_new_tokens": max_new_tokens}
-    )
+    return answer_benchmark(f"facts_{split}", items, max_new_tokens)
+
+
+def answer_benchmark(name: str, items: list[dict[str, Any]], max_new_tokens: int = 16) -> ev.Benchmark:
+    """The benchmark that efficacy and generalisation are scored with (`fact_benchmark`, `loki judge`): greedy chat
+    answers of at most `max_new_tokens` tokens, each counting when it contains one of its item's `answers` as whole
+    words.
+
+    Args:
+        name: the benchmark's name.
+        items: `{"question": str, "answers": [str, ...]}` records.
+        max_new_tokens: the longest answer generated, in tokens.
+
+    Returns:
+        Benchmark: kind "generate", `{"mode": "contains", "chat": True, "max_new_tokens": max_new_tokens}`.
+
+    >>> answer_benchmark("capitals", [{"question": "What is the capital of Peru?", "answers": ["Lima"]}]).options
+    {'mode': 'contains', 'chat': True, 'max_new_tokens': 16}
+    """
+    return ev.Benchmark(name, "generate", items, {"mode": "contains", "chat": True, "max_new_tokens": max_new_tokens})
 
 
 def neighbourhood_questions(
